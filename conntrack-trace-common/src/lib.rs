@@ -1,0 +1,199 @@
+//! The binary contract between the kernel programs and user space.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that the byte
+//! layout is identical on both sides; `const` assertions pin every size so a
+//! field added on one side cannot silently shift the other.
+#![no_std]
+
+/// What conntrack did to a packet. Values are the `kind` byte of [`RawEvent`]
+/// and the index into the per-kind counters (see [`counter`]).
+pub mod kind {
+    /// `__nf_conntrack_alloc()` refused a new entry because the netns count
+    /// reached `nf_conntrack_max` and `early_drop()` found nothing to evict;
+    /// `nf_conntrack_in()` bumped the `drop` stat and returned `NF_DROP`.
+    pub const TABLE_FULL: u8 = 0;
+    /// `early_drop()` evicted an unassured entry to make room for a new one.
+    /// The event describes the *evicted* entry (original direction).
+    pub const EARLY_DROP: u8 = 1;
+    /// `__nf_conntrack_confirm()` found the tuple already in the table (a
+    /// clash between CPUs) and could not resolve it: `insert_failed` stat, the
+    /// still-unconfirmed entry stays attached to the dropped skb.
+    pub const INSERT_FAILED: u8 = 2;
+    /// A packet whose *confirmed* entry was dropped by a ruleset verdict. Not
+    /// a conntrack failure: counted, never emitted.
+    pub const RULE_DROP: u8 = 3;
+    /// Number of kinds (size of the per-kind counter groups).
+    pub const COUNT: u32 = 4;
+}
+
+/// Indices into the `COUNTERS` per-CPU array.
+pub mod counter {
+    use super::kind;
+
+    /// Packets (or evictions) of `kind` seen by the programs.
+    pub const fn seen(kind: u8) -> u32 {
+        kind as u32
+    }
+    /// Events of `kind` that could not be reserved in the ring buffer.
+    pub const fn lost(kind: u8) -> u32 {
+        kind::COUNT + kind as u32
+    }
+    /// nf_conntrack slab frees inspected after the cache pointer was learned
+    /// (how hot the eviction hook is).
+    pub const CT_FREES: u32 = 2 * kind::COUNT;
+    /// Number of entries in the `COUNTERS` map.
+    pub const LEN: u32 = CT_FREES + 1;
+}
+
+/// Layer-3 protocol numbers used in [`RawEvent::l3`] (the IP version).
+pub mod l3 {
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+}
+
+/// One dropped packet or evicted entry, as written into the ring buffer.
+///
+/// Ports are in host byte order. For ICMP/ICMPv6 `sport` carries the echo id
+/// and `dport` carries `type << 8 | code`. IPv4 addresses use the first four
+/// bytes of `src`/`dst`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Inode number of the network namespace (as in `/proc/PID/ns/net`).
+    pub netns: u32,
+    /// CPU that ran the program.
+    pub cpu: u32,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// One of [`l3`], or 0 when the packet had no parsable IP header.
+    pub l3: u8,
+    /// IANA protocol number (6 tcp, 17 udp, 1 icmp, 58 icmpv6, ...).
+    pub l4: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 56);
+
+impl RawEvent {
+    pub const fn zeroed() -> Self {
+        RawEvent {
+            ts_ns: 0,
+            netns: 0,
+            cpu: 0,
+            kind: 0,
+            l3: 0,
+            l4: 0,
+            _pad: 0,
+            sport: 0,
+            dport: 0,
+            src: [0; 16],
+            dst: [0; 16],
+        }
+    }
+}
+
+/// Byte offsets of kernel struct members, resolved from the running kernel's
+/// BTF by user space and written into the programs' read-only globals (Rust
+/// has no CO-RE relocations). Every field is a plain offset from the start of
+/// the named struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// `sk_buff._nfct` (ct pointer | ctinfo).
+    pub skb_nfct: u32,
+    /// `sk_buff.head`.
+    pub skb_head: u32,
+    /// `sk_buff.network_header` (u16 offset from head).
+    pub skb_network_header: u32,
+    /// `sk_buff.dev`.
+    pub skb_dev: u32,
+    /// `sk_buff.sk`.
+    pub skb_sk: u32,
+    /// `net_device.nd_net.net`.
+    pub dev_net: u32,
+    /// `sock.__sk_common.skc_net.net`.
+    pub sk_net: u32,
+    /// `net.ns.inum`.
+    pub net_inum: u32,
+    /// `nf_conn.status`.
+    pub ct_status: u32,
+    /// `nf_conn.ct_net.net`.
+    pub ct_net: u32,
+    /// `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple`.
+    pub ct_tuple: u32,
+    /// `nf_conntrack_tuple.src.u3`.
+    pub tuple_src_u3: u32,
+    /// `nf_conntrack_tuple.src.u.all`.
+    pub tuple_src_port: u32,
+    /// `nf_conntrack_tuple.src.l3num`.
+    pub tuple_l3num: u32,
+    /// `nf_conntrack_tuple.dst.u3`.
+    pub tuple_dst_u3: u32,
+    /// `nf_conntrack_tuple.dst.u.all`.
+    pub tuple_dst_port: u32,
+    /// `nf_conntrack_tuple.dst.protonum`.
+    pub tuple_protonum: u32,
+    /// `kmem_cache.name`.
+    pub cache_name: u32,
+    /// `nf_conn.timeout` (u32 jiffies at which the entry expires).
+    pub ct_timeout: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
+
+/// Run-time settings of the programs, resolved by user space at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Value of `SKB_DROP_REASON_NETFILTER_DROP` in this kernel's enum.
+    pub netfilter_drop_reason: u32,
+    /// Index of the `reason` argument of the `kfree_skb` tracepoint.
+    pub kfree_skb_reason_arg: u32,
+    /// Index of the `struct kmem_cache *` argument of `kmem_cache_free`.
+    pub kmem_free_cache_arg: u32,
+    /// Index of the object pointer argument of `kmem_cache_free`.
+    pub kmem_free_ptr_arg: u32,
+    /// Text range of `early_drop()` from /proc/kallsyms: a slab free whose
+    /// kernel stack has a return address in `[start, end)` is an eviction.
+    pub early_drop_start: u64,
+    pub early_drop_end: u64,
+    /// `IPS_CONFIRMED_BIT` from the kernel's `ip_conntrack_status` enum.
+    pub confirmed_bit: u32,
+    /// Number of stack frames inspected for `early_drop()`.
+    pub stack_depth: u32,
+    /// Bit set of [`flags`].
+    pub flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
+
+/// Bits of [`Config::flags`].
+pub mod flags {
+    /// Also emit [`super::kind::RULE_DROP`] events (normally only counted).
+    pub const EMIT_RULE_DROPS: u32 = 1;
+}
+
+/// Maximum kernel stack frames the eviction hook inspects.
+pub const MAX_STACK_DEPTH: usize = 24;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), contain only integers and byte arrays,
+    // and have no implicit padding (sizes are asserted above).
+    unsafe impl aya::Pod for super::RawEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}

@@ -1,0 +1,398 @@
+//! Kernel side of conntrack-trace: two BTF tracepoints that observe
+//! conntrack's failure points on kernels that refuse fentry/fexit.
+//!
+//! * `kfree_skb` (reason `SKB_DROP_REASON_NETFILTER_DROP`): a packet dropped by
+//!   a netfilter verdict. Its conntrack attachment (`skb->_nfct`) says why:
+//!   none → `table_full`, unconfirmed → `insert_failed`, confirmed → a rule.
+//! * `kmem_cache_free` on the `nf_conntrack` slab whose stack passes through
+//!   `early_drop()` → `early_drop` (the evicted entry).
+//!
+//! Kernel struct offsets arrive in `OFFSETS` and settings in `CONFIG`, both
+//! written by user space from the running kernel's BTF before load.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use conntrack_trace_common::{
+    Config, MAX_STACK_DEPTH, Offsets, RawEvent, counter, flags, kind, l3,
+};
+
+/// Offsets of kernel struct members (see `Offsets`); zero until user space
+/// fills them, in which case the programs are never attached.
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = Offsets {
+    skb_nfct: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_dev: 0,
+    skb_sk: 0,
+    dev_net: 0,
+    sk_net: 0,
+    net_inum: 0,
+    ct_status: 0,
+    ct_net: 0,
+    ct_tuple: 0,
+    tuple_src_u3: 0,
+    tuple_src_port: 0,
+    tuple_l3num: 0,
+    tuple_dst_u3: 0,
+    tuple_dst_port: 0,
+    tuple_protonum: 0,
+    cache_name: 0,
+    ct_timeout: 0,
+    _pad: 0,
+};
+
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    netfilter_drop_reason: 0,
+    kfree_skb_reason_arg: 0,
+    kmem_free_cache_arg: 0,
+    kmem_free_ptr_arg: 0,
+    early_drop_start: 0,
+    early_drop_end: 0,
+    confirmed_bit: 0,
+    stack_depth: 0,
+    flags: 0,
+    _pad: 0,
+};
+
+/// One record per dropped packet / evicted entry. Size is set by user space.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Exact per-CPU counters, indexed by `counter::*`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// The `struct kmem_cache *` of the nf_conntrack slab, learned on first sight.
+#[map]
+static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Scratch space for kernel stacks (too large for the 512-byte BPF stack).
+#[map]
+static STACK: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `IP_CT_UNTRACKED` (include/uapi/linux/netfilter/nf_conntrack_common.h):
+/// `_nfct` of a packet exempted from tracking (`notrack`) — not ours.
+const IP_CT_UNTRACKED: u64 = 7;
+/// `NFCT_INFOMASK` (include/linux/skbuff.h): low bits of `_nfct` hold ctinfo.
+const NFCT_INFOMASK: u64 = 7;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: reading a field of a read-only global; volatile so the
+        // compiler does not constant-fold the zero initialiser that user space
+        // overwrites at load time.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) as u64 }
+    };
+}
+
+macro_rules! conf {
+    ($field:ident) => {
+        // SAFETY: see `off!`.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$field) }
+    };
+}
+
+#[inline(always)]
+fn read<T>(addr: u64) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address and reports faults.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|e| e as i64)
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; tracing programs run with migration disabled
+        // and the kernel refuses to nest the same program on one CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_kfree_skb(&ctx);
+    0
+}
+
+fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // ctx accesses must use constant offsets, so argument positions are
+    // fixed here and user space checks them against BTF before loading:
+    // (skb, location, reason[, rx_sk]) since the reason was added in 5.17.
+    let reason: u64 = ctx.arg(2);
+    if reason as u32 != conf!(netfilter_drop_reason) {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    let nfct: u64 = read(skb + off!(skb_nfct))?;
+    let ct = nfct & !NFCT_INFOMASK;
+    if ct == 0 {
+        if nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
+            return Ok(());
+        }
+        // nf_conntrack_in(): resolve_normal_ct() < 0 → NF_CT_STAT_INC(drop),
+        // NF_DROP with nothing attached: the allocation (table full) failed.
+        let mut ev = RawEvent::zeroed();
+        ev.kind = kind::TABLE_FULL;
+        fill_from_skb(&mut ev, skb);
+        ev.netns = skb_netns(skb).unwrap_or(0);
+        return emit(ev);
+    }
+    let status: u64 = read(ct + off!(ct_status))?;
+    if status & (1u64 << (conf!(confirmed_bit) & 63)) != 0 {
+        // A confirmed entry: the ruleset dropped it, conntrack did not fail.
+        if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
+            bump(counter::seen(kind::RULE_DROP));
+            return Ok(());
+        }
+        let mut ev = RawEvent::zeroed();
+        ev.kind = kind::RULE_DROP;
+        fill_from_ct(&mut ev, ct)?;
+        return emit(ev);
+    }
+    // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
+    // while the new, never-inserted (unconfirmed) entry is still attached.
+    let mut ev = RawEvent::zeroed();
+    ev.kind = kind::INSERT_FAILED;
+    fill_from_ct(&mut ev, ct)?;
+    emit(ev)
+}
+
+#[btf_tracepoint(function = "kmem_cache_free")]
+pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_kmem_cache_free(&ctx);
+    0
+}
+
+fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // Fires on every slab free in the system: once the nf_conntrack cache is
+    // known, everything else costs one load and one comparison.
+    // (call_site, ptr, s) since 6.2; checked against BTF by user space.
+    let cache: u64 = ctx.arg(2);
+    let learned = CT_CACHE.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: valid pointer into a one-element array map.
+    let known = unsafe { *learned };
+    if known != cache {
+        if known != 0 || !is_conntrack_cache(cache) {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        unsafe { *learned = cache };
+    }
+    bump(counter::CT_FREES);
+    let obj: u64 = ctx.arg(1);
+    if !freed_by_early_drop(ctx) {
+        return Ok(());
+    }
+    // early_drop_list() also frees entries it finds already expired
+    // (nf_ct_gc_expired()) without counting them as early drops; only a
+    // victim that was still live was evicted. nfct_time_stamp is the low 32
+    // bits of jiffies (include/net/netfilter/nf_conntrack.h).
+    let timeout: u32 = read(obj + off!(ct_timeout))?;
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() } as u32;
+    if (timeout.wrapping_sub(now) as i32) <= 0 {
+        return Ok(());
+    }
+    // The entry is being freed but its memory still holds the tuple: the
+    // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
+    let mut ev = RawEvent::zeroed();
+    ev.kind = kind::EARLY_DROP;
+    fill_from_ct(&mut ev, obj)?;
+    emit(ev)
+}
+
+/// Compares `kmem_cache.name` with "nf_conntrack" (the slab created in
+/// nf_conntrack_init_start(); SLAB_TYPESAFE_BY_RCU keeps it unmerged).
+#[inline(always)]
+fn is_conntrack_cache(cache: u64) -> bool {
+    const NAME: &[u8; 13] = b"nf_conntrack\0";
+    let Ok(name_ptr) = read::<u64>(cache + off!(cache_name)) else {
+        return false;
+    };
+    match read::<[u8; 13]>(name_ptr) {
+        Ok(name) => name == *NAME,
+        Err(_) => false,
+    }
+}
+
+/// True when a return address on the kernel stack lies inside `early_drop()`
+/// (net/netfilter/nf_conntrack_core.c: early_drop() → early_drop_list() →
+/// nf_ct_put() → nf_ct_destroy() → nf_conntrack_free() → kmem_cache_free()).
+#[inline(always)]
+fn freed_by_early_drop(ctx: &BtfTracePointContext) -> bool {
+    let Some(buf) = STACK.get_ptr_mut(0) else {
+        return false;
+    };
+    let size = (MAX_STACK_DEPTH * 8) as u32;
+    // SAFETY: buf points at MAX_STACK_DEPTH u64s of per-CPU map memory.
+    let n = unsafe {
+        aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), size, 0)
+    };
+    if n <= 0 {
+        return false;
+    }
+    let frames = (n as usize) / 8;
+    let start = conf!(early_drop_start);
+    let end = conf!(early_drop_end);
+    let depth = conf!(stack_depth) as usize;
+    let mut i = 0;
+    while i < MAX_STACK_DEPTH {
+        if i >= frames || i >= depth {
+            break;
+        }
+        // SAFETY: i < MAX_STACK_DEPTH.
+        let ip = unsafe { (*buf)[i] };
+        if ip >= start && ip < end {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn emit(mut ev: RawEvent) -> Result<(), i64> {
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: plain helper call.
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    let k = ev.kind;
+    bump(counter::seen(k));
+    match EVENTS.reserve::<RawEvent>(0) {
+        Some(mut slot) => {
+            slot.write(ev);
+            // Waking user space per event costs a syscall per drop at flood
+            // rates; user space polls with a short timeout instead.
+            slot.submit(BPF_RB_NO_WAKEUP as u64);
+        }
+        None => bump(counter::lost(k)),
+    }
+    Ok(())
+}
+
+/// Netns of a dropped packet: the device it arrived on, else (locally
+/// generated, before ip_output() sets skb->dev) its socket.
+#[inline(always)]
+fn skb_netns(skb: u64) -> Option<u32> {
+    let dev: u64 = read(skb + off!(skb_dev)).ok()?;
+    let net: u64 = if dev != 0 {
+        read(dev + off!(dev_net)).ok()?
+    } else {
+        let sk: u64 = read(skb + off!(skb_sk)).ok()?;
+        if sk == 0 {
+            return None;
+        }
+        read(sk + off!(sk_net)).ok()?
+    };
+    if net == 0 {
+        return None;
+    }
+    read::<u32>(net + off!(net_inum)).ok()
+}
+
+/// Addresses and ports from the packet's own headers (a table-full packet has
+/// no conntrack entry to read them from).
+#[inline(always)]
+fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
+    let Ok(head) = read::<u64>(skb + off!(skb_head)) else {
+        return;
+    };
+    let Ok(nh) = read::<u16>(skb + off!(skb_network_header)) else {
+        return;
+    };
+    let ip = head + nh as u64;
+    let Ok(b0) = read::<u8>(ip) else { return };
+    let (l4, l4proto) = match b0 >> 4 {
+        4 => {
+            ev.l3 = l3::IPV4;
+            let Ok(proto) = read::<u8>(ip + 9) else { return };
+            ev.l4 = proto;
+            if let Ok(a) = read::<[u8; 4]>(ip + 12) {
+                ev.src[..4].copy_from_slice(&a);
+            }
+            if let Ok(a) = read::<[u8; 4]>(ip + 16) {
+                ev.dst[..4].copy_from_slice(&a);
+            }
+            // Only the first fragment carries the L4 header.
+            let frag = read::<[u8; 2]>(ip + 6).map(u16::from_be_bytes).unwrap_or(0);
+            if frag & 0x1fff != 0 {
+                return;
+            }
+            (ip + ((b0 & 0x0f) as u64) * 4, proto)
+        }
+        6 => {
+            ev.l3 = l3::IPV6;
+            let Ok(next) = read::<u8>(ip + 6) else { return };
+            ev.l4 = next;
+            if let Ok(a) = read::<[u8; 16]>(ip + 8) {
+                ev.src = a;
+            }
+            if let Ok(a) = read::<[u8; 16]>(ip + 24) {
+                ev.dst = a;
+            }
+            (ip + 40, next)
+        }
+        _ => return,
+    };
+    match l4proto {
+        // tcp, udp, dccp, sctp, udplite: ports are the first two u16s.
+        6 | 17 | 33 | 132 | 136 => {
+            if let Ok(p) = read::<[u8; 4]>(l4) {
+                ev.sport = u16::from_be_bytes([p[0], p[1]]);
+                ev.dport = u16::from_be_bytes([p[2], p[3]]);
+            }
+        }
+        // icmp, icmpv6: type/code and the echo identifier.
+        1 | 58 => {
+            if let Ok(p) = read::<[u8; 6]>(l4) {
+                ev.dport = u16::from_be_bytes([p[0], p[1]]);
+                ev.sport = u16::from_be_bytes([p[4], p[5]]);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Original-direction tuple and netns of a conntrack entry.
+#[inline(always)]
+fn fill_from_ct(ev: &mut RawEvent, ct: u64) -> Result<(), i64> {
+    let t = ct + off!(ct_tuple);
+    let family: u16 = read(t + off!(tuple_l3num))?;
+    ev.l3 = match family {
+        AF_INET => l3::IPV4,
+        AF_INET6 => l3::IPV6,
+        _ => 0,
+    };
+    ev.l4 = read(t + off!(tuple_protonum))?;
+    ev.src = read(t + off!(tuple_src_u3))?;
+    ev.dst = read(t + off!(tuple_dst_u3))?;
+    // Both unions hold network-order ports, or the ICMP id (src) and
+    // type/code bytes (dst): a big-endian read gives id and type<<8|code.
+    ev.sport = u16::from_be_bytes(read(t + off!(tuple_src_port))?);
+    ev.dport = u16::from_be_bytes(read(t + off!(tuple_dst_port))?);
+    let net: u64 = read(ct + off!(ct_net))?;
+    if net != 0 {
+        ev.netns = read(net + off!(net_inum)).unwrap_or(0);
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,102 @@
+//! Errors that end a run, each with its documented exit code.
+
+use crate::{btf::BtfError, kallsyms::KallsymsError, netns::NetnsError};
+
+/// Exit codes (documented in README.md).
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Anything not covered below (I/O errors, ...).
+    pub const FAILURE: i32 = 1;
+    /// Bad command line (clap uses 2 as well).
+    pub const USAGE: i32 = 2;
+    /// Not root / missing CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN).
+    pub const PRIVILEGES: i32 = 3;
+    /// No BTF, or the kernel lacks a type/symbol/hook we need.
+    pub const UNSUPPORTED: i32 = 4;
+    /// The kernel refused to load or attach a program.
+    pub const LOAD: i32 = 5;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("insufficient privileges: {0}")]
+    Privileges(String),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("unsupported kernel: {0}")]
+    Unsupported(String),
+    #[error("kernel refused to load program `{prog}`: {msg}")]
+    Load { prog: String, msg: String },
+    #[error("kernel refused to attach program `{prog}` to {hook}: {msg}")]
+    Attach { prog: String, hook: String, msg: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl TraceError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TraceError::Usage(_) | TraceError::Netns(_) => exit::USAGE,
+            TraceError::Privileges(_) => exit::PRIVILEGES,
+            TraceError::Btf(_) | TraceError::Unsupported(_) => exit::UNSUPPORTED,
+            TraceError::Load { .. } | TraceError::Attach { .. } => exit::LOAD,
+            TraceError::Io { .. } | TraceError::Other(_) => exit::FAILURE,
+        }
+    }
+
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TraceError {
+        let context = context.into();
+        move |source| TraceError::Io { context, source }
+    }
+}
+
+impl From<KallsymsError> for TraceError {
+    fn from(e: KallsymsError) -> Self {
+        TraceError::Unsupported(e.to_string())
+    }
+}
+
+/// Capabilities bits from include/uapi/linux/capability.h.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Checks the effective capabilities in /proc/self/status before touching
+/// bpf(2), so the user gets advice instead of a bare EPERM.
+pub fn check_privileges(status: &str) -> Result<(), TraceError> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| TraceError::Other("cannot read CapEff from /proc/self/status".into()))?;
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(TraceError::Privileges(
+            "tracing needs root, or CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN for --netns); run with sudo".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_check() {
+        assert!(check_privileges("Name:\tx\nCapEff:\t000001ffffffffff\n").is_ok());
+        // CAP_BPF | CAP_PERFMON only.
+        assert!(check_privileges("CapEff:\t000000c000000000\n").is_ok());
+        let e = check_privileges("CapEff:\t0000000000000000\n").unwrap_err();
+        assert_eq!(e.exit_code(), exit::PRIVILEGES);
+        assert!(e.to_string().contains("run with sudo"));
+        assert!(check_privileges("nothing here").is_err());
+    }
+}

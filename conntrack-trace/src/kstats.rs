@@ -1,0 +1,202 @@
+//! The kernel's own conntrack statistics: /proc/net/stat/nf_conntrack (one
+//! row per possible CPU, hex, columns named in the header line; see
+//! ct_cpu_seq_show() in net/netfilter/nf_conntrack_standalone.c) and the
+//! per-netns entry count / global max.
+
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StatsError {
+    #[error("{0}: empty file (is conntrack loaded?)")]
+    Empty(String),
+    #[error("{path}: line {line}: {msg}")]
+    Bad { path: String, line: usize, msg: String },
+}
+
+/// Sums over all CPUs of the counters conntrack-trace reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CtStats {
+    /// Allocation failures and unresolvable clashes (nf_conntrack_in(),
+    /// nf_ct_resolve_clash()).
+    pub drop: u64,
+    /// Entries evicted by early_drop() (and by the gc worker under pressure).
+    pub early_drop: u64,
+    /// Confirm-time insertion failures (clash or chain too long).
+    pub insert_failed: u64,
+    /// Clashes resolved without a drop.
+    pub clash_resolve: u64,
+    /// Chains over the limit (each also counts as insert_failed).
+    pub chaintoolong: u64,
+    /// Packets conntrack considered invalid.
+    pub invalid: u64,
+}
+
+impl CtStats {
+    pub fn delta(&self, earlier: &CtStats) -> CtStats {
+        CtStats {
+            drop: self.drop.wrapping_sub(earlier.drop),
+            early_drop: self.early_drop.wrapping_sub(earlier.early_drop),
+            insert_failed: self.insert_failed.wrapping_sub(earlier.insert_failed),
+            clash_resolve: self.clash_resolve.wrapping_sub(earlier.clash_resolve),
+            chaintoolong: self.chaintoolong.wrapping_sub(earlier.chaintoolong),
+            invalid: self.invalid.wrapping_sub(earlier.invalid),
+        }
+    }
+
+    pub fn add(&mut self, o: &CtStats) {
+        self.drop += o.drop;
+        self.early_drop += o.early_drop;
+        self.insert_failed += o.insert_failed;
+        self.clash_resolve += o.clash_resolve;
+        self.chaintoolong += o.chaintoolong;
+        self.invalid += o.invalid;
+    }
+}
+
+/// Parses the text of /proc/net/stat/nf_conntrack. Columns are found by name
+/// because their set changed across kernels (e.g. `clashres`,
+/// `chaintoolong`); a column this kernel lacks reads as zero.
+pub fn parse(path: &str, text: &str) -> Result<CtStats, StatsError> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| StatsError::Empty(path.to_owned()))?
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let cols = [
+        col("drop"),
+        col("early_drop"),
+        col("insert_failed"),
+        col("clashres"),
+        col("chaintoolong"),
+        col("invalid"),
+    ];
+    if cols[0].is_none() {
+        return Err(StatsError::Bad { path: path.to_owned(), line: 1, msg: "no `drop` column".into() });
+    }
+    let mut sums = [0u64; 6];
+    for (i, line) in lines.enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.is_empty() {
+            continue;
+        }
+        if fields.len() != header.len() {
+            return Err(StatsError::Bad {
+                path: path.to_owned(),
+                line: i + 2,
+                msg: format!("{} fields, header has {}", fields.len(), header.len()),
+            });
+        }
+        for (sum, c) in sums.iter_mut().zip(cols) {
+            if let Some(c) = c {
+                let v = u64::from_str_radix(fields[c], 16).map_err(|e| StatsError::Bad {
+                    path: path.to_owned(),
+                    line: i + 2,
+                    msg: format!("`{}`: {e}", fields[c]),
+                })?;
+                *sum += v;
+            }
+        }
+    }
+    Ok(CtStats {
+        drop: sums[0],
+        early_drop: sums[1],
+        insert_failed: sums[2],
+        clash_resolve: sums[3],
+        chaintoolong: sums[4],
+        invalid: sums[5],
+    })
+}
+
+/// Entry count and limits as seen from the calling thread's netns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Fill {
+    pub count: u64,
+    pub max: u64,
+    pub buckets: u64,
+}
+
+impl Fill {
+    pub fn percent(&self) -> f64 {
+        if self.max == 0 { 0.0 } else { self.count as f64 * 100.0 / self.max as f64 }
+    }
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Reads count/max/buckets of the calling thread's netns (procfs sysctls are
+/// resolved against the current thread's namespace).
+pub fn read_fill() -> Option<Fill> {
+    Some(Fill {
+        count: read_u64("/proc/sys/net/netfilter/nf_conntrack_count")?,
+        max: read_u64("/proc/sys/net/netfilter/nf_conntrack_max")?,
+        buckets: read_u64("/proc/sys/net/netfilter/nf_conntrack_buckets").unwrap_or(0),
+    })
+}
+
+/// Reads the stats of the calling thread's netns.
+pub fn read_stats() -> Result<CtStats, StatsError> {
+    // thread-self: /proc/self/net follows the thread-group leader's netns,
+    // but we read from a helper thread that has setns()'d.
+    let path = "/proc/thread-self/net/stat/nf_conntrack";
+    let text = std::fs::read_to_string(path).map_err(|e| StatsError::Bad {
+        path: path.to_owned(),
+        line: 0,
+        msg: e.to_string(),
+    })?;
+    parse(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Header and rows as printed by 6.18 (two CPUs).
+    const SAMPLE: &str = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000400  00000001 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000003 0000000a 00000010 00000000  00000000 00000000 00000000 00000000
+00000400  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000001 000000f0 00000001 00000000  00000000 00000000 00000000 00000000
+";
+
+    #[test]
+    fn sums_hex_columns_over_cpus() {
+        let s = parse("x", SAMPLE).unwrap();
+        assert_eq!(s.drop, 0x0a + 0xf0);
+        assert_eq!(s.early_drop, 0x11);
+        assert_eq!(s.insert_failed, 4);
+        assert_eq!(s.clash_resolve, 1);
+        assert_eq!(s.invalid, 2);
+        assert_eq!(s.chaintoolong, 0, "absent column reads as zero");
+    }
+
+    #[test]
+    fn older_header_without_clashres() {
+        let t = "entries searched found new invalid ignore delete delete_list insert insert_failed drop early_drop icmp_error expect_new expect_create expect_delete search_restart\n\
+                 00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000005 00000000 00000000 00000000 00000000 00000000 00000000\n";
+        assert_eq!(parse("x", t).unwrap().drop, 5);
+    }
+
+    #[test]
+    fn malformed_rows_name_file_and_line() {
+        let t = "entries drop\n00000001 zz\n";
+        let e = parse("/proc/x", t).unwrap_err();
+        assert_eq!(e.to_string(), "/proc/x: line 2: `zz`: invalid digit found in string");
+        let e = parse("/proc/x", "entries drop\n1 2 3\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(matches!(parse("p", ""), Err(StatsError::Empty(_))));
+        assert!(parse("p", "entries foo\n").is_err());
+    }
+
+    #[test]
+    fn delta_and_fill() {
+        let a = CtStats { drop: 10, early_drop: 1, ..Default::default() };
+        let b = CtStats { drop: 25, early_drop: 1, ..Default::default() };
+        assert_eq!(b.delta(&a).drop, 15);
+        assert_eq!(b.delta(&a).early_drop, 0);
+        assert_eq!(Fill { count: 512, max: 1024, buckets: 0 }.percent(), 50.0);
+        assert_eq!(Fill::default().percent(), 0.0);
+    }
+}

@@ -1,0 +1,19 @@
+//! conntrack-trace: per-packet attribution of netfilter conntrack failures.
+//!
+//! Layout: [`backend`] observes the kernel and yields [`event::Event`]s plus
+//! exact counters; [`filter`] and [`aggregate`] turn them into what the user
+//! asked about; [`output`] formats; [`trace`] runs a live session; [`cli`]
+//! parses the command line.
+
+pub mod aggregate;
+pub mod backend;
+pub mod btf;
+pub mod cli;
+pub mod error;
+pub mod event;
+pub mod filter;
+pub mod kallsyms;
+pub mod kstats;
+pub mod netns;
+pub mod output;
+pub mod trace;

@@ -1,0 +1,269 @@
+//! The human view: a header redrawn every interval (fill, totals and rates
+//! per kind, lost events, top sources), then a final summary.
+
+use std::{fmt::Write as _, io::Write};
+
+use super::{LiveView, NetnsNames, Sink, Summary, top_sources};
+use crate::event::{Event, Kind};
+
+pub struct Human<W: Write> {
+    out: W,
+    /// Redraw in place (a terminal) instead of appending blocks.
+    redraw: bool,
+}
+
+impl<W: Write> Human<W> {
+    pub fn new(out: W, redraw: bool) -> Self {
+        Human { out, redraw }
+    }
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 100.0 { format!("{r:.0}") } else { format!("{r:.1}") }
+}
+
+/// Renders the live header and top table.
+pub fn render_live(v: &LiveView<'_>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "conntrack-trace {}  backend: {}  evictions: {}  elapsed {:.0}s",
+        env!("CARGO_PKG_VERSION"),
+        v.backend,
+        v.evictions,
+        v.elapsed_s
+    );
+    match v.fills.first() {
+        None => {
+            let _ = writeln!(s, "conntrack table: (no namespace with conntrack found)");
+        }
+        Some((name, f)) => {
+            let _ = writeln!(
+                s,
+                "conntrack table [{name}]: {} / {} entries ({:.1}% full), {} buckets",
+                f.count,
+                f.max,
+                f.percent(),
+                f.buckets
+            );
+            for (name, f) in v.fills.iter().skip(1).take(2) {
+                let _ = writeln!(s, "              [{name}]: {} / {} ({:.1}%)", f.count, f.max, f.percent());
+            }
+        }
+    }
+    let _ = writeln!(s, "{:<15} {:>12} {:>10} {:>8}", "", "total", "rate/s", "lost");
+    for k in Kind::FAILURES {
+        let _ = writeln!(
+            s,
+            "{:<15} {:>12} {:>10} {:>8}",
+            k.as_str(),
+            v.agg.totals.get(k),
+            fmt_rate(v.agg.rate(k)),
+            v.lost.get(k)
+        );
+    }
+    let _ = writeln!(s, "rule drops of confirmed entries (not conntrack failures): {}", v.rule_drops);
+    let _ = writeln!(s);
+    s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
+    s
+}
+
+/// Renders the top-sources table; `rates` adds the last interval's rate.
+pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
+    let mut s = String::new();
+    if top.is_empty() {
+        s.push_str("no drops from any source yet\n");
+        return s;
+    }
+    let _ = writeln!(s, "{:<40} {:<12} {}", "SOURCE", "PROTO/PORT", "DROPS");
+    for t in top {
+        let mut kinds = String::new();
+        for k in Kind::ALL {
+            let n = t.counts.get(k);
+            if n > 0 {
+                let _ = write!(kinds, "{} {}  ", k.as_str(), n);
+            }
+        }
+        let _ = write!(s, "{:<40} {:<12} {}", t.src.as_deref().unwrap_or("?"), t.service, kinds.trim_end());
+        if rates {
+            let _ = write!(s, "  {}/s", fmt_rate(t.rate_per_s));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Renders the final summary.
+pub fn render_summary(sum: &Summary) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "== conntrack-trace summary: {:.1}s, backend {}, evictions {}, namespace {} ==",
+        sum.duration_s, sum.backend, sum.evictions, sum.scope.netns
+    );
+    let _ = writeln!(s, "{:<15} {:>12} {:>10} {:>10}", "", "events", "lost", "observed");
+    for k in Kind::FAILURES {
+        let _ = writeln!(
+            s,
+            "{:<15} {:>12} {:>10} {:>10}",
+            k.as_str(),
+            sum.events.get(k),
+            sum.lost.get(k),
+            sum.observed.get(k)
+        );
+    }
+    if sum.matched != sum.events {
+        let _ = writeln!(
+            s,
+            "matching filters: table_full {}, early_drop {}, insert_failed {}",
+            sum.matched.table_full, sum.matched.early_drop, sum.matched.insert_failed
+        );
+    }
+    let _ = writeln!(s, "rule drops of confirmed entries: {}", sum.observed.rule_drop);
+    let _ = writeln!(
+        s,
+        "kernel counters ({} namespace(s)): drop {}, early_drop {}, insert_failed {}, clash_resolve {}, chaintoolong {}, invalid {}",
+        sum.scope.namespaces,
+        sum.kernel.drop,
+        sum.kernel.early_drop,
+        sum.kernel.insert_failed,
+        sum.kernel.clash_resolve,
+        sum.kernel.chaintoolong,
+        sum.kernel.invalid
+    );
+    if !sum.complete {
+        let _ = writeln!(s, "WARNING: events + lost != observed: the event stream is incomplete");
+    }
+    if sum.lost.total() > 0 {
+        let _ = writeln!(s, "WARNING: {} events lost (ring buffer full; try --ring-size)", sum.lost.total());
+    }
+    let _ = writeln!(s);
+    s.push_str(&render_top(&sum.top, false));
+    s
+}
+
+impl<W: Write> Sink for Human<W> {
+    fn event(&mut self, _e: &Event, _names: &NetnsNames) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()> {
+        let text = render_live(view);
+        if self.redraw {
+            // Home + clear screen: redraw in place, no terminal mode change
+            // to restore on exit.
+            write!(self.out, "\x1b[H\x1b[2J{text}")?;
+        } else {
+            writeln!(self.out, "{text}")?;
+        }
+        self.out.flush()
+    }
+
+    fn finish(&mut self, summary: &Summary) -> std::io::Result<()> {
+        if self.redraw {
+            write!(self.out, "\x1b[H\x1b[2J")?;
+        }
+        write!(self.out, "{}", render_summary(summary))?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        aggregate::{Aggregator, KindCounts},
+        event::{Event, Proto},
+        kstats::{CtStats, Fill},
+        output::{Scope, Summary},
+    };
+
+    fn agg() -> Aggregator {
+        let mut a = Aggregator::new(100);
+        for i in 0..4 {
+            a.record(&Event {
+                kind: Kind::TableFull,
+                ts_ns: i,
+                cpu: 0,
+                netns: 1,
+                proto: Proto::UDP,
+                src: Some("10.0.0.7".parse().unwrap()),
+                dst: Some("10.0.0.53".parse().unwrap()),
+                sport: 40000 + i as u16,
+                dport: 53,
+            });
+        }
+        a.tick(std::time::Duration::from_secs(2));
+        a
+    }
+
+    #[test]
+    fn live_header_snapshot() {
+        let a = agg();
+        let fills = vec![("srv".to_owned(), Fill { count: 512, max: 1024, buckets: 64 })];
+        let v = LiveView {
+            backend: "tracepoint",
+            evictions: "on",
+            elapsed_s: 2.0,
+            fills: &fills,
+            agg: &a,
+            lost: KindCounts::default(),
+            rule_drops: 0,
+            top_n: 5,
+        };
+        let text = render_live(&v);
+        let expected = [
+            format!("conntrack-trace {}  backend: tracepoint  evictions: on  elapsed 2s", env!("CARGO_PKG_VERSION")),
+            "conntrack table [srv]: 512 / 1024 entries (50.0% full), 64 buckets".into(),
+            "                       total     rate/s     lost".into(),
+            "table_full                 4        2.0        0".into(),
+            "early_drop                 0        0.0        0".into(),
+            "insert_failed              0        0.0        0".into(),
+            "rule drops of confirmed entries (not conntrack failures): 0".into(),
+            "".into(),
+            "SOURCE                                   PROTO/PORT   DROPS".into(),
+            "10.0.0.7                                 udp/53       table_full 4  2.0/s".into(),
+            "".into(),
+        ]
+        .join("\n");
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn summary_warns_when_incomplete() {
+        let a = agg();
+        let sum = Summary {
+            kind: "summary",
+            version: "x",
+            backend: "tracepoint".into(),
+            evictions: "on".into(),
+            duration_s: 3.0,
+            start_unix_ns: 0,
+            start_mono_ns: 0,
+            events: a.totals,
+            matched: a.totals,
+            lost: KindCounts { table_full: 2, ..Default::default() },
+            observed: KindCounts { table_full: 7, ..Default::default() },
+            complete: false,
+            kernel: CtStats { drop: 6, ..Default::default() },
+            scope: Scope { netns: "srv".into(), netns_inode: Some(1), namespaces: 1 },
+            decode_errors: 0,
+            top: top_sources(&a, 3),
+            untracked_sources: 0,
+        };
+        let text = render_summary(&sum);
+        assert!(text.contains("table_full                 4          2          7"), "{text}");
+        assert!(text.contains("WARNING: events + lost != observed"), "{text}");
+        assert!(text.contains("WARNING: 2 events lost"), "{text}");
+        assert!(text.contains("kernel counters (1 namespace(s)): drop 6"), "{text}");
+        assert!(text.contains("10.0.0.7"), "{text}");
+    }
+
+    #[test]
+    fn empty_top_says_so() {
+        assert_eq!(render_top(&[], true), "no drops from any source yet\n");
+    }
+}

@@ -1,0 +1,113 @@
+//! Output formats. Each lives in its own file behind [`Sink`].
+
+pub mod human;
+pub mod ndjson;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{
+    aggregate::{Aggregator, KindCounts},
+    event::Event,
+    kstats::{CtStats, Fill},
+};
+
+/// Known namespace names by inode.
+pub type NetnsNames = BTreeMap<u32, String>;
+
+/// What the live header shows at each interval.
+pub struct LiveView<'a> {
+    pub backend: &'a str,
+    pub evictions: &'a str,
+    pub elapsed_s: f64,
+    /// (namespace name, fill) for the traced namespace(s), fullest first.
+    pub fills: &'a [(String, Fill)],
+    pub agg: &'a Aggregator,
+    pub lost: KindCounts,
+    pub rule_drops: u64,
+    pub top_n: usize,
+}
+
+/// One row of the top-sources table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TopSource {
+    pub src: Option<String>,
+    pub proto: String,
+    /// Destination port (ICMP: type; other protocols: 0).
+    pub port: u16,
+    pub service: String,
+    pub counts: KindCounts,
+    pub total: u64,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    /// Events/s over the last completed interval.
+    pub rate_per_s: f64,
+}
+
+/// Scope of the kernel counters in a summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Scope {
+    /// `all` or the traced namespace's name.
+    pub netns: String,
+    /// Inode of the traced namespace (absent when tracing all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u32>,
+    /// Namespaces whose counters were summed.
+    pub namespaces: usize,
+}
+
+/// The last ndjson line, and the final human summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub version: &'static str,
+    pub backend: String,
+    pub evictions: String,
+    pub duration_s: f64,
+    /// Wall clock at start (Unix ns) and CLOCK_MONOTONIC at the same
+    /// instant: `wall = start_unix_ns + (ts_ns - start_mono_ns)`.
+    pub start_unix_ns: u128,
+    pub start_mono_ns: u64,
+    /// Events read from the ring, per kind (before filters).
+    pub events: KindCounts,
+    /// Events that passed the filters (what was printed).
+    pub matched: KindCounts,
+    /// Events the kernel could not put in the ring buffer.
+    pub lost: KindCounts,
+    /// The programs' exact counters (every kind, emitted or not).
+    pub observed: KindCounts,
+    /// `events + lost == observed` for every kind.
+    pub complete: bool,
+    /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
+    pub kernel: CtStats,
+    pub scope: Scope,
+    pub decode_errors: u64,
+    pub top: Vec<TopSource>,
+    /// Events whose source was not tracked (source table at its cap).
+    pub untracked_sources: u64,
+}
+
+pub trait Sink {
+    fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()>;
+    fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()>;
+    fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
+}
+
+pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {
+    agg.top(n)
+        .into_iter()
+        .map(|(k, s)| TopSource {
+            src: k.src.map(|a| a.to_string()),
+            proto: k.proto.to_string(),
+            port: k.port,
+            service: k.service(),
+            total: s.counts.total(),
+            counts: s.counts,
+            first_ts_ns: s.first_ns,
+            last_ts_ns: s.last_ns,
+            rate_per_s: s.rate,
+        })
+        .collect()
+}

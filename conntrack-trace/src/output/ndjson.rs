@@ -1,0 +1,190 @@
+//! Newline-delimited JSON: one `{"type":"event",...}` per event, then one
+//! `{"type":"summary",...}`. The schema is documented in README.md.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use super::{LiveView, NetnsNames, Sink, Summary};
+use crate::event::{Event, Kind};
+
+/// The JSON shape of one event.
+#[derive(Debug, Serialize)]
+pub struct EventLine<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub kind: Kind,
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub netns: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<&'a str>,
+    /// `ipv4`, `ipv6`, or `unknown` (no parsable IP header).
+    pub family: &'static str,
+    pub proto: String,
+    pub src: Option<String>,
+    pub dst: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_id: Option<u16>,
+}
+
+impl<'a> EventLine<'a> {
+    pub fn new(e: &Event, names: &'a NetnsNames) -> Self {
+        let ports = e.proto.has_ports();
+        let icmp = e.proto.is_icmp();
+        EventLine {
+            ty: "event",
+            kind: e.kind,
+            ts_ns: e.ts_ns,
+            cpu: e.cpu,
+            netns: e.netns,
+            netns_name: names.get(&e.netns).map(String::as_str),
+            family: match e.src {
+                Some(std::net::IpAddr::V4(_)) => "ipv4",
+                Some(std::net::IpAddr::V6(_)) => "ipv6",
+                None => "unknown",
+            },
+            proto: e.proto.to_string(),
+            src: e.src.map(|a| a.to_string()),
+            dst: e.dst.map(|a| a.to_string()),
+            sport: ports.then_some(e.sport),
+            dport: ports.then_some(e.dport),
+            icmp_type: icmp.then(|| e.icmp_type()),
+            icmp_code: icmp.then(|| e.icmp_code()),
+            icmp_id: icmp.then(|| e.icmp_id()),
+        }
+    }
+}
+
+pub struct Ndjson<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Ndjson<W> {
+    pub fn new(out: W) -> Self {
+        Ndjson { out }
+    }
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+impl<W: Write> Sink for Ndjson<W> {
+    fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &EventLine::new(e, names))?;
+        self.out.write_all(b"\n")
+    }
+
+    fn tick(&mut self, _view: &LiveView<'_>) -> std::io::Result<()> {
+        // Events are the stream; make them visible to `tail -f` / jq once
+        // per interval rather than per line.
+        self.out.flush()
+    }
+
+    fn finish(&mut self, summary: &Summary) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, summary)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        aggregate::KindCounts,
+        event::Proto,
+        kstats::CtStats,
+        output::{Scope, Summary},
+    };
+
+    fn event(proto: Proto, sport: u16, dport: u16) -> Event {
+        Event {
+            kind: Kind::TableFull,
+            ts_ns: 123,
+            cpu: 1,
+            netns: 4026532000,
+            proto,
+            src: Some("10.0.0.7".parse().unwrap()),
+            dst: Some("10.0.0.53".parse().unwrap()),
+            sport,
+            dport,
+        }
+    }
+
+    #[test]
+    fn udp_event_line() {
+        let mut names = NetnsNames::new();
+        names.insert(4026532000, "srv".into());
+        let mut s = Ndjson::new(Vec::new());
+        s.event(&event(Proto::UDP, 40001, 53), &names).unwrap();
+        let line = String::from_utf8(s.into_inner()).unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"event","kind":"table_full","ts_ns":123,"cpu":1,"netns":4026532000,"netns_name":"srv","family":"ipv4","proto":"udp","src":"10.0.0.7","dst":"10.0.0.53","sport":40001,"dport":53}"#
+                .to_owned()
+                + "\n"
+        );
+    }
+
+    #[test]
+    fn zero_ports_are_not_omitted() {
+        // pwru's omitempty lesson: a zero is a value, not an absence.
+        let mut s = Ndjson::new(Vec::new());
+        s.event(&event(Proto::TCP, 0, 0), &NetnsNames::new()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
+        assert_eq!(v["sport"], 0);
+        assert_eq!(v["dport"], 0);
+        assert!(v.get("netns_name").is_none());
+    }
+
+    #[test]
+    fn icmp_event_has_type_code_id() {
+        let mut s = Ndjson::new(Vec::new());
+        s.event(&event(Proto::ICMP, 0x22, (8 << 8) | 0), &NetnsNames::new()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
+        assert_eq!((v["icmp_type"].as_u64(), v["icmp_code"].as_u64(), v["icmp_id"].as_u64()), (Some(8), Some(0), Some(0x22)));
+        assert!(v.get("sport").is_none());
+    }
+
+    #[test]
+    fn summary_line_is_last_and_typed() {
+        let mut s = Ndjson::new(Vec::new());
+        let summary = Summary {
+            kind: "summary",
+            version: "0.1.0",
+            backend: "tracepoint".into(),
+            evictions: "on".into(),
+            duration_s: 1.5,
+            start_unix_ns: 1,
+            start_mono_ns: 2,
+            events: KindCounts { table_full: 3, ..Default::default() },
+            matched: KindCounts { table_full: 3, ..Default::default() },
+            lost: KindCounts::default(),
+            observed: KindCounts { table_full: 3, ..Default::default() },
+            complete: true,
+            kernel: CtStats { drop: 3, ..Default::default() },
+            scope: Scope { netns: "all".into(), netns_inode: None, namespaces: 2 },
+            decode_errors: 0,
+            top: vec![],
+            untracked_sources: 0,
+        };
+        s.finish(&summary).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
+        assert_eq!(v["type"], "summary");
+        assert_eq!(v["events"]["table_full"], 3);
+        assert_eq!(v["events"]["early_drop"], 0);
+        assert_eq!(v["lost"]["insert_failed"], 0);
+        assert_eq!(v["kernel"]["drop"], 3);
+        assert_eq!(v["kernel"]["early_drop"], 0);
+        assert_eq!(v["complete"], true);
+    }
+}

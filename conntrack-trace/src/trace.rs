@@ -1,0 +1,305 @@
+//! A live `trace` session: load, attach, stream events through the filters
+//! into the aggregator and the output, and summarise against the kernel's
+//! own counters at the end.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    aggregate::{Aggregator, KindCounts},
+    backend::tracepoint::{self, Tracepoints},
+    error::TraceError,
+    event::{Event, Kind},
+    filter::Filter,
+    kstats::{self, CtStats, Fill},
+    netns::{self, NetnsInfo},
+    output::{LiveView, NetnsNames, Scope, Sink, Summary, top_sources},
+};
+
+pub struct TraceOptions {
+    pub duration: Option<Duration>,
+    pub interval: Duration,
+    pub top: usize,
+    /// `--netns` as given (resolved at start).
+    pub netns: Option<String>,
+    pub filter: Filter,
+    pub ready_file: Option<PathBuf>,
+    pub backend: tracepoint::Options,
+    pub max_sources: usize,
+}
+
+/// Events drained from the ring per wakeup before the loop looks at its
+/// timers again (keeps Ctrl-C and the header responsive under a flood).
+const DRAIN_BATCH: usize = 65_536;
+
+struct Consumer<'s> {
+    sink: &'s mut dyn Sink,
+    filter: Filter,
+    agg: Aggregator,
+    received: KindCounts,
+    decode_errors: u64,
+    names: NetnsNames,
+    unknown_netns: bool,
+    /// stdout went away (EPIPE): stop quietly.
+    closed: bool,
+}
+
+impl Consumer<'_> {
+    /// Reads up to `limit` records; returns how many were read.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> Result<usize, TraceError> {
+        let mut n = 0;
+        while n < limit {
+            let Some(item) = ring.next() else { break };
+            n += 1;
+            let ev = match Event::decode(&item) {
+                Ok(ev) => ev,
+                Err(_) => {
+                    self.decode_errors += 1;
+                    continue;
+                }
+            };
+            drop(item);
+            self.handle(&ev)?;
+        }
+        Ok(n)
+    }
+
+    fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
+        *self.received.get_mut(ev.kind) += 1;
+        if !self.filter.matches(ev) {
+            return Ok(());
+        }
+        self.agg.record(ev);
+        if !self.names.contains_key(&ev.netns) {
+            self.unknown_netns = true;
+        }
+        if self.closed {
+            return Ok(());
+        }
+        match self.sink.event(ev, &self.names) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(e) => Err(TraceError::Io { context: "writing output".into(), source: e }),
+        }
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
+    list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
+}
+
+/// Kernel counters of every namespace in `scope` that can be read.
+fn snapshot(scope: &[NetnsInfo]) -> BTreeMap<u32, CtStats> {
+    scope
+        .iter()
+        .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_stats) {
+            Ok(Ok(s)) => Some((ns.inode, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fills(scope: &[NetnsInfo]) -> Vec<(String, Fill)> {
+    let mut v: Vec<(String, Fill)> = scope
+        .iter()
+        .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_fill) {
+            Ok(Some(f)) => Some((ns.name.clone(), f)),
+            _ => None,
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
+    if scope.len() > 1 {
+        // Show only namespaces that use conntrack (plus the fullest one).
+        let first = v.first().cloned();
+        v.retain(|(_, f)| f.count > 0);
+        if v.is_empty() {
+            v.extend(first);
+        }
+    }
+    v
+}
+
+pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(TraceError::io("reading /proc/self/status"))?;
+    crate::error::check_privileges(&status)?;
+
+    let all = netns::list();
+    let (scope, scope_desc) = match &opts.netns {
+        Some(spec) => {
+            let ns = netns::resolve(spec)?;
+            opts.filter.netns = Some(ns.inode);
+            let d = Scope { netns: ns.name.clone(), netns_inode: Some(ns.inode), namespaces: 1 };
+            (vec![ns], d)
+        }
+        None => {
+            let v: Vec<NetnsInfo> = all.values().cloned().collect();
+            let n = v.len();
+            (v, Scope { netns: "all".into(), netns_inode: None, namespaces: n })
+        }
+    };
+
+    let mut tp = Tracepoints::load(&opts.backend)?;
+    let backend_desc = tp.describe();
+    let evictions_desc = tp.evictions.describe();
+
+    let ring = tp.take_ring()?;
+    // The kernel's counters bracket the attach period: read before attach
+    // and after detach, so their delta and our counters cover one window.
+    let start_stats = snapshot(&scope);
+    tp.attach()?;
+    let start_unix_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let start_mono_ns = monotonic_ns();
+    let started = Instant::now();
+
+    if let Some(path) = &opts.ready_file {
+        std::fs::write(path, b"ready\n").map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
+    }
+
+    let mut consumer = Consumer {
+        sink,
+        filter: opts.filter.clone(),
+        agg: Aggregator::new(opts.max_sources),
+        received: KindCounts::default(),
+        decode_errors: 0,
+        names: names_of(&all),
+        unknown_netns: false,
+        closed: false,
+    };
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
+    let deadline = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
+
+    let mut ring = {
+        // SAFETY: the AsyncFd owns the ring (and so its fd) until
+        // into_inner() below; nothing else closes the fd meanwhile.
+        let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| TraceError::Io { context: "polling the ring buffer".into(), source: e.into() })?;
+        loop {
+            tokio::select! {
+                biased;
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = &mut deadline => break,
+                _ = ticker.tick() => {
+                    consumer.drain(afd.get_mut(), usize::MAX)?;
+                    let now = Instant::now();
+                    consumer.agg.tick(now - last_tick);
+                    last_tick = now;
+                    if consumer.unknown_netns {
+                        consumer.names = names_of(&netns::list());
+                        consumer.unknown_netns = false;
+                    }
+                    let counters = tp.counters()?;
+                    let f = fills(&scope);
+                    let view = LiveView {
+                        backend: &backend_desc,
+                        evictions: &evictions_desc,
+                        elapsed_s: started.elapsed().as_secs_f64(),
+                        fills: &f,
+                        agg: &consumer.agg,
+                        lost: counters.lost,
+                        rule_drops: counters.seen.rule_drop,
+                        top_n: opts.top,
+                    };
+                    if !consumer.closed {
+                        if let Err(e) = consumer.sink.tick(&view) {
+                            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                                consumer.closed = true;
+                            } else {
+                                return Err(TraceError::Io { context: "writing output".into(), source: e });
+                            }
+                        }
+                    }
+                    if consumer.closed { break; }
+                }
+                guard = afd.readable_mut() => {
+                    let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
+                    let n = consumer.drain(guard.get_inner_mut(), DRAIN_BATCH)?;
+                    if n < DRAIN_BATCH {
+                        guard.clear_ready();
+                    }
+                    if consumer.closed { break; }
+                }
+            }
+        }
+        afd.into_inner()
+    };
+
+    // Stop the producers first, then take everything they left behind, so
+    // that events + lost == observed holds exactly.
+    tp.detach();
+    let duration_s = started.elapsed().as_secs_f64();
+    consumer.drain(&mut ring, usize::MAX)?;
+    let counters = tp.counters()?;
+    let end_stats = snapshot(&scope);
+    let mut kernel = CtStats::default();
+    let mut covered = 0;
+    for (ino, end) in &end_stats {
+        if let Some(start) = start_stats.get(ino) {
+            kernel.add(&end.delta(start));
+            covered += 1;
+        }
+    }
+    let complete = Kind::ALL
+        .iter()
+        .all(|k| consumer.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
+    let summary = Summary {
+        kind: "summary",
+        version: env!("CARGO_PKG_VERSION"),
+        backend: "tracepoint".into(),
+        evictions: evictions_desc,
+        duration_s,
+        start_unix_ns,
+        start_mono_ns,
+        events: consumer.received,
+        matched: consumer.agg.totals,
+        lost: counters.lost,
+        observed: counters.seen,
+        complete,
+        kernel,
+        scope: Scope { namespaces: covered, ..scope_desc },
+        decode_errors: consumer.decode_errors,
+        top: top_sources(&consumer.agg, opts.top),
+        untracked_sources: consumer.agg.untracked,
+    };
+    if !consumer.closed {
+        match consumer.sink.finish(&summary) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => return Err(TraceError::Io { context: "writing output".into(), source: e }),
+        }
+    }
+    Ok(summary)
+}
