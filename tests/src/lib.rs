@@ -1,1 +1,379 @@
-//! Scenario helpers.
+//! Scenario helpers for the root integration tests: namespaces and veths,
+//! sysctl guards that always restore, traffic generators, the kernel's own
+//! counters, and a handle on a running `conntrack-trace`.
+//!
+//! Every guard undoes its change in `Drop`, so a failing assertion (panic)
+//! still restores the machine. `cargo xtask test` additionally restores the
+//! sysctls and removes leftover `ctt-` namespaces after the run, for the case
+//! where the test process itself is killed.
+
+pub mod json;
+pub mod traffic;
+
+use std::{
+    fs,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// Prefix of every namespace and interface the tests create.
+pub const PREFIX: &str = "ctt-";
+
+/// True when the test can use root-only kernel features. Otherwise prints
+/// why it is skipped — and fails instead when CONNTRACK_TRACE_REQUIRE_ROOT is
+/// set (CI), so a misconfigured runner cannot pass by skipping.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CONNTRACK_TRACE_REQUIRE_ROOT").is_some() {
+        panic!("{test}: needs root, and CONNTRACK_TRACE_REQUIRE_ROOT is set");
+    }
+    eprintln!("SKIPPED {test}: needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)");
+    false
+}
+
+/// Serialises tests that touch global kernel state, across processes.
+pub struct KernelLock(fs::File);
+
+impl KernelLock {
+    pub fn acquire() -> Result<KernelLock> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/conntrack-trace-tests.lock")
+            .context("opening /run/conntrack-trace-tests.lock")?;
+        // SAFETY: flock on an owned fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!("flock: {}", std::io::Error::last_os_error());
+        }
+        Ok(KernelLock(f))
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Netns> {
+        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        run("ip", &["netns", "add", name])?;
+        let ns = Netns { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Loads an nft ruleset into this namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        let file = std::env::temp_dir().join(format!("{}-{}.nft", self.name, std::process::id()));
+        fs::write(&file, ruleset)?;
+        let r = run("ip", &["netns", "exec", &self.name, "nft", "-f", file.to_str().unwrap_or_default()]);
+        let _ = fs::remove_file(&file);
+        r.map(|_| ())
+    }
+
+    /// Inode of the namespace (what events carry in `netns`).
+    pub fn inode(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(fs::metadata(self.path())?.ino())
+    }
+
+    /// The kernel's conntrack counters in this namespace, summed over CPUs.
+    pub fn ct_stats(&self) -> Result<CtStats> {
+        in_netns(&self.path(), || -> Result<CtStats> {
+            let text = fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack")?;
+            CtStats::parse(&text)
+        })?
+    }
+
+    pub fn ct_count(&self) -> Result<u64> {
+        in_netns(&self.path(), || -> Result<u64> {
+            Ok(fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?.trim().parse()?)
+        })?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Runs `f` on a thread inside the namespace at `path`.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on an owned fd; affects this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    })
+}
+
+/// Counters from /proc/net/stat/nf_conntrack, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtStats {
+    pub drop: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    pub chaintoolong: u64,
+    pub clashres: u64,
+}
+
+impl CtStats {
+    pub fn parse(text: &str) -> Result<CtStats> {
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
+        let mut s = CtStats::default();
+        for line in lines.filter(|l| !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let get = |name: &str| -> Result<u64> {
+                match header.iter().position(|h| *h == name) {
+                    Some(i) => Ok(u64::from_str_radix(f.get(i).context("short row")?, 16)?),
+                    None => Ok(0),
+                }
+            };
+            s.drop += get("drop")?;
+            s.early_drop += get("early_drop")?;
+            s.insert_failed += get("insert_failed")?;
+            s.chaintoolong += get("chaintoolong")?;
+            s.clashres += get("clashres")?;
+        }
+        Ok(s)
+    }
+
+    pub fn since(&self, before: &CtStats) -> CtStats {
+        CtStats {
+            drop: self.drop - before.drop,
+            early_drop: self.early_drop - before.early_drop,
+            insert_failed: self.insert_failed - before.insert_failed,
+            chaintoolong: self.chaintoolong - before.chaintoolong,
+            clashres: self.clashres - before.clashres,
+        }
+    }
+}
+
+/// Sets an init-netns sysctl and restores the old value on drop (also when
+/// the test panics).
+pub struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    pub fn set(name: &str, value: u64) -> Result<Sysctl> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let old = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        fs::write(&path, value.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Sysctl { path, old: old.trim().to_owned() })
+    }
+
+    pub fn read(name: &str) -> Result<u64> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        Ok(fs::read_to_string(&path)?.trim().parse()?)
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(&self.path, &self.old) {
+            eprintln!("FAILED to restore {} to {}: {e}", self.path.display(), self.old);
+        }
+    }
+}
+
+/// Client and server namespaces joined by a veth pair; the server has an nft
+/// ruleset that uses `ct state`, which turns conntrack on in its namespace.
+pub struct Topology {
+    pub client: Netns,
+    pub server: Netns,
+    pub client_ip: std::net::Ipv4Addr,
+    pub server_ip: std::net::Ipv4Addr,
+}
+
+/// Server ruleset: conntrack on (ct state), everything accepted.
+pub const SERVER_RULES: &str = "
+table inet ctt {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        ct state established,related accept
+        udp dport 53 accept
+        tcp dport 80 accept
+    }
+}
+";
+
+impl Topology {
+    /// `tag` keeps names unique per test (interface names max 15 chars);
+    /// `subnet` is the third octet of 10.77.X.0/24.
+    pub fn new(tag: &str, subnet: u8) -> Result<Topology> {
+        let client = Netns::new(&format!("{PREFIX}{tag}-cli"))?;
+        let server = Netns::new(&format!("{PREFIX}{tag}-srv"))?;
+        let (vc, vs) = (format!("{PREFIX}{tag}c"), format!("{PREFIX}{tag}s"));
+        run(
+            "ip",
+            &["link", "add", &vc, "netns", &client.name, "type", "veth", "peer", "name", &vs, "netns", &server.name],
+        )?;
+        let client_ip = std::net::Ipv4Addr::new(10, 77, subnet, 2);
+        let server_ip = std::net::Ipv4Addr::new(10, 77, subnet, 1);
+        client.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", &vc])?;
+        client.ip(&["link", "set", &vc, "up"])?;
+        server.ip(&["addr", "add", &format!("{server_ip}/24"), "dev", &vs])?;
+        server.ip(&["link", "set", &vs, "up"])?;
+        server.nft(SERVER_RULES)?;
+        Ok(Topology { client, server, client_ip, server_ip })
+    }
+}
+
+/// The `conntrack-trace` binary under test.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CONNTRACK_TRACE_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/conntrack-trace")
+}
+
+/// A running `conntrack-trace trace --format ndjson`.
+pub struct Tracer {
+    child: Option<Child>,
+    ready: PathBuf,
+    /// Drain stdout/stderr continuously: a full pipe would block the tracer.
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+impl Tracer {
+    /// Starts the tracer and waits (bounded) until it has attached.
+    pub fn start(extra: &[&str]) -> Result<Tracer> {
+        let ready = std::env::temp_dir().join(format!("ctt-ready-{}-{}", std::process::id(), rand_suffix()));
+        let _ = fs::remove_file(&ready);
+        let bin = binary();
+        ensure!(bin.exists(), "{} not built (run `cargo xtask test`)", bin.display());
+        let mut child = Command::new(&bin)
+            .args(["trace", "--format", "ndjson", "--duration", "120s", "--top", "50", "--ready-file"])
+            .arg(&ready)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let stdout = child.stdout.take().map(collect);
+        let stderr = child.stderr.take().map(collect);
+        let mut t = Tracer { child: Some(child), ready: ready.clone(), stdout, stderr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            let child = t.child.as_mut().context("no child")?;
+            if let Some(status) = child.try_wait()? {
+                let err = t.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+                bail!("conntrack-trace exited before ready ({status}): {}", err.trim());
+            }
+            ensure!(Instant::now() < deadline, "conntrack-trace not ready after 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(t)
+    }
+
+    /// Sends SIGINT and collects the output (bounded wait).
+    pub fn stop(mut self) -> Result<json::Output> {
+        let mut child = self.child.take().context("already stopped")?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("conntrack-trace did not exit 60 s after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.stdout.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        ensure!(status.success(), "conntrack-trace failed ({status}): {}", stderr.trim());
+        json::Output::parse(&stdout)
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_file(&self.ready);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Asserts that every event names exactly what the test sent: the client
+/// address and one of its source ports, to the server's address and port,
+/// in the server's namespace. Returns the source ports seen.
+pub fn assert_events_from(
+    events: &[&json::Event],
+    topo: &Topology,
+    proto: &str,
+    dport: u16,
+    sports: std::ops::Range<u16>,
+) -> Result<std::collections::BTreeSet<u16>> {
+    let ino = topo.server.inode()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for e in events {
+        ensure!(e.netns == ino, "event from netns {} (server is {ino}): {e:?}", e.netns);
+        ensure!(e.netns_name.as_deref() == Some(topo.server.name.as_str()), "netns name: {e:?}");
+        ensure!(e.family == "ipv4" && e.proto == proto, "family/proto: {e:?}");
+        ensure!(e.src.as_deref() == Some(topo.client_ip.to_string().as_str()), "src: {e:?}");
+        ensure!(e.dst.as_deref() == Some(topo.server_ip.to_string().as_str()), "dst: {e:?}");
+        ensure!(e.dport == Some(dport), "dport: {e:?}");
+        let sport = e.sport.context("no sport")?;
+        ensure!(sports.contains(&sport), "sport {sport} not sent by the test: {e:?}");
+        seen.insert(sport);
+    }
+    Ok(seen)
+}

@@ -1,0 +1,121 @@
+//! Typed view of the ndjson stream. `deny_unknown_fields` makes a schema
+//! change that README does not document fail the tests.
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub kind: String,
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub netns: u64,
+    pub netns_name: Option<String>,
+    pub family: String,
+    pub proto: String,
+    pub src: Option<String>,
+    pub dst: Option<String>,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub icmp_type: Option<u8>,
+    pub icmp_code: Option<u8>,
+    pub icmp_id: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Kinds {
+    pub table_full: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    pub rule_drop: u64,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    pub drop: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    pub clash_resolve: u64,
+    pub chaintoolong: u64,
+    pub invalid: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    pub netns: String,
+    pub netns_inode: Option<u64>,
+    pub namespaces: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopSource {
+    pub src: Option<String>,
+    pub proto: String,
+    pub port: u16,
+    pub service: String,
+    pub counts: Kinds,
+    pub total: u64,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    pub rate_per_s: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub version: String,
+    pub backend: String,
+    pub evictions: String,
+    pub duration_s: f64,
+    pub start_unix_ns: u128,
+    pub start_mono_ns: u64,
+    pub events: Kinds,
+    pub matched: Kinds,
+    pub lost: Kinds,
+    pub observed: Kinds,
+    pub complete: bool,
+    pub kernel: Kernel,
+    pub scope: Scope,
+    pub decode_errors: u64,
+    pub top: Vec<TopSource>,
+    pub untracked_sources: u64,
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub events: Vec<Event>,
+    pub summary: Summary,
+}
+
+impl Output {
+    /// Events first, exactly one summary last.
+    pub fn parse(text: &str) -> Result<Output> {
+        let mut events = Vec::new();
+        let mut summary = None;
+        for (i, line) in text.lines().enumerate() {
+            if summary.is_some() {
+                bail!("line {}: output continues after the summary", i + 1);
+            }
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}", i + 1))?;
+            match v["type"].as_str() {
+                Some("event") => events.push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                Some("summary") => summary = Some(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                other => bail!("line {}: unexpected type {other:?}", i + 1),
+            }
+        }
+        Ok(Output { events, summary: summary.context("no summary line")? })
+    }
+
+    pub fn of_kind(&self, kind: &str) -> Vec<&Event> {
+        self.events.iter().filter(|e| e.kind == kind).collect()
+    }
+}

@@ -1,0 +1,51 @@
+//! Identical TCP SYNs sent from two CPUs at once race to confirm the same
+//! tuple in the server's namespace; the loser is dropped with its entry
+//! unconfirmed: an `insert_failed` event per loss, equal to the kernel's
+//! `insert_failed` delta.
+
+use conntrack_trace_tests::{KernelLock, Topology, Tracer, assert_events_from, root_or_skip, traffic};
+
+#[test]
+fn syn_race_clashes() -> anyhow::Result<()> {
+    if !root_or_skip("syn_race_clashes") {
+        return Ok(());
+    }
+    let _lock = KernelLock::acquire()?;
+    let topo = Topology::new("if", 33)?;
+    let sports = 40_000..44_000;
+
+    let tracer = Tracer::start(&["--netns", &topo.server.name])?;
+    let before = topo.server.ct_stats()?;
+    traffic::syn_race(&topo.client.path(), topo.client_ip, topo.server_ip, 80, sports.clone())?;
+    let after = topo.server.ct_stats()?;
+    let out = tracer.stop()?;
+    let delta = after.since(&before);
+    let s = &out.summary;
+
+    let failed = out.of_kind("insert_failed");
+    eprintln!(
+        "insert_failed: {} races, events {}, kernel insert_failed +{} drop +{} clash_resolve +{} chaintoolong +{}",
+        sports.len(),
+        failed.len(),
+        delta.insert_failed,
+        delta.drop,
+        delta.clashres,
+        delta.chaintoolong
+    );
+    assert!(delta.insert_failed > 0, "no clash in {} races: {delta:?}", sports.len());
+    assert_eq!(failed.len() as u64, delta.insert_failed, "one event per insert failure");
+    let ports = assert_events_from(&failed, &topo, "tcp", 80, sports)?;
+    assert_eq!(ports.len(), failed.len(), "one loser per raced tuple");
+    // nf_ct_resolve_clash() counts an unresolvable clash as drop and
+    // insert_failed; chain-too-long failures count only insert_failed. So
+    // drop = table_full + (insert_failed - chaintoolong).
+    assert_eq!(
+        out.of_kind("table_full").len() as u64 + delta.insert_failed - delta.chaintoolong,
+        delta.drop
+    );
+    assert_eq!(s.kernel.insert_failed, delta.insert_failed);
+    assert_eq!(s.events.insert_failed, delta.insert_failed);
+    assert_eq!(s.lost.insert_failed, 0);
+    assert!(s.complete);
+    Ok(())
+}
