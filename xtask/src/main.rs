@@ -1,1 +1,76 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build|run|test|bench>`.
+
+mod bench;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent, quick when done).
+    Setup,
+    /// Set up, then build the release binary.
+    Build,
+    /// Set up, build, and run conntrack-trace with the given arguments
+    /// (e.g. `cargo xtask run -- trace`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test (unit, then root netns scenarios).
+    Test,
+    /// Measure the cost of the eviction hook on a socket churn loop.
+    Bench(bench::Args),
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// Runs a command in the workspace root, failing on a non-zero exit.
+pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn build_release() -> Result<PathBuf> {
+    cmd("cargo", &["build", "--release", "--package", "conntrack-trace"])?;
+    Ok(workspace_root().join("target/release/conntrack-trace"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => setup::run().and_then(|_| build_release().map(|_| ())),
+        Cmd::Run { args } => setup::run().and_then(|_| {
+            let bin = build_release()?;
+            let status = Command::new(&bin).args(&args).status().with_context(|| format!("running {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }),
+        Cmd::Test => setup::run().and_then(|_| test::run()),
+        Cmd::Bench(a) => setup::run().and_then(|_| bench::run(a)),
+    };
+    if let Err(e) = r {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}

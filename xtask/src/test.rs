@@ -1,0 +1,60 @@
+//! `cargo xtask test`: unit tests, then the root scenario tests one at a
+//! time (they share the global nf_conntrack_max). Whatever happens, the
+//! sysctls the scenarios lower are restored and leftover test namespaces
+//! removed afterwards — also when a test process was killed mid-way.
+
+use std::{fs, path::Path, process::Command};
+
+use anyhow::Result;
+
+use crate::{cmd, workspace_root};
+
+const SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/netfilter/nf_conntrack_max",
+    "/proc/sys/net/netfilter/nf_conntrack_buckets",
+];
+
+struct Restore(Vec<(String, String)>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for (path, value) in &self.0 {
+            if fs::read_to_string(path).map(|v| v.trim() != value).unwrap_or(false) {
+                eprintln!("xtask test: restoring {path} to {value}");
+                let _ = fs::write(path, value);
+            }
+        }
+        // Namespaces named by tests/src/lib.rs (PREFIX "ctt-").
+        if let Ok(rd) = fs::read_dir("/run/netns") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("ctt-") {
+                    eprintln!("xtask test: removing leftover netns {name}");
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+        }
+    }
+}
+
+pub fn run() -> Result<()> {
+    let _restore = Restore(
+        SYSCTLS
+            .iter()
+            .filter(|p| Path::new(p).exists())
+            .filter_map(|p| Some((p.to_string(), fs::read_to_string(p).ok()?.trim().to_owned())))
+            .collect(),
+    );
+    // The binary the scenario tests drive.
+    cmd("cargo", &["build", "--package", "conntrack-trace"])?;
+    let bin = workspace_root().join("target/debug/conntrack-trace");
+    // SAFETY: single-threaded at this point; the variable is read by the
+    // child cargo processes.
+    unsafe { std::env::set_var("CONNTRACK_TRACE_BIN", &bin) };
+    cmd(
+        "cargo",
+        &["test", "--package", "conntrack-trace", "--package", "conntrack-trace-common", "--package", "xtask"],
+    )?;
+    cmd("cargo", &["test", "--package", "conntrack-trace-tests", "--", "--test-threads=1"])?;
+    Ok(())
+}
