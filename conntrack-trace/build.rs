@@ -5,12 +5,15 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let root = manifest
         .parent()
         .context("workspace root")?
         .join("conntrack-trace-ebpf");
-    let root = root.to_str().context("non-UTF-8 path to conntrack-trace-ebpf")?;
+    let root = root
+        .to_str()
+        .context("non-UTF-8 path to conntrack-trace-ebpf")?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "conntrack-trace-ebpf",

@@ -236,9 +236,8 @@ fn freed_by_early_drop(ctx: &BtfTracePointContext) -> bool {
     };
     let size = (MAX_STACK_DEPTH * 8) as u32;
     // SAFETY: buf points at MAX_STACK_DEPTH u64s of per-CPU map memory.
-    let n = unsafe {
-        aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), size, 0)
-    };
+    let n =
+        unsafe { aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), size, 0) };
     if n <= 0 {
         return false;
     }
@@ -315,7 +314,9 @@ fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
     let (l4, l4proto) = match b0 >> 4 {
         4 => {
             ev.l3 = l3::IPV4;
-            let Ok(proto) = read::<u8>(ip + 9) else { return };
+            let Ok(proto) = read::<u8>(ip + 9) else {
+                return;
+            };
             ev.l4 = proto;
             if let Ok(a) = read::<[u8; 4]>(ip + 12) {
                 ev.src[..4].copy_from_slice(&a);

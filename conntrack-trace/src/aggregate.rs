@@ -31,7 +31,11 @@ impl SourceKey {
         } else {
             0
         };
-        SourceKey { src: e.src, proto: e.proto, port }
+        SourceKey {
+            src: e.src,
+            proto: e.proto,
+            port,
+        }
     }
 
     /// `udp/53`, `icmp/8`, `gre`.
@@ -172,8 +176,16 @@ impl Aggregator {
     /// stable).
     pub fn top(&self, n: usize) -> Vec<(SourceKey, SourceStats)> {
         let mut v: Vec<(&SourceKey, &SourceStats)> = self.sources.iter().collect();
-        v.sort_by(|a, b| b.1.counts.total().cmp(&a.1.counts.total()).then(a.0.cmp(b.0)));
-        v.into_iter().take(n).map(|(k, s)| (*k, s.clone())).collect()
+        v.sort_by(|a, b| {
+            b.1.counts
+                .total()
+                .cmp(&a.1.counts.total())
+                .then(a.0.cmp(b.0))
+        });
+        v.into_iter()
+            .take(n)
+            .map(|(k, s)| (*k, s.clone()))
+            .collect()
     }
 }
 
@@ -244,12 +256,18 @@ mod tests {
     #[test]
     fn source_table_is_bounded() {
         let mut a = Aggregator::new(2);
-        for (i, src) in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"].iter().enumerate() {
+        for (i, src) in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]
+            .iter()
+            .enumerate()
+        {
             a.record(&ev(Kind::TableFull, src, Proto::UDP, 53, i as u64));
         }
         assert_eq!(a.source_count(), 2);
         assert_eq!(a.untracked, 1);
-        assert_eq!(a.totals.table_full, 4, "totals stay exact when sources overflow");
+        assert_eq!(
+            a.totals.table_full, 4,
+            "totals stay exact when sources overflow"
+        );
         assert_eq!(a.top(5)[0].1.counts.table_full, 2);
     }
 }

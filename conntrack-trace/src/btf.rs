@@ -57,19 +57,27 @@ impl std::fmt::Display for TpArg {
 impl TpArg {
     fn matches(&self, btf: &Btf, t: &Type) -> bool {
         match (self, t) {
-            (TpArg::Enum(n), Type::Enum(_) | Type::Enum64(_)) => {
-                t.as_btf_type().and_then(|bt| btf.resolve_name(bt).ok()).is_some_and(|x| x == *n)
-            }
+            (TpArg::Enum(n), Type::Enum(_) | Type::Enum64(_)) => t
+                .as_btf_type()
+                .and_then(|bt| btf.resolve_name(bt).ok())
+                .is_some_and(|x| x == *n),
             (TpArg::PtrTo(n), Type::Ptr(p)) => btf
                 .resolve_chained_type(p)
                 .ok()
                 .and_then(|x| strip(btf, x).ok())
                 .is_some_and(|x| {
                     matches!(x, Type::Struct(_))
-                        && x.as_btf_type().and_then(|bt| btf.resolve_name(bt).ok()).is_some_and(|s| s == *n)
+                        && x.as_btf_type()
+                            .and_then(|bt| btf.resolve_name(bt).ok())
+                            .is_some_and(|s| s == *n)
                 }),
             (TpArg::VoidPtr, Type::Ptr(p)) => {
-                matches!(btf.resolve_chained_type(p).ok().and_then(|x| strip(btf, x).ok()), Some(Type::Void))
+                matches!(
+                    btf.resolve_chained_type(p)
+                        .ok()
+                        .and_then(|x| strip(btf, x).ok()),
+                    Some(Type::Void)
+                )
             }
             _ => false,
         }
@@ -87,7 +95,9 @@ pub struct KernelBtf {
 impl KernelBtf {
     pub fn load(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(BtfError::Missing { path: path.to_owned() });
+            return Err(BtfError::Missing {
+                path: path.to_owned(),
+            });
         }
         let vmlinux = Btf::from_file(path).map_err(|e| BtfError::Parse {
             path: path.to_owned(),
@@ -95,18 +105,27 @@ impl KernelBtf {
         })?;
         let module = Path::new("/sys/kernel/btf/nf_conntrack");
         let conntrack = if path == Path::new(VMLINUX_BTF) && module.exists() {
-            Some(Btf::from_split_file(module, &vmlinux).map_err(|e| BtfError::Parse {
-                path: module.to_owned(),
-                msg: e.to_string(),
-            })?)
+            Some(
+                Btf::from_split_file(module, &vmlinux).map_err(|e| BtfError::Parse {
+                    path: module.to_owned(),
+                    msg: e.to_string(),
+                })?,
+            )
         } else {
             None
         };
-        Ok(KernelBtf { vmlinux, conntrack, path: path.to_owned() })
+        Ok(KernelBtf {
+            vmlinux,
+            conntrack,
+            path: path.to_owned(),
+        })
     }
 
     fn find(&self, name: &str, want: fn(&Type) -> bool) -> Result<(&Btf, Type)> {
-        for btf in [Some(&self.vmlinux), self.conntrack.as_ref()].into_iter().flatten() {
+        for btf in [Some(&self.vmlinux), self.conntrack.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if let Ok(types) = btf.resolve_types_by_name(name) {
                 if let Some(t) = types.into_iter().find(|t| want(t)) {
                     return Ok((btf, t));
@@ -142,7 +161,9 @@ impl KernelBtf {
             let mut t = strip(btf, member_ty)?;
             if let Some(idx) = index {
                 let Type::Array(arr) = &t else {
-                    return Err(BtfError::Other(format!("`{cur_name}.{name}` is not an array")));
+                    return Err(BtfError::Other(format!(
+                        "`{cur_name}.{name}` is not an array"
+                    )));
                 };
                 let elem = strip(btf, btf.resolve_chained_type(arr).map_err(other)?)?;
                 bits += idx * 8 * type_size(btf, &elem)? as u64;
@@ -154,7 +175,8 @@ impl KernelBtf {
         if bits % 8 != 0 {
             return Err(BtfError::Other(format!("`{ty}.{path}` is a bitfield")));
         }
-        u32::try_from(bits / 8).map_err(|_| BtfError::Other(format!("`{ty}.{path}` offset too large")))
+        u32::try_from(bits / 8)
+            .map_err(|_| BtfError::Other(format!("`{ty}.{path}` offset too large")))
     }
 
     /// Value of an enumerator, e.g. `SKB_DROP_REASON_NETFILTER_DROP`.
@@ -173,7 +195,10 @@ impl KernelBtf {
                 .map(|m| m.val() as u32),
             _ => None,
         };
-        found.ok_or_else(|| BtfError::NoEnumValue { ty: ty.to_owned(), value: value.to_owned() })
+        found.ok_or_else(|| BtfError::NoEnumValue {
+            ty: ty.to_owned(),
+            value: value.to_owned(),
+        })
     }
 
     /// Index of the first argument of a BTF-enabled tracepoint whose type
@@ -184,7 +209,9 @@ impl KernelBtf {
     pub fn tracepoint_arg(&self, tp: &str, arg: TpArg) -> Result<u32> {
         let name = format!("btf_trace_{tp}");
         let (btf, t) = self.find(&name, |t| matches!(t, Type::Typedef(_)))?;
-        let Type::Typedef(td) = &t else { unreachable!("find() filtered typedefs") };
+        let Type::Typedef(td) = &t else {
+            unreachable!("find() filtered typedefs")
+        };
         let mut t = btf.resolve_chained_type(td).map_err(other)?;
         if let Type::Ptr(p) = &t {
             t = btf.resolve_chained_type(p).map_err(other)?;
@@ -198,7 +225,10 @@ impl KernelBtf {
                 return Ok((i - 1) as u32);
             }
         }
-        Err(BtfError::NoTpArg { tp: tp.to_owned(), arg: arg.to_string() })
+        Err(BtfError::NoTpArg {
+            tp: tp.to_owned(),
+            arg: arg.to_string(),
+        })
     }
 
     /// Every offset the programs need, or the first one this kernel lacks.
@@ -255,8 +285,19 @@ fn type_size(btf: &Btf, t: &Type) -> Result<usize> {
         Type::Enum(e) => e.size(),
         Type::Enum64(e) => e.size(),
         Type::Ptr(_) => 8,
-        Type::Array(a) => a.len() * type_size(btf, &strip(btf, btf.resolve_chained_type(a).map_err(other)?)?)?,
-        other_ty => return Err(BtfError::Other(format!("no size for BTF {}", other_ty.name()))),
+        Type::Array(a) => {
+            a.len()
+                * type_size(
+                    btf,
+                    &strip(btf, btf.resolve_chained_type(a).map_err(other)?)?,
+                )?
+        }
+        other_ty => {
+            return Err(BtfError::Other(format!(
+                "no size for BTF {}",
+                other_ty.name()
+            )));
+        }
     })
 }
 
@@ -296,7 +337,9 @@ mod tests {
 
     #[test]
     fn missing_btf_names_the_path() {
-        let err = KernelBtf::load(Path::new("/nonexistent/btf")).err().unwrap();
+        let err = KernelBtf::load(Path::new("/nonexistent/btf"))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/btf"), "{err}");
     }
 
@@ -329,20 +372,50 @@ mod tests {
     fn unknown_member_is_named() {
         let Some(k) = kernel() else { return };
         let err = k.offset_of("nf_conn", "no_such_field").err().unwrap();
-        assert_eq!(err.to_string(), "kernel BTF: `nf_conn` has no member `no_such_field`");
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF: `nf_conn` has no member `no_such_field`"
+        );
         let err = k.offset_of("no_such_struct_xyz", "a").err().unwrap();
-        assert_eq!(err.to_string(), "kernel BTF has no type `no_such_struct_xyz`");
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF has no type `no_such_struct_xyz`"
+        );
     }
 
     #[test]
     fn tracepoint_args_from_btf() {
         let Some(k) = kernel() else { return };
-        assert_eq!(k.tracepoint_arg("kfree_skb", TpArg::PtrTo("sk_buff")).unwrap(), 0);
-        assert_eq!(k.tracepoint_arg("kfree_skb", TpArg::Enum("skb_drop_reason")).unwrap(), 2);
-        assert_eq!(k.tracepoint_arg("kmem_cache_free", TpArg::VoidPtr).unwrap(), 1);
-        assert_eq!(k.tracepoint_arg("kmem_cache_free", TpArg::PtrTo("kmem_cache")).unwrap(), 2);
-        let err = k.tracepoint_arg("kfree_skb", TpArg::PtrTo("kmem_cache")).unwrap_err();
-        assert_eq!(err.to_string(), "kernel BTF: tracepoint `kfree_skb` has no argument `struct kmem_cache *`");
-        assert!(k.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP").unwrap() > 0);
+        assert_eq!(
+            k.tracepoint_arg("kfree_skb", TpArg::PtrTo("sk_buff"))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            k.tracepoint_arg("kfree_skb", TpArg::Enum("skb_drop_reason"))
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            k.tracepoint_arg("kmem_cache_free", TpArg::VoidPtr).unwrap(),
+            1
+        );
+        assert_eq!(
+            k.tracepoint_arg("kmem_cache_free", TpArg::PtrTo("kmem_cache"))
+                .unwrap(),
+            2
+        );
+        let err = k
+            .tracepoint_arg("kfree_skb", TpArg::PtrTo("kmem_cache"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF: tracepoint `kfree_skb` has no argument `struct kmem_cache *`"
+        );
+        assert!(
+            k.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")
+                .unwrap()
+                > 0
+        );
     }
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{event::Proto, filter::Cidr};
 
 #[derive(Debug, Parser)]
-#[command(name = "conntrack-trace", version, about = "Who is netfilter conntrack dropping, and why")]
+#[command(
+    name = "conntrack-trace",
+    version,
+    about = "Who is netfilter conntrack dropping, and why"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -85,18 +89,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(err());
     }
     if let Ok(secs) = s.parse::<f64>() {
-        return if secs.is_finite() && secs > 0.0 { Ok(Duration::from_secs_f64(secs)) } else { Err(err()) };
+        return if secs.is_finite() && secs > 0.0 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(err())
+        };
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
         if num_end == 0 {
             return Err(err());
         }
         let n: f64 = rest[..num_end].parse().map_err(|_| err())?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..unit_end] {
             "ms" => 0.001,
             "s" => 1.0,
@@ -107,17 +119,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         rest = &rest[unit_end..];
         total += Duration::from_secs_f64(n * mult);
     }
-    if total.is_zero() { Err(err()) } else { Ok(total) }
+    if total.is_zero() {
+        Err(err())
+    } else {
+        Ok(total)
+    }
 }
 
 fn parse_proto(s: &str) -> Result<Proto, String> {
-    Proto::parse(s).ok_or_else(|| format!("unknown protocol `{s}` (udp, tcp, icmp, icmpv6, sctp or a number)"))
+    Proto::parse(s)
+        .ok_or_else(|| format!("unknown protocol `{s}` (udp, tcp, icmp, icmpv6, sctp or a number)"))
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
     let n: u64 = s.parse().map_err(|_| format!("invalid ring size `{s}`"))?;
     if !crate::backend::tracepoint::valid_ring_bytes(n) {
-        return Err(format!("ring size {n} must be a power of two between the page size and 1 GiB"));
+        return Err(format!(
+            "ring size {n} must be a power of two between the page size and 1 GiB"
+        ));
     }
     Ok(n as u32)
 }
@@ -141,8 +160,22 @@ mod tests {
     #[test]
     fn trace_flags_parse() {
         let cli = Cli::try_parse_from([
-            "conntrack-trace", "trace", "--duration", "10s", "--proto", "udp", "--port", "53", "--src",
-            "10.0.0.0/8", "--format", "ndjson", "--netns", "srv", "--evictions", "off",
+            "conntrack-trace",
+            "trace",
+            "--duration",
+            "10s",
+            "--proto",
+            "udp",
+            "--port",
+            "53",
+            "--src",
+            "10.0.0.0/8",
+            "--format",
+            "ndjson",
+            "--netns",
+            "srv",
+            "--evictions",
+            "off",
         ])
         .unwrap();
         let Command::Trace(t) = cli.command;

@@ -32,9 +32,16 @@ pub enum TraceError {
     #[error("kernel refused to load program `{prog}`: {msg}")]
     Load { prog: String, msg: String },
     #[error("kernel refused to attach program `{prog}` to {hook}: {msg}")]
-    Attach { prog: String, hook: String, msg: String },
+    Attach {
+        prog: String,
+        hook: String,
+        msg: String,
+    },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }

@@ -23,7 +23,12 @@ pub enum Kind {
 impl Kind {
     /// The three conntrack failure kinds, in display order.
     pub const FAILURES: [Kind; 3] = [Kind::TableFull, Kind::EarlyDrop, Kind::InsertFailed];
-    pub const ALL: [Kind; 4] = [Kind::TableFull, Kind::EarlyDrop, Kind::InsertFailed, Kind::RuleDrop];
+    pub const ALL: [Kind; 4] = [
+        Kind::TableFull,
+        Kind::EarlyDrop,
+        Kind::InsertFailed,
+        Kind::RuleDrop,
+    ];
 
     pub fn from_raw(k: u8) -> Option<Kind> {
         match k {
@@ -160,7 +165,10 @@ impl Event {
     pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         let want = std::mem::size_of::<RawEvent>();
         if bytes.len() < want {
-            return Err(DecodeError::Size { got: bytes.len(), want });
+            return Err(DecodeError::Size {
+                got: bytes.len(),
+                want,
+            });
         }
         // SAFETY: RawEvent is repr(C) plain-old-data; length checked above;
         // read_unaligned because ring records are only 8-byte aligned by
@@ -173,8 +181,12 @@ impl Event {
         let kind = Kind::from_raw(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
         let (src, dst) = match raw.l3 {
             l3::IPV4 => (
-                Some(IpAddr::V4(Ipv4Addr::new(raw.src[0], raw.src[1], raw.src[2], raw.src[3]))),
-                Some(IpAddr::V4(Ipv4Addr::new(raw.dst[0], raw.dst[1], raw.dst[2], raw.dst[3]))),
+                Some(IpAddr::V4(Ipv4Addr::new(
+                    raw.src[0], raw.src[1], raw.src[2], raw.src[3],
+                ))),
+                Some(IpAddr::V4(Ipv4Addr::new(
+                    raw.dst[0], raw.dst[1], raw.dst[2], raw.dst[3],
+                ))),
             ),
             l3::IPV6 => (
                 Some(IpAddr::V6(Ipv6Addr::from(raw.src))),
@@ -210,7 +222,14 @@ impl Event {
 pub(crate) mod tests {
     use super::*;
 
-    pub fn raw_v4(kind: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, l4: u8) -> RawEvent {
+    pub fn raw_v4(
+        kind: u8,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        l4: u8,
+    ) -> RawEvent {
         let mut r = RawEvent::zeroed();
         r.kind = kind;
         r.l3 = l3::IPV4;
@@ -227,13 +246,22 @@ pub(crate) mod tests {
 
     fn bytes(r: &RawEvent) -> Vec<u8> {
         // SAFETY: RawEvent is POD.
-        unsafe { std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), size_of::<RawEvent>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), size_of::<RawEvent>())
+        }
+        .to_vec()
     }
 
     #[test]
     fn decodes_ipv4_udp() {
-        let r = raw_v4(kind::TABLE_FULL, [10, 0, 0, 7], 40001, [10, 0, 0, 53], 53, 17);
+        let r = raw_v4(
+            kind::TABLE_FULL,
+            [10, 0, 0, 7],
+            40001,
+            [10, 0, 0, 53],
+            53,
+            17,
+        );
         let e = Event::decode(&bytes(&r)).unwrap();
         assert_eq!(e.kind, Kind::TableFull);
         assert_eq!(e.src, Some("10.0.0.7".parse().unwrap()));
@@ -258,14 +286,24 @@ pub(crate) mod tests {
 
     #[test]
     fn icmp_fields_split() {
-        let r = raw_v4(kind::EARLY_DROP, [1, 1, 1, 1], 0x1234, [2, 2, 2, 2], (8 << 8) | 0, 1);
+        let r = raw_v4(
+            kind::EARLY_DROP,
+            [1, 1, 1, 1],
+            0x1234,
+            [2, 2, 2, 2],
+            (8 << 8) | 0,
+            1,
+        );
         let e = Event::decode(&bytes(&r)).unwrap();
         assert_eq!((e.icmp_type(), e.icmp_code(), e.icmp_id()), (8, 0, 0x1234));
     }
 
     #[test]
     fn short_and_unknown_records_are_errors() {
-        assert_eq!(Event::decode(&[0u8; 10]), Err(DecodeError::Size { got: 10, want: 56 }));
+        assert_eq!(
+            Event::decode(&[0u8; 10]),
+            Err(DecodeError::Size { got: 10, want: 56 })
+        );
         let mut r = RawEvent::zeroed();
         r.kind = 99;
         assert_eq!(Event::decode(&bytes(&r)), Err(DecodeError::Kind(99)));

@@ -41,11 +41,19 @@ impl Cidr {
     pub fn contains(&self, ip: &IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len)
+                };
                 u32::from(net) & mask == u32::from(*ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - self.len) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.len)
+                };
                 u128::from(net) & mask == u128::from(*ip) & mask
             }
             _ => false,
@@ -142,17 +150,36 @@ mod tests {
     fn filter_conditions_combine() {
         let e = ev("10.0.0.7", Proto::UDP, 40001, 53, 7);
         assert!(Filter::default().matches(&e));
-        let f = Filter { proto: Some(Proto::UDP), port: Some(53), ..Default::default() };
+        let f = Filter {
+            proto: Some(Proto::UDP),
+            port: Some(53),
+            ..Default::default()
+        };
         assert!(f.matches(&e));
-        let f = Filter { port: Some(40001), ..Default::default() };
+        let f = Filter {
+            port: Some(40001),
+            ..Default::default()
+        };
         assert!(f.matches(&e), "source port matches too");
-        let f = Filter { proto: Some(Proto::TCP), ..Default::default() };
+        let f = Filter {
+            proto: Some(Proto::TCP),
+            ..Default::default()
+        };
         assert!(!f.matches(&e));
-        let f = Filter { netns: Some(8), ..Default::default() };
+        let f = Filter {
+            netns: Some(8),
+            ..Default::default()
+        };
         assert!(!f.matches(&e));
-        let f = Filter { src: Some("10.0.0.0/24".parse().unwrap()), ..Default::default() };
+        let f = Filter {
+            src: Some("10.0.0.0/24".parse().unwrap()),
+            ..Default::default()
+        };
         assert!(f.matches(&e));
-        let f = Filter { src: Some("10.0.1.0/24".parse().unwrap()), ..Default::default() };
+        let f = Filter {
+            src: Some("10.0.1.0/24".parse().unwrap()),
+            ..Default::default()
+        };
         assert!(!f.matches(&e));
     }
 
@@ -160,6 +187,12 @@ mod tests {
     fn port_filter_ignores_icmp() {
         // ICMP type 0/code 53 must not look like "port 53".
         let e = ev("10.0.0.7", Proto::ICMP, 53, 53, 7);
-        assert!(!Filter { port: Some(53), ..Default::default() }.matches(&e));
+        assert!(
+            !Filter {
+                port: Some(53),
+                ..Default::default()
+            }
+            .matches(&e)
+        );
     }
 }

@@ -52,7 +52,12 @@ pub fn function_range(text: &str, name: &str) -> Result<Range, KallsymsError> {
     let start = start.ok_or_else(|| KallsymsError::NotFound(name.to_owned()))?;
     // The end is the lowest text address above start (symbols are not sorted
     // across modules in kallsyms output).
-    let end = addrs.iter().copied().filter(|&a| a > start).min().unwrap_or(start + 4096);
+    let end = addrs
+        .iter()
+        .copied()
+        .filter(|&a| a > start)
+        .min()
+        .unwrap_or(start + 4096);
     Ok(Range { start, end })
 }
 
@@ -81,7 +86,13 @@ ffffffffc0001000 t early_drop_list\t[nf_conntrack]
     #[test]
     fn range_ends_at_next_text_symbol() {
         let r = function_range(SAMPLE, "early_drop").unwrap();
-        assert_eq!(r, Range { start: 0xffffffff81f8fa30, end: 0xffffffff81f8fc70 });
+        assert_eq!(
+            r,
+            Range {
+                start: 0xffffffff81f8fa30,
+                end: 0xffffffff81f8fc70
+            }
+        );
     }
 
     #[test]
@@ -102,6 +113,9 @@ ffffffffc0001000 t early_drop_list\t[nf_conntrack]
     #[test]
     fn zeroed_addresses_mean_restricted() {
         let hidden = "0000000000000000 t early_drop\n0000000000000000 T foo\n";
-        assert_eq!(function_range(hidden, "early_drop"), Err(KallsymsError::Hidden));
+        assert_eq!(
+            function_range(hidden, "early_drop"),
+            Err(KallsymsError::Hidden)
+        );
     }
 }

@@ -10,7 +10,11 @@ pub enum StatsError {
     #[error("{0}: empty file (is conntrack loaded?)")]
     Empty(String),
     #[error("{path}: line {line}: {msg}")]
-    Bad { path: String, line: usize, msg: String },
+    Bad {
+        path: String,
+        line: usize,
+        msg: String,
+    },
 }
 
 /// Sums over all CPUs of the counters conntrack-trace reports.
@@ -73,7 +77,11 @@ pub fn parse(path: &str, text: &str) -> Result<CtStats, StatsError> {
         col("invalid"),
     ];
     if cols[0].is_none() {
-        return Err(StatsError::Bad { path: path.to_owned(), line: 1, msg: "no `drop` column".into() });
+        return Err(StatsError::Bad {
+            path: path.to_owned(),
+            line: 1,
+            msg: "no `drop` column".into(),
+        });
     }
     let mut sums = [0u64; 6];
     for (i, line) in lines.enumerate() {
@@ -119,7 +127,11 @@ pub struct Fill {
 
 impl Fill {
     pub fn percent(&self) -> f64 {
-        if self.max == 0 { 0.0 } else { self.count as f64 * 100.0 / self.max as f64 }
+        if self.max == 0 {
+            0.0
+        } else {
+            self.count as f64 * 100.0 / self.max as f64
+        }
     }
 }
 
@@ -183,7 +195,10 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
     fn malformed_rows_name_file_and_line() {
         let t = "entries drop\n00000001 zz\n";
         let e = parse("/proc/x", t).unwrap_err();
-        assert_eq!(e.to_string(), "/proc/x: line 2: `zz`: invalid digit found in string");
+        assert_eq!(
+            e.to_string(),
+            "/proc/x: line 2: `zz`: invalid digit found in string"
+        );
         let e = parse("/proc/x", "entries drop\n1 2 3\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
         assert!(matches!(parse("p", ""), Err(StatsError::Empty(_))));
@@ -192,11 +207,27 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
 
     #[test]
     fn delta_and_fill() {
-        let a = CtStats { drop: 10, early_drop: 1, ..Default::default() };
-        let b = CtStats { drop: 25, early_drop: 1, ..Default::default() };
+        let a = CtStats {
+            drop: 10,
+            early_drop: 1,
+            ..Default::default()
+        };
+        let b = CtStats {
+            drop: 25,
+            early_drop: 1,
+            ..Default::default()
+        };
         assert_eq!(b.delta(&a).drop, 15);
         assert_eq!(b.delta(&a).early_drop, 0);
-        assert_eq!(Fill { count: 512, max: 1024, buckets: 0 }.percent(), 50.0);
+        assert_eq!(
+            Fill {
+                count: 512,
+                max: 1024,
+                buckets: 0
+            }
+            .percent(),
+            50.0
+        );
         assert_eq!(Fill::default().percent(), 0.0);
     }
 }

@@ -19,7 +19,11 @@ fn main() {
             // clap prints help/version to stdout (exit 0) and usage errors
             // to stderr (exit 2).
             let _ = e.print();
-            std::process::exit(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            std::process::exit(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     let code = match cli.command {
@@ -31,7 +35,11 @@ fn main() {
 fn trace(args: TraceArgs) -> i32 {
     let stdout = std::io::stdout();
     let is_tty = stdout.is_terminal();
-    let format = args.format.unwrap_or(if is_tty { Format::Human } else { Format::Ndjson });
+    let format = args.format.unwrap_or(if is_tty {
+        Format::Human
+    } else {
+        Format::Ndjson
+    });
     let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut sink: Box<dyn Sink> = match format {
         Format::Human => Box::new(Human::new(out, is_tty)),
@@ -42,7 +50,12 @@ fn trace(args: TraceArgs) -> i32 {
         interval: args.interval,
         top: args.top,
         netns: args.netns,
-        filter: Filter { netns: None, proto: args.proto, port: args.port, src: args.src },
+        filter: Filter {
+            netns: None,
+            proto: args.proto,
+            port: args.port,
+            src: args.src,
+        },
         ready_file: args.ready_file,
         backend: tracepoint::Options {
             btf_path: args.btf.unwrap_or_else(|| VMLINUX_BTF.into()),
@@ -52,9 +65,17 @@ fn trace(args: TraceArgs) -> i32 {
         },
         max_sources: DEFAULT_MAX_SOURCES,
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(e) => return fail(&TraceError::Io { context: "starting the runtime".into(), source: e }),
+        Err(e) => {
+            return fail(&TraceError::Io {
+                context: "starting the runtime".into(),
+                source: e,
+            });
+        }
     };
     match rt.block_on(run(opts, sink.as_mut())) {
         Ok(_) => exit::OK,

@@ -21,7 +21,9 @@ pub struct NetnsInfo {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetnsError {
-    #[error("--netns {0}: no such namespace (not a name under /run/netns, a path, or a known inode)")]
+    #[error(
+        "--netns {0}: no such namespace (not a name under /run/netns, a path, or a known inode)"
+    )]
     NotFound(String),
     #[error("--netns {spec}: {path} is not a network namespace")]
     NotNetns { spec: String, path: String },
@@ -49,9 +51,17 @@ pub fn list() -> BTreeMap<u32, NetnsInfo> {
             }
         }
     }
-    let init = Path::new("/proc/1/ns/net");
-    if let Some(ino) = inode_of(init) {
-        out.entry(ino).or_insert(NetnsInfo { inode: ino, name: "init".into(), path: init.to_owned() });
+    // PID 1's namespace is the init namespace; where PID 1 cannot be read
+    // (sandboxes), kthreadd (PID 2) always lives in init_net.
+    for init in ["/proc/1/ns/net", "/proc/2/ns/net"].map(Path::new) {
+        if let Some(ino) = inode_of(init) {
+            out.entry(ino).or_insert(NetnsInfo {
+                inode: ino,
+                name: "init".into(),
+                path: init.to_owned(),
+            });
+            break;
+        }
     }
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {
@@ -64,11 +74,14 @@ pub fn list() -> BTreeMap<u32, NetnsInfo> {
                 continue;
             }
             let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            out.insert(ino, NetnsInfo {
-                inode: ino,
-                name: format!("pid {pid} ({})", comm.trim()),
-                path: p,
-            });
+            out.insert(
+                ino,
+                NetnsInfo {
+                    inode: ino,
+                    name: format!("pid {pid} ({})", comm.trim()),
+                    path: p,
+                },
+            );
         }
     }
     out
@@ -95,10 +108,19 @@ pub fn resolve(spec: &str) -> Result<NetnsInfo, NetnsError> {
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut sfs) };
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     if rc != 0 || sfs.f_type as i64 != NSFS_MAGIC {
-        return Err(NetnsError::NotNetns { spec: spec.to_owned(), path: path.display().to_string() });
+        return Err(NetnsError::NotNetns {
+            spec: spec.to_owned(),
+            path: path.display().to_string(),
+        });
     }
-    let name = list().remove(&ino).map_or_else(|| spec.to_owned(), |i| i.name);
-    Ok(NetnsInfo { inode: ino, name, path })
+    let name = list()
+        .remove(&ino)
+        .map_or_else(|| spec.to_owned(), |i| i.name);
+    Ok(NetnsInfo {
+        inode: ino,
+        name,
+        path,
+    })
 }
 
 /// Runs `f` on a helper thread that has joined the netns at `path`, so that
@@ -148,7 +170,10 @@ mod tests {
             resolve("no-such-ns-xyz"),
             Err(NetnsError::NotFound("no-such-ns-xyz".into()))
         );
-        assert!(matches!(resolve("/etc/hostname"), Err(NetnsError::NotNetns { .. })));
+        assert!(matches!(
+            resolve("/etc/hostname"),
+            Err(NetnsError::NotNetns { .. })
+        ));
         assert!(resolve("4294967295").is_err());
     }
 }

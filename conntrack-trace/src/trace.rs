@@ -91,13 +91,19 @@ impl Consumer<'_> {
                 self.closed = true;
                 Ok(())
             }
-            Err(e) => Err(TraceError::Io { context: "writing output".into(), source: e }),
+            Err(e) => Err(TraceError::Io {
+                context: "writing output".into(),
+                source: e,
+            }),
         }
     }
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -139,7 +145,8 @@ fn fills(scope: &[NetnsInfo]) -> Vec<(String, Fill)> {
 }
 
 pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(TraceError::io("reading /proc/self/status"))?;
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(TraceError::io("reading /proc/self/status"))?;
     crate::error::check_privileges(&status)?;
 
     let all = netns::list();
@@ -147,13 +154,24 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         Some(spec) => {
             let ns = netns::resolve(spec)?;
             opts.filter.netns = Some(ns.inode);
-            let d = Scope { netns: ns.name.clone(), netns_inode: Some(ns.inode), namespaces: 1 };
+            let d = Scope {
+                netns: ns.name.clone(),
+                netns_inode: Some(ns.inode),
+                namespaces: 1,
+            };
             (vec![ns], d)
         }
         None => {
             let v: Vec<NetnsInfo> = all.values().cloned().collect();
             let n = v.len();
-            (v, Scope { netns: "all".into(), netns_inode: None, namespaces: n })
+            (
+                v,
+                Scope {
+                    netns: "all".into(),
+                    netns_inode: None,
+                    namespaces: n,
+                },
+            )
         }
     };
 
@@ -174,7 +192,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     let started = Instant::now();
 
     if let Some(path) = &opts.ready_file {
-        std::fs::write(path, b"ready\n").map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
+        std::fs::write(path, b"ready\n")
+            .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
     }
 
     let mut consumer = Consumer {
@@ -188,8 +207,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         closed: false,
     };
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -197,7 +218,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         }
     };
     tokio::pin!(deadline);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
 
@@ -205,7 +227,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         // SAFETY: the AsyncFd owns the ring (and so its fd) until
         // into_inner() below; nothing else closes the fd meanwhile.
         let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| TraceError::Io { context: "polling the ring buffer".into(), source: e.into() })?;
+            .map_err(|e| TraceError::Io {
+                context: "polling the ring buffer".into(),
+                source: e.into(),
+            })?;
         loop {
             tokio::select! {
                 biased;
@@ -289,7 +314,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         observed: counters.seen,
         complete,
         kernel,
-        scope: Scope { namespaces: covered, ..scope_desc },
+        scope: Scope {
+            namespaces: covered,
+            ..scope_desc
+        },
         decode_errors: consumer.decode_errors,
         top: top_sources(&consumer.agg, opts.top),
         untracked_sources: consumer.agg.untracked,
@@ -298,7 +326,12 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         match consumer.sink.finish(&summary) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-            Err(e) => return Err(TraceError::Io { context: "writing output".into(), source: e }),
+            Err(e) => {
+                return Err(TraceError::Io {
+                    context: "writing output".into(),
+                    source: e,
+                });
+            }
         }
     }
     Ok(summary)

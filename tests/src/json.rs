@@ -105,14 +105,22 @@ impl Output {
             if summary.is_some() {
                 bail!("line {}: output continues after the summary", i + 1);
             }
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}", i + 1))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("line {}", i + 1))?;
             match v["type"].as_str() {
-                Some("event") => events.push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
-                Some("summary") => summary = Some(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                Some("event") => events
+                    .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                Some("summary") => {
+                    summary =
+                        Some(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?)
+                }
                 other => bail!("line {}: unexpected type {other:?}", i + 1),
             }
         }
-        Ok(Output { events, summary: summary.context("no summary line")? })
+        Ok(Output {
+            events,
+            summary: summary.context("no summary line")?,
+        })
     }
 
     pub fn of_kind(&self, kind: &str) -> Vec<&Event> {

@@ -39,7 +39,8 @@ pub fn root_or_skip(test: &str) -> bool {
 }
 
 /// Serialises tests that touch global kernel state, across processes.
-pub struct KernelLock(fs::File);
+/// Holds the flock until dropped.
+pub struct KernelLock(#[allow(dead_code, reason = "held for its flock")] fs::File);
 
 impl KernelLock {
     pub fn acquire() -> Result<KernelLock> {
@@ -58,7 +59,10 @@ impl KernelLock {
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     ensure!(
         out.status.success(),
         "{cmd} {}: {}",
@@ -75,9 +79,14 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Result<Netns> {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         run("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_owned() };
+        let ns = Netns {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -96,7 +105,17 @@ impl Netns {
     pub fn nft(&self, ruleset: &str) -> Result<()> {
         let file = std::env::temp_dir().join(format!("{}-{}.nft", self.name, std::process::id()));
         fs::write(&file, ruleset)?;
-        let r = run("ip", &["netns", "exec", &self.name, "nft", "-f", file.to_str().unwrap_or_default()]);
+        let r = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "nft",
+                "-f",
+                file.to_str().unwrap_or_default(),
+            ],
+        );
         let _ = fs::remove_file(&file);
         r.map(|_| ())
     }
@@ -117,14 +136,20 @@ impl Netns {
 
     pub fn ct_count(&self) -> Result<u64> {
         in_netns(&self.path(), || -> Result<u64> {
-            Ok(fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?.trim().parse()?)
+            Ok(
+                fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
+                    .trim()
+                    .parse()?,
+            )
         })?
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -157,7 +182,11 @@ pub struct CtStats {
 impl CtStats {
     pub fn parse(text: &str) -> Result<CtStats> {
         let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
+        let header: Vec<&str> = lines
+            .next()
+            .context("empty stat file")?
+            .split_whitespace()
+            .collect();
         let mut s = CtStats::default();
         for line in lines.filter(|l| !l.trim().is_empty()) {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -197,9 +226,14 @@ pub struct Sysctl {
 impl Sysctl {
     pub fn set(name: &str, value: u64) -> Result<Sysctl> {
         let path = Path::new("/proc/sys").join(name.replace('.', "/"));
-        let old = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        fs::write(&path, value.to_string()).with_context(|| format!("writing {}", path.display()))?;
-        Ok(Sysctl { path, old: old.trim().to_owned() })
+        let old =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        fs::write(&path, value.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Sysctl {
+            path,
+            old: old.trim().to_owned(),
+        })
     }
 
     pub fn read(name: &str) -> Result<u64> {
@@ -211,7 +245,11 @@ impl Sysctl {
 impl Drop for Sysctl {
     fn drop(&mut self) {
         if let Err(e) = fs::write(&self.path, &self.old) {
-            eprintln!("FAILED to restore {} to {}: {e}", self.path.display(), self.old);
+            eprintln!(
+                "FAILED to restore {} to {}: {e}",
+                self.path.display(),
+                self.old
+            );
         }
     }
 }
@@ -246,7 +284,20 @@ impl Topology {
         let (vc, vs) = (format!("{PREFIX}{tag}c"), format!("{PREFIX}{tag}s"));
         run(
             "ip",
-            &["link", "add", &vc, "netns", &client.name, "type", "veth", "peer", "name", &vs, "netns", &server.name],
+            &[
+                "link",
+                "add",
+                &vc,
+                "netns",
+                &client.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &vs,
+                "netns",
+                &server.name,
+            ],
         )?;
         let client_ip = std::net::Ipv4Addr::new(10, 77, subnet, 2);
         let server_ip = std::net::Ipv4Addr::new(10, 77, subnet, 1);
@@ -255,7 +306,12 @@ impl Topology {
         server.ip(&["addr", "add", &format!("{server_ip}/24"), "dev", &vs])?;
         server.ip(&["link", "set", &vs, "up"])?;
         server.nft(SERVER_RULES)?;
-        Ok(Topology { client, server, client_ip, server_ip })
+        Ok(Topology {
+            client,
+            server,
+            client_ip,
+            server_ip,
+        })
     }
 }
 
@@ -287,12 +343,29 @@ fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandl
 impl Tracer {
     /// Starts the tracer and waits (bounded) until it has attached.
     pub fn start(extra: &[&str]) -> Result<Tracer> {
-        let ready = std::env::temp_dir().join(format!("ctt-ready-{}-{}", std::process::id(), rand_suffix()));
+        let ready = std::env::temp_dir().join(format!(
+            "ctt-ready-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         let _ = fs::remove_file(&ready);
         let bin = binary();
-        ensure!(bin.exists(), "{} not built (run `cargo xtask test`)", bin.display());
+        ensure!(
+            bin.exists(),
+            "{} not built (run `cargo xtask test`)",
+            bin.display()
+        );
         let mut child = Command::new(&bin)
-            .args(["trace", "--format", "ndjson", "--duration", "120s", "--top", "50", "--ready-file"])
+            .args([
+                "trace",
+                "--format",
+                "ndjson",
+                "--duration",
+                "120s",
+                "--top",
+                "50",
+                "--ready-file",
+            ])
             .arg(&ready)
             .args(extra)
             .stdout(Stdio::piped())
@@ -301,15 +374,30 @@ impl Tracer {
             .with_context(|| format!("spawning {}", bin.display()))?;
         let stdout = child.stdout.take().map(collect);
         let stderr = child.stderr.take().map(collect);
-        let mut t = Tracer { child: Some(child), ready: ready.clone(), stdout, stderr };
+        let mut t = Tracer {
+            child: Some(child),
+            ready: ready.clone(),
+            stdout,
+            stderr,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ready.exists() {
             let child = t.child.as_mut().context("no child")?;
             if let Some(status) = child.try_wait()? {
-                let err = t.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
-                bail!("conntrack-trace exited before ready ({status}): {}", err.trim());
+                let err = t
+                    .stderr
+                    .take()
+                    .and_then(|h| h.join().ok())
+                    .unwrap_or_default();
+                bail!(
+                    "conntrack-trace exited before ready ({status}): {}",
+                    err.trim()
+                );
             }
-            ensure!(Instant::now() < deadline, "conntrack-trace not ready after 60 s");
+            ensure!(
+                Instant::now() < deadline,
+                "conntrack-trace not ready after 60 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(t)
@@ -331,9 +419,21 @@ impl Tracer {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = self.stdout.take().and_then(|h| h.join().ok()).unwrap_or_default();
-        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
-        ensure!(status.success(), "conntrack-trace failed ({status}): {}", stderr.trim());
+        let stdout = self
+            .stdout
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        ensure!(
+            status.success(),
+            "conntrack-trace failed ({status}): {}",
+            stderr.trim()
+        );
         json::Output::parse(&stdout)
     }
 }
@@ -349,7 +449,10 @@ impl Drop for Tracer {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Asserts that every event names exactly what the test sent: the client
@@ -365,15 +468,51 @@ pub fn assert_events_from(
     let ino = topo.server.inode()?;
     let mut seen = std::collections::BTreeSet::new();
     for e in events {
-        ensure!(e.netns == ino, "event from netns {} (server is {ino}): {e:?}", e.netns);
-        ensure!(e.netns_name.as_deref() == Some(topo.server.name.as_str()), "netns name: {e:?}");
-        ensure!(e.family == "ipv4" && e.proto == proto, "family/proto: {e:?}");
-        ensure!(e.src.as_deref() == Some(topo.client_ip.to_string().as_str()), "src: {e:?}");
-        ensure!(e.dst.as_deref() == Some(topo.server_ip.to_string().as_str()), "dst: {e:?}");
+        ensure!(
+            e.netns == ino,
+            "event from netns {} (server is {ino}): {e:?}",
+            e.netns
+        );
+        ensure!(
+            e.netns_name.as_deref() == Some(topo.server.name.as_str()),
+            "netns name: {e:?}"
+        );
+        ensure!(
+            e.family == "ipv4" && e.proto == proto,
+            "family/proto: {e:?}"
+        );
+        ensure!(
+            e.src.as_deref() == Some(topo.client_ip.to_string().as_str()),
+            "src: {e:?}"
+        );
+        ensure!(
+            e.dst.as_deref() == Some(topo.server_ip.to_string().as_str()),
+            "dst: {e:?}"
+        );
         ensure!(e.dport == Some(dport), "dport: {e:?}");
         let sport = e.sport.context("no sport")?;
-        ensure!(sports.contains(&sport), "sport {sport} not sent by the test: {e:?}");
+        ensure!(
+            sports.contains(&sport),
+            "sport {sport} not sent by the test: {e:?}"
+        );
         seen.insert(sport);
     }
     Ok(seen)
+}
+
+/// Runs `traffic` while `conntrack-trace --netns <server>` traces, and
+/// returns its result, the tracer's output, and the delta of the server's
+/// kernel counters over the same window.
+pub fn traced<T>(
+    topo: &Topology,
+    traffic: impl FnOnce() -> Result<T>,
+) -> Result<(T, json::Output, CtStats)> {
+    let tracer = Tracer::start(&["--netns", &topo.server.name])?;
+    let before = topo.server.ct_stats()?;
+    // Packets cross the veth synchronously in the sender's softirq, so once
+    // the generator returns they have been through the server's hooks.
+    let r = traffic()?;
+    let after = topo.server.ct_stats()?;
+    let out = tracer.stop()?;
+    Ok((r, out, after.since(&before)))
 }

@@ -12,11 +12,18 @@ use crate::in_netns;
 
 /// One datagram from each source port in `sports`, each from a fresh socket
 /// (a new conntrack entry per datagram, no retries).
-pub fn udp_oneshots(ns: &Path, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, sports: std::ops::Range<u16>) -> Result<u64> {
+pub fn udp_oneshots(
+    ns: &Path,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    sports: std::ops::Range<u16>,
+) -> Result<u64> {
     in_netns(ns, || -> Result<u64> {
         let mut sent = 0;
         for sport in sports {
-            let s = UdpSocket::bind(SocketAddrV4::new(src, sport)).with_context(|| format!("bind {src}:{sport}"))?;
+            let s = UdpSocket::bind(SocketAddrV4::new(src, sport))
+                .with_context(|| format!("bind {src}:{sport}"))?;
             s.send_to(b"conntrack-trace test\0", SocketAddrV4::new(dst, dport))?;
             sent += 1;
         }
@@ -27,7 +34,11 @@ pub fn udp_oneshots(ns: &Path, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, sports:
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += w as u32;
     }
     while sum >> 16 != 0 {
@@ -72,7 +83,10 @@ fn pin_to_cpu(cpu: usize) -> Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+            bail!(
+                "sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -82,7 +96,9 @@ fn raw_send(fd: i32, pkt: &[u8], dst: Ipv4Addr) -> Result<()> {
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: valid buffer and sockaddr for the duration of the call.
@@ -106,13 +122,22 @@ fn raw_send(fd: i32, pkt: &[u8], dst: Ipv4Addr) -> Result<()> {
 /// CPUs 0 and 1, released together by a barrier: the receiving namespace
 /// processes both on different CPUs, and when both create an entry before
 /// either confirms, the loser fails to insert (`insert_failed`).
-pub fn syn_race(ns: &Path, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, sports: std::ops::Range<u16>) -> Result<()> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+pub fn syn_race(
+    ns: &Path,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    sports: std::ops::Range<u16>,
+) -> Result<()> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if cpus < 2 {
         bail!("the insert_failed race needs 2 CPUs, this machine has {cpus}");
     }
     let barrier = Arc::new(Barrier::new(2));
-    let packets: Arc<Vec<Vec<u8>>> = Arc::new(sports.map(|p| syn_packet(src, dst, p, dport)).collect());
+    let packets: Arc<Vec<Vec<u8>>> =
+        Arc::new(sports.map(|p| syn_packet(src, dst, p, dport)).collect());
     let mut handles = Vec::new();
     for cpu in 0..2 {
         let (barrier, packets, ns) = (barrier.clone(), packets.clone(), ns.to_owned());
@@ -138,7 +163,8 @@ pub fn syn_race(ns: &Path, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, sports: std
         }));
     }
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("race thread panicked"))??;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("race thread panicked"))??;
     }
     Ok(())
 }
@@ -149,7 +175,12 @@ mod tests {
 
     #[test]
     fn syn_checksums_verify() {
-        let p = syn_packet(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 1), 40000, 80);
+        let p = syn_packet(
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 1),
+            40000,
+            80,
+        );
         assert_eq!(p.len(), 40);
         assert_eq!(checksum(&p[..20]), 0, "IP header checksum");
         let mut pseudo = Vec::new();

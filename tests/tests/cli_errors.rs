@@ -6,12 +6,22 @@ use std::process::Command;
 use conntrack_trace_tests::{binary, root_or_skip};
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(binary()).args(args).output().expect("run conntrack-trace");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run conntrack-trace");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line(stderr: &str) {
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr:?}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr:?}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -38,7 +48,10 @@ fn missing_btf_exit_4() {
     let (code, err) = run(&["trace", "--duration", "1", "--btf", "/nonexistent/vmlinux"]);
     assert_eq!(code, 4, "{err}");
     assert_one_line(&err);
-    assert!(err.contains("kernel BTF not found at /nonexistent/vmlinux"), "{err}");
+    assert!(
+        err.contains("kernel BTF not found at /nonexistent/vmlinux"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -63,7 +76,10 @@ fn unknown_netns_exit_2() {
     let (code, err) = run(&["trace", "--duration", "1", "--netns", "ctt-does-not-exist"]);
     assert_eq!(code, 2, "{err}");
     assert_one_line(&err);
-    assert!(err.contains("--netns ctt-does-not-exist: no such namespace"), "{err}");
+    assert!(
+        err.contains("--netns ctt-does-not-exist: no such namespace"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,7 +89,13 @@ fn unprivileged_exit_3() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(binary())
         .args(["trace", "--duration", "1"])
         .output()
@@ -81,5 +103,8 @@ fn unprivileged_exit_3() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert_one_line(&err);
-    assert!(err.contains("insufficient privileges") && err.contains("sudo"), "{err}");
+    assert!(
+        err.contains("insufficient privileges") && err.contains("sudo"),
+        "{err}"
+    );
 }

@@ -2,7 +2,9 @@
 //! new tuple's bucket and evicts it: `early_drop` events name the evicted
 //! entries (tuples the test sent) and equal the kernel's `early_drop` delta.
 
-use conntrack_trace_tests::{KernelLock, Sysctl, Topology, Tracer, assert_events_from, root_or_skip, traffic};
+use conntrack_trace_tests::{
+    KernelLock, Sysctl, Topology, assert_events_from, root_or_skip, traced, traffic,
+};
 
 #[test]
 fn few_buckets_evict() -> anyhow::Result<()> {
@@ -15,12 +17,15 @@ fn few_buckets_evict() -> anyhow::Result<()> {
     let _buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", 16)?;
     let sports = 21_000..21_400;
 
-    let tracer = Tracer::start(&["--netns", &topo.server.name])?;
-    let before = topo.server.ct_stats()?;
-    let sent = traffic::udp_oneshots(&topo.client.path(), topo.client_ip, topo.server_ip, 53, sports.clone())?;
-    let after = topo.server.ct_stats()?;
-    let out = tracer.stop()?;
-    let delta = after.since(&before);
+    let (sent, out, delta) = traced(&topo, || {
+        traffic::udp_oneshots(
+            &topo.client.path(),
+            topo.client_ip,
+            topo.server_ip,
+            53,
+            sports.clone(),
+        )
+    })?;
     let s = &out.summary;
 
     let evicted = out.of_kind("early_drop");
@@ -33,9 +38,20 @@ fn few_buckets_evict() -> anyhow::Result<()> {
         delta.early_drop,
         delta.drop
     );
-    assert!(delta.early_drop > 0, "eviction must have happened: {delta:?}");
-    assert_eq!(evicted.len() as u64, delta.early_drop, "one event per evicted entry");
-    assert_eq!(full.len() as u64, delta.drop, "failed evictions are table_full");
+    assert!(
+        delta.early_drop > 0,
+        "eviction must have happened: {delta:?}"
+    );
+    assert_eq!(
+        evicted.len() as u64,
+        delta.early_drop,
+        "one event per evicted entry"
+    );
+    assert_eq!(
+        full.len() as u64,
+        delta.drop,
+        "failed evictions are table_full"
+    );
     let ports = assert_events_from(&evicted, &topo, "udp", 53, sports.clone())?;
     assert_eq!(ports.len(), evicted.len(), "each entry is evicted once");
     assert_events_from(&full, &topo, "udp", 53, sports)?;

@@ -3,7 +3,9 @@
 //! unconfirmed: an `insert_failed` event per loss, equal to the kernel's
 //! `insert_failed` delta.
 
-use conntrack_trace_tests::{KernelLock, Topology, Tracer, assert_events_from, root_or_skip, traffic};
+use conntrack_trace_tests::{
+    KernelLock, Topology, assert_events_from, root_or_skip, traced, traffic,
+};
 
 #[test]
 fn syn_race_clashes() -> anyhow::Result<()> {
@@ -14,12 +16,15 @@ fn syn_race_clashes() -> anyhow::Result<()> {
     let topo = Topology::new("if", 33)?;
     let sports = 40_000..44_000;
 
-    let tracer = Tracer::start(&["--netns", &topo.server.name])?;
-    let before = topo.server.ct_stats()?;
-    traffic::syn_race(&topo.client.path(), topo.client_ip, topo.server_ip, 80, sports.clone())?;
-    let after = topo.server.ct_stats()?;
-    let out = tracer.stop()?;
-    let delta = after.since(&before);
+    let ((), out, delta) = traced(&topo, || {
+        traffic::syn_race(
+            &topo.client.path(),
+            topo.client_ip,
+            topo.server_ip,
+            80,
+            sports.clone(),
+        )
+    })?;
     let s = &out.summary;
 
     let failed = out.of_kind("insert_failed");
@@ -32,8 +37,16 @@ fn syn_race_clashes() -> anyhow::Result<()> {
         delta.clashres,
         delta.chaintoolong
     );
-    assert!(delta.insert_failed > 0, "no clash in {} races: {delta:?}", sports.len());
-    assert_eq!(failed.len() as u64, delta.insert_failed, "one event per insert failure");
+    assert!(
+        delta.insert_failed > 0,
+        "no clash in {} races: {delta:?}",
+        sports.len()
+    );
+    assert_eq!(
+        failed.len() as u64,
+        delta.insert_failed,
+        "one event per insert failure"
+    );
     let ports = assert_events_from(&failed, &topo, "tcp", 80, sports)?;
     assert_eq!(ports.len(), failed.len(), "one loser per raced tuple");
     // nf_ct_resolve_clash() counts an unresolvable clash as drop and

@@ -2,7 +2,9 @@
 //! every packet beyond nf_conntrack_max is a `table_full` event naming its
 //! sender, and the events equal the kernel's `drop` delta exactly.
 
-use conntrack_trace_tests::{KernelLock, Sysctl, Topology, Tracer, assert_events_from, root_or_skip, traffic};
+use conntrack_trace_tests::{
+    KernelLock, Sysctl, Topology, assert_events_from, root_or_skip, traced, traffic,
+};
 
 #[test]
 fn udp_flood_fills_table() -> anyhow::Result<()> {
@@ -15,14 +17,15 @@ fn udp_flood_fills_table() -> anyhow::Result<()> {
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
     let sports = 20_000..20_400;
 
-    let tracer = Tracer::start(&["--netns", &topo.server.name])?;
-    let before = topo.server.ct_stats()?;
-    let sent = traffic::udp_oneshots(&topo.client.path(), topo.client_ip, topo.server_ip, 53, sports.clone())?;
-    // Packets cross the veth synchronously in softirq of the sender's CPU,
-    // so once send returns they have been through the server's hooks.
-    let after = topo.server.ct_stats()?;
-    let out = tracer.stop()?;
-    let delta = after.since(&before);
+    let (sent, out, delta) = traced(&topo, || {
+        traffic::udp_oneshots(
+            &topo.client.path(),
+            topo.client_ip,
+            topo.server_ip,
+            53,
+            sports.clone(),
+        )
+    })?;
     let s = &out.summary;
 
     let full = out.of_kind("table_full");
@@ -34,20 +37,40 @@ fn udp_flood_fills_table() -> anyhow::Result<()> {
         delta.early_drop,
         delta.insert_failed
     );
-    assert!(delta.drop >= (sent - MAX) / 2, "the table must have overflowed: {delta:?}");
-    assert_eq!(full.len() as u64, delta.drop, "one event per dropped packet");
-    assert_eq!(ports.len(), full.len(), "each dropped packet came from its own port");
+    assert!(
+        delta.drop >= (sent - MAX) / 2,
+        "the table must have overflowed: {delta:?}"
+    );
+    assert_eq!(
+        full.len() as u64,
+        delta.drop,
+        "one event per dropped packet"
+    );
+    assert_eq!(
+        ports.len(),
+        full.len(),
+        "each dropped packet came from its own port"
+    );
     assert_eq!(s.events.table_full, delta.drop);
-    assert_eq!(s.kernel.drop, delta.drop, "summary reports the kernel's delta");
+    assert_eq!(
+        s.kernel.drop, delta.drop,
+        "summary reports the kernel's delta"
+    );
     assert_eq!(s.kernel.early_drop, delta.early_drop);
     assert_eq!(out.of_kind("early_drop").len() as u64, delta.early_drop);
     assert_eq!(s.lost.table_full, 0);
     assert!(s.complete, "events + lost == observed");
     assert_eq!(s.scope.netns, topo.server.name);
     // The first MAX datagrams got entries; drops are among the later ports.
-    assert!(ports.iter().all(|p| *p >= sports.start + MAX as u16 - 1), "{ports:?}");
+    assert!(
+        ports.iter().all(|p| *p >= sports.start + MAX as u16 - 1),
+        "{ports:?}"
+    );
     let top = s.top.first().expect("a top source");
-    assert_eq!(top.src.as_deref(), Some(topo.client_ip.to_string().as_str()));
+    assert_eq!(
+        top.src.as_deref(),
+        Some(topo.client_ip.to_string().as_str())
+    );
     assert_eq!(top.service, "udp/53");
     Ok(())
 }

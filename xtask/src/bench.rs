@@ -39,7 +39,14 @@ fn start_tracer(bin: &Path, evictions: &str) -> Result<Child> {
     let ready = std::env::temp_dir().join(format!("ctt-bench-ready-{}", std::process::id()));
     let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(bin)
-        .args(["trace", "--format", "ndjson", "--evictions", evictions, "--ready-file"])
+        .args([
+            "trace",
+            "--format",
+            "ndjson",
+            "--evictions",
+            evictions,
+            "--ready-file",
+        ])
         .arg(&ready)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -70,7 +77,10 @@ fn stop(mut c: Child) {
 fn conntrack_churn_once() -> Result<()> {
     const NS: &str = "ctt-bench";
     let run = |args: &[&str]| -> Result<()> {
-        let st = Command::new(args[0]).args(&args[1..]).stderr(Stdio::null()).status()?;
+        let st = Command::new(args[0])
+            .args(&args[1..])
+            .stderr(Stdio::null())
+            .status()?;
         if !st.success() {
             bail!("{} failed", args.join(" "));
         }
@@ -80,7 +90,14 @@ fn conntrack_churn_once() -> Result<()> {
     run(&["ip", "netns", "add", NS])?;
     let r = (|| -> Result<()> {
         run(&["ip", "-n", NS, "link", "set", "lo", "up"])?;
-        run(&["ip", "netns", "exec", NS, "nft", "add table inet b; add chain inet b c { type filter hook output priority 0; ct state new accept; }"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            NS,
+            "nft",
+            "add table inet b; add chain inet b c { type filter hook output priority 0; ct state new accept; }",
+        ])?;
         let ns = std::fs::File::open(format!("/run/netns/{NS}"))?;
         std::thread::scope(|s| {
             s.spawn(|| -> Result<()> {
@@ -136,7 +153,10 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let base = median(&mut results[0]);
-    println!("socket churn, {} iterations x {} rounds (median ns/iteration):", args.iterations, args.rounds);
+    println!(
+        "socket churn, {} iterations x {} rounds (median ns/iteration):",
+        args.iterations, args.rounds
+    );
     for (i, cfg) in configs.iter().enumerate() {
         let m = median(&mut results[i]);
         let label = match *cfg {
@@ -145,7 +165,10 @@ pub fn run(args: Args) -> Result<()> {
             "on-cold" => "evictions on, not learned",
             _ => "evictions on, learned",
         };
-        println!("  {label:<26} {m:>8.0} ns  {:+.1}%", (m / base - 1.0) * 100.0);
+        println!(
+            "  {label:<26} {m:>8.0} ns  {:+.1}%",
+            (m / base - 1.0) * 100.0
+        );
     }
     Ok(())
 }

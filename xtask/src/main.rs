@@ -35,7 +35,10 @@ enum Cmd {
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
 }
 
 /// Runs a command in the workspace root, failing on a non-zero exit.
@@ -52,7 +55,10 @@ pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
 }
 
 pub fn build_release() -> Result<PathBuf> {
-    cmd("cargo", &["build", "--release", "--package", "conntrack-trace"])?;
+    cmd(
+        "cargo",
+        &["build", "--release", "--package", "conntrack-trace"],
+    )?;
     Ok(workspace_root().join("target/release/conntrack-trace"))
 }
 
@@ -63,7 +69,10 @@ fn main() {
         Cmd::Build => setup::run().and_then(|_| build_release().map(|_| ())),
         Cmd::Run { args } => setup::run().and_then(|_| {
             let bin = build_release()?;
-            let status = Command::new(&bin).args(&args).status().with_context(|| format!("running {}", bin.display()))?;
+            let status = Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }),
         Cmd::Test => setup::run().and_then(|_| test::run()),

@@ -12,11 +12,16 @@ use anyhow::{Context as _, Result, bail};
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {program} >/dev/null")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn run() -> Result<()> {
@@ -29,22 +34,36 @@ pub fn run() -> Result<()> {
 fn nightly_rust_src() -> Result<()> {
     if output("rustup", &["run", "nightly", "rustc", "--version"]).is_none() {
         eprintln!("xtask setup: installing the nightly toolchain");
-        crate::cmd("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        crate::cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
-    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask setup: adding rust-src to nightly");
-        crate::cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        crate::cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
     }
     Ok(())
 }
 
 /// The nightly's libLLVM file name, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
 fn nightly_llvm() -> Result<(std::path::PathBuf, String, String)> {
-    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"]).context("rustc +nightly --print sysroot")?;
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
+        .context("rustc +nightly --print sysroot")?;
     let lib = Path::new(sysroot.trim()).join("lib");
     let mut found = None;
-    for e in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))?.flatten() {
+    for e in std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("libLLVM.so.") {
             found = Some(name);
@@ -67,7 +86,9 @@ fn bpf_linker() -> Result<()> {
     // nightly update changes the name and needs a rebuild).
     if let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) {
         let deps = output("ldd", &[path.trim()]).unwrap_or_default();
-        if deps.lines().any(|l| l.contains(&name) && !l.contains("not found"))
+        if deps
+            .lines()
+            .any(|l| l.contains(&name) && !l.contains("not found"))
             && output("bpf-linker", &["--version"]).is_some()
         {
             return Ok(());
@@ -80,10 +101,18 @@ fn bpf_linker() -> Result<()> {
     for link in ["libLLVM.so".to_owned(), name.clone()] {
         let dst = plib.join(&link);
         let _ = std::fs::remove_file(&dst);
-        std::os::unix::fs::symlink(lib.join(&name), &dst).with_context(|| format!("linking {}", dst.display()))?;
+        std::os::unix::fs::symlink(lib.join(&name), &dst)
+            .with_context(|| format!("linking {}", dst.display()))?;
     }
     let status = Command::new("cargo")
-        .args(["install", "--force", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "--force",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix)
         .status()
         .context("cargo install bpf-linker")?;
@@ -94,18 +123,31 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn home() -> std::path::PathBuf {
-    std::env::var_os("HOME").map(Into::into).unwrap_or_else(|| "/root".into())
+    std::env::var_os("HOME")
+        .map(Into::into)
+        .unwrap_or_else(|| "/root".into())
 }
 
 fn debian_packages() -> Result<()> {
-    let wanted = [("ip", "iproute2"), ("nft", "nftables"), ("setpriv", "util-linux")];
-    let missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    let wanted = [
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("setpriv", "util-linux"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        bail!("missing packages {missing:?} and not root to install them (apt-get install {})", missing.join(" "));
+        bail!(
+            "missing packages {missing:?} and not root to install them (apt-get install {})",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask setup: apt-get install {}", missing.join(" "));
     crate::cmd("apt-get", &["update", "-q"])?;

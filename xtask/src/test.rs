@@ -19,7 +19,10 @@ struct Restore(Vec<(String, String)>);
 impl Drop for Restore {
     fn drop(&mut self) {
         for (path, value) in &self.0 {
-            if fs::read_to_string(path).map(|v| v.trim() != value).unwrap_or(false) {
+            if fs::read_to_string(path)
+                .map(|v| v.trim() != value)
+                .unwrap_or(false)
+            {
                 eprintln!("xtask test: restoring {path} to {value}");
                 let _ = fs::write(path, value);
             }
@@ -53,8 +56,25 @@ pub fn run() -> Result<()> {
     unsafe { std::env::set_var("CONNTRACK_TRACE_BIN", &bin) };
     cmd(
         "cargo",
-        &["test", "--package", "conntrack-trace", "--package", "conntrack-trace-common", "--package", "xtask"],
+        &[
+            "test",
+            "--package",
+            "conntrack-trace",
+            "--package",
+            "conntrack-trace-common",
+            "--package",
+            "xtask",
+        ],
     )?;
-    cmd("cargo", &["test", "--package", "conntrack-trace-tests", "--", "--test-threads=1"])?;
+    cmd(
+        "cargo",
+        &[
+            "test",
+            "--package",
+            "conntrack-trace-tests",
+            "--",
+            "--test-threads=1",
+        ],
+    )?;
     Ok(())
 }

@@ -2,8 +2,6 @@
 //! Works on kernels that refuse fentry/fexit and kprobes, as long as they
 //! have BTF and BPF ring buffers (5.8+).
 
-
-
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{MapData, PerCpuArray, RingBuf},
@@ -20,7 +18,8 @@ use crate::{
 };
 
 /// The compiled eBPF object, built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -45,7 +44,10 @@ const KMEM_CACHE_FREE: &str = "kmem_cache_free";
 
 fn load_error(prog: &str, e: ProgramError) -> TraceError {
     let msg = match &e {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             // The last verifier line is the one that names the rejection.
             let log = verifier_log.to_string();
             if std::env::var_os("CONNTRACK_TRACE_VERIFIER_LOG").is_some() {
@@ -65,18 +67,31 @@ fn load_error(prog: &str, e: ProgramError) -> TraceError {
                 })
                 .unwrap_or("")
                 .to_owned();
-            if last.is_empty() { io_error.to_string() } else { format!("{io_error} (verifier: {last})") }
+            if last.is_empty() {
+                io_error.to_string()
+            } else {
+                format!("{io_error} (verifier: {last})")
+            }
         }
         other => other.to_string(),
     };
-    TraceError::Load { prog: prog.to_owned(), msg }
+    TraceError::Load {
+        prog: prog.to_owned(),
+        msg,
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, TraceError> {
     ebpf.program_mut(name)
-        .ok_or_else(|| TraceError::Load { prog: name.into(), msg: "missing from the object".into() })?
+        .ok_or_else(|| TraceError::Load {
+            prog: name.into(),
+            msg: "missing from the object".into(),
+        })?
         .try_into()
-        .map_err(|e: ProgramError| TraceError::Load { prog: name.into(), msg: e.to_string() })
+        .map_err(|e: ProgramError| TraceError::Load {
+            prog: name.into(),
+            msg: e.to_string(),
+        })
 }
 
 impl Tracepoints {
@@ -85,7 +100,8 @@ impl Tracepoints {
         let kbtf = KernelBtf::load(&opts.btf_path)?;
         let offsets: Offsets = kbtf.offsets()?;
         let mut config = Config {
-            netfilter_drop_reason: kbtf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?,
+            netfilter_drop_reason: kbtf
+                .enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?,
             kfree_skb_reason_arg: kbtf.tracepoint_arg(KFREE_SKB, TpArg::Enum("skb_drop_reason"))?,
             kmem_free_cache_arg: 0,
             kmem_free_ptr_arg: 0,
@@ -93,16 +109,27 @@ impl Tracepoints {
             early_drop_end: 0,
             confirmed_bit: kbtf.enum_value("ip_conntrack_status", "IPS_CONFIRMED_BIT")?,
             stack_depth: MAX_STACK_DEPTH as u32,
-            flags: if opts.rule_drops { flags::EMIT_RULE_DROPS } else { 0 },
+            flags: if opts.rule_drops {
+                flags::EMIT_RULE_DROPS
+            } else {
+                0
+            },
             _pad: 0,
         };
         // The programs read these arguments at fixed positions.
-        if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0 || config.kfree_skb_reason_arg != 2 {
+        if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0
+            || config.kfree_skb_reason_arg != 2
+        {
             return Err(TraceError::Unsupported(
-                "kfree_skb tracepoint is not (skb, location, reason, ...): kernel older than 5.17?".into(),
+                "kfree_skb tracepoint is not (skb, location, reason, ...): kernel older than 5.17?"
+                    .into(),
             ));
         }
-        let mut evictions = if opts.evictions { Evictions::On } else { Evictions::Off("--evictions off".into()) };
+        let mut evictions = if opts.evictions {
+            Evictions::On
+        } else {
+            Evictions::Off("--evictions off".into())
+        };
         if evictions.is_on() {
             // Before 6.2 the tracepoint passed the cache name, not the cache
             // (commit "mm, slab: pass kmem_cache to trace_kmem_cache_free").
@@ -132,7 +159,10 @@ impl Tracepoints {
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
-            .map_err(|e| TraceError::Load { prog: "conntrack-trace (object)".into(), msg: e.to_string() })?;
+            .map_err(|e| TraceError::Load {
+                prog: "conntrack-trace (object)".into(),
+                msg: e.to_string(),
+            })?;
 
         let mut hooks = vec![KFREE_SKB];
         if evictions.is_on() {
@@ -142,7 +172,12 @@ impl Tracepoints {
             let prog = program(&mut ebpf, name)?;
             prog.load(name, &aya_btf).map_err(|e| load_error(name, e))?;
         }
-        Ok(Tracepoints { ebpf, hooks, links: Vec::new(), evictions })
+        Ok(Tracepoints {
+            ebpf,
+            hooks,
+            links: Vec::new(),
+            evictions,
+        })
     }
 
     /// Attaches every loaded program (events start flowing).
@@ -165,17 +200,25 @@ impl Tracepoints {
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, TraceError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| TraceError::Other("EVENTS map missing".into()))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| TraceError::Other("EVENTS map missing".into()))?;
         RingBuf::try_from(map).map_err(|e| TraceError::Other(format!("EVENTS: {e}")))
     }
 
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<BpfCounters, TraceError> {
-        let map = self.ebpf.map("COUNTERS").ok_or_else(|| TraceError::Other("COUNTERS map missing".into()))?;
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or_else(|| TraceError::Other("COUNTERS map missing".into()))?;
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(|e| TraceError::Other(format!("COUNTERS: {e}")))?;
         let sum = |i: u32| -> Result<u64, TraceError> {
-            let v = arr.get(&i, 0).map_err(|e| TraceError::Other(format!("COUNTERS[{i}]: {e}")))?;
+            let v = arr
+                .get(&i, 0)
+                .map_err(|e| TraceError::Other(format!("COUNTERS[{i}]: {e}")))?;
             Ok(v.iter().sum())
         };
         let mut c = BpfCounters::default();
@@ -202,7 +245,10 @@ impl Tracepoints {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
@@ -216,4 +262,3 @@ pub fn valid_ring_bytes(n: u64) -> bool {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     n.is_power_of_two() && n >= page && n <= (1 << 30)
 }
-

@@ -22,7 +22,11 @@ impl<W: Write> Human<W> {
 }
 
 fn fmt_rate(r: f64) -> String {
-    if r >= 100.0 { format!("{r:.0}") } else { format!("{r:.1}") }
+    if r >= 100.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+    }
 }
 
 /// Renders the live header and top table.
@@ -50,11 +54,21 @@ pub fn render_live(v: &LiveView<'_>) -> String {
                 f.buckets
             );
             for (name, f) in v.fills.iter().skip(1).take(2) {
-                let _ = writeln!(s, "              [{name}]: {} / {} ({:.1}%)", f.count, f.max, f.percent());
+                let _ = writeln!(
+                    s,
+                    "              [{name}]: {} / {} ({:.1}%)",
+                    f.count,
+                    f.max,
+                    f.percent()
+                );
             }
         }
     }
-    let _ = writeln!(s, "{:<15} {:>12} {:>10} {:>8}", "", "total", "rate/s", "lost");
+    let _ = writeln!(
+        s,
+        "{:<15} {:>12} {:>10} {:>8}",
+        "", "total", "rate/s", "lost"
+    );
     for k in Kind::FAILURES {
         let _ = writeln!(
             s,
@@ -65,7 +79,11 @@ pub fn render_live(v: &LiveView<'_>) -> String {
             v.lost.get(k)
         );
     }
-    let _ = writeln!(s, "rule drops of confirmed entries (not conntrack failures): {}", v.rule_drops);
+    let _ = writeln!(
+        s,
+        "rule drops of confirmed entries (not conntrack failures): {}",
+        v.rule_drops
+    );
     let _ = writeln!(s);
     s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
     s
@@ -87,7 +105,13 @@ pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
                 let _ = write!(kinds, "{} {}  ", k.as_str(), n);
             }
         }
-        let _ = write!(s, "{:<40} {:<12} {}", t.src.as_deref().unwrap_or("?"), t.service, kinds.trim_end());
+        let _ = write!(
+            s,
+            "{:<40} {:<12} {}",
+            t.src.as_deref().unwrap_or("?"),
+            t.service,
+            kinds.trim_end()
+        );
         if rates {
             let _ = write!(s, "  {}/s", fmt_rate(t.rate_per_s));
         }
@@ -104,7 +128,11 @@ pub fn render_summary(sum: &Summary) -> String {
         "== conntrack-trace summary: {:.1}s, backend {}, evictions {}, namespace {} ==",
         sum.duration_s, sum.backend, sum.evictions, sum.scope.netns
     );
-    let _ = writeln!(s, "{:<15} {:>12} {:>10} {:>10}", "", "events", "lost", "observed");
+    let _ = writeln!(
+        s,
+        "{:<15} {:>12} {:>10} {:>10}",
+        "", "events", "lost", "observed"
+    );
     for k in Kind::FAILURES {
         let _ = writeln!(
             s,
@@ -122,7 +150,11 @@ pub fn render_summary(sum: &Summary) -> String {
             sum.matched.table_full, sum.matched.early_drop, sum.matched.insert_failed
         );
     }
-    let _ = writeln!(s, "rule drops of confirmed entries: {}", sum.observed.rule_drop);
+    let _ = writeln!(
+        s,
+        "rule drops of confirmed entries: {}",
+        sum.observed.rule_drop
+    );
     let _ = writeln!(
         s,
         "kernel counters ({} namespace(s)): drop {}, early_drop {}, insert_failed {}, clash_resolve {}, chaintoolong {}, invalid {}",
@@ -135,10 +167,17 @@ pub fn render_summary(sum: &Summary) -> String {
         sum.kernel.invalid
     );
     if !sum.complete {
-        let _ = writeln!(s, "WARNING: events + lost != observed: the event stream is incomplete");
+        let _ = writeln!(
+            s,
+            "WARNING: events + lost != observed: the event stream is incomplete"
+        );
     }
     if sum.lost.total() > 0 {
-        let _ = writeln!(s, "WARNING: {} events lost (ring buffer full; try --ring-size)", sum.lost.total());
+        let _ = writeln!(
+            s,
+            "WARNING: {} events lost (ring buffer full; try --ring-size)",
+            sum.lost.total()
+        );
     }
     let _ = writeln!(s);
     s.push_str(&render_top(&sum.top, false));
@@ -203,7 +242,14 @@ mod tests {
     #[test]
     fn live_header_snapshot() {
         let a = agg();
-        let fills = vec![("srv".to_owned(), Fill { count: 512, max: 1024, buckets: 64 })];
+        let fills = vec![(
+            "srv".to_owned(),
+            Fill {
+                count: 512,
+                max: 1024,
+                buckets: 64,
+            },
+        )];
         let v = LiveView {
             backend: "tracepoint",
             evictions: "on",
@@ -216,7 +262,10 @@ mod tests {
         };
         let text = render_live(&v);
         let expected = [
-            format!("conntrack-trace {}  backend: tracepoint  evictions: on  elapsed 2s", env!("CARGO_PKG_VERSION")),
+            format!(
+                "conntrack-trace {}  backend: tracepoint  evictions: on  elapsed 2s",
+                env!("CARGO_PKG_VERSION")
+            ),
             "conntrack table [srv]: 512 / 1024 entries (50.0% full), 64 buckets".into(),
             "                       total     rate/s     lost".into(),
             "table_full                 4        2.0        0".into(),
@@ -245,20 +294,42 @@ mod tests {
             start_mono_ns: 0,
             events: a.totals,
             matched: a.totals,
-            lost: KindCounts { table_full: 2, ..Default::default() },
-            observed: KindCounts { table_full: 7, ..Default::default() },
+            lost: KindCounts {
+                table_full: 2,
+                ..Default::default()
+            },
+            observed: KindCounts {
+                table_full: 7,
+                ..Default::default()
+            },
             complete: false,
-            kernel: CtStats { drop: 6, ..Default::default() },
-            scope: Scope { netns: "srv".into(), netns_inode: Some(1), namespaces: 1 },
+            kernel: CtStats {
+                drop: 6,
+                ..Default::default()
+            },
+            scope: Scope {
+                netns: "srv".into(),
+                netns_inode: Some(1),
+                namespaces: 1,
+            },
             decode_errors: 0,
             top: top_sources(&a, 3),
             untracked_sources: 0,
         };
         let text = render_summary(&sum);
-        assert!(text.contains("table_full                 4          2          7"), "{text}");
-        assert!(text.contains("WARNING: events + lost != observed"), "{text}");
+        assert!(
+            text.contains("table_full                 4          2          7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("WARNING: events + lost != observed"),
+            "{text}"
+        );
         assert!(text.contains("WARNING: 2 events lost"), "{text}");
-        assert!(text.contains("kernel counters (1 namespace(s)): drop 6"), "{text}");
+        assert!(
+            text.contains("kernel counters (1 namespace(s)): drop 6"),
+            "{text}"
+        );
         assert!(text.contains("10.0.0.7"), "{text}");
     }
 

@@ -139,7 +139,8 @@ mod tests {
     fn zero_ports_are_not_omitted() {
         // pwru's omitempty lesson: a zero is a value, not an absence.
         let mut s = Ndjson::new(Vec::new());
-        s.event(&event(Proto::TCP, 0, 0), &NetnsNames::new()).unwrap();
+        s.event(&event(Proto::TCP, 0, 0), &NetnsNames::new())
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
         assert_eq!(v["sport"], 0);
         assert_eq!(v["dport"], 0);
@@ -149,9 +150,17 @@ mod tests {
     #[test]
     fn icmp_event_has_type_code_id() {
         let mut s = Ndjson::new(Vec::new());
-        s.event(&event(Proto::ICMP, 0x22, (8 << 8) | 0), &NetnsNames::new()).unwrap();
+        s.event(&event(Proto::ICMP, 0x22, (8 << 8) | 0), &NetnsNames::new())
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
-        assert_eq!((v["icmp_type"].as_u64(), v["icmp_code"].as_u64(), v["icmp_id"].as_u64()), (Some(8), Some(0), Some(0x22)));
+        assert_eq!(
+            (
+                v["icmp_type"].as_u64(),
+                v["icmp_code"].as_u64(),
+                v["icmp_id"].as_u64()
+            ),
+            (Some(8), Some(0), Some(0x22))
+        );
         assert!(v.get("sport").is_none());
     }
 
@@ -166,13 +175,29 @@ mod tests {
             duration_s: 1.5,
             start_unix_ns: 1,
             start_mono_ns: 2,
-            events: KindCounts { table_full: 3, ..Default::default() },
-            matched: KindCounts { table_full: 3, ..Default::default() },
+            events: KindCounts {
+                table_full: 3,
+                ..Default::default()
+            },
+            matched: KindCounts {
+                table_full: 3,
+                ..Default::default()
+            },
             lost: KindCounts::default(),
-            observed: KindCounts { table_full: 3, ..Default::default() },
+            observed: KindCounts {
+                table_full: 3,
+                ..Default::default()
+            },
             complete: true,
-            kernel: CtStats { drop: 3, ..Default::default() },
-            scope: Scope { netns: "all".into(), netns_inode: None, namespaces: 2 },
+            kernel: CtStats {
+                drop: 3,
+                ..Default::default()
+            },
+            scope: Scope {
+                netns: "all".into(),
+                netns_inode: None,
+                namespaces: 2,
+            },
             decode_errors: 0,
             top: vec![],
             untracked_sources: 0,
