@@ -14,7 +14,6 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
     maps::{Array, PerCpuArray, RingBuf},
@@ -270,9 +269,10 @@ fn emit(mut ev: RawEvent) -> Result<(), i64> {
     match EVENTS.reserve::<RawEvent>(0) {
         Some(mut slot) => {
             slot.write(ev);
-            // Waking user space per event costs a syscall per drop at flood
-            // rates; user space polls with a short timeout instead.
-            slot.submit(BPF_RB_NO_WAKEUP as u64);
+            // Flags 0 = adaptive wakeup (kernel/bpf/ringbuf.c): user space is
+            // woken only when it had consumed everything before this record,
+            // so a flood costs no wakeup per event while it keeps up.
+            slot.submit(0);
         }
         None => bump(counter::lost(k)),
     }

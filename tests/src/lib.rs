@@ -507,7 +507,18 @@ pub fn traced<T>(
     topo: &Topology,
     traffic: impl FnOnce() -> Result<T>,
 ) -> Result<(T, json::Output, CtStats)> {
-    let tracer = Tracer::start(&["--netns", &topo.server.name])?;
+    traced_with(topo, &[], traffic)
+}
+
+/// [`traced`] with extra tracer arguments.
+pub fn traced_with<T>(
+    topo: &Topology,
+    extra: &[&str],
+    traffic: impl FnOnce() -> Result<T>,
+) -> Result<(T, json::Output, CtStats)> {
+    let mut args = vec!["--netns", topo.server.name.as_str()];
+    args.extend_from_slice(extra);
+    let tracer = Tracer::start(&args)?;
     let before = topo.server.ct_stats()?;
     // Packets cross the veth synchronously in the sender's softirq, so once
     // the generator returns they have been through the server's hooks.

@@ -74,3 +74,42 @@ fn udp_flood_fills_table() -> anyhow::Result<()> {
     assert_eq!(top.service, "udp/53");
     Ok(())
 }
+
+/// With a one-page ring the kernel cannot reserve every event: whatever is
+/// lost is counted, so events + lost still equals the kernel's drop delta.
+#[test]
+fn tiny_ring_counts_what_it_loses() -> anyhow::Result<()> {
+    if !root_or_skip("tiny_ring_counts_what_it_loses") {
+        return Ok(());
+    }
+    let _lock = KernelLock::acquire()?;
+    let topo = Topology::new("tr", 34)?;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 16)?;
+    let sports = 22_000..24_000;
+    let (_, out, delta) =
+        conntrack_trace_tests::traced_with(&topo, &["--ring-size", "4096"], || {
+            traffic::udp_oneshots(
+                &topo.client.path(),
+                topo.client_ip,
+                topo.server_ip,
+                53,
+                sports.clone(),
+            )
+        })?;
+    let s = &out.summary;
+    let events = out.of_kind("table_full").len() as u64;
+    eprintln!(
+        "tiny ring: events {events}, lost {}, observed {}, kernel drop +{}",
+        s.lost.table_full, s.observed.table_full, delta.drop
+    );
+    assert!(delta.drop > 1000, "{delta:?}");
+    assert_eq!(events, s.events.table_full);
+    assert_eq!(
+        events + s.lost.table_full,
+        delta.drop,
+        "nothing vanishes silently"
+    );
+    assert_eq!(s.observed.table_full, delta.drop);
+    assert!(s.complete);
+    Ok(())
+}
