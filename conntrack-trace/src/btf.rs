@@ -126,10 +126,10 @@ impl KernelBtf {
             .into_iter()
             .flatten()
         {
-            if let Ok(types) = btf.resolve_types_by_name(name) {
-                if let Some(t) = types.into_iter().find(|t| want(t)) {
-                    return Ok((btf, t));
-                }
+            if let Ok(types) = btf.resolve_types_by_name(name)
+                && let Some(t) = types.into_iter().find(&want)
+            {
+                return Ok((btf, t));
             }
         }
         Err(BtfError::NoType(name.to_owned()))
@@ -172,7 +172,7 @@ impl KernelBtf {
             cur = t;
             cur_name = format!("{cur_name}.{name}");
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Other(format!("`{ty}.{path}` is a bitfield")));
         }
         u32::try_from(bits / 8)

@@ -85,10 +85,10 @@ impl Filter {
         if self.proto.is_some_and(|p| p != e.proto) {
             return false;
         }
-        if let Some(port) = self.port {
-            if !e.proto.has_ports() || (e.sport != port && e.dport != port) {
-                return false;
-            }
+        if let Some(port) = self.port
+            && (!e.proto.has_ports() || (e.sport != port && e.dport != port))
+        {
+            return false;
         }
         if let Some(cidr) = &self.src {
             match &e.src {

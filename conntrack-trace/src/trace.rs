@@ -258,15 +258,14 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                         rule_drops: counters.seen.rule_drop,
                         top_n: opts.top,
                     };
-                    if !consumer.closed {
-                        if let Err(e) = consumer.sink.tick(&view) {
+                    if !consumer.closed
+                        && let Err(e) = consumer.sink.tick(&view) {
                             if e.kind() == std::io::ErrorKind::BrokenPipe {
                                 consumer.closed = true;
                             } else {
                                 return Err(TraceError::Io { context: "writing output".into(), source: e });
                             }
                         }
-                    }
                     if consumer.closed { break; }
                 }
                 guard = afd.readable_mut() => {

@@ -169,7 +169,9 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T>
     })
 }
 
-/// Counters from /proc/net/stat/nf_conntrack, summed over CPUs.
+/// Counters from /proc/net/stat/nf_conntrack, summed over CPUs. Parsed here
+/// rather than with conntrack-trace's own `kstats` on purpose: the tests
+/// check the tool against an independent reading of the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtStats {
     pub drop: u64,

@@ -234,10 +234,10 @@ impl Tracepoints {
     /// Detaches every program; events already in the ring stay readable.
     pub fn detach(&mut self) {
         for (name, id) in self.links.drain(..) {
-            if let Some(p) = self.ebpf.program_mut(name) {
-                if let Ok(p) = <&mut BtfTracePoint>::try_from(p) {
-                    let _ = p.detach(id);
-                }
+            if let Some(p) = self.ebpf.program_mut(name)
+                && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
+            {
+                let _ = p.detach(id);
             }
         }
     }

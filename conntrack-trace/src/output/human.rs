@@ -96,7 +96,7 @@ pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
         s.push_str("no drops from any source yet\n");
         return s;
     }
-    let _ = writeln!(s, "{:<40} {:<12} {}", "SOURCE", "PROTO/PORT", "DROPS");
+    let _ = writeln!(s, "{:<40} {:<12} DROPS", "SOURCE", "PROTO/PORT");
     for t in top {
         let mut kinds = String::new();
         for k in Kind::ALL {

@@ -1,12 +1,12 @@
 //! Newline-delimited JSON: one `{"type":"event",...}` per event, then one
 //! `{"type":"summary",...}`. The schema is documented in README.md.
 
-use std::io::Write;
+use std::{io::Write, net::IpAddr};
 
 use serde::Serialize;
 
 use super::{LiveView, NetnsNames, Sink, Summary};
-use crate::event::{Event, Kind};
+use crate::event::{Event, Kind, Proto};
 
 /// The JSON shape of one event.
 #[derive(Debug, Serialize)]
@@ -21,9 +21,10 @@ pub struct EventLine<'a> {
     pub netns_name: Option<&'a str>,
     /// `ipv4`, `ipv6`, or `unknown` (no parsable IP header).
     pub family: &'static str,
-    pub proto: String,
-    pub src: Option<String>,
-    pub dst: Option<String>,
+    // Proto and IpAddr serialize as strings without a per-event allocation.
+    pub proto: Proto,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sport: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,13 +49,13 @@ impl<'a> EventLine<'a> {
             netns: e.netns,
             netns_name: names.get(&e.netns).map(String::as_str),
             family: match e.src {
-                Some(std::net::IpAddr::V4(_)) => "ipv4",
-                Some(std::net::IpAddr::V6(_)) => "ipv6",
+                Some(IpAddr::V4(_)) => "ipv4",
+                Some(IpAddr::V6(_)) => "ipv6",
                 None => "unknown",
             },
-            proto: e.proto.to_string(),
-            src: e.src.map(|a| a.to_string()),
-            dst: e.dst.map(|a| a.to_string()),
+            proto: e.proto,
+            src: e.src,
+            dst: e.dst,
             sport: ports.then_some(e.sport),
             dport: ports.then_some(e.dport),
             icmp_type: icmp.then(|| e.icmp_type()),
