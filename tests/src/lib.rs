@@ -263,6 +263,8 @@ pub struct Topology {
     pub server: Netns,
     pub client_ip: std::net::Ipv4Addr,
     pub server_ip: std::net::Ipv4Addr,
+    pub client_ip6: std::net::Ipv6Addr,
+    pub server_ip6: std::net::Ipv6Addr,
 }
 
 /// Server ruleset: conntrack on (ct state), everything accepted.
@@ -307,12 +309,33 @@ impl Topology {
         client.ip(&["link", "set", &vc, "up"])?;
         server.ip(&["addr", "add", &format!("{server_ip}/24"), "dev", &vs])?;
         server.ip(&["link", "set", &vs, "up"])?;
+        // nodad: usable at once, no duplicate-address-detection delay.
+        let client_ip6: std::net::Ipv6Addr = format!("fd77:{subnet}::2").parse()?;
+        let server_ip6: std::net::Ipv6Addr = format!("fd77:{subnet}::1").parse()?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{client_ip6}/64"),
+            "dev",
+            &vc,
+            "nodad",
+        ])?;
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{server_ip6}/64"),
+            "dev",
+            &vs,
+            "nodad",
+        ])?;
         server.nft(SERVER_RULES)?;
         Ok(Topology {
             client,
             server,
             client_ip,
             server_ip,
+            client_ip6,
+            server_ip6,
         })
     }
 }
@@ -467,6 +490,27 @@ pub fn assert_events_from(
     dport: u16,
     sports: std::ops::Range<u16>,
 ) -> Result<std::collections::BTreeSet<u16>> {
+    assert_events_between(
+        events,
+        topo,
+        topo.client_ip.into(),
+        topo.server_ip.into(),
+        proto,
+        dport,
+        sports,
+    )
+}
+
+/// [`assert_events_from`] for explicit addresses (e.g. the IPv6 ones).
+pub fn assert_events_between(
+    events: &[&json::Event],
+    topo: &Topology,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    proto: &str,
+    dport: u16,
+    sports: std::ops::Range<u16>,
+) -> Result<std::collections::BTreeSet<u16>> {
     let ino = topo.server.inode()?;
     let mut seen = std::collections::BTreeSet::new();
     for e in events {
@@ -479,16 +523,17 @@ pub fn assert_events_from(
             e.netns_name.as_deref() == Some(topo.server.name.as_str()),
             "netns name: {e:?}"
         );
+        let family = if src.is_ipv4() { "ipv4" } else { "ipv6" };
         ensure!(
-            e.family == "ipv4" && e.proto == proto,
+            e.family == family && e.proto == proto,
             "family/proto: {e:?}"
         );
         ensure!(
-            e.src.as_deref() == Some(topo.client_ip.to_string().as_str()),
+            e.src.as_deref() == Some(src.to_string().as_str()),
             "src: {e:?}"
         );
         ensure!(
-            e.dst.as_deref() == Some(topo.server_ip.to_string().as_str()),
+            e.dst.as_deref() == Some(dst.to_string().as_str()),
             "dst: {e:?}"
         );
         ensure!(e.dport == Some(dport), "dport: {e:?}");

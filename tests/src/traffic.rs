@@ -1,7 +1,7 @@
 //! Bounded traffic generators, run inside a namespace.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     path::Path,
     sync::{Arc, Barrier},
 };
@@ -14,17 +14,18 @@ use crate::in_netns;
 /// (a new conntrack entry per datagram, no retries).
 pub fn udp_oneshots(
     ns: &Path,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
     dport: u16,
     sports: std::ops::Range<u16>,
 ) -> Result<u64> {
+    let (src, dst) = (src.into(), dst.into());
     in_netns(ns, || -> Result<u64> {
         let mut sent = 0;
         for sport in sports {
-            let s = UdpSocket::bind(SocketAddrV4::new(src, sport))
+            let s = UdpSocket::bind(SocketAddr::new(src, sport))
                 .with_context(|| format!("bind {src}:{sport}"))?;
-            s.send_to(b"conntrack-trace test\0", SocketAddrV4::new(dst, dport))?;
+            s.send_to(b"conntrack-trace test\0", SocketAddr::new(dst, dport))?;
             sent += 1;
         }
         Ok(sent)

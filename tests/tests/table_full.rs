@@ -113,3 +113,52 @@ fn tiny_ring_counts_what_it_loses() -> anyhow::Result<()> {
     assert!(s.complete);
     Ok(())
 }
+
+/// The same flood over IPv6: the kernel program parses the IPv6 header of
+/// the dropped packet (no conntrack entry to read it from).
+#[test]
+fn udp6_flood_fills_table() -> anyhow::Result<()> {
+    if !root_or_skip("udp6_flood_fills_table") {
+        return Ok(());
+    }
+    let _lock = KernelLock::acquire()?;
+    let topo = Topology::new("t6", 35)?;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
+    let sports = 25_000..25_300;
+    let (sent, out, delta) = traced(&topo, || {
+        traffic::udp_oneshots(
+            &topo.client.path(),
+            topo.client_ip6,
+            topo.server_ip6,
+            53,
+            sports.clone(),
+        )
+    })?;
+    let full = out.of_kind("table_full");
+    eprintln!(
+        "table_full ipv6: sent {sent}, events {}, kernel drop +{}",
+        full.len(),
+        delta.drop
+    );
+    // IPv6 neighbour discovery also creates entries (icmpv6); only our
+    // datagrams are asserted on, but every drop must be accounted for.
+    assert!(delta.drop > 0, "{delta:?}");
+    assert_eq!(full.len() as u64, delta.drop);
+    let udp: Vec<_> = full.iter().copied().filter(|e| e.proto == "udp").collect();
+    assert!(
+        udp.len() as u64 >= delta.drop.saturating_sub(4),
+        "nearly all drops are our datagrams"
+    );
+    let ports = conntrack_trace_tests::assert_events_between(
+        &udp,
+        &topo,
+        topo.client_ip6.into(),
+        topo.server_ip6.into(),
+        "udp",
+        53,
+        sports,
+    )?;
+    assert_eq!(ports.len(), udp.len());
+    assert!(out.summary.complete);
+    Ok(())
+}
