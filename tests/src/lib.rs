@@ -574,3 +574,34 @@ pub fn traced_with<T>(
     let out = tracer.stop()?;
     Ok((r, out, after.since(&before)))
 }
+
+/// The preamble of every kernel test: skip (with the reason) without root,
+/// else take the global lock. Use as
+/// `let Some(_lock) = kernel_test("name")? else { return Ok(()) };`.
+pub fn kernel_test(name: &str) -> Result<Option<KernelLock>> {
+    if !root_or_skip(name) {
+        return Ok(None);
+    }
+    Ok(Some(KernelLock::acquire()?))
+}
+
+impl Topology {
+    /// Traces one UDP/53 datagram from each of `sports` (IPv4, or IPv6 with
+    /// `v6`), client to server; returns datagrams sent, the tracer's output
+    /// and the server's counter delta.
+    pub fn udp_flood(
+        &self,
+        v6: bool,
+        sports: std::ops::Range<u16>,
+        extra: &[&str],
+    ) -> Result<(u64, json::Output, CtStats)> {
+        let (src, dst): (std::net::IpAddr, std::net::IpAddr) = if v6 {
+            (self.client_ip6.into(), self.server_ip6.into())
+        } else {
+            (self.client_ip.into(), self.server_ip.into())
+        };
+        traced_with(self, extra, || {
+            traffic::udp_oneshots(&self.client.path(), src, dst, 53, sports)
+        })
+    }
+}

@@ -2,30 +2,19 @@
 //! new tuple's bucket and evicts it: `early_drop` events name the evicted
 //! entries (tuples the test sent) and equal the kernel's `early_drop` delta.
 
-use conntrack_trace_tests::{
-    KernelLock, Sysctl, Topology, assert_events_from, root_or_skip, traced, traffic,
-};
+use conntrack_trace_tests::{Sysctl, Topology, assert_events_from, kernel_test};
 
 #[test]
 fn few_buckets_evict() -> anyhow::Result<()> {
-    if !root_or_skip("few_buckets_evict") {
+    let Some(_lock) = kernel_test("few_buckets_evict")? else {
         return Ok(());
-    }
-    let _lock = KernelLock::acquire()?;
+    };
     let topo = Topology::new("ed", 32)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
     let _buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", 16)?;
     let sports = 21_000..21_400;
 
-    let (sent, out, delta) = traced(&topo, || {
-        traffic::udp_oneshots(
-            &topo.client.path(),
-            topo.client_ip,
-            topo.server_ip,
-            53,
-            sports.clone(),
-        )
-    })?;
+    let (sent, out, delta) = topo.udp_flood(false, sports.clone(), &[])?;
     let s = &out.summary;
 
     let evicted = out.of_kind("early_drop");

@@ -3,16 +3,13 @@
 //! unconfirmed: an `insert_failed` event per loss, equal to the kernel's
 //! `insert_failed` delta.
 
-use conntrack_trace_tests::{
-    KernelLock, Topology, assert_events_from, root_or_skip, traced, traffic,
-};
+use conntrack_trace_tests::{Topology, assert_events_from, kernel_test, traced, traffic};
 
 #[test]
 fn syn_race_clashes() -> anyhow::Result<()> {
-    if !root_or_skip("syn_race_clashes") {
+    let Some(_lock) = kernel_test("syn_race_clashes")? else {
         return Ok(());
-    }
-    let _lock = KernelLock::acquire()?;
+    };
     let topo = Topology::new("if", 33)?;
     // The race is won by chance (a few in a thousand to one in ten here):
     // race batches of 4000 tuples until one clash, at most 5 batches.

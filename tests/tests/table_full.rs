@@ -2,30 +2,19 @@
 //! every packet beyond nf_conntrack_max is a `table_full` event naming its
 //! sender, and the events equal the kernel's `drop` delta exactly.
 
-use conntrack_trace_tests::{
-    KernelLock, Sysctl, Topology, assert_events_from, root_or_skip, traced, traffic,
-};
+use conntrack_trace_tests::{Sysctl, Topology, assert_events_from, kernel_test};
 
 #[test]
 fn udp_flood_fills_table() -> anyhow::Result<()> {
-    if !root_or_skip("udp_flood_fills_table") {
+    let Some(_lock) = kernel_test("udp_flood_fills_table")? else {
         return Ok(());
-    }
-    let _lock = KernelLock::acquire()?;
+    };
     let topo = Topology::new("tf", 31)?;
     const MAX: u64 = 64;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
     let sports = 20_000..20_400;
 
-    let (sent, out, delta) = traced(&topo, || {
-        traffic::udp_oneshots(
-            &topo.client.path(),
-            topo.client_ip,
-            topo.server_ip,
-            53,
-            sports.clone(),
-        )
-    })?;
+    let (sent, out, delta) = topo.udp_flood(false, sports.clone(), &[])?;
     let s = &out.summary;
 
     let full = out.of_kind("table_full");
@@ -79,23 +68,13 @@ fn udp_flood_fills_table() -> anyhow::Result<()> {
 /// lost is counted, so events + lost still equals the kernel's drop delta.
 #[test]
 fn tiny_ring_counts_what_it_loses() -> anyhow::Result<()> {
-    if !root_or_skip("tiny_ring_counts_what_it_loses") {
+    let Some(_lock) = kernel_test("tiny_ring_counts_what_it_loses")? else {
         return Ok(());
-    }
-    let _lock = KernelLock::acquire()?;
+    };
     let topo = Topology::new("tr", 34)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 16)?;
     let sports = 22_000..24_000;
-    let (_, out, delta) =
-        conntrack_trace_tests::traced_with(&topo, &["--ring-size", "4096"], || {
-            traffic::udp_oneshots(
-                &topo.client.path(),
-                topo.client_ip,
-                topo.server_ip,
-                53,
-                sports.clone(),
-            )
-        })?;
+    let (_, out, delta) = topo.udp_flood(false, sports.clone(), &["--ring-size", "4096"])?;
     let s = &out.summary;
     let events = out.of_kind("table_full").len() as u64;
     eprintln!(
@@ -118,22 +97,13 @@ fn tiny_ring_counts_what_it_loses() -> anyhow::Result<()> {
 /// the dropped packet (no conntrack entry to read it from).
 #[test]
 fn udp6_flood_fills_table() -> anyhow::Result<()> {
-    if !root_or_skip("udp6_flood_fills_table") {
+    let Some(_lock) = kernel_test("udp6_flood_fills_table")? else {
         return Ok(());
-    }
-    let _lock = KernelLock::acquire()?;
+    };
     let topo = Topology::new("t6", 35)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
     let sports = 25_000..25_300;
-    let (sent, out, delta) = traced(&topo, || {
-        traffic::udp_oneshots(
-            &topo.client.path(),
-            topo.client_ip6,
-            topo.server_ip6,
-            53,
-            sports.clone(),
-        )
-    })?;
+    let (sent, out, delta) = topo.udp_flood(true, sports.clone(), &[])?;
     let full = out.of_kind("table_full");
     eprintln!(
         "table_full ipv6: sent {sent}, events {}, kernel drop +{}",
