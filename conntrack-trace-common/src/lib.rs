@@ -156,27 +156,22 @@ const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
 pub struct Config {
     /// Value of `SKB_DROP_REASON_NETFILTER_DROP` in this kernel's enum.
     pub netfilter_drop_reason: u32,
-    /// Index of the `reason` argument of the `kfree_skb` tracepoint.
-    pub kfree_skb_reason_arg: u32,
-    /// Index of the `struct kmem_cache *` argument of `kmem_cache_free`.
-    pub kmem_free_cache_arg: u32,
-    /// Index of the object pointer argument of `kmem_cache_free`.
-    pub kmem_free_ptr_arg: u32,
+    /// `IPS_CONFIRMED_BIT` from the kernel's `ip_conntrack_status` enum.
+    pub confirmed_bit: u32,
     /// Text range of `early_drop()` from /proc/kallsyms: a slab free whose
     /// kernel stack has a return address in `[start, end)` is an eviction.
     pub early_drop_start: u64,
     pub early_drop_end: u64,
-    /// `IPS_CONFIRMED_BIT` from the kernel's `ip_conntrack_status` enum.
-    pub confirmed_bit: u32,
     /// Number of stack frames inspected for `early_drop()`.
     pub stack_depth: u32,
     /// Bit set of [`flags`].
     pub flags: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+// Tracepoint argument positions are not here: ctx accesses need constant
+// offsets, so the programs hard-code them and user space checks them
+// against BTF before loading.
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 
 /// Bits of [`Config::flags`].
 pub mod flags {

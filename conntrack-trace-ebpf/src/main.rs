@@ -52,15 +52,11 @@ static OFFSETS: Offsets = Offsets {
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config {
     netfilter_drop_reason: 0,
-    kfree_skb_reason_arg: 0,
-    kmem_free_cache_arg: 0,
-    kmem_free_ptr_arg: 0,
     early_drop_start: 0,
     early_drop_end: 0,
     confirmed_bit: 0,
     stack_depth: 0,
     flags: 0,
-    _pad: 0,
 };
 
 /// One record per dropped packet / evicted entry. Size is set by user space.

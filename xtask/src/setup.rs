@@ -143,7 +143,7 @@ fn debian_packages() -> Result<()> {
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         bail!(
             "missing packages {missing:?} and not root to install them (apt-get install {})",
             missing.join(" ")
@@ -154,9 +154,4 @@ fn debian_packages() -> Result<()> {
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());
     crate::cmd("apt-get", &args)
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }

@@ -102,9 +102,6 @@ impl Tracepoints {
         let mut config = Config {
             netfilter_drop_reason: kbtf
                 .enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?,
-            kfree_skb_reason_arg: kbtf.tracepoint_arg(KFREE_SKB, TpArg::Enum("skb_drop_reason"))?,
-            kmem_free_cache_arg: 0,
-            kmem_free_ptr_arg: 0,
             early_drop_start: 0,
             early_drop_end: 0,
             confirmed_bit: kbtf.enum_value("ip_conntrack_status", "IPS_CONFIRMED_BIT")?,
@@ -114,11 +111,10 @@ impl Tracepoints {
             } else {
                 0
             },
-            _pad: 0,
         };
         // The programs read these arguments at fixed positions.
         if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0
-            || config.kfree_skb_reason_arg != 2
+            || kbtf.tracepoint_arg(KFREE_SKB, TpArg::Enum("skb_drop_reason"))? != 2
         {
             return Err(TraceError::Unsupported(
                 "kfree_skb tracepoint is not (skb, location, reason, ...): kernel older than 5.17?"
@@ -139,8 +135,6 @@ impl Tracepoints {
                 kallsyms::function_range_from_proc("early_drop"),
             ) {
                 (Ok(2), Ok(1), Ok(range)) => {
-                    config.kmem_free_cache_arg = 2;
-                    config.kmem_free_ptr_arg = 1;
                     config.early_drop_start = range.start;
                     config.early_drop_end = range.end;
                 }
