@@ -77,9 +77,24 @@ pub struct RawEvent {
     pub dport: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// Bytes of `pkt` that hold the dropped packet, from its network header
+    /// on; 0 when the hook had no packet (evictions) or could not read it.
+    pub caplen: u16,
+    /// Explicit padding; always zero.
+    pub _pad2: u16,
+    /// Length of the whole packet from its network header on (what a
+    /// capture file calls the original length).
+    pub wire_len: u32,
+    /// The first [`PKT_BYTES`] bytes of the packet (only `caplen` are valid).
+    pub pkt: [u8; PKT_BYTES],
 }
 
-const _: () = assert!(core::mem::size_of::<RawEvent>() == 56);
+/// Packet bytes kept per event: an IPv6 header (40) plus a TCP header with
+/// options (up to 60) would need 100; 96 keeps the record a multiple of 8
+/// and covers every IPv4 header with TCP options and IPv6 + UDP/ICMPv6 + 48.
+pub const PKT_BYTES: usize = 96;
+
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 64 + PKT_BYTES);
 
 impl RawEvent {
     pub const fn zeroed() -> Self {
@@ -95,6 +110,10 @@ impl RawEvent {
             dport: 0,
             src: [0; 16],
             dst: [0; 16],
+            caplen: 0,
+            _pad2: 0,
+            wire_len: 0,
+            pkt: [0; PKT_BYTES],
         }
     }
 }
@@ -144,11 +163,15 @@ pub struct Offsets {
     pub cache_name: u32,
     /// `nf_conn.timeout` (u32 jiffies at which the entry expires).
     pub ct_timeout: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// `sk_buff.len` (bytes from `skb->data` on, linear and paged).
+    pub skb_len: u32,
+    /// `sk_buff.data` (pointer).
+    pub skb_data: u32,
+    /// `sk_buff.tail` (offset from head on 64-bit: end of the linear data).
+    pub skb_tail: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
 
 /// Run-time settings of the programs, resolved by user space at load time.
 #[repr(C)]

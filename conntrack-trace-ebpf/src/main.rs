@@ -14,13 +14,16 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
+    },
     macros::{btf_tracepoint, map},
     maps::{Array, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use conntrack_trace_common::{
-    Config, MAX_STACK_DEPTH, Offsets, RawEvent, counter, flags, kind, l3,
+    Config, MAX_STACK_DEPTH, Offsets, PKT_BYTES, RawEvent, counter, flags, kind, l3,
 };
 
 /// Offsets of kernel struct members (see `Offsets`); zero until user space
@@ -46,7 +49,9 @@ static OFFSETS: Offsets = Offsets {
     tuple_protonum: 0,
     cache_name: 0,
     ct_timeout: 0,
-    _pad: 0,
+    skb_len: 0,
+    skb_data: 0,
+    skb_tail: 0,
 };
 
 #[unsafe(no_mangle)]
@@ -70,6 +75,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 
 /// The `struct kmem_cache *` of the nf_conntrack slab, learned on first sight.
 #[map]
 static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Scratch space for the event being built (160 bytes: too large to build
+/// and copy on the 512-byte BPF stack).
+#[map]
+static SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for kernel stacks (too large for the 512-byte BPF stack).
 #[map]
@@ -114,6 +124,20 @@ fn bump(index: u32) {
     }
 }
 
+/// This CPU's scratch event, zeroed. Tracing programs do not nest on a CPU
+/// (the kernel skips a recursive run), so the slot is ours until emitted.
+#[inline(always)]
+fn scratch(k: u8) -> Result<&'static mut RawEvent, i64> {
+    let p = SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: valid per-CPU map value, exclusively ours (see above).
+    let ev = unsafe { &mut *p };
+    // SAFETY: RawEvent is plain integers; all-zero is a valid value. A
+    // write_bytes is a memset, not a 160-byte temporary on the BPF stack.
+    unsafe { core::ptr::write_bytes(p, 0, 1) };
+    ev.kind = k;
+    Ok(ev)
+}
+
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     let _ = try_kfree_skb(&ctx);
@@ -137,9 +161,9 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
         // nf_conntrack_in(): resolve_normal_ct() < 0 → NF_CT_STAT_INC(drop),
         // NF_DROP with nothing attached: the allocation (table full) failed.
-        let mut ev = RawEvent::zeroed();
-        ev.kind = kind::TABLE_FULL;
-        fill_from_skb(&mut ev, skb);
+        let ev = scratch(kind::TABLE_FULL)?;
+        fill_from_skb(ev, skb);
+        fill_packet(ev, skb);
         ev.netns = skb_netns(skb).unwrap_or(0);
         return emit(ev);
     }
@@ -150,16 +174,16 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
             bump(counter::seen(kind::RULE_DROP));
             return Ok(());
         }
-        let mut ev = RawEvent::zeroed();
-        ev.kind = kind::RULE_DROP;
-        fill_from_ct(&mut ev, ct)?;
+        let ev = scratch(kind::RULE_DROP)?;
+        fill_from_ct(ev, ct)?;
+        fill_packet(ev, skb);
         return emit(ev);
     }
     // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
     // while the new, never-inserted (unconfirmed) entry is still attached.
-    let mut ev = RawEvent::zeroed();
-    ev.kind = kind::INSERT_FAILED;
-    fill_from_ct(&mut ev, ct)?;
+    let ev = scratch(kind::INSERT_FAILED)?;
+    fill_from_ct(ev, ct)?;
+    fill_packet(ev, skb);
     emit(ev)
 }
 
@@ -201,9 +225,8 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     // The entry is being freed but its memory still holds the tuple: the
     // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
-    let mut ev = RawEvent::zeroed();
-    ev.kind = kind::EARLY_DROP;
-    fill_from_ct(&mut ev, obj)?;
+    let ev = scratch(kind::EARLY_DROP)?;
+    fill_from_ct(ev, obj)?;
     emit(ev)
 }
 
@@ -256,21 +279,18 @@ fn freed_by_early_drop(ctx: &BtfTracePointContext) -> bool {
 }
 
 #[inline(always)]
-fn emit(mut ev: RawEvent) -> Result<(), i64> {
+fn emit(ev: &mut RawEvent) -> Result<(), i64> {
+    // SAFETY: plain helper calls.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: plain helper call.
     ev.cpu = unsafe { bpf_get_smp_processor_id() };
     let k = ev.kind;
     bump(counter::seen(k));
-    match EVENTS.reserve::<RawEvent>(0) {
-        Some(mut slot) => {
-            slot.write(ev);
-            // Flags 0 = adaptive wakeup (kernel/bpf/ringbuf.c): user space is
-            // woken only when it had consumed everything before this record,
-            // so a flood costs no wakeup per event while it keeps up.
-            slot.submit(0);
-        }
-        None => bump(counter::lost(k)),
+    // bpf_ringbuf_output copies from the scratch slot. Flags 0 = adaptive
+    // wakeup (kernel/bpf/ringbuf.c): user space is woken only when it had
+    // consumed everything before this record, so a flood costs no wakeup per
+    // event while it keeps up.
+    if EVENTS.output::<RawEvent>(&*ev, 0).is_err() {
+        bump(counter::lost(k));
     }
     Ok(())
 }
@@ -357,6 +377,38 @@ fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
             }
         }
         _ => {}
+    }
+}
+
+/// The first bytes of the packet from its network header on, for capture
+/// files. Only the linear part is read (`head + network_header` up to
+/// `head + tail`); a header split into page fragments is cut short there.
+#[inline(always)]
+fn fill_packet(ev: &mut RawEvent, skb: u64) {
+    let (Ok(head), Ok(nh), Ok(tail), Ok(len), Ok(data)) = (
+        read::<u64>(skb + off!(skb_head)),
+        read::<u16>(skb + off!(skb_network_header)),
+        read::<u32>(skb + off!(skb_tail)),
+        read::<u32>(skb + off!(skb_len)),
+        read::<u64>(skb + off!(skb_data)),
+    ) else {
+        return;
+    };
+    // skb->len counts from skb->data; netfilter hooks run with data at the
+    // network header, but account for any difference.
+    let data_off = data.wrapping_sub(head) as u32;
+    let wire = (len + data_off).saturating_sub(nh as u32);
+    let linear = tail.saturating_sub(nh as u32);
+    let mut cap = if linear < wire { linear } else { wire };
+    if cap > PKT_BYTES as u32 {
+        cap = PKT_BYTES as u32;
+    }
+    ev.wire_len = wire;
+    // A fixed-size read: it stays inside the skb's head buffer (which ends
+    // in skb_shared_info), and only `caplen` bytes are used.
+    // SAFETY: bpf_probe_read_kernel tolerates any source address.
+    if unsafe { bpf_probe_read_kernel_buf((head + nh as u64) as *const u8, &mut ev.pkt) }.is_ok() {
+        ev.caplen = cap as u16;
     }
 }
 

@@ -204,6 +204,7 @@ mod tests {
             dst: Some("10.0.0.53".parse().unwrap()),
             sport: 40000,
             dport,
+            packet: Default::default(),
         }
     }
 

@@ -254,7 +254,9 @@ impl KernelBtf {
             tuple_protonum: self.offset_of(tuple, "dst.protonum")?,
             cache_name: self.offset_of("kmem_cache", "name")?,
             ct_timeout: self.offset_of("nf_conn", "timeout")?,
-            _pad: 0,
+            skb_len: self.offset_of("sk_buff", "len")?,
+            skb_data: self.offset_of("sk_buff", "data")?,
+            skb_tail: self.offset_of("sk_buff", "tail")?,
         })
     }
 }

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use conntrack_trace_common::{RawEvent, kind, l3};
+use conntrack_trace_common::{PKT_BYTES, RawEvent, kind, l3};
 use serde::{Deserialize, Serialize};
 
 /// What conntrack did.
@@ -150,6 +150,58 @@ pub struct Event {
     /// `dport`; zero otherwise.
     pub sport: u16,
     pub dport: u16,
+    /// The first bytes of the dropped packet (empty for evictions).
+    pub packet: Packet,
+}
+
+/// Leading bytes of a dropped packet, from its network header on. Kept
+/// inline (no allocation per event).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Packet {
+    len: u16,
+    /// Length of the whole packet on the wire (from the network header).
+    pub wire_len: u32,
+    buf: [u8; PKT_BYTES],
+}
+
+impl Packet {
+    pub const EMPTY: Packet = Packet {
+        len: 0,
+        wire_len: 0,
+        buf: [0; PKT_BYTES],
+    };
+
+    /// A packet from captured bytes (at most [`PKT_BYTES`] are kept).
+    pub fn new(bytes: &[u8], wire_len: u32) -> Packet {
+        let n = bytes.len().min(PKT_BYTES);
+        let mut buf = [0; PKT_BYTES];
+        buf[..n].copy_from_slice(&bytes[..n]);
+        Packet {
+            len: n as u16,
+            wire_len: wire_len.max(n as u32),
+            buf,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for Packet {
+    fn default() -> Self {
+        Packet::EMPTY
+    }
+}
+
+impl std::fmt::Debug for Packet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packet({} of {} bytes)", self.len, self.wire_len)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -204,6 +256,16 @@ impl Event {
             dst,
             sport: raw.sport,
             dport: raw.dport,
+            packet: if raw.caplen == 0 {
+                Packet::EMPTY
+            } else {
+                // The kernel clamps caplen; clamp again so a corrupt record
+                // cannot index past the buffer.
+                Packet::new(
+                    &raw.pkt[..(raw.caplen as usize).min(PKT_BYTES)],
+                    raw.wire_len,
+                )
+            },
         })
     }
 
@@ -302,7 +364,10 @@ pub(crate) mod tests {
     fn short_and_unknown_records_are_errors() {
         assert_eq!(
             Event::decode(&[0u8; 10]),
-            Err(DecodeError::Size { got: 10, want: 56 })
+            Err(DecodeError::Size {
+                got: 10,
+                want: size_of::<RawEvent>()
+            })
         );
         let mut r = RawEvent::zeroed();
         r.kind = 99;

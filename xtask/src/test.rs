@@ -16,8 +16,26 @@ const SYSCTLS: [&str; 2] = [
 
 struct Restore(Vec<(String, String)>);
 
+/// The flock the scenario tests hold while they lower sysctls or own a
+/// `ctt-` namespace (tests/src/lib.rs `KernelLock`). Taking it around the
+/// snapshot and the cleanup keeps a concurrent `xtask test` (another
+/// checkout, another session) from recording a lowered value as "original"
+/// or deleting a namespace that is in use.
+fn kernel_lock() -> Option<fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/conntrack-trace-tests.lock")
+        .ok()?;
+    // SAFETY: flock on an owned fd.
+    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0).then_some(f)
+}
+
 impl Drop for Restore {
     fn drop(&mut self) {
+        let _lock = kernel_lock();
         for (path, value) in &self.0 {
             if fs::read_to_string(path)
                 .map(|v| v.trim() != value)
@@ -41,6 +59,7 @@ impl Drop for Restore {
 }
 
 pub fn run() -> Result<()> {
+    let lock = kernel_lock();
     let _restore = Restore(
         SYSCTLS
             .iter()
@@ -48,6 +67,7 @@ pub fn run() -> Result<()> {
             .filter_map(|p| Some((p.to_string(), fs::read_to_string(p).ok()?.trim().to_owned())))
             .collect(),
     );
+    drop(lock);
     // The binary the scenario tests drive.
     cmd("cargo", &["build", "--package", "conntrack-trace"])?;
     let bin = workspace_root().join("target/debug/conntrack-trace");

@@ -233,6 +233,7 @@ mod tests {
                 dst: Some("10.0.0.53".parse().unwrap()),
                 sport: 40000 + i as u16,
                 dport: 53,
+                packet: Default::default(),
             });
         }
         a.tick(std::time::Duration::from_secs(2));

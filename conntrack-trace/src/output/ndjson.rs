@@ -118,6 +118,7 @@ mod tests {
             dst: Some("10.0.0.53".parse().unwrap()),
             sport,
             dport,
+            packet: Default::default(),
         }
     }
 
