@@ -79,6 +79,16 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes (power of two, >= page size).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    /// Retransmission window: a drop of a flow already dropped this
+    /// recently is a retransmission.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub amp_window: Duration,
+    /// Flag a source when drops / distinct flows reaches this factor.
+    #[arg(long, default_value_t = 2.0, value_name = "FACTOR")]
+    pub amp_threshold: f64,
+    /// ... and it has at least this many retransmissions.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub amp_min_retries: u64,
 }
 
 /// Parses `1h30m`, `5m`, `30s`, `250ms`, or a bare number of seconds.

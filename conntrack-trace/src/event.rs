@@ -353,7 +353,7 @@ pub(crate) mod tests {
             [1, 1, 1, 1],
             0x1234,
             [2, 2, 2, 2],
-            (8 << 8) | 0,
+            8 << 8,
             1,
         );
         let e = Event::decode(&bytes(&r)).unwrap();

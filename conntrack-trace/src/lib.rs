@@ -2,13 +2,16 @@
 //!
 //! Layout: [`backend`] observes the kernel and yields [`event::Event`]s plus
 //! exact counters; [`filter`] and [`aggregate`] turn them into what the user
-//! asked about; [`output`] formats; [`trace`] runs a live session; [`cli`]
+//! asked about; [`amplify`] flags clients re-sending dropped requests;
+//! [`output`] formats; [`trace`] runs a live session; [`cli`]
 //! parses the command line.
 
 pub mod aggregate;
+pub mod amplify;
 pub mod backend;
 pub mod btf;
 pub mod cli;
+pub mod clock;
 pub mod error;
 pub mod event;
 pub mod filter;

@@ -3,6 +3,7 @@ use std::io::{IsTerminal, Write};
 use clap::Parser;
 use conntrack_trace::{
     aggregate::DEFAULT_MAX_SOURCES,
+    amplify::AmpConfig,
     backend::tracepoint::{self, DEFAULT_RING_BYTES},
     btf::VMLINUX_BTF,
     cli::{Cli, Command, Format, OnOff, TraceArgs},
@@ -64,7 +65,17 @@ fn trace(args: TraceArgs) -> i32 {
             ring_bytes: args.ring_size.unwrap_or(DEFAULT_RING_BYTES),
         },
         max_sources: DEFAULT_MAX_SOURCES,
+        amp: AmpConfig {
+            window: args.amp_window,
+            threshold: args.amp_threshold,
+            min_retries: args.amp_min_retries,
+            ..AmpConfig::default()
+        },
     };
+    if let Err(msg) = opts.amp.validate() {
+        let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {msg}");
+        return exit::USAGE;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

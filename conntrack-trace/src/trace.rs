@@ -16,7 +16,9 @@ use tokio::{
 
 use crate::{
     aggregate::{Aggregator, KindCounts},
+    amplify::{AmpConfig, Detector, Finding},
     backend::tracepoint::{self, Tracepoints},
+    clock::Clock,
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
@@ -35,6 +37,7 @@ pub struct TraceOptions {
     pub ready_file: Option<PathBuf>,
     pub backend: tracepoint::Options,
     pub max_sources: usize,
+    pub amp: AmpConfig,
 }
 
 /// Events drained from the ring per wakeup before the loop looks at its
@@ -45,6 +48,7 @@ struct Consumer<'s> {
     sink: &'s mut dyn Sink,
     filter: Filter,
     agg: Aggregator,
+    amp: Detector,
     received: KindCounts,
     decode_errors: u64,
     names: NetnsNames,
@@ -79,6 +83,7 @@ impl Consumer<'_> {
             return Ok(());
         }
         self.agg.record(ev);
+        self.amp.record(ev);
         if !self.names.contains_key(&ev.netns) {
             self.unknown_netns = true;
         }
@@ -96,6 +101,29 @@ impl Consumer<'_> {
                 source: e,
             }),
         }
+    }
+}
+
+impl Consumer<'_> {
+    /// Writes findings that are new or changed since the last report.
+    fn report_findings(&mut self, clock: &Clock) -> Result<(), TraceError> {
+        let changed: Vec<Finding> = self.amp.take_changed(clock);
+        for f in &changed {
+            if self.closed {
+                break;
+            }
+            match self.sink.finding(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => self.closed = true,
+                Err(e) => {
+                    return Err(TraceError::Io {
+                        context: "writing output".into(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -189,8 +217,19 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let start_mono_ns = monotonic_ns();
+    let clock = Clock {
+        start_unix_ns,
+        start_mono_ns,
+    };
     let started = Instant::now();
 
+    // Handlers go in before anyone is told we are ready: a SIGINT that
+    // arrives right after the ready file must end the trace cleanly, not kill
+    // the process with its summary unwritten.
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready\n")
             .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
@@ -200,6 +239,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         sink,
         filter: opts.filter.clone(),
         agg: Aggregator::new(opts.max_sources),
+        amp: Detector::new(opts.amp.clone()),
         received: KindCounts::default(),
         decode_errors: 0,
         names: names_of(&all),
@@ -207,10 +247,6 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         closed: false,
     };
 
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -248,6 +284,9 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     }
                     let counters = tp.counters()?;
                     let f = fills(&scope);
+                    consumer.report_findings(&clock)?;
+                    let findings = consumer.amp.findings(&clock);
+                    let amp = consumer.amp.summary();
                     let view = LiveView {
                         backend: &backend_desc,
                         evictions: &evictions_desc,
@@ -257,6 +296,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                         lost: counters.lost,
                         rule_drops: counters.seen.rule_drop,
                         top_n: opts.top,
+                        findings: &findings,
+                        amp: &amp,
                     };
                     if !consumer.closed
                         && let Err(e) = consumer.sink.tick(&view) {
@@ -296,6 +337,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
             covered += 1;
         }
     }
+    consumer.report_findings(&clock)?;
     let complete = Kind::ALL
         .iter()
         .all(|k| consumer.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
@@ -320,6 +362,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         decode_errors: consumer.decode_errors,
         top: top_sources(&consumer.agg, opts.top),
         untracked_sources: consumer.agg.untracked,
+        amplification: consumer.amp.summary(),
+        findings: consumer.amp.findings(&clock),
     };
     if !consumer.closed {
         match consumer.sink.finish(&summary) {

@@ -88,11 +88,54 @@ pub struct Summary {
     pub decode_errors: u64,
     pub top: Vec<TopSource>,
     pub untracked_sources: u64,
+    pub amplification: Amplification,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Amplification {
+    pub drops: u64,
+    pub retransmissions: u64,
+    pub retransmission_share: f64,
+    pub window_s: f64,
+    pub threshold: f64,
+    pub min_retries: u64,
+    pub flows_forgotten: u64,
+    pub untracked_drops: u64,
+    pub memory_ceiling_bytes: u64,
+}
+
+/// `{"type":"finding",...}`, also the entries of `summary.findings`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Finding {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub finding: String,
+    pub status: String,
+    pub src: Option<String>,
+    pub proto: String,
+    pub port: u16,
+    pub service: String,
+    pub attempts: u64,
+    pub flows: u64,
+    pub retransmissions: u64,
+    pub factor: f64,
+    pub median_interval_s: Option<f64>,
+    pub first_retry_s: Option<f64>,
+    pub backoff: String,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    pub since: String,
+    pub message: String,
 }
 
 #[derive(Debug)]
 pub struct Output {
     pub events: Vec<Event>,
+    /// Finding lines of the stream, in order (not the summary's list).
+    pub findings: Vec<Finding>,
     pub summary: Summary,
 }
 
@@ -100,6 +143,7 @@ impl Output {
     /// Events first, exactly one summary last.
     pub fn parse(text: &str) -> Result<Output> {
         let mut events = Vec::new();
+        let mut findings = Vec::new();
         let mut summary = None;
         for (i, line) in text.lines().enumerate() {
             if summary.is_some() {
@@ -110,6 +154,8 @@ impl Output {
             match v["type"].as_str() {
                 Some("event") => events
                     .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                Some("finding") => findings
+                    .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
                 Some("summary") => {
                     summary =
                         Some(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?)
@@ -119,6 +165,7 @@ impl Output {
         }
         Ok(Output {
             events,
+            findings,
             summary: summary.context("no summary line")?,
         })
     }

@@ -605,3 +605,93 @@ impl Topology {
         })
     }
 }
+
+/// Established TCP connections that hold a namespace's conntrack table at
+/// its limit. They are *assured* entries, which `early_drop()` never evicts
+/// (net/netfilter/nf_conntrack_core.c: early_drop_list() skips
+/// IPS_ASSURED), so every later new flow is dropped as `table_full`
+/// deterministically — unlike unreplied UDP entries, which an early drop may
+/// evict and so let an occasional packet through.
+pub struct Filler {
+    pub connections: u64,
+    _listener: std::net::TcpListener,
+    _streams: Vec<std::net::TcpStream>,
+}
+
+impl Netns {
+    /// Sets a per-namespace sysctl (e.g. `net/ipv4/tcp_syn_retries`); the
+    /// value goes away with the namespace.
+    pub fn sysctl(&self, path: &str, value: u64) -> Result<()> {
+        in_netns(&self.path(), || -> Result<()> {
+            let p = Path::new("/proc/sys").join(path);
+            fs::write(&p, value.to_string()).with_context(|| format!("writing {}", p.display()))
+        })?
+    }
+}
+
+impl Topology {
+    /// Opens client → server:9 connections until the server's conntrack
+    /// count reaches `max` (bounded: at most `max` + 16 attempts).
+    pub fn fill_assured(&self, max: u64) -> Result<Filler> {
+        let addr = std::net::SocketAddr::from((self.server_ip, 9));
+        let listener = in_netns(&self.server.path(), || {
+            std::net::TcpListener::bind(addr).context("listening on server:9")
+        })??;
+        let mut streams = Vec::new();
+        for _ in 0..max + 16 {
+            if self.server.ct_count()? >= max {
+                break;
+            }
+            let s = in_netns(&self.client.path(), || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            })?
+            .context("filler connection")?;
+            streams.push(s);
+        }
+        // The handshake's last ACK (which makes the entry assured) reaches
+        // the server in the sender's softirq before connect() returns.
+        let count = self.server.ct_count()?;
+        ensure!(count >= max, "table not full: {count} of {max} entries");
+        Ok(Filler {
+            connections: streams.len() as u64,
+            _listener: listener,
+            _streams: streams,
+        })
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` inside `ns` with piped output (pair with [`wait_bounded`]).
+pub fn spawn_in(ns: &Netns, cmd: &[&str]) -> Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(cmd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {}", cmd.join(" ")))
+}
+
+/// Waits for `child` at most until `deadline`, then kills it; returns its
+/// output.
+pub fn wait_bounded(mut child: Child, deadline: Instant) -> Result<std::process::Output> {
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Ok(child.wait_with_output()?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

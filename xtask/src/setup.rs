@@ -4,7 +4,8 @@
 //! - `bpf-linker`, built against the nightly's own libLLVM (see
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
-//! - Debian packages the tests use (iproute2, nftables, util-linux).
+//! - Debian packages the tests use (iproute2, nftables, util-linux,
+//!   dnsmasq-base, bind9-dnsutils).
 
 use std::{path::Path, process::Command};
 
@@ -133,6 +134,9 @@ fn debian_packages() -> Result<()> {
         ("ip", "iproute2"),
         ("nft", "nftables"),
         ("setpriv", "util-linux"),
+        // Real DNS server and client for the amplification tests.
+        ("dnsmasq", "dnsmasq-base"),
+        ("dig", "bind9-dnsutils"),
     ];
     let missing: Vec<&str> = wanted
         .iter()

@@ -4,7 +4,10 @@
 use std::{fmt::Write as _, io::Write};
 
 use super::{LiveView, NetnsNames, Sink, Summary, top_sources};
-use crate::event::{Event, Kind};
+use crate::{
+    amplify::{AmpSummary, Finding},
+    event::{Event, Kind},
+};
 
 pub struct Human<W: Write> {
     out: W,
@@ -84,8 +87,29 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         "rule drops of confirmed entries (not conntrack failures): {}",
         v.rule_drops
     );
+    s.push_str(&render_amplification(v.amp, v.findings, 3));
     let _ = writeln!(s);
     s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
+    s
+}
+
+/// The retransmission line and up to `max` findings.
+pub fn render_amplification(amp: &AmpSummary, findings: &[Finding], max: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "retransmissions: {} of {} drops ({:.0}%) within {}s",
+        amp.retransmissions,
+        amp.drops,
+        amp.retransmission_share * 100.0,
+        amp.window_s
+    );
+    for f in findings.iter().take(max) {
+        let _ = writeln!(s, "{}", f.message);
+    }
+    if findings.len() > max {
+        let _ = writeln!(s, "... and {} more flagged sources", findings.len() - max);
+    }
     s
 }
 
@@ -179,6 +203,11 @@ pub fn render_summary(sum: &Summary) -> String {
             sum.lost.total()
         );
     }
+    s.push_str(&render_amplification(
+        &sum.amplification,
+        &sum.findings,
+        usize::MAX,
+    ));
     let _ = writeln!(s);
     s.push_str(&render_top(&sum.top, false));
     s
@@ -186,6 +215,11 @@ pub fn render_summary(sum: &Summary) -> String {
 
 impl<W: Write> Sink for Human<W> {
     fn event(&mut self, _e: &Event, _names: &NetnsNames) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn finding(&mut self, _f: &Finding) -> std::io::Result<()> {
+        // Shown in the header at each tick and in the summary.
         Ok(())
     }
 
@@ -260,6 +294,14 @@ mod tests {
             lost: KindCounts::default(),
             rule_drops: 0,
             top_n: 5,
+            findings: &[],
+            amp: &AmpSummary {
+                drops: 4,
+                retransmissions: 1,
+                retransmission_share: 0.25,
+                window_s: 10.0,
+                ..Default::default()
+            },
         };
         let text = render_live(&v);
         let expected = [
@@ -273,6 +315,7 @@ mod tests {
             "early_drop                 0        0.0        0".into(),
             "insert_failed              0        0.0        0".into(),
             "rule drops of confirmed entries (not conntrack failures): 0".into(),
+            "retransmissions: 1 of 4 drops (25%) within 10s".into(),
             "".into(),
             "SOURCE                                   PROTO/PORT   DROPS".into(),
             "10.0.0.7                                 udp/53       table_full 4  2.0/s".into(),
@@ -316,6 +359,8 @@ mod tests {
             decode_errors: 0,
             top: top_sources(&a, 3),
             untracked_sources: 0,
+            amplification: AmpSummary::default(),
+            findings: vec![],
         };
         let text = render_summary(&sum);
         assert!(

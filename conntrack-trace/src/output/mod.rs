@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{Aggregator, KindCounts},
+    amplify::{AmpSummary, Finding},
     event::Event,
     kstats::{CtStats, Fill},
 };
@@ -27,6 +28,9 @@ pub struct LiveView<'a> {
     pub lost: KindCounts,
     pub rule_drops: u64,
     pub top_n: usize,
+    /// Sources flagged for retransmission amplification, most drops first.
+    pub findings: &'a [Finding],
+    pub amp: &'a AmpSummary,
 }
 
 /// One row of the top-sources table.
@@ -87,11 +91,17 @@ pub struct Summary {
     pub top: Vec<TopSource>,
     /// Events whose source was not tracked (source table at its cap).
     pub untracked_sources: u64,
+    /// Retransmission figures over the whole trace.
+    pub amplification: AmpSummary,
+    /// Every source flagged for amplification (status `final`).
+    pub findings: Vec<Finding>,
 }
 
 pub trait Sink {
     fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()>;
     fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()>;
+    /// A source newly flagged, or whose counts grew since its last report.
+    fn finding(&mut self, f: &Finding) -> std::io::Result<()>;
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
 }
 

@@ -6,7 +6,10 @@ use std::{io::Write, net::IpAddr};
 use serde::Serialize;
 
 use super::{LiveView, NetnsNames, Sink, Summary};
-use crate::event::{Event, Kind, Proto};
+use crate::{
+    amplify::Finding,
+    event::{Event, Kind, Proto},
+};
 
 /// The JSON shape of one event.
 #[derive(Debug, Serialize)]
@@ -84,6 +87,11 @@ impl<W: Write> Sink for Ndjson<W> {
         self.out.write_all(b"\n")
     }
 
+    fn finding(&mut self, f: &Finding) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, f)?;
+        self.out.write_all(b"\n")
+    }
+
     fn tick(&mut self, _view: &LiveView<'_>) -> std::io::Result<()> {
         // Events are the stream; make them visible to `tail -f` / jq once
         // per interval rather than per line.
@@ -152,7 +160,7 @@ mod tests {
     #[test]
     fn icmp_event_has_type_code_id() {
         let mut s = Ndjson::new(Vec::new());
-        s.event(&event(Proto::ICMP, 0x22, (8 << 8) | 0), &NetnsNames::new())
+        s.event(&event(Proto::ICMP, 0x22, 8 << 8), &NetnsNames::new())
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
         assert_eq!(
@@ -203,6 +211,8 @@ mod tests {
             decode_errors: 0,
             top: vec![],
             untracked_sources: 0,
+            amplification: crate::amplify::AmpSummary::default(),
+            findings: vec![],
         };
         s.finish(&summary).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();

@@ -1,0 +1,84 @@
+//! Mapping event timestamps (CLOCK_MONOTONIC, from `bpf_ktime_get_ns()`) to
+//! wall-clock time for people.
+
+use serde::Serialize;
+
+/// Wall clock and CLOCK_MONOTONIC read at the same instant:
+/// `wall = start_unix_ns + (ts_ns - start_mono_ns)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Clock {
+    pub start_unix_ns: u128,
+    pub start_mono_ns: u64,
+}
+
+impl Clock {
+    /// Unix nanoseconds of a monotonic timestamp.
+    pub fn unix_ns(&self, ts_ns: u64) -> u128 {
+        let delta = ts_ns as i128 - self.start_mono_ns as i128;
+        (self.start_unix_ns as i128 + delta).max(0) as u128
+    }
+
+    /// `HH:MM:SS` (UTC) of a monotonic timestamp.
+    pub fn hms(&self, ts_ns: u64) -> String {
+        let secs = (self.unix_ns(ts_ns) / 1_000_000_000) as u64;
+        let s = secs % 86_400;
+        format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    }
+
+    /// RFC 3339 with milliseconds, UTC (`2026-11-25T12:01:07.250Z`).
+    pub fn rfc3339(&self, ts_ns: u64) -> String {
+        let ns = self.unix_ns(ts_ns);
+        let secs = (ns / 1_000_000_000) as i64;
+        let ms = (ns / 1_000_000 % 1000) as u32;
+        let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+        let s = secs.rem_euclid(86_400);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+            s / 3600,
+            s / 60 % 60,
+            s % 60
+        )
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_monotonic_to_wall_clock() {
+        // 2026-11-25T12:01:07Z = 1795608067 s.
+        let c = Clock {
+            start_unix_ns: 1_795_608_067 * 1_000_000_000,
+            start_mono_ns: 5_000_000_000,
+        };
+        assert_eq!(c.hms(5_000_000_000), "12:01:07");
+        assert_eq!(c.hms(8_500_000_000), "12:01:10");
+        assert_eq!(c.rfc3339(5_250_000_000), "2026-11-25T12:01:07.250Z");
+        // Before the start (an event timestamped just before the clocks
+        // were read) maps backwards, not to garbage.
+        assert_eq!(c.hms(4_000_000_000), "12:01:06");
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+}
