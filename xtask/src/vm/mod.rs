@@ -56,7 +56,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub keep_logs: Option<PathBuf>,
     /// Hard limit per boot, in seconds.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 600)]
     pub timeout: u64,
     /// Resolve and download the suites' current kernels even if cached.
     #[arg(long)]
@@ -70,7 +70,7 @@ impl Default for Args {
             backend: "tracepoint".to_owned(),
             tests: None,
             keep_logs: None,
-            timeout: 1200,
+            timeout: 600,
             refresh: false,
         }
     }
@@ -485,6 +485,33 @@ fn print_summary(rows: &[Row], total: Duration) {
         eprintln!("known failure (xfail/XPASS), {why}");
     }
     eprintln!("vm-test total {:.0}s", total.as_secs_f64());
+    let (passed, failed, skipped) = tally(rows);
+    // The closing line CI reads: test binaries over all boots; a boot that
+    // reported nothing counts as one failure, known failures as skipped.
+    eprintln!("vm-test: {passed} passed, {failed} failed, {skipped} skipped");
+}
+
+/// (passed, failed, skipped) test binaries over all boots. Binaries a boot
+/// never reported (crash, timeout) are failures; a boot that failed for
+/// another reason (no kernel, hung after its tests) counts one failure.
+fn tally(rows: &[Row]) -> (usize, usize, usize) {
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for r in rows {
+        let verdicts = r.verdicts();
+        let mut row_failed = r.expected.len().saturating_sub(verdicts.len());
+        for (_, v) in &verdicts {
+            match v {
+                known::Verdict::Pass => passed += 1,
+                known::Verdict::XFail(_) => skipped += 1,
+                known::Verdict::Fail | known::Verdict::XPass(_) => row_failed += 1,
+            }
+        }
+        if row_failed == 0 && r.failure().is_some() {
+            row_failed = 1;
+        }
+        failed += row_failed;
+    }
+    (passed, failed, skipped)
 }
 
 #[cfg(test)]
@@ -501,6 +528,61 @@ mod tests {
         assert_eq!(l("6.1,6.12").unwrap(), ["6.1", "6.12"]);
         assert_eq!(l("all").unwrap(), ["6.1", "6.12", "5.10"]);
         assert!(l("4.19").unwrap_err().contains("--kernel 4.19: unknown"));
+    }
+
+    fn row(expected: &[&str], outcome: Result<qemu::Outcome>) -> Row {
+        Row {
+            kernel: "6.1".into(),
+            release: "r".into(),
+            backend: "no-such-backend".into(),
+            outcome,
+            expected: expected.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn outcome(tests: &[(&str, bool)], result: Option<bool>) -> Result<qemu::Outcome> {
+        Ok(qemu::Outcome {
+            tests: tests
+                .iter()
+                .map(|(n, pass)| qemu::TestResult {
+                    name: n.to_string(),
+                    pass: *pass,
+                    secs: 1,
+                    output: String::new(),
+                })
+                .collect(),
+            result,
+            boot: None,
+            elapsed: Duration::from_secs(1),
+            timed_out: false,
+            log: PathBuf::new(),
+        })
+    }
+
+    #[test]
+    fn judging_boots() {
+        let ok = row(
+            &["a", "b"],
+            outcome(&[("a", true), ("b", true)], Some(true)),
+        );
+        assert_eq!(ok.failure(), None);
+        // /init's own verdict is not trusted alone: a failed test fails.
+        let bad = row(
+            &["a", "b"],
+            outcome(&[("a", true), ("b", false)], Some(true)),
+        );
+        assert_eq!(bad.failure().as_deref(), Some("b FAIL"));
+        // A crash after the first test: b never reported.
+        let crash = row(&["a", "b"], outcome(&[("a", true)], None));
+        assert!(crash.failure().is_some());
+        let missing = row(&["a", "b"], outcome(&[("a", true)], Some(true)));
+        assert!(missing.failure().unwrap().contains("expected"));
+        let no_kernel = row(&[], Err(anyhow::anyhow!("no kernel")));
+        assert_eq!(
+            tally(&[ok, bad, crash, missing, no_kernel]),
+            (5, 4, 0),
+            "a, b | a | a + missing b | a + missing b | one for the boot"
+        );
     }
 
     #[test]
