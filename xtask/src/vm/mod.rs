@@ -6,7 +6,8 @@
 //!   unpacks each kernel, and extracts its vmlinux;
 //! - `modules.rs` picks the modules the tests need and their dependencies;
 //! - `initramfs.rs` builds the guest's root filesystem around `init.sh`;
-//! - `qemu.rs` boots it and reads the markers /init prints.
+//! - `qemu.rs` boots it and reads the markers /init prints;
+//! - `known.rs` lists the failures that are known, with their reasons.
 //!
 //! Downloads are cached under ~/.cache/conntrack-trace/vm: a second run
 //! touches no network (`--refresh` resolves the suites' current kernels
@@ -249,8 +250,8 @@ fn build_initramfs(k: &kernel::Kernel, bins: &Binaries, out_dir: &Path) -> Resul
             root.host_file(Path::new(f), f)?;
         }
     }
-    // Host tools the tests shell out to, at their host paths (PATH in
-    // init.sh puts them before busybox's applets).
+    // Host tools the tests shell out to, under /usr/sbin (PATH in init.sh
+    // puts it before busybox's applets, which include a weaker `ip`).
     for tool in ["ip", "nft", "setpriv"] {
         let host = initramfs::which(tool)
             .with_context(|| format!("{tool} not found on the host (cargo xtask setup)"))?;
