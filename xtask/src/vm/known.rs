@@ -38,6 +38,16 @@ pub const KNOWN: &[Known] = &[
         why: "kfree_skb has no drop reason before 5.17: the tracepoint backend cannot \
               classify drops there and says so (exit 4)",
     },
+    // Measured with branch fexit merged (its --backend flag): Debian's 5.10
+    // cloud kernel is built without CONFIG_DEBUG_INFO_BTF_MODULES.
+    Known {
+        kernels: &["5.10"],
+        backend: "fexit",
+        tests: SCENARIOS,
+        signature: "kernel BTF has no function `__nf_conntrack_alloc`",
+        why: "no module BTF on 5.10 (CONFIG_DEBUG_INFO_BTF_MODULES unset): fexit cannot \
+              attach to nf_conntrack's functions and says so (exit 4)",
+    },
 ];
 
 #[derive(Debug, PartialEq, Eq)]
