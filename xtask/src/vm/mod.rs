@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_BACKENDS)]
     pub backend: String,
     /// Only these scenario test binaries (comma-separated: table_full,
-    /// early_drop, insert_failed, cli_errors); default all.
+    /// early_drop, insert_failed, amplification, cli_errors, ...); default all.
     #[arg(long)]
     pub tests: Option<String>,
     /// Copy every boot's serial log into DIR (failed boots' logs are always
@@ -252,7 +252,9 @@ fn build_initramfs(k: &kernel::Kernel, bins: &Binaries, out_dir: &Path) -> Resul
     }
     // Host tools the tests shell out to, under /usr/sbin (PATH in init.sh
     // puts it before busybox's applets, which include a weaker `ip`).
-    for tool in ["ip", "nft", "setpriv"] {
+    // dnsmasq and dig: the real DNS server and client of the amplification
+    // tests.
+    for tool in ["ip", "nft", "setpriv", "dnsmasq", "dig"] {
         let host = initramfs::which(tool)
             .with_context(|| format!("{tool} not found on the host (cargo xtask setup)"))?;
         root.host_program(&host, &format!("/usr/sbin/{tool}"))?;
