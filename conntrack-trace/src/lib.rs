@@ -8,6 +8,7 @@
 pub mod aggregate;
 pub mod backend;
 pub mod btf;
+pub mod capture;
 pub mod cli;
 pub mod error;
 pub mod event;
