@@ -96,6 +96,24 @@ pub fn create_private(path: &Path, force: bool) -> Result<File, WriteError> {
     Ok(f)
 }
 
+/// Checks the options and that nothing would be overwritten without
+/// `force` (the file, or a rotated `PATH.N` of an earlier capture).
+pub fn precheck(opts: &WriteOptions) -> Result<(), WriteError> {
+    if let Some(m) = opts.max_size
+        && m < MIN_MAX_SIZE
+    {
+        return Err(WriteError::MaxSize(m));
+    }
+    if !opts.force {
+        for p in [opts.path.clone(), rotated_path(&opts.path, 1)] {
+            if p.symlink_metadata().is_ok() {
+                return Err(WriteError::Exists(p.display().to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
 enum Msg {
     Data(Vec<u8>),
     /// fdatasync the current file.
@@ -189,25 +207,20 @@ impl Writer {
     /// Creates `opts.path` (and checks no rotated file of an older capture
     /// is in the way) and writes the header.
     pub fn create(opts: WriteOptions, mut header: Header) -> Result<Writer, WriteError> {
-        if let Some(m) = opts.max_size
-            && m < MIN_MAX_SIZE
-        {
-            return Err(WriteError::MaxSize(m));
-        }
-        // A stale PATH.N from an earlier capture would be read as part of
-        // this one: refuse, or remove it with --force.
-        for seq in 1.. {
-            let p = rotated_path(&opts.path, seq);
-            if !p.exists() {
-                break;
+        precheck(&opts)?;
+        if opts.force {
+            // A stale PATH.N from an earlier capture would be read as part
+            // of this one.
+            for seq in 1.. {
+                let p = rotated_path(&opts.path, seq);
+                if !p.exists() {
+                    break;
+                }
+                std::fs::remove_file(&p).map_err(|source| WriteError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
             }
-            if !opts.force {
-                return Err(WriteError::Exists(p.display().to_string()));
-            }
-            std::fs::remove_file(&p).map_err(|source| WriteError::Io {
-                path: p.display().to_string(),
-                source,
-            })?;
         }
         let file = create_private(&opts.path, opts.force)?;
         header.seq = 0;

@@ -62,7 +62,7 @@ pub struct Scope {
 pub struct Summary {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub version: &'static str,
+    pub version: String,
     pub backend: String,
     pub evictions: String,
     pub duration_s: f64,
