@@ -205,11 +205,6 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     let start_mono_ns = monotonic_ns();
     let started = Instant::now();
 
-    if let Some(path) = &opts.ready_file {
-        std::fs::write(path, b"ready\n")
-            .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
-    }
-
     let writer = match opts.write.take() {
         None => None,
         Some(w) => {
@@ -263,6 +258,13 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
+    // Ready only once SIGINT/SIGTERM are handled and the capture file is
+    // open: a script that signals right after the file appears must get a
+    // summary (and a finished capture), not a dead process.
+    if let Some(path) = &opts.ready_file {
+        std::fs::write(path, b"ready\n")
+            .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
+    }
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -386,6 +388,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         let files = w.files();
         let written = w.events_written();
         let trailer = capture::Trailer {
+            backend: summary.backend.clone(),
             duration_s,
             end_mono_ns: monotonic_ns(),
             events: summary.events,

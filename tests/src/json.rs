@@ -94,6 +94,8 @@ pub struct Summary {
 pub struct Output {
     pub events: Vec<Event>,
     pub summary: Summary,
+    /// The stream as printed (for byte-for-byte comparisons).
+    pub text: String,
 }
 
 impl Output {
@@ -120,6 +122,7 @@ impl Output {
         Ok(Output {
             events,
             summary: summary.context("no summary line")?,
+            text: text.to_owned(),
         })
     }
 

@@ -463,6 +463,21 @@ impl Tracer {
     }
 }
 
+impl Tracer {
+    /// SIGKILLs the tracer (no chance to flush or finish anything) and
+    /// returns what it had printed.
+    pub fn kill(mut self) -> Result<String> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(self
+            .stdout
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default())
+    }
+}
+
 impl Drop for Tracer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

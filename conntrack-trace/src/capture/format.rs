@@ -135,6 +135,9 @@ pub struct Header {
 /// Last record of a finished capture (SIGINT, SIGTERM, --duration).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Trailer {
+    /// The backend as the live summary names it (the header's `backend`
+    /// names the hooks).
+    pub backend: String,
     pub duration_s: f64,
     pub end_mono_ns: u64,
     /// Events read from the ring (every one of them is in the capture).

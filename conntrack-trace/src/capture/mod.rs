@@ -91,6 +91,7 @@ pub(crate) mod tests {
             *k.get_mut(e.kind) += 1;
         }
         Trailer {
+            backend: "tracepoint".into(),
             duration_s: 2.5,
             end_mono_ns: 3_500_000_000,
             events: k,

@@ -426,7 +426,7 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
     let summary = Summary {
         kind: "summary",
         version: h.tool_version.clone(),
-        backend: h.backend.clone(),
+        backend: t.map_or_else(|| h.backend.clone(), |t| t.backend.clone()),
         evictions: h.evictions.clone(),
         duration_s,
         start_unix_ns: h.start_unix_ns,
