@@ -30,7 +30,8 @@ enum Cmd {
     },
     /// Set up, build, and run every test (unit, then root netns scenarios).
     Test,
-    /// Measure the cost of the eviction hook on a socket churn loop.
+    /// Measure the cost of the eviction hook on a socket churn loop
+    /// (`bench capture`: capture write/read throughput).
     Bench(bench::Args),
 }
 

@@ -4,7 +4,7 @@
 //! - `bpf-linker`, built against the nightly's own libLLVM (see
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
-//! - Debian packages the tests use (iproute2, nftables, util-linux).
+//! - Debian packages the tests use (iproute2, nftables, util-linux, tshark).
 
 use std::{path::Path, process::Command};
 
@@ -133,6 +133,8 @@ fn debian_packages() -> Result<()> {
         ("ip", "iproute2"),
         ("nft", "nftables"),
         ("setpriv", "util-linux"),
+        // The capture tests decode exported pcapng (tshark, capinfos).
+        ("tshark", "tshark"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -150,6 +152,10 @@ fn debian_packages() -> Result<()> {
         );
     }
     eprintln!("xtask setup: apt-get install {}", missing.join(" "));
+    // tshark's package asks a debconf question (setuid dumpcap); take
+    // the default instead of waiting on a terminal.
+    // SAFETY: xtask is single-threaded here.
+    unsafe { std::env::set_var("DEBIAN_FRONTEND", "noninteractive") };
     crate::cmd("apt-get", &["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());

@@ -394,3 +394,55 @@ pub(crate) mod tests {
         assert!(matches!(e, ReadError::Duplicate { .. }), "{e}");
     }
 }
+
+/// The fuzz crate's seeds must decode; its regressions (inputs that once
+/// crashed or hung a fuzz target) must not panic. Runs in `cargo xtask test`.
+#[cfg(test)]
+mod fuzz_regressions {
+    use std::path::{Path, PathBuf};
+
+    use super::{format, reader};
+
+    fn files(dir: &str) -> Vec<PathBuf> {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz")
+            .join(dir);
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&d)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| p.file_name().is_some_and(|n| n != ".gitkeep"));
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn seeds_decode() {
+        let whole = files("seeds/read_capture");
+        assert!(!whole.is_empty(), "fuzz/seeds/read_capture is empty");
+        for p in whole {
+            let data = std::fs::read(&p).unwrap();
+            let (n, end) = reader::read_bytes(&data).unwrap();
+            assert!(
+                n >= 3 && end.is_none(),
+                "{}: {n} records, {end:?}",
+                p.display()
+            );
+        }
+        let bodies = files("seeds/decode_record");
+        assert!(bodies.len() >= 5, "a seed per record type");
+        for p in bodies {
+            let data = std::fs::read(&p).unwrap();
+            assert!(format::decode_body(&data).is_ok(), "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn regressions_do_not_panic() {
+        for p in files("regressions/read_capture") {
+            let _ = reader::read_bytes(&std::fs::read(&p).unwrap());
+        }
+        for p in files("regressions/decode_record") {
+            let _ = format::decode_body(&std::fs::read(&p).unwrap());
+        }
+    }
+}
