@@ -348,6 +348,18 @@ pub fn binary() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/conntrack-trace")
 }
 
+/// The release build (`cargo xtask test` builds it and sets
+/// CONNTRACK_TRACE_RELEASE_BIN), for tests about what the shipped binary
+/// sustains; None when not built.
+pub fn release_binary() -> Option<PathBuf> {
+    std::env::var_os("CONNTRACK_TRACE_RELEASE_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/conntrack-trace"))
+        })
+        .filter(|p| p.exists())
+}
+
 /// A running `conntrack-trace trace --format ndjson`.
 pub struct Tracer {
     child: Option<Child>,
@@ -368,13 +380,18 @@ fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandl
 impl Tracer {
     /// Starts the tracer and waits (bounded) until it has attached.
     pub fn start(extra: &[&str]) -> Result<Tracer> {
+        Tracer::start_bin(&binary(), extra)
+    }
+
+    /// [`Tracer::start`] with another build of the binary (e.g. release).
+    pub fn start_bin(bin: &Path, extra: &[&str]) -> Result<Tracer> {
         let ready = std::env::temp_dir().join(format!(
             "ctt-ready-{}-{}",
             std::process::id(),
             rand_suffix()
         ));
         let _ = fs::remove_file(&ready);
-        let bin = binary();
+        let bin = bin.to_owned();
         ensure!(
             bin.exists(),
             "{} not built (run `cargo xtask test`)",

@@ -421,7 +421,7 @@ mod fuzz_regressions {
         assert!(!whole.is_empty(), "fuzz/seeds/read_capture is empty");
         for p in whole {
             let data = std::fs::read(&p).unwrap();
-            let (n, end) = reader::read_bytes(&data).unwrap();
+            let (n, end) = reader::read_fuzz_input(&data).unwrap().unwrap();
             assert!(
                 n >= 3 && end.is_none(),
                 "{}: {n} records, {end:?}",
@@ -439,7 +439,7 @@ mod fuzz_regressions {
     #[test]
     fn regressions_do_not_panic() {
         for p in files("regressions/read_capture") {
-            let _ = reader::read_bytes(&std::fs::read(&p).unwrap());
+            let _ = reader::read_fuzz_input(&std::fs::read(&p).unwrap());
         }
         for p in files("regressions/decode_record") {
             let _ = format::decode_body(&std::fs::read(&p).unwrap());
