@@ -179,7 +179,6 @@ fn main() {
     let r = report::build(&paths, &OfflineFilterArgs::default(), 10, |_, _, _| {}).expect("report");
     let report_s = t.elapsed().as_secs_f64();
     assert_eq!(r.summary.events.total(), n, "report read every event");
-    assert!(r.check.all_captured || r.check.kernel_drop.is_some());
     let t = Instant::now();
     let sink = std::io::BufWriter::new(std::io::sink());
     let (_, stats) =

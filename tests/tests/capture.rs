@@ -497,3 +497,63 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
     assert_eq!(r["summary"]["events"]["table_full"], delta.drop);
     Ok(())
 }
+
+/// Bad input to `report`/`export` is one line on stderr naming the file,
+/// and a non-zero exit; never a panic. (No root needed.)
+#[test]
+fn offline_errors_name_the_file() -> Result<()> {
+    let dir = Scratch::new("err")?;
+    let text = dir.path("notes.txt");
+    std::fs::write(&text, "not a capture\n")?;
+    let missing = dir.path("missing.ctt");
+    let empty = dir.path("empty.ctt");
+    std::fs::write(&empty, b"")?;
+    for (args, code, want) in [
+        (
+            vec!["report", s(&text)],
+            1,
+            format!(
+                "{}: not a conntrack-trace capture (bad magic at offset 0)",
+                s(&text)
+            ),
+        ),
+        (
+            vec!["report", s(&missing)],
+            1,
+            format!("{}: No such file", s(&missing)),
+        ),
+        (
+            vec!["export", s(&empty), "--format", "ndjson"],
+            1,
+            format!("{}: not a conntrack-trace capture", s(&empty)),
+        ),
+        (
+            vec!["report", s(&text), "--since", "soon"],
+            2,
+            "invalid time `soon`".into(),
+        ),
+    ] {
+        let (got, out, err) = ctt(&args)?;
+        assert_eq!(got, code, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        // (clap adds a "For more information" hint to usage errors.)
+        if code != 2 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        }
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // A capture that is only the magic and a torn header.
+    let torn = dir.path("torn.ctt");
+    std::fs::write(&torn, b"\x89CTT\r\n\x1a\n\x10\x00\x00\x00")?;
+    let (code, _, err) = ctt(&["report", s(&torn)])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: offset 8: no readable header (torn record frame",
+            s(&torn)
+        )),
+        "{err}"
+    );
+    Ok(())
+}

@@ -250,43 +250,49 @@ pub fn read_set(
     if paths.is_empty() {
         return Err(ReadError::NoFiles);
     }
+    // First pass: headers only (one file open at a time, so a set of
+    // thousands of rotated files needs neither thousands of descriptors
+    // nor thousands of read buffers).
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        files.push(open_with_header(p)?);
+        let (r, h) = open_with_header(p)?;
+        files.push((p.as_path(), r.path().to_owned(), h));
     }
-    files.sort_by_key(|(_, h)| h.seq);
+    files.sort_by_key(|(_, _, h)| h.seq);
     for w in files.windows(2) {
         let (a, b) = (&w[0], &w[1]);
-        if a.1.capture_id != b.1.capture_id {
+        if a.2.capture_id != b.2.capture_id {
             return Err(ReadError::Mixed {
-                a: a.0.path().to_owned(),
-                b: b.0.path().to_owned(),
+                a: a.1.clone(),
+                b: b.1.clone(),
             });
         }
-        if a.1.seq == b.1.seq {
+        if a.2.seq == b.2.seq {
             return Err(ReadError::Duplicate {
-                a: a.0.path().to_owned(),
-                b: b.0.path().to_owned(),
-                seq: a.1.seq,
+                a: a.1.clone(),
+                b: b.1.clone(),
+                seq: a.2.seq,
             });
         }
     }
     let mut warnings = Vec::new();
-    let first_seq = files[0].1.seq;
+    let first_seq = files[0].2.seq;
     if first_seq != 0 {
         warnings.push(format!(
             "files 0..{first_seq} of the capture are missing: events before {} are not included",
-            files[0].0.path()
+            files[0].1
         ));
     }
-    let header = files[0].1.clone();
+    let header = files[0].2.clone();
     let mut names = NetnsNames::new();
     let mut trailer = None;
     let mut infos = Vec::with_capacity(files.len());
     let mut total = 0u64;
     let n_files = files.len();
     let mut expect_seq = first_seq;
-    for (i, (mut r, h)) in files.into_iter().enumerate() {
+    for (i, (path, _, h)) in files.into_iter().enumerate() {
+        // Second pass: reopen and skip the header read above.
+        let (mut r, _) = open_with_header(path)?;
         if h.seq != expect_seq {
             warnings.push(format!(
                 "files {expect_seq}..{} of the capture are missing (before {})",
