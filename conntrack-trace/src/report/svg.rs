@@ -98,9 +98,15 @@ pub fn render(r: &Report) -> String {
         let sec = (n * bucket * frac) as u128;
         let wall = r.summary.start_unix_ns + sec * 1_000_000_000;
         let label = utc(wall);
+        // Outer labels inside the picture, not clipped at its edges.
+        let anchor = match i {
+            0 => "start",
+            4 => "end",
+            _ => "middle",
+        };
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="{anchor}">{}</text>"#,
             x(n * frac),
             H - BOTTOM + 18.0,
             &label[11..19]
