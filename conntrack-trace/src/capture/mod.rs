@@ -367,6 +367,25 @@ pub(crate) mod tests {
             ),
             Err(WriteError::MaxSize(1000))
         ));
+        // A header of thousands of namespaces does not fit 64 KiB files.
+        std::fs::remove_file(&p).unwrap();
+        let mut big = header();
+        for i in 0..2000 {
+            big.kernel_start.insert(i, Default::default());
+        }
+        let e = Writer::create(
+            WriteOptions {
+                max_size: Some(writer::MIN_MAX_SIZE),
+                ..opts(true)
+            },
+            big,
+        );
+        assert!(
+            matches!(e, Err(WriteError::HeaderTooLarge { .. })),
+            "{:?}",
+            e.err()
+        );
+        assert!(!p.exists(), "no file left behind");
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub enum WriteError {
     Exists(String),
     #[error("--max-size {0} is below the minimum of {MIN_MAX_SIZE} bytes")]
     MaxSize(u64),
+    #[error("--max-size {max} is too small for this capture's header ({header} bytes with {namespaces} namespaces): use at least {}", header * 4)]
+    HeaderTooLarge {
+        max: u64,
+        header: u64,
+        namespaces: usize,
+    },
     #[error("writing capture {path}: {source}")]
     Io {
         path: String,
@@ -251,6 +257,22 @@ impl Writer {
             failed,
         };
         w.start_file();
+        // Every rotated file repeats the header: it must leave room for
+        // events, or rotation would make a file per event.
+        if let Some(max) = w.opts.max_size
+            && w.file_bytes * 4 > max
+        {
+            let e = WriteError::HeaderTooLarge {
+                max,
+                header: w.file_bytes,
+                namespaces: w.header.conntrack.len().max(w.header.kernel_start.len()),
+            };
+            let path = w.opts.path.clone();
+            drop(w);
+            // Nothing was recorded: do not leave a file that blocks the retry.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Ok(w)
     }
 

@@ -111,7 +111,10 @@ pub fn export(
             stats.without_bytes += 1;
             return;
         }
-        let wall = (start_unix as i128 + i128::from(e.ts_ns) - i128::from(start_mono)).max(0);
+        let wall = i128::try_from(start_unix)
+            .unwrap_or(i128::MAX)
+            .saturating_add(i128::from(e.ts_ns) - i128::from(start_mono))
+            .max(0);
         let block = EnhancedPacketBlock {
             interface_id: 0,
             timestamp: Duration::from_nanos(wall.min(u64::MAX as i128) as u64),

@@ -75,7 +75,11 @@ pub fn render(r: &Report) -> String {
     }
     s.push('\n');
     for row in busy {
-        let wall = r.summary.start_unix_ns + u128::from(row.t_s) * 1_000_000_000;
+        // Saturating: the start time comes from a file and may be hostile.
+        let wall = r
+            .summary
+            .start_unix_ns
+            .saturating_add(u128::from(row.t_s) * 1_000_000_000);
         let _ = write!(s, "{:<26}", utc(wall));
         for k in Kind::FAILURES {
             let _ = write!(s, " {:>13.1}", row.counts.get(k) as f64 / t.bucket_s as f64);

@@ -41,8 +41,15 @@ fn to_mono(t: TimeSpec, h: &Header) -> u64 {
     match t {
         TimeSpec::Offset(d) => h.start_mono_ns.saturating_add(d.as_nanos() as u64),
         TimeSpec::Unix(ns) => {
-            let delta = ns as i128 - h.start_unix_ns as i128;
-            (h.start_mono_ns as i128 + delta).clamp(0, u64::MAX as i128) as u64
+            // i128 holds every u64 and the difference of two plausible
+            // u128 times; saturate for hostile headers.
+            let start = i128::try_from(h.start_unix_ns).unwrap_or(i128::MAX);
+            let delta = i128::try_from(ns)
+                .unwrap_or(i128::MAX)
+                .saturating_sub(start);
+            i128::from(h.start_mono_ns)
+                .saturating_add(delta)
+                .clamp(0, i128::from(u64::MAX)) as u64
         }
     }
 }
@@ -594,6 +601,48 @@ mod tests {
             100,
             "every event before the damage"
         );
+    }
+
+    #[test]
+    fn hostile_times_do_not_panic_any_renderer() {
+        use crate::capture::{WriteOptions, Writer, format::tests::sample_event, tests};
+        let d = TempDir::new("hostile");
+        let p = d.0.join("c.ctt");
+        let mut h = tests::header();
+        h.start_unix_ns = u128::MAX;
+        h.start_mono_ns = u64::MAX / 2;
+        let mut w = Writer::create(
+            WriteOptions {
+                path: p.clone(),
+                force: false,
+                max_size: None,
+            },
+            h,
+        )
+        .unwrap();
+        let mut evs = vec![];
+        for (i, ts) in [0, 1, u64::MAX, u64::MAX / 2 + 1].into_iter().enumerate() {
+            let mut e = sample_event(i as u64);
+            e.ts_ns = ts;
+            w.event(&e);
+            evs.push(e);
+        }
+        w.finish(tests::trailer(&evs)).unwrap();
+        let args = OfflineFilterArgs {
+            since: Some(TimeSpec::Unix(0)),
+            until: Some(TimeSpec::Offset(std::time::Duration::from_secs(
+                u64::MAX / 4,
+            ))),
+            ..Default::default()
+        };
+        for a in [OfflineFilterArgs::default(), args] {
+            let r = build(std::slice::from_ref(&p), &a, 5, |_, _, _| {}).unwrap();
+            assert!(r.timeline.rows.len() <= MAX_ROWS as usize + 1);
+            assert!(!human::render(&r).is_empty());
+            assert!(!markdown::render(&r).is_empty());
+            assert!(svg::render(&r).ends_with("</svg>\n"));
+            assert!(serde_json::to_string(&r).is_ok());
+        }
     }
 
     #[test]

@@ -96,7 +96,10 @@ pub fn render(r: &Report) -> String {
     for i in 0..=4 {
         let frac = f64::from(i) / 4.0;
         let sec = (n * bucket * frac) as u128;
-        let wall = r.summary.start_unix_ns + sec * 1_000_000_000;
+        let wall = r
+            .summary
+            .start_unix_ns
+            .saturating_add(sec.saturating_mul(1_000_000_000));
         let label = utc(wall);
         // Outer labels inside the picture, not clipped at its edges.
         let anchor = match i {
