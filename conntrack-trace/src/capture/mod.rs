@@ -447,6 +447,13 @@ mod fuzz_regressions {
                 p.display()
             );
         }
+        let scratch = super::tests::TempDir::new("fuzz-seeds");
+        for p in files("seeds/report_file") {
+            let f = scratch.0.join("f.ctt");
+            crate::report::fuzz_report(&std::fs::read(&p).unwrap(), &f);
+            let r = crate::report::build(&[f], &Default::default(), 10, |_, _, _| {}).unwrap();
+            assert!(r.summary.events.total() >= 3, "{}", p.display());
+        }
         let bodies = files("seeds/decode_record");
         assert!(bodies.len() >= 5, "a seed per record type");
         for p in bodies {
@@ -462,6 +469,10 @@ mod fuzz_regressions {
         }
         for p in files("regressions/decode_record") {
             let _ = format::decode_body(&std::fs::read(&p).unwrap());
+        }
+        let scratch = super::tests::TempDir::new("fuzz-report");
+        for p in files("regressions/report_file") {
+            crate::report::fuzz_report(&std::fs::read(&p).unwrap(), &scratch.0.join("f.ctt"));
         }
     }
 }

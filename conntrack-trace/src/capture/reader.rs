@@ -400,11 +400,16 @@ pub fn read_bytes(data: &[u8]) -> Result<(usize, Option<CutShort>), ReadError> {
 /// mutations also reach the decoders and the record sequencing behind the
 /// checksum (a real CRC stops nearly all of them).
 pub fn read_fuzz_input(data: &[u8]) -> Option<Result<(usize, Option<CutShort>), ReadError>> {
+    Some(read_bytes(&fuzz_file(data)?))
+}
+
+/// The capture file a fuzz input stands for (see [`read_fuzz_input`]).
+pub fn fuzz_file(data: &[u8]) -> Option<Vec<u8>> {
     let (&mode, rest) = data.split_first()?;
-    if mode & 1 == 0 {
-        return Some(read_bytes(rest));
-    }
     let mut v = rest.to_vec();
+    if mode & 1 == 0 {
+        return Some(v);
+    }
     let mut off = MAGIC.len();
     while off + FRAME_BYTES <= v.len() {
         let len = u32::from_le_bytes([v[off], v[off + 1], v[off + 2], v[off + 3]]) as usize;
@@ -418,5 +423,5 @@ pub fn read_fuzz_input(data: &[u8]) -> Option<Result<(usize, Option<CutShort>), 
         v[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
         off = end;
     }
-    Some(read_bytes(&v))
+    Some(v)
 }

@@ -489,6 +489,25 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
     }
 }
 
+/// The `report_file` fuzz target's entry (here so regressions replay
+/// exactly): the capture a fuzz input stands for, read from `path`, through
+/// the analysis and every renderer.
+pub fn fuzz_report(data: &[u8], path: &std::path::Path) {
+    let Some(file) = capture::reader::fuzz_file(data) else {
+        return;
+    };
+    if std::fs::write(path, file).is_err() {
+        return;
+    }
+    let paths = [path.to_owned()];
+    if let Ok(r) = build(&paths, &OfflineFilterArgs::default(), 10, |_, _, _| {}) {
+        let _ = human::render(&r);
+        let _ = markdown::render(&r);
+        let _ = svg::render(&r);
+        let _ = serde_json::to_string(&r);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
