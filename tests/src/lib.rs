@@ -446,10 +446,16 @@ impl Tracer {
     }
 
     /// Sends SIGINT and collects the output (bounded wait).
-    pub fn stop(mut self) -> Result<json::Output> {
+    pub fn stop(self) -> Result<json::Output> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Sends `signal` (SIGINT or SIGTERM: both end a trace cleanly) and
+    /// collects the output (bounded wait).
+    pub fn stop_with(mut self, signal: i32) -> Result<json::Output> {
         let mut child = self.child.take().context("already stopped")?;
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = child.try_wait()? {
@@ -457,7 +463,7 @@ impl Tracer {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("conntrack-trace did not exit 60 s after SIGINT");
+                bail!("conntrack-trace did not exit 60 s after signal {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         };

@@ -364,7 +364,8 @@ fn rotated_capture_reads_as_one() -> Result<()> {
         33_000..36_000,
     )?;
     let flood_s = started.elapsed().as_secs_f64();
-    let out_b = b.stop()?;
+    // SIGTERM (what a service manager sends) also finishes the capture.
+    let out_b = b.stop_with(libc::SIGTERM)?;
     let out_a = a.stop()?;
     let mut files: Vec<String> = std::fs::read_dir(&dir.0)?
         .flatten()
