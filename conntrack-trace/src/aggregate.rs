@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Kind, Proto};
 
@@ -53,7 +53,7 @@ impl SourceKey {
 }
 
 /// Per-kind counts, indexed by `Kind as usize` order of [`Kind::ALL`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindCounts {
     pub table_full: u64,
     pub early_drop: u64,

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{event::Proto, filter::Cidr};
+use crate::{amplify::AmpConfig, event::Proto, filter::Cidr};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,6 +21,11 @@ pub struct Cli {
 pub enum Command {
     /// Trace conntrack failures live (needs root or CAP_BPF+CAP_PERFMON).
     Trace(TraceArgs),
+    /// Summarise a capture (`trace --write`): totals, top sources, timeline,
+    /// metadata and the capture-vs-kernel counter check.
+    Report(ReportArgs),
+    /// Convert a capture to ndjson (the live schema) or pcapng.
+    Export(ExportArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -79,6 +84,25 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes (power of two, >= page size).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    #[command(flatten)]
+    pub amp: AmpArgs,
+    /// Also record every event (before filters) to this capture file,
+    /// created with mode 0600, for `report` and `export`.
+    #[arg(long, value_name = "FILE")]
+    pub write: Option<PathBuf>,
+    /// Overwrite an existing capture file (and its rotated files).
+    #[arg(long, requires = "write")]
+    pub force: bool,
+    /// Continue the capture in FILE.1, FILE.2, ... before a file would
+    /// exceed this size (e.g. 100M; at least 64k).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "write")]
+    pub max_size: Option<u64>,
+}
+
+/// Settings of the retransmission-amplification detector (`trace`,
+/// `report`, `export`).
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct AmpArgs {
     /// Retransmission window: a drop of a flow already dropped this
     /// recently is a retransmission.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
@@ -89,6 +113,198 @@ pub struct TraceArgs {
     /// ... and it has at least this many retransmissions.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub amp_min_retries: u64,
+}
+
+impl Default for AmpArgs {
+    fn default() -> Self {
+        let c = AmpConfig::default();
+        AmpArgs {
+            amp_window: c.window,
+            amp_threshold: c.threshold,
+            amp_min_retries: c.min_retries,
+        }
+    }
+}
+
+impl AmpArgs {
+    /// The detector's configuration, or a one-line reason it is invalid.
+    pub fn config(&self) -> Result<AmpConfig, String> {
+        let c = AmpConfig {
+            window: self.amp_window,
+            threshold: self.amp_threshold,
+            min_retries: self.amp_min_retries,
+            ..AmpConfig::default()
+        };
+        c.validate().map(|()| c)
+    }
+}
+
+/// A point in time given to `--since/--until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSpec {
+    /// This long after the capture started (`90s`, `5m`).
+    Offset(Duration),
+    /// Wall clock, Unix nanoseconds (`@1700000000`, `2026-11-25T14:05:00Z`).
+    Unix(u128),
+}
+
+/// Filters of `report` and `export` (those of `trace`, plus a time window).
+#[derive(Debug, Default, clap::Args)]
+pub struct OfflineFilterArgs {
+    /// Only this network namespace: its name as recorded, or its inode.
+    #[arg(long, value_name = "NAME|INODE")]
+    pub netns: Option<String>,
+    /// Only this L4 protocol (udp, tcp, icmp, icmpv6, sctp, or a number).
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: Option<Proto>,
+    /// Only packets with this source or destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only sources in this prefix (e.g. 10.0.0.0/8, fd00::/64).
+    #[arg(long, value_name = "CIDR")]
+    pub src: Option<Cidr>,
+    /// Only events at or after this time: an offset from the capture's
+    /// start (90s, 5m), `@UNIX_SECONDS`, or UTC `YYYY-MM-DDTHH:MM:SS[.f]Z`.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<TimeSpec>,
+    /// Only events before this time (same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<TimeSpec>,
+    /// Amplification settings for the offline analysis (as in `trace`).
+    #[command(flatten)]
+    pub amp: AmpArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Human,
+    Json,
+    Markdown,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Capture file(s); the files of a rotated capture, in any order.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: ReportFormat,
+    /// Also draw the timeline (drops per second by kind) as SVG here.
+    #[arg(long, value_name = "OUT")]
+    pub svg: Option<PathBuf>,
+    /// Rows in the top-sources table.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    #[command(flatten)]
+    pub filter: OfflineFilterArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// The live `--format ndjson` stream: events, then the summary.
+    Ndjson,
+    /// One packet per event that has packet bytes (raw IP), the drop kind
+    /// in its comment (tshark, Wireshark).
+    Pcapng,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Capture file(s); the files of a rotated capture, in any order.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Output file (mode 0600); `-` or absent: stdout.
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub force: bool,
+    /// Rows in the summary's top sources (ndjson).
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    #[command(flatten)]
+    pub filter: OfflineFilterArgs,
+}
+
+/// Parses `64k`, `100M`, `2G` (powers of 1024) or a bare byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let err = || format!("invalid size `{s}` (examples: 65536, 64k, 100M, 2G)");
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (
+            &t[..i],
+            match c.to_ascii_lowercase() {
+                'k' => 1u64 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                _ => return Err(err()),
+            },
+        ),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    n.checked_mul(mult).filter(|v| *v > 0).ok_or_else(err)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// days_from_civil).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Parses `--since/--until`.
+pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
+    let err = || {
+        format!(
+            "invalid time `{s}` (an offset such as 90s or 5m, @UNIX_SECONDS, or 2026-11-25T14:05:00Z)"
+        )
+    };
+    let s = s.trim();
+    if let Some(unix) = s.strip_prefix('@') {
+        let secs: f64 = unix.parse().map_err(|_| err())?;
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(err());
+        }
+        return Ok(TimeSpec::Unix((secs * 1e9) as u128));
+    }
+    if let Ok(d) = parse_duration(s) {
+        return Ok(TimeSpec::Offset(d));
+    }
+    // YYYY-MM-DDTHH:MM:SS[.fraction][Z]
+    let t = s.strip_suffix('Z').unwrap_or(s);
+    let (date, time) = t.split_once(['T', ' ']).ok_or_else(err)?;
+    let d: Vec<&str> = date.split('-').collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let h: Vec<&str> = hms.split(':').collect();
+    if d.len() != 3 || h.len() != 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err());
+    }
+    let num = |x: &str, lo: u32, hi: u32| -> Result<u32, String> {
+        let v: u32 = x.parse().map_err(|_| err())?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(err())
+        }
+    };
+    let year = num(d[0], 1970, 9999)?;
+    let (mon, day) = (num(d[1], 1, 12)?, num(d[2], 1, 31)?);
+    let (hh, mm, ss) = (num(h[0], 0, 23)?, num(h[1], 0, 59)?, num(h[2], 0, 60)?);
+    let mut frac_ns: u128 = 0;
+    for (i, b) in frac.bytes().take(9).enumerate() {
+        frac_ns += u128::from(b - b'0') * 10u128.pow(8 - i as u32);
+    }
+    let days = days_from_civil(year as i64, mon, day);
+    let secs = days * 86_400 + i64::from(hh * 3600 + mm * 60 + ss);
+    Ok(TimeSpec::Unix(secs as u128 * 1_000_000_000 + frac_ns))
 }
 
 /// Parses `1h30m`, `5m`, `30s`, `250ms`, or a bare number of seconds.
@@ -188,12 +404,56 @@ mod tests {
             "off",
         ])
         .unwrap();
-        let Command::Trace(t) = cli.command;
+        let Command::Trace(t) = cli.command else {
+            panic!("not trace")
+        };
         assert_eq!(t.duration, Some(Duration::from_secs(10)));
         assert_eq!(t.proto, Some(Proto::UDP));
         assert_eq!(t.port, Some(53));
         assert_eq!(t.format, Some(Format::Ndjson));
         assert_eq!(t.evictions, OnOff::Off);
+    }
+
+    #[test]
+    fn sizes_and_times() {
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "k", "0", "-1", "1x", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_time("90s"),
+            Ok(TimeSpec::Offset(Duration::from_secs(90)))
+        );
+        assert_eq!(
+            parse_time("@1700000000"),
+            Ok(TimeSpec::Unix(1_700_000_000_000_000_000))
+        );
+        // date -u -d 2023-11-14T22:13:20Z +%s = 1700000000
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z"),
+            Ok(TimeSpec::Unix(1_700_000_000_000_000_000))
+        );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20.25Z"),
+            Ok(TimeSpec::Unix(1_700_000_000_250_000_000))
+        );
+        assert_eq!(
+            parse_time("2000-02-29T00:00:00Z"),
+            Ok(TimeSpec::Unix(951_782_400_000_000_000))
+        );
+        for bad in [
+            "",
+            "@x",
+            "2023-13-01T00:00:00Z",
+            "2023-11-14",
+            "12:00",
+            "2023-11-14T22:13:2x",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -205,6 +465,19 @@ mod tests {
             vec!["conntrack-trace", "trace", "--duration", "soon"],
             vec!["conntrack-trace", "trace", "--ring-size", "1000"],
             vec!["conntrack-trace", "trace", "--format", "xml"],
+            vec!["conntrack-trace", "trace", "--force"],
+            vec![
+                "conntrack-trace",
+                "trace",
+                "--write",
+                "f",
+                "--max-size",
+                "1x",
+            ],
+            vec!["conntrack-trace", "report"],
+            vec!["conntrack-trace", "report", "f", "--since", "yesterday"],
+            vec!["conntrack-trace", "export", "f"],
+            vec!["conntrack-trace", "export", "f", "--format", "pcap"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }

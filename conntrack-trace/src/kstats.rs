@@ -3,7 +3,7 @@
 //! ct_cpu_seq_show() in net/netfilter/nf_conntrack_standalone.c) and the
 //! per-netns entry count / global max.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StatsError {
@@ -18,7 +18,7 @@ pub enum StatsError {
 }
 
 /// Sums over all CPUs of the counters conntrack-trace reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtStats {
     /// Allocation failures and unresolvable clashes (nf_conntrack_in(),
     /// nf_ct_resolve_clash()).
@@ -118,7 +118,7 @@ pub fn parse(path: &str, text: &str) -> Result<CtStats, StatsError> {
 }
 
 /// Entry count and limits as seen from the calling thread's netns.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fill {
     pub count: u64,
     pub max: u64,

@@ -3,13 +3,17 @@ use std::io::{IsTerminal, Write};
 use clap::Parser;
 use conntrack_trace::{
     aggregate::DEFAULT_MAX_SOURCES,
-    amplify::AmpConfig,
     backend::tracepoint::{self, DEFAULT_RING_BYTES},
     btf::VMLINUX_BTF,
-    cli::{Cli, Command, Format, OnOff, TraceArgs},
+    capture::WriteOptions,
+    cli::{
+        Cli, Command, ExportArgs, ExportFormat, Format, OnOff, ReportArgs, ReportFormat, TraceArgs,
+    },
     error::{TraceError, exit},
+    export,
     filter::Filter,
     output::{Sink, human::Human, ndjson::Ndjson},
+    report::{self, ReportError},
     trace::{TraceOptions, run},
 };
 
@@ -29,6 +33,8 @@ fn main() {
     };
     let code = match cli.command {
         Command::Trace(args) => trace(args),
+        Command::Report(args) => offline(report_cmd(args)),
+        Command::Export(args) => offline(export_cmd(args)),
     };
     std::process::exit(code);
 }
@@ -45,6 +51,13 @@ fn trace(args: TraceArgs) -> i32 {
     let mut sink: Box<dyn Sink> = match format {
         Format::Human => Box::new(Human::new(out, is_tty)),
         Format::Ndjson => Box::new(Ndjson::new(out)),
+    };
+    let amp = match args.amp.config() {
+        Ok(c) => c,
+        Err(msg) => {
+            let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {msg}");
+            return exit::USAGE;
+        }
     };
     let opts = TraceOptions {
         duration: args.duration,
@@ -65,17 +78,13 @@ fn trace(args: TraceArgs) -> i32 {
             ring_bytes: args.ring_size.unwrap_or(DEFAULT_RING_BYTES),
         },
         max_sources: DEFAULT_MAX_SOURCES,
-        amp: AmpConfig {
-            window: args.amp_window,
-            threshold: args.amp_threshold,
-            min_retries: args.amp_min_retries,
-            ..AmpConfig::default()
-        },
+        amp,
+        write: args.write.map(|path| WriteOptions {
+            path,
+            force: args.force,
+            max_size: args.max_size,
+        }),
     };
-    if let Err(msg) = opts.amp.validate() {
-        let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {msg}");
-        return exit::USAGE;
-    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -97,4 +106,85 @@ fn trace(args: TraceArgs) -> i32 {
 fn fail(e: &TraceError) -> i32 {
     let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {e}");
     e.exit_code()
+}
+
+/// Exit status of `report`/`export`: a damaged capture is reported (on
+/// stderr and in the output), not an error; unreadable input is.
+fn offline(r: Result<Vec<String>, ReportError>) -> i32 {
+    match r {
+        Ok(warnings) => {
+            for w in warnings {
+                let _ = writeln!(std::io::stderr(), "conntrack-trace: warning: {w}");
+            }
+            exit::OK
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {e}");
+            match e {
+                ReportError::Usage(_) => exit::USAGE,
+                _ => exit::FAILURE,
+            }
+        }
+    }
+}
+
+fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
+    let r = report::build(&args.files, &args.filter, args.top, |_, _, _| {})?;
+    let text = match args.format {
+        ReportFormat::Human => report::human::render(&r),
+        ReportFormat::Markdown => report::markdown::render(&r),
+        ReportFormat::Json => {
+            let mut s = serde_json::to_string(&r).map_err(|e| ReportError::Io {
+                context: "encoding the report".into(),
+                source: e.into(),
+            })?;
+            s.push('\n');
+            s
+        }
+    };
+    if let Some(p) = &args.svg {
+        std::fs::write(p, report::svg::render(&r)).map_err(|source| ReportError::Io {
+            context: format!("--svg {}", p.display()),
+            source,
+        })?;
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(source) => {
+            return Err(ReportError::Io {
+                context: "writing the report".into(),
+                source,
+            });
+        }
+    }
+    Ok(r.warnings)
+}
+
+fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
+    let to_stdout = args.output.as_deref().is_none_or(|p| p.as_os_str() == "-");
+    if args.format == ExportFormat::Pcapng && to_stdout && std::io::stdout().is_terminal() {
+        return Err(ReportError::Usage(
+            "refusing to write pcapng to a terminal; use -o FILE or a pipe".into(),
+        ));
+    }
+    let out = export::open_output(args.output.as_deref(), args.force)?;
+    match args.format {
+        ExportFormat::Ndjson => {
+            let r = export::ndjson::export(&args.files, &args.filter, args.top, out)?;
+            Ok(r.warnings)
+        }
+        ExportFormat::Pcapng => {
+            let (r, stats) = export::pcapng::export(&args.files, &args.filter, out)?;
+            let mut w = r.warnings;
+            if stats.without_bytes > 0 {
+                w.push(format!(
+                    "{} matching events carry no packet bytes (evictions have no packet) and are not in the pcapng; {} packets written",
+                    stats.without_bytes, stats.packets
+                ));
+            }
+            Ok(w)
+        }
+    }
 }

@@ -18,6 +18,7 @@ use crate::{
     aggregate::{Aggregator, KindCounts},
     amplify::{AmpConfig, Detector, Finding},
     backend::tracepoint::{self, Tracepoints},
+    capture::{self, Writer, format::NsFill},
     clock::Clock,
     error::TraceError,
     event::{Event, Kind},
@@ -38,6 +39,8 @@ pub struct TraceOptions {
     pub backend: tracepoint::Options,
     pub max_sources: usize,
     pub amp: AmpConfig,
+    /// `--write FILE`: record every event to a capture file.
+    pub write: Option<capture::WriteOptions>,
 }
 
 /// Events drained from the ring per wakeup before the loop looks at its
@@ -55,6 +58,10 @@ struct Consumer<'s> {
     unknown_netns: bool,
     /// stdout went away (EPIPE): stop quietly.
     closed: bool,
+    /// `--write`: every event read from the ring, before filters.
+    writer: Option<Writer>,
+    /// The writer's I/O error was reported.
+    write_warned: bool,
 }
 
 impl Consumer<'_> {
@@ -79,6 +86,9 @@ impl Consumer<'_> {
 
     fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
         *self.received.get_mut(ev.kind) += 1;
+        if let Some(w) = &mut self.writer {
+            w.event(ev);
+        }
         if !self.filter.matches(ev) {
             return Ok(());
         }
@@ -176,6 +186,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(TraceError::io("reading /proc/self/status"))?;
     crate::error::check_privileges(&status)?;
+    if let Some(w) = &opts.write {
+        // Fail on an existing file before loading anything.
+        capture::writer::precheck(w).map_err(|e| TraceError::Usage(e.to_string()))?;
+    }
 
     let all = netns::list();
     let (scope, scope_desc) = match &opts.netns {
@@ -223,17 +237,38 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     };
     let started = Instant::now();
 
-    // Handlers go in before anyone is told we are ready: a SIGINT that
-    // arrives right after the ready file must end the trace cleanly, not kill
-    // the process with its summary unwritten.
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
-    if let Some(path) = &opts.ready_file {
-        std::fs::write(path, b"ready\n")
-            .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
-    }
+    let writer = match opts.write.take() {
+        None => None,
+        Some(w) => {
+            let header = capture::Header {
+                format_version: capture::format::FORMAT_VERSION,
+                tool_version: env!("CARGO_PKG_VERSION").into(),
+                hostname: capture::hostname(),
+                kernel_release: capture::kernel_release(),
+                backend: backend_desc.clone(),
+                evictions: evictions_desc.clone(),
+                start_unix_ns,
+                start_mono_ns,
+                capture_id: start_unix_ns as u64 ^ (u64::from(std::process::id()) << 40),
+                seq: 0,
+                scope: scope_desc.clone(),
+                filter: capture::format::RecordedFilter::of(&opts.filter),
+                conntrack: scope
+                    .iter()
+                    .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_fill) {
+                        Ok(Some(fill)) => Some(NsFill {
+                            netns: ns.name.clone(),
+                            inode: ns.inode,
+                            fill,
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+                kernel_start: start_stats.clone(),
+            };
+            Some(Writer::create(w, header).map_err(|e| TraceError::Usage(e.to_string()))?)
+        }
+    };
 
     let mut consumer = Consumer {
         sink,
@@ -245,8 +280,24 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         names: names_of(&all),
         unknown_netns: false,
         closed: false,
+        writer,
+        write_warned: false,
     };
+    if let Some(w) = &mut consumer.writer {
+        w.names(&consumer.names);
+    }
 
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
+    // Ready only once SIGINT/SIGTERM are handled and the capture file is
+    // open: a script that signals right after the file appears must get a
+    // summary (and a finished capture), not a dead process.
+    if let Some(path) = &opts.ready_file {
+        std::fs::write(path, b"ready\n")
+            .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
+    }
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -281,6 +332,15 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     if consumer.unknown_netns {
                         consumer.names = names_of(&netns::list());
                         consumer.unknown_netns = false;
+                    }
+                    if let Some(w) = &mut consumer.writer {
+                        w.names(&consumer.names);
+                        w.flush();
+                        if !consumer.write_warned && let Some(e) = w.failed() {
+                            // Keep tracing live; the file keeps what it has.
+                            eprintln!("conntrack-trace: warning: {e}; recording stopped, live output continues");
+                            consumer.write_warned = true;
+                        }
                     }
                     let counters = tp.counters()?;
                     let f = fills(&scope);
@@ -343,7 +403,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         .all(|k| consumer.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
     let summary = Summary {
         kind: "summary",
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").into(),
         backend: "tracepoint".into(),
         evictions: evictions_desc,
         duration_s,
@@ -365,6 +425,26 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         amplification: consumer.amp.summary(),
         findings: consumer.amp.findings(&clock),
     };
+    let capture_result = consumer.writer.take().map(|w| {
+        let files = w.files();
+        let written = w.events_written();
+        let trailer = capture::Trailer {
+            backend: summary.backend.clone(),
+            duration_s,
+            end_mono_ns: monotonic_ns(),
+            events: summary.events,
+            matched: summary.matched,
+            lost: summary.lost,
+            observed: summary.observed,
+            complete: summary.complete,
+            decode_errors: summary.decode_errors,
+            kernel_end: end_stats.clone(),
+            kernel: summary.kernel,
+            namespaces: summary.scope.namespaces,
+            events_written: written,
+        };
+        w.finish(trailer).map(|()| (files, written))
+    });
     if !consumer.closed {
         match consumer.sink.finish(&summary) {
             Ok(()) => {}
@@ -376,6 +456,13 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 });
             }
         }
+    }
+    match capture_result {
+        None => {}
+        Some(Ok((files, written))) => {
+            eprintln!("conntrack-trace: recorded {written} events in {files} file(s)")
+        }
+        Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
     }
     Ok(summary)
 }

@@ -137,6 +137,8 @@ pub struct Output {
     /// Finding lines of the stream, in order (not the summary's list).
     pub findings: Vec<Finding>,
     pub summary: Summary,
+    /// The stream as printed (for byte-for-byte comparisons).
+    pub text: String,
 }
 
 impl Output {
@@ -167,6 +169,7 @@ impl Output {
             events,
             findings,
             summary: summary.context("no summary line")?,
+            text: text.to_owned(),
         })
     }
 

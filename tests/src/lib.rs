@@ -356,6 +356,18 @@ pub fn backend_args() -> Vec<String> {
     }
 }
 
+/// The release build (`cargo xtask test` builds it and sets
+/// CONNTRACK_TRACE_RELEASE_BIN), for tests about what the shipped binary
+/// sustains; None when not built.
+pub fn release_binary() -> Option<PathBuf> {
+    std::env::var_os("CONNTRACK_TRACE_RELEASE_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/conntrack-trace"))
+        })
+        .filter(|p| p.exists())
+}
+
 /// A running `conntrack-trace trace --format ndjson`.
 pub struct Tracer {
     child: Option<Child>,
@@ -378,13 +390,18 @@ impl Tracer {
     /// CONNTRACK_TRACE_BACKEND set (the VM matrix, `cargo xtask vm-test
     /// --backend`), passes `--backend <value>`; unset, the binary picks.
     pub fn start(extra: &[&str]) -> Result<Tracer> {
+        Tracer::start_bin(&binary(), extra)
+    }
+
+    /// [`Tracer::start`] with another build of the binary (e.g. release).
+    pub fn start_bin(bin: &Path, extra: &[&str]) -> Result<Tracer> {
         let ready = std::env::temp_dir().join(format!(
             "ctt-ready-{}-{}",
             std::process::id(),
             rand_suffix()
         ));
         let _ = fs::remove_file(&ready);
-        let bin = binary();
+        let bin = bin.to_owned();
         ensure!(
             bin.exists(),
             "{} not built (run `cargo xtask test`)",
@@ -440,10 +457,16 @@ impl Tracer {
     }
 
     /// Sends SIGINT and collects the output (bounded wait).
-    pub fn stop(mut self) -> Result<json::Output> {
+    pub fn stop(self) -> Result<json::Output> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Sends `signal` (SIGINT or SIGTERM: both end a trace cleanly) and
+    /// collects the output (bounded wait).
+    pub fn stop_with(mut self, signal: i32) -> Result<json::Output> {
         let mut child = self.child.take().context("already stopped")?;
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = child.try_wait()? {
@@ -451,7 +474,7 @@ impl Tracer {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("conntrack-trace did not exit 60 s after SIGINT");
+                bail!("conntrack-trace did not exit 60 s after signal {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -471,6 +494,21 @@ impl Tracer {
             stderr.trim()
         );
         json::Output::parse(&stdout)
+    }
+}
+
+impl Tracer {
+    /// SIGKILLs the tracer (no chance to flush or finish anything) and
+    /// returns what it had printed.
+    pub fn kill(mut self) -> Result<String> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(self
+            .stdout
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default())
     }
 }
 

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use conntrack_trace_tests::{
-    Daemon, Sysctl, Topology, in_netns, json, kernel_test, spawn_in, traced, wait_bounded,
+    Daemon, Sysctl, Topology, binary, in_netns, json, kernel_test, spawn_in, traced, traced_with,
+    wait_bounded,
 };
 
 const MAX: u64 = 32;
@@ -183,7 +184,12 @@ fn dns_query_retries_are_flagged() -> anyhow::Result<()> {
     let filler = topo.fill_assured(MAX)?;
     const QUERIES: usize = 5;
     const TRIES: usize = 4;
-    let (outputs, out, delta) = traced(&topo, || {
+    let dir = std::env::temp_dir().join(format!("ctt-amp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let capture = dir.join("dns.ctt");
+    let _ = std::fs::remove_file(&capture);
+    let cap = capture.to_str().context("temp path")?;
+    let (outputs, out, delta) = traced_with(&topo, &["--write", cap], || {
         // dig retries a query from a new source port with the same id and
         // question, +timeout seconds apart.
         let children = (0..QUERIES)
@@ -250,6 +256,32 @@ fn dns_query_retries_are_flagged() -> anyhow::Result<()> {
         "dig reuses no port: {ports:?}"
     );
     ensure!(out.summary.events.table_full == delta.drop);
+
+    // The postmortem says the same: `report` of the capture finds the same
+    // amplification (DNS questions come from the recorded packet bytes).
+    let report = |format: &str| -> anyhow::Result<String> {
+        let o = std::process::Command::new(binary())
+            .args(["report", cap, "--format", format])
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "report: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8(o.stdout)?)
+    };
+    let rep: serde_json::Value = serde_json::from_str(&report("json")?)?;
+    let offline: Vec<json::Finding> = serde_json::from_value(rep["summary"]["findings"].clone())?;
+    ensure!(
+        offline == out.summary.findings,
+        "report findings {offline:?} != live {:?}",
+        out.summary.findings
+    );
+    let amp: json::Amplification = serde_json::from_value(rep["summary"]["amplification"].clone())?;
+    ensure!(amp == out.summary.amplification, "{amp:?}");
+    ensure!(report("human")?.contains(&f.message));
+    ensure!(report("markdown")?.contains("| constant |"));
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

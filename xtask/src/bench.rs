@@ -17,12 +17,25 @@ use anyhow::{Context as _, Result, bail};
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(subcommand)]
+    what: Option<What>,
     /// Socket create/send/close iterations per measurement.
     #[arg(long, default_value_t = 100_000)]
     iterations: u32,
     /// Measurements per configuration.
     #[arg(long, default_value_t = 5)]
     rounds: u32,
+}
+
+#[derive(clap::Subcommand)]
+enum What {
+    /// Capture files: bytes per event, events/s written and read
+    /// (conntrack-trace/examples/capture_bench.rs, release mode).
+    Capture {
+        /// Synthetic events to write and read back.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
 }
 
 fn churn(n: u32) -> Result<Duration> {
@@ -124,6 +137,21 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(What::Capture { events }) = args.what {
+        return crate::cmd(
+            "cargo",
+            &[
+                "run",
+                "--release",
+                "--package",
+                "conntrack-trace",
+                "--example",
+                "capture_bench",
+                "--",
+                &events.to_string(),
+            ],
+        );
+    }
     let bin = crate::build_release()?;
     let configs = ["none", "off", "on-cold", "on"];
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];

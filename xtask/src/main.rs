@@ -39,7 +39,9 @@ enum Cmd {
     },
     /// Run the scenario tests inside VMs on Debian kernels (6.1, 6.12, ...).
     VmTest(vm::Args),
-    /// Measure the cost of the eviction hook on a socket churn loop.
+    /// Measure the cost of the eviction hook on a socket churn loop
+    /// (`bench capture`: capture write/read throughput; `bench amplify`:
+    /// the amplification detector).
     Bench(bench::Args),
 }
 

@@ -5,7 +5,7 @@
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
-//!   dnsmasq-base, bind9-dnsutils);
+//!   tshark, dnsmasq-base, bind9-dnsutils);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries.
 
@@ -139,6 +139,8 @@ fn debian_packages() -> Result<()> {
         // Real DNS server and client for the amplification tests.
         ("dnsmasq", "dnsmasq-base"),
         ("dig", "bind9-dnsutils"),
+        // The capture tests decode exported pcapng (tshark, capinfos).
+        ("tshark", "tshark"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -156,6 +158,10 @@ fn debian_packages() -> Result<()> {
         );
     }
     eprintln!("xtask setup: apt-get install {}", missing.join(" "));
+    // tshark's package asks a debconf question (setuid dumpcap); take
+    // the default instead of waiting on a terminal.
+    // SAFETY: xtask is single-threaded here.
+    unsafe { std::env::set_var("DEBIAN_FRONTEND", "noninteractive") };
     crate::cmd("apt-get", &["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());

@@ -74,6 +74,10 @@ pub fn run() -> Result<()> {
     // SAFETY: single-threaded at this point; the variable is read by the
     // child cargo processes.
     unsafe { std::env::set_var("CONNTRACK_TRACE_BIN", &bin) };
+    // The sustained-rate capture test measures the shipped (release) build.
+    let release = crate::build_release()?;
+    // SAFETY: as above.
+    unsafe { std::env::set_var("CONNTRACK_TRACE_RELEASE_BIN", &release) };
     cmd(
         "cargo",
         &[

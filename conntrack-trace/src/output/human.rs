@@ -330,7 +330,7 @@ mod tests {
         let a = agg();
         let sum = Summary {
             kind: "summary",
-            version: "x",
+            version: "x".into(),
             backend: "tracepoint".into(),
             evictions: "on".into(),
             duration_s: 3.0,

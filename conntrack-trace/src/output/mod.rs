@@ -5,7 +5,7 @@ pub mod ndjson;
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::{Aggregator, KindCounts},
@@ -50,7 +50,7 @@ pub struct TopSource {
 }
 
 /// Scope of the kernel counters in a summary.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Scope {
     /// `all` or the traced namespace's name.
     pub netns: String,
@@ -66,7 +66,7 @@ pub struct Scope {
 pub struct Summary {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub version: &'static str,
+    pub version: String,
     pub backend: String,
     pub evictions: String,
     pub duration_s: f64,

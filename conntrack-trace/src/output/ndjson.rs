@@ -179,7 +179,7 @@ mod tests {
         let mut s = Ndjson::new(Vec::new());
         let summary = Summary {
             kind: "summary",
-            version: "0.1.0",
+            version: "0.1.0".into(),
             backend: "tracepoint".into(),
             evictions: "on".into(),
             duration_s: 1.5,

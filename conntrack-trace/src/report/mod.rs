@@ -1,0 +1,702 @@
+//! `report`: the live aggregation, offline. Every event of a capture goes
+//! through [`Analysis::feed`] — the one place where analyses of the event
+//! stream plug in — and the result is a [`Report`] whose `summary` is the
+//! same [`Summary`] the live tracer printed.
+
+pub mod human;
+pub mod markdown;
+pub mod svg;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use serde::Serialize;
+
+use crate::{
+    aggregate::{Aggregator, DEFAULT_MAX_SOURCES, KindCounts},
+    amplify::{AmpConfig, Detector},
+    capture::{
+        self, CaptureInfo, Header, ReadError,
+        format::{NsFill, RecordedFilter},
+    },
+    cli::{OfflineFilterArgs, TimeSpec},
+    clock::Clock,
+    event::{Event, Kind},
+    filter::Filter,
+    kstats::CtStats,
+    output::{NetnsNames, Scope, Summary, top_sources},
+};
+
+/// The filters of `report` and `export`: the filter the capture was
+/// recorded with (so `matched` means what it meant live), the command
+/// line's, and a time window in CLOCK_MONOTONIC ns.
+#[derive(Clone, Debug, Default)]
+pub struct OfflineFilter {
+    pub recorded: Filter,
+    pub cli: Filter,
+    /// `--netns`: a recorded name or an inode.
+    pub netns: Option<String>,
+    pub since_mono: Option<u64>,
+    pub until_mono: Option<u64>,
+}
+
+fn to_mono(t: TimeSpec, h: &Header) -> u64 {
+    match t {
+        TimeSpec::Offset(d) => h.start_mono_ns.saturating_add(d.as_nanos() as u64),
+        TimeSpec::Unix(ns) => {
+            // i128 holds every u64 and the difference of two plausible
+            // u128 times; saturate for hostile headers.
+            let start = i128::try_from(h.start_unix_ns).unwrap_or(i128::MAX);
+            let delta = i128::try_from(ns)
+                .unwrap_or(i128::MAX)
+                .saturating_sub(start);
+            i128::from(h.start_mono_ns)
+                .saturating_add(delta)
+                .clamp(0, i128::from(u64::MAX)) as u64
+        }
+    }
+}
+
+impl OfflineFilter {
+    pub fn new(args: &OfflineFilterArgs, header: &Header) -> Result<OfflineFilter, String> {
+        Ok(OfflineFilter {
+            recorded: header
+                .filter
+                .to_filter()
+                .map_err(|e| format!("the capture's recorded filter: {e}"))?,
+            cli: Filter {
+                netns: None,
+                proto: args.proto,
+                port: args.port,
+                src: args.src,
+            },
+            netns: args.netns.clone(),
+            since_mono: args.since.map(|t| to_mono(t, header)),
+            until_mono: args.until.map(|t| to_mono(t, header)),
+        })
+    }
+
+    pub fn matches(&self, e: &Event, names: &NetnsNames) -> bool {
+        if !self.recorded.matches(e) || !self.cli.matches(e) {
+            return false;
+        }
+        if let Some(spec) = &self.netns
+            && e.netns.to_string() != *spec
+            && names.get(&e.netns) != Some(spec)
+        {
+            return false;
+        }
+        if self.since_mono.is_some_and(|s| e.ts_ns < s) {
+            return false;
+        }
+        if self.until_mono.is_some_and(|u| e.ts_ns >= u) {
+            return false;
+        }
+        true
+    }
+
+    /// What the command line added, for the report's metadata.
+    fn describe(&self, args: &OfflineFilterArgs) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(n) = &self.netns {
+            v.push(format!("netns {n}"));
+        }
+        if let Some(p) = self.cli.proto {
+            v.push(format!("proto {p}"));
+        }
+        if let Some(p) = self.cli.port {
+            v.push(format!("port {p}"));
+        }
+        if let Some(c) = self.cli.src {
+            v.push(format!("src {c}"));
+        }
+        if let Some(s) = args.since {
+            v.push(format!("since {s:?}"));
+        }
+        if let Some(u) = args.until {
+            v.push(format!("until {u:?}"));
+        }
+        v
+    }
+}
+
+/// Everything learned from the event stream.
+pub struct Analysis {
+    filter: OfflineFilter,
+    start_mono_ns: u64,
+    /// Events per kind before filters (the live `events`).
+    pub received: KindCounts,
+    /// Events of the traced scope (what the kernel counters cover).
+    pub in_scope: KindCounts,
+    scope_inode: Option<u32>,
+    /// The live aggregator, fed the matching events.
+    pub agg: Aggregator,
+    /// Matching events per second since the capture started.
+    pub per_second: BTreeMap<u64, KindCounts>,
+    pub last_ts_ns: u64,
+    /// The live amplification detector, fed the matching events.
+    pub amp: Detector,
+}
+
+impl Analysis {
+    pub fn new(filter: OfflineFilter, header: &Header, amp: AmpConfig) -> Analysis {
+        Analysis {
+            amp: Detector::new(amp),
+            filter,
+            start_mono_ns: header.start_mono_ns,
+            received: KindCounts::default(),
+            in_scope: KindCounts::default(),
+            scope_inode: header.scope.netns_inode,
+            agg: Aggregator::new(DEFAULT_MAX_SOURCES),
+            per_second: BTreeMap::new(),
+            last_ts_ns: 0,
+        }
+    }
+
+    /// Feeds one event of the capture, in order; returns whether it passed
+    /// the filters. Every offline analysis hooks in here.
+    pub fn feed(&mut self, e: &Event, names: &NetnsNames) -> bool {
+        *self.received.get_mut(e.kind) += 1;
+        if self.scope_inode.is_none_or(|i| i == e.netns) {
+            *self.in_scope.get_mut(e.kind) += 1;
+        }
+        if !self.filter.matches(e, names) {
+            return false;
+        }
+        self.agg.record(e);
+        self.amp.record(e);
+        let sec = e.ts_ns.saturating_sub(self.start_mono_ns) / 1_000_000_000;
+        *self.per_second.entry(sec).or_default().get_mut(e.kind) += 1;
+        self.last_ts_ns = self.last_ts_ns.max(e.ts_ns);
+        true
+    }
+}
+
+/// Capture metadata as recorded in the first file's header.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaptureMeta {
+    pub format_version: u32,
+    pub tool_version: String,
+    pub hostname: String,
+    pub kernel_release: String,
+    pub backend: String,
+    pub evictions: String,
+    pub start_unix_ns: u128,
+    pub start_mono_ns: u64,
+    /// `start_unix_ns` as UTC (`2026-11-25T14:05:00.123Z`).
+    pub start_utc: String,
+    pub capture_id: u64,
+    pub recorded_filter: RecordedFilter,
+    pub conntrack: Vec<NsFill>,
+    pub kernel_start: BTreeMap<u32, CtStats>,
+    /// Absent when the capture has no trailer.
+    pub kernel_end: Option<BTreeMap<u32, CtStats>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FileReport {
+    pub path: String,
+    pub seq: u32,
+    pub bytes: u64,
+    pub events: u64,
+    /// `trailer`, `rotated`, or `cut short at offset N: why`.
+    pub ended: String,
+}
+
+/// Did the file capture everything the kernel counted?
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// The capture ended with a trailer (not killed, disk not full).
+    pub trailer: bool,
+    pub events_in_files: u64,
+    /// What the tracer wrote, per the trailer.
+    pub events_written: Option<u64>,
+    /// Events the ring buffer could not take (per the trailer).
+    pub lost: u64,
+    /// Scope events: `drop == table_full + insert_failed - chaintoolong`
+    /// (net/netfilter/nf_conntrack_core.c; see README).
+    pub kernel_drop: Option<u64>,
+    pub expected_drop: u64,
+    pub kernel_early_drop: Option<u64>,
+    pub early_drop_events: u64,
+    /// Every count above agrees: nothing the kernel counted is missing.
+    pub all_captured: bool,
+    /// One line saying so, or what is missing.
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TimelineRow {
+    /// Seconds since the capture started (bucket start).
+    pub t_s: u64,
+    pub counts: KindCounts,
+}
+
+/// Matching drops over time, in buckets of `bucket_s` seconds (1 unless
+/// the capture is longer than [`MAX_ROWS`] seconds).
+#[derive(Clone, Debug, Serialize)]
+pub struct Timeline {
+    pub bucket_s: u64,
+    pub rows: Vec<TimelineRow>,
+}
+
+/// Most timeline rows (an hour of seconds).
+pub const MAX_ROWS: u64 = 3600;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub capture: CaptureMeta,
+    pub files: Vec<FileReport>,
+    pub warnings: Vec<String>,
+    /// Filters given to `report` (the recorded one always applies).
+    pub filters: Vec<String>,
+    /// The live summary, recomputed (`top[].rate_per_s` is the source's
+    /// mean rate between its first and last event).
+    pub summary: Summary,
+    pub check: Check,
+    pub timeline: Timeline,
+}
+
+/// Formats Unix ns as UTC `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn utc(unix_ns: u128) -> String {
+    let secs = (unix_ns / 1_000_000_000) as i64;
+    let ms = (unix_ns / 1_000_000 % 1000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // H. Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+fn timeline(per_second: &BTreeMap<u64, KindCounts>, duration_s: f64) -> Timeline {
+    let last = per_second.keys().next_back().copied().unwrap_or(0);
+    let span = last.max(duration_s.ceil() as u64).max(1);
+    let bucket_s = span.div_ceil(MAX_ROWS).max(1);
+    let n = span.div_ceil(bucket_s);
+    let mut rows: Vec<TimelineRow> = (0..n)
+        .map(|i| TimelineRow {
+            t_s: i * bucket_s,
+            counts: KindCounts::default(),
+        })
+        .collect();
+    for (sec, c) in per_second {
+        let i = (sec / bucket_s) as usize;
+        if i >= rows.len() {
+            rows.resize_with(i + 1, || TimelineRow {
+                t_s: 0,
+                counts: KindCounts::default(),
+            });
+            rows[i].t_s = i as u64 * bucket_s;
+        }
+        for k in Kind::ALL {
+            *rows[i].counts.get_mut(k) += c.get(k);
+        }
+    }
+    // Rows added past the end by resize have t_s 0: fix them up.
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.t_s = i as u64 * bucket_s;
+    }
+    Timeline { bucket_s, rows }
+}
+
+fn check(a: &Analysis, info: &CaptureInfo) -> Check {
+    let t = info.trailer.as_ref();
+    let expected_drop = (a.in_scope.table_full + a.in_scope.insert_failed)
+        .saturating_sub(t.map_or(0, |t| t.kernel.chaintoolong));
+    let mut c = Check {
+        trailer: t.is_some(),
+        events_in_files: info.events,
+        events_written: t.map(|t| t.events_written),
+        lost: t.map_or(0, |t| t.lost.total()),
+        kernel_drop: t.map(|t| t.kernel.drop),
+        expected_drop,
+        kernel_early_drop: t.map(|t| t.kernel.early_drop),
+        early_drop_events: a.in_scope.early_drop,
+        all_captured: false,
+        verdict: String::new(),
+    };
+    let mut missing = Vec::new();
+    match t {
+        None => missing.push("no trailer: the capture was cut short".to_owned()),
+        Some(t) => {
+            if t.events_written != info.events {
+                missing.push(format!(
+                    "the tracer wrote {} events, the files hold {}",
+                    t.events_written, info.events
+                ));
+            }
+            if !t.complete {
+                missing.push("events + lost != observed".into());
+            }
+            if c.lost > 0 {
+                missing.push(format!("{} events lost in the ring buffer", c.lost));
+            }
+            if t.kernel.drop != expected_drop {
+                missing.push(format!(
+                    "kernel drop +{} vs table_full + insert_failed - chaintoolong = {expected_drop}",
+                    t.kernel.drop
+                ));
+            }
+            if t.kernel.early_drop != a.in_scope.early_drop {
+                missing.push(format!(
+                    "kernel early_drop +{} vs {} early_drop events",
+                    t.kernel.early_drop, a.in_scope.early_drop
+                ));
+            }
+        }
+    }
+    missing.extend(info.warnings.iter().cloned());
+    c.all_captured = missing.is_empty();
+    c.verdict = if c.all_captured {
+        format!(
+            "complete: the capture holds every failure the kernel counted ({} events)",
+            info.events
+        )
+    } else {
+        format!("INCOMPLETE: {}", missing.join("; "))
+    };
+    c
+}
+
+/// Errors of `report` / `export`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// The header of the set's first file (for filters that need the start
+/// time, and for exports that write metadata before the events).
+pub fn first_header(paths: &[PathBuf]) -> Result<Header, ReadError> {
+    let mut best: Option<Header> = None;
+    for p in paths {
+        let mut r = capture::reader::FileReader::open(p)?;
+        if let Some(capture::format::Record::Header(h)) = r.next_record()?
+            && best.as_ref().is_none_or(|b| h.seq < b.seq)
+        {
+            best = Some(*h);
+        }
+    }
+    // read_set reports a file without a header with its offset.
+    match best {
+        Some(h) => Ok(h),
+        None => capture::read_set(paths, |_, _| {}).map(|i| i.header),
+    }
+}
+
+/// Reads a capture through [`Analysis::feed`]; `each` sees every event,
+/// whether it matched the filters, and the names in effect.
+pub fn build(
+    paths: &[PathBuf],
+    args: &OfflineFilterArgs,
+    top: usize,
+    mut each: impl FnMut(&Event, &NetnsNames, bool),
+) -> Result<Report, ReportError> {
+    let header = first_header(paths)?;
+    let filter = OfflineFilter::new(args, &header).map_err(ReportError::Usage)?;
+    let filters = filter.describe(args);
+    let amp = args.amp.config().map_err(ReportError::Usage)?;
+    let mut a = Analysis::new(filter, &header, amp);
+    let info = capture::read_set(paths, |e, names| {
+        let m = a.feed(e, names);
+        each(e, names, m);
+    })?;
+    Ok(finish(a, info, filters, top))
+}
+
+fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> Report {
+    let h = &info.header;
+    let t = info.trailer.as_ref();
+    let duration_s = t.map_or_else(
+        || a.last_ts_ns.saturating_sub(h.start_mono_ns) as f64 / 1e9,
+        |t| t.duration_s,
+    );
+    let mut top = top_sources(&a.agg, top);
+    for s in &mut top {
+        let span = (s.last_ts_ns.saturating_sub(s.first_ts_ns) as f64 / 1e9).max(1.0);
+        s.rate_per_s = s.total as f64 / span;
+    }
+    let summary = Summary {
+        kind: "summary",
+        version: h.tool_version.clone(),
+        backend: t.map_or_else(|| h.backend.clone(), |t| t.backend.clone()),
+        evictions: h.evictions.clone(),
+        duration_s,
+        start_unix_ns: h.start_unix_ns,
+        start_mono_ns: h.start_mono_ns,
+        events: a.received,
+        matched: a.agg.totals,
+        lost: t.map(|t| t.lost).unwrap_or_default(),
+        observed: t.map(|t| t.observed).unwrap_or_default(),
+        complete: t.is_some_and(|t| t.complete) && info.intact(),
+        kernel: t.map(|t| t.kernel).unwrap_or_default(),
+        scope: Scope {
+            namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
+            ..h.scope.clone()
+        },
+        decode_errors: t.map_or(0, |t| t.decode_errors),
+        top,
+        untracked_sources: a.agg.untracked,
+        amplification: a.amp.summary(),
+        findings: a.amp.findings(&Clock {
+            start_unix_ns: h.start_unix_ns,
+            start_mono_ns: h.start_mono_ns,
+        }),
+    };
+    Report {
+        ty: "report",
+        capture: CaptureMeta {
+            format_version: h.format_version,
+            tool_version: h.tool_version.clone(),
+            hostname: h.hostname.clone(),
+            kernel_release: h.kernel_release.clone(),
+            backend: h.backend.clone(),
+            evictions: h.evictions.clone(),
+            start_unix_ns: h.start_unix_ns,
+            start_mono_ns: h.start_mono_ns,
+            start_utc: utc(h.start_unix_ns),
+            capture_id: h.capture_id,
+            recorded_filter: h.filter.clone(),
+            conntrack: h.conntrack.clone(),
+            kernel_start: h.kernel_start.clone(),
+            kernel_end: t.map(|t| t.kernel_end.clone()),
+        },
+        files: info
+            .files
+            .iter()
+            .map(|f| FileReport {
+                path: f.path.clone(),
+                seq: f.seq,
+                bytes: f.bytes,
+                events: f.events,
+                ended: f.ended.clone(),
+            })
+            .collect(),
+        warnings: info.warnings.clone(),
+        filters,
+        check: check(&a, &info),
+        timeline: timeline(&a.per_second, duration_s),
+        summary,
+    }
+}
+
+/// The `report_file` fuzz target's entry (here so regressions replay
+/// exactly): the capture a fuzz input stands for, read from `path`, through
+/// the analysis and every renderer.
+pub fn fuzz_report(data: &[u8], path: &std::path::Path) {
+    let Some(file) = capture::reader::fuzz_file(data) else {
+        return;
+    };
+    if std::fs::write(path, file).is_err() {
+        return;
+    }
+    let paths = [path.to_owned()];
+    if let Ok(r) = build(&paths, &OfflineFilterArgs::default(), 10, |_, _, _| {}) {
+        let _ = human::render(&r);
+        let _ = markdown::render(&r);
+        let _ = svg::render(&r);
+        let _ = serde_json::to_string(&r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::{
+        format::tests::sample_event,
+        tests::{TempDir, write_capture},
+    };
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(1_700_000_000_250_000_000), "2023-11-14T22:13:20.250Z");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn report_equals_the_live_aggregation() {
+        let d = TempDir::new("report");
+        let p = d.0.join("c.ctt");
+        let evs = write_capture(&p, 3000, None);
+        let r = build(
+            std::slice::from_ref(&p),
+            &OfflineFilterArgs::default(),
+            5,
+            |_, _, _| {},
+        )
+        .unwrap();
+        // What the live tracer computes from the same events.
+        let mut live = Aggregator::new(DEFAULT_MAX_SOURCES);
+        for e in &evs {
+            live.record(e);
+        }
+        assert_eq!(r.summary.matched, live.totals);
+        assert_eq!(r.summary.events, live.totals);
+        let want = top_sources(&live, 5);
+        assert_eq!(r.summary.top.len(), want.len());
+        for (a, b) in r.summary.top.iter().zip(&want) {
+            assert_eq!(
+                (&a.src, &a.service, a.counts, a.first_ts_ns, a.last_ts_ns),
+                (&b.src, &b.service, b.counts, b.first_ts_ns, b.last_ts_ns)
+            );
+        }
+        assert!(r.check.all_captured, "{}", r.check.verdict);
+        assert!(r.summary.complete);
+        assert_eq!(r.capture.start_utc, "2023-11-14T22:13:20.000Z");
+        // sample events are 1 µs apart from the start: all in second 0.
+        let total: u64 = r.timeline.rows.iter().map(|r| r.counts.total()).sum();
+        assert_eq!(total, 3000);
+        assert_eq!(r.timeline.bucket_s, 1);
+    }
+
+    #[test]
+    fn filters_and_time_window() {
+        let d = TempDir::new("filt");
+        let p = d.0.join("c.ctt");
+        let evs = write_capture(&p, 300, None);
+        let args = OfflineFilterArgs {
+            netns: Some("srv".into()),
+            ..Default::default()
+        };
+        let r = build(std::slice::from_ref(&p), &args, 5, |_, _, _| {}).unwrap();
+        let want = evs.iter().filter(|e| e.netns == 4026532000).count() as u64;
+        assert_eq!(r.summary.matched.total(), want);
+        assert_eq!(r.summary.events.total(), 300, "events count before filters");
+        // Sample event i is at start + i µs: the window [100 µs, 200 µs)
+        // holds events 100..200.
+        let args = OfflineFilterArgs {
+            since: Some(TimeSpec::Offset(std::time::Duration::from_micros(100))),
+            until: Some(TimeSpec::Offset(std::time::Duration::from_micros(200))),
+            ..Default::default()
+        };
+        let mut seen = vec![];
+        let r = build(std::slice::from_ref(&p), &args, 5, |e, _, m| {
+            if m {
+                seen.push(e.ts_ns)
+            }
+        })
+        .unwrap();
+        assert_eq!(r.summary.matched.total(), 100);
+        assert_eq!(seen.first(), Some(&sample_event(100).ts_ns));
+        // Wall clock form of the same start.
+        let h = first_header(&[p]).unwrap();
+        let unix = TimeSpec::Unix(h.start_unix_ns + 100_000);
+        assert_eq!(to_mono(unix, &h), sample_event(100).ts_ns);
+    }
+
+    #[test]
+    fn cut_short_capture_is_flagged_incomplete() {
+        let d = TempDir::new("cut");
+        let p = d.0.join("c.ctt");
+        write_capture(&p, 100, None);
+        let full = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &full[..full.len() - 10]).unwrap();
+        let r = build(
+            std::slice::from_ref(&p),
+            &OfflineFilterArgs::default(),
+            5,
+            |_, _, _| {},
+        )
+        .unwrap();
+        assert!(!r.summary.complete);
+        assert!(!r.check.all_captured);
+        assert!(
+            r.check.verdict.contains("cut short at offset"),
+            "{}",
+            r.check.verdict
+        );
+        assert_eq!(
+            r.summary.events.total(),
+            100,
+            "every event before the damage"
+        );
+    }
+
+    #[test]
+    fn hostile_times_do_not_panic_any_renderer() {
+        use crate::capture::{WriteOptions, Writer, format::tests::sample_event, tests};
+        let d = TempDir::new("hostile");
+        let p = d.0.join("c.ctt");
+        let mut h = tests::header();
+        h.start_unix_ns = u128::MAX;
+        h.start_mono_ns = u64::MAX / 2;
+        let mut w = Writer::create(
+            WriteOptions {
+                path: p.clone(),
+                force: false,
+                max_size: None,
+            },
+            h,
+        )
+        .unwrap();
+        let mut evs = vec![];
+        for (i, ts) in [0, 1, u64::MAX, u64::MAX / 2 + 1].into_iter().enumerate() {
+            let mut e = sample_event(i as u64);
+            e.ts_ns = ts;
+            w.event(&e);
+            evs.push(e);
+        }
+        w.finish(tests::trailer(&evs)).unwrap();
+        let args = OfflineFilterArgs {
+            since: Some(TimeSpec::Unix(0)),
+            until: Some(TimeSpec::Offset(std::time::Duration::from_secs(
+                u64::MAX / 4,
+            ))),
+            ..Default::default()
+        };
+        for a in [OfflineFilterArgs::default(), args] {
+            let r = build(std::slice::from_ref(&p), &a, 5, |_, _, _| {}).unwrap();
+            assert!(r.timeline.rows.len() <= MAX_ROWS as usize + 1);
+            assert!(!human::render(&r).is_empty());
+            assert!(!markdown::render(&r).is_empty());
+            assert!(svg::render(&r).ends_with("</svg>\n"));
+            assert!(serde_json::to_string(&r).is_ok());
+        }
+    }
+
+    #[test]
+    fn long_captures_are_bucketed() {
+        let mut m = BTreeMap::new();
+        m.insert(
+            0,
+            KindCounts {
+                table_full: 1,
+                ..Default::default()
+            },
+        );
+        m.insert(
+            7199,
+            KindCounts {
+                table_full: 2,
+                ..Default::default()
+            },
+        );
+        let t = timeline(&m, 7200.0);
+        assert_eq!(t.bucket_s, 2);
+        assert_eq!(t.rows.len(), 3600);
+        assert_eq!(t.rows[3599].counts.table_full, 2);
+        assert_eq!(t.rows[3599].t_s, 7198);
+    }
+}
