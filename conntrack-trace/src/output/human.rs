@@ -40,6 +40,9 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         v.evictions,
         v.elapsed_s
     );
+    for r in v.refused {
+        let _ = writeln!(s, "  (auto: {r})");
+    }
     match v.fills.first() {
         None => {
             let _ = writeln!(s, "conntrack table: (no namespace with conntrack found)");
@@ -85,9 +88,16 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         v.rule_drops
     );
     let _ = writeln!(s);
-    s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
+    if v.per_packet {
+        s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
+    } else {
+        s.push_str(NO_ATTRIBUTION);
+    }
     s
 }
+
+/// What the counters backend cannot say.
+const NO_ATTRIBUTION: &str = "no per-packet attribution with the counters backend (totals from /proc/net/stat/nf_conntrack)\n";
 
 /// Renders the top-sources table; `rates` adds the last interval's rate.
 pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
@@ -126,8 +136,11 @@ pub fn render_summary(sum: &Summary) -> String {
     let _ = writeln!(
         s,
         "== conntrack-trace summary: {:.1}s, backend {}, evictions {}, namespace {} ==",
-        sum.duration_s, sum.backend, sum.evictions, sum.scope.netns
+        sum.duration_s, sum.hooks, sum.evictions, sum.scope.netns
     );
+    for r in &sum.backend_refused {
+        let _ = writeln!(s, "  (auto: {r})");
+    }
     let _ = writeln!(
         s,
         "{:<15} {:>12} {:>10} {:>10}",
@@ -166,7 +179,12 @@ pub fn render_summary(sum: &Summary) -> String {
         sum.kernel.chaintoolong,
         sum.kernel.invalid
     );
-    if !sum.complete {
+    if !sum.per_packet {
+        let _ = writeln!(
+            s,
+            "observed = the kernel's counters per kind; no events, no sources"
+        );
+    } else if !sum.complete {
         let _ = writeln!(
             s,
             "WARNING: events + lost != observed: the event stream is incomplete"
@@ -180,7 +198,11 @@ pub fn render_summary(sum: &Summary) -> String {
         );
     }
     let _ = writeln!(s);
-    s.push_str(&render_top(&sum.top, false));
+    if sum.per_packet {
+        s.push_str(&render_top(&sum.top, false));
+    } else {
+        s.push_str(NO_ATTRIBUTION);
+    }
     s
 }
 
@@ -253,6 +275,8 @@ mod tests {
         )];
         let v = LiveView {
             backend: "tracepoint",
+            refused: &[],
+            per_packet: true,
             evictions: "on",
             elapsed_s: 2.0,
             fills: &fills,
@@ -288,7 +312,13 @@ mod tests {
         let sum = Summary {
             kind: "summary",
             version: "x",
-            backend: "tracepoint".into(),
+            backend: crate::backend::Name::Tracepoint,
+            hooks: "tracepoint (tp_btf/kfree_skb)".into(),
+            backend_refused: vec![crate::backend::Refusal {
+                backend: crate::backend::Name::Fexit,
+                reason: "attach refused".into(),
+            }],
+            per_packet: true,
             evictions: "on".into(),
             duration_s: 3.0,
             start_unix_ns: 0,
@@ -332,6 +362,40 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("10.0.0.7"), "{text}");
+        assert!(
+            text.contains("backend tracepoint (tp_btf/kfree_skb)"),
+            "{text}"
+        );
+        assert!(text.contains("(auto: fexit: attach refused)"), "{text}");
+    }
+
+    #[test]
+    fn counters_backend_says_it_has_no_sources() {
+        let mut a = Aggregator::new(10);
+        a.record_totals(&KindCounts {
+            table_full: 30,
+            ..Default::default()
+        });
+        a.tick(std::time::Duration::from_secs(3));
+        let v = LiveView {
+            backend: "counters (totals only)",
+            refused: &[],
+            per_packet: false,
+            evictions: "on",
+            elapsed_s: 3.0,
+            fills: &[],
+            agg: &a,
+            lost: KindCounts::default(),
+            rule_drops: 0,
+            top_n: 5,
+        };
+        let text = render_live(&v);
+        assert!(
+            text.contains("table_full                30       10.0        0"),
+            "{text}"
+        );
+        assert!(text.contains("no per-packet attribution"), "{text}");
+        assert!(!text.contains("SOURCE"), "{text}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{Aggregator, KindCounts},
+    backend::{Name, Refusal},
     event::Event,
     kstats::{CtStats, Fill},
 };
@@ -18,7 +19,12 @@ pub type NetnsNames = BTreeMap<u32, String>;
 
 /// What the live header shows at each interval.
 pub struct LiveView<'a> {
+    /// Backend and hooks.
     pub backend: &'a str,
+    /// Backends `auto` tried first, and why they were refused.
+    pub refused: &'a [Refusal],
+    /// False for the counters backend: totals only, no sources.
+    pub per_packet: bool,
     pub evictions: &'a str,
     pub elapsed_s: f64,
     /// (namespace name, fill) for the traced namespace(s), fullest first.
@@ -63,7 +69,16 @@ pub struct Summary {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub version: &'static str,
-    pub backend: String,
+    /// `fexit`, `tracepoint` or `counters`.
+    pub backend: Name,
+    /// The backend's hooks, as in the live header.
+    pub hooks: String,
+    /// Backends `--backend auto` tried before this one, and why each was
+    /// refused (empty when the first choice ran).
+    pub backend_refused: Vec<Refusal>,
+    /// False for the counters backend: no events, only the kernel's totals
+    /// (in `observed`).
+    pub per_packet: bool,
     pub evictions: String,
     pub duration_s: f64,
     /// Wall clock at start (Unix ns) and CLOCK_MONOTONIC at the same
@@ -76,9 +91,11 @@ pub struct Summary {
     pub matched: KindCounts,
     /// Events the kernel could not put in the ring buffer.
     pub lost: KindCounts,
-    /// The programs' exact counters (every kind, emitted or not).
+    /// The programs' exact counters (every kind, emitted or not); for the
+    /// counters backend, the kernel's counters per kind.
     pub observed: KindCounts,
-    /// `events + lost == observed` for every kind.
+    /// `events + lost == observed` for every kind (always false for the
+    /// counters backend, which has no events).
     pub complete: bool,
     /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
     pub kernel: CtStats,
