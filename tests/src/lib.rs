@@ -348,6 +348,14 @@ pub fn binary() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/conntrack-trace")
 }
 
+/// `--backend <CONNTRACK_TRACE_BACKEND>` when that variable is set.
+pub fn backend_args() -> Vec<String> {
+    match std::env::var("CONNTRACK_TRACE_BACKEND") {
+        Ok(b) if !b.is_empty() => vec!["--backend".to_owned(), b],
+        _ => Vec::new(),
+    }
+}
+
 /// A running `conntrack-trace trace --format ndjson`.
 pub struct Tracer {
     child: Option<Child>,
@@ -366,7 +374,9 @@ fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandl
 }
 
 impl Tracer {
-    /// Starts the tracer and waits (bounded) until it has attached.
+    /// Starts the tracer and waits (bounded) until it has attached. With
+    /// CONNTRACK_TRACE_BACKEND set (the VM matrix, `cargo xtask vm-test
+    /// --backend`), passes `--backend <value>`; unset, the binary picks.
     pub fn start(extra: &[&str]) -> Result<Tracer> {
         let ready = std::env::temp_dir().join(format!(
             "ctt-ready-{}-{}",
@@ -392,6 +402,7 @@ impl Tracer {
                 "--ready-file",
             ])
             .arg(&ready)
+            .args(backend_args())
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|run|test|bench>`.
+//! Project tasks: `cargo xtask <setup|build|run|test|vm-test|bench>`.
 
 mod bench;
 mod setup;
 mod test;
+mod vm;
 
 use std::{path::PathBuf, process::Command};
 
@@ -28,8 +29,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run every test (unit, then root netns scenarios).
-    Test,
+    /// Set up, build, and run every test: unit tests, the root netns
+    /// scenarios on this kernel, then the same scenarios in VMs (vm-test's
+    /// default matrix).
+    Test {
+        /// Skip the VM matrix (quick local runs).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Run the scenario tests inside VMs on Debian kernels (6.1, 6.12, ...).
+    VmTest(vm::Args),
     /// Measure the cost of the eviction hook on a socket churn loop.
     Bench(bench::Args),
 }
@@ -75,7 +84,18 @@ fn main() {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }),
-        Cmd::Test => setup::run().and_then(|_| test::run()),
+        Cmd::Test { no_vm } => setup::run().and_then(|_| {
+            test::run()?;
+            if no_vm {
+                eprintln!("xtask test: VM matrix skipped (--no-vm)");
+                return Ok(());
+            }
+            setup::vm()?;
+            vm::run(&vm::Args::default())
+        }),
+        Cmd::VmTest(a) => setup::run()
+            .and_then(|_| setup::vm())
+            .and_then(|_| vm::run(&a)),
         Cmd::Bench(a) => setup::run().and_then(|_| bench::run(a)),
     };
     if let Err(e) = r {

@@ -4,7 +4,9 @@
 //! - `bpf-linker`, built against the nightly's own libLLVM (see
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
-//! - Debian packages the tests use (iproute2, nftables, util-linux).
+//! - Debian packages the tests use (iproute2, nftables, util-linux);
+//! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
+//!   the decompressors, and the musl target for static guest binaries.
 
 use std::{path::Path, process::Command};
 
@@ -122,7 +124,7 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn home() -> std::path::PathBuf {
+pub fn home() -> std::path::PathBuf {
     std::env::var_os("HOME")
         .map(Into::into)
         .unwrap_or_else(|| "/root".into())
@@ -154,4 +156,91 @@ fn debian_packages() -> Result<()> {
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());
     crate::cmd("apt-get", &args)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The host's Debian codename (VERSION_CODENAME in /etc/os-release).
+fn codename() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .context("no VERSION_CODENAME in /etc/os-release")
+}
+
+/// qemu-system-x86_64's major version, if installed.
+fn qemu_major() -> Option<u32> {
+    // "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2...)"
+    output("qemu-system-x86_64", &["--version"])?
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// qemu 7.2 (bookworm) crashed 6.12 guests in a spike; qemu 10 ran 100 of
+/// 100 boots clean.
+const QEMU_MIN: u32 = 10;
+
+/// What `cargo xtask vm-test` needs on the host, installed if missing.
+/// Debian packages come through a private apt configuration that adds
+/// `<codename>-backports` (for qemu) without touching /etc/apt.
+pub fn vm() -> Result<()> {
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == crate::vm::MUSL) {
+        eprintln!("xtask setup: adding the {} target", crate::vm::MUSL);
+        crate::cmd("rustup", &["target", "add", crate::vm::MUSL])?;
+    }
+    let mut missing = Vec::new();
+    if qemu_major().is_none_or(|v| v < QEMU_MIN) {
+        missing.push("qemu-system-x86");
+    }
+    let static_busybox = std::path::Path::new("/bin/busybox").exists()
+        && !Command::new("ldd")
+            .arg("/bin/busybox")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !static_busybox {
+        missing.push("busybox-static");
+    }
+    for (bin, pkg) in [("xz", "xz-utils"), ("zstd", "zstd"), ("strip", "binutils")] {
+        if !have(bin) {
+            missing.push(pkg);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("vm-test needs {missing:?} and this is not root to install them");
+    }
+    let code = codename()?;
+    let backports = format!("{code}-backports");
+    let m = crate::vm::Mirrors::from_host()?;
+    let apt = crate::vm::Apt::new(
+        &crate::vm::cache_dir().join("apt/host"),
+        &[
+            (m.archive.as_str(), code.as_str()),
+            (m.archive.as_str(), &format!("{code}-updates")),
+            (m.security.as_str(), &format!("{code}-security")),
+            (m.archive.as_str(), backports.as_str()),
+        ],
+    )?;
+    eprintln!(
+        "xtask setup: apt-get install {} (qemu from {backports})",
+        missing.join(" ")
+    );
+    apt.update()?;
+    apt.install_host(&backports, &missing)?;
+    if qemu_major().is_none_or(|v| v < QEMU_MIN) {
+        bail!("qemu-system-x86_64 {QEMU_MIN} or newer still missing after the install");
+    }
+    Ok(())
 }
