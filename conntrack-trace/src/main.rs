@@ -59,6 +59,7 @@ fn trace(args: TraceArgs) -> i32 {
         ready_file: args.ready_file,
         choice: args.backend.into(),
         backend: backend::Options {
+            btf_explicit: args.btf.is_some(),
             btf_path: args.btf.unwrap_or_else(|| VMLINUX_BTF.into()),
             evictions: args.evictions == OnOff::On,
             rule_drops: args.rule_drops,

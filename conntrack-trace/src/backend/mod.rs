@@ -25,7 +25,9 @@ use aya::{
 use conntrack_trace_common::{Config, Offsets, counter, kind};
 use serde::Serialize;
 
-use crate::{aggregate::KindCounts, error::TraceError, event::Kind, netns::NetnsInfo};
+use crate::{
+    aggregate::KindCounts, btf::BtfError, error::TraceError, event::Kind, netns::NetnsInfo,
+};
 
 /// Exact in-kernel counters of a backend since it was loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,6 +104,9 @@ impl std::fmt::Display for Refusal {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub btf_path: std::path::PathBuf,
+    /// The BTF was named with `--btf`: if it cannot be read, that is the
+    /// user's error to fix, not a reason for `auto` to fall back.
+    pub btf_explicit: bool,
     /// Track evictions (`early_drop`).
     pub evictions: bool,
     /// Emit rule drops of confirmed entries as events (tracepoint only).
@@ -225,9 +230,15 @@ pub fn open(
             ] {
                 match try_open() {
                     Ok(b) => return Ok((b, refused)),
-                    // Not being allowed to trace at all is not a reason to
-                    // fall back: the user must fix it.
+                    // Not being allowed to trace at all, or a `--btf` file
+                    // that is not BTF, is not a reason to fall back: the
+                    // user must fix it.
                     Err(e @ TraceError::Privileges(_)) => return Err(e),
+                    Err(e @ TraceError::Btf(BtfError::Missing { .. } | BtfError::Parse { .. }))
+                        if opts.btf_explicit =>
+                    {
+                        return Err(e);
+                    }
                     Err(e) => refused.push(Refusal {
                         backend: name,
                         reason: e.to_string(),

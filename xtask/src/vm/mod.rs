@@ -36,6 +36,11 @@ pub const MUSL: &str = "x86_64-unknown-linux-musl";
 /// The kernels run when `--kernel` is not given.
 const DEFAULT_KERNELS: &str = "6.1,6.12";
 
+/// The backends run on each kernel when `--backend` is not given: both BPF
+/// backends (the scenario tests' exact counter checks do not apply to
+/// `counters`, which has no events).
+const DEFAULT_BACKENDS: &str = "fexit,tracepoint";
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Kernels to boot: comma-separated labels (6.1, 6.12, 5.10) or `all`.
@@ -44,7 +49,7 @@ pub struct Args {
     /// Backends to test on each kernel, comma-separated. `tracepoint` with
     /// a binary that has no --backend flag runs its default (tracepoint)
     /// backend.
-    #[arg(long, default_value = "tracepoint")]
+    #[arg(long, default_value = DEFAULT_BACKENDS)]
     pub backend: String,
     /// Only these scenario test binaries (comma-separated: table_full,
     /// early_drop, insert_failed, cli_errors); default all.
@@ -66,7 +71,7 @@ impl Default for Args {
     fn default() -> Args {
         Args {
             kernel: DEFAULT_KERNELS.to_owned(),
-            backend: "tracepoint".to_owned(),
+            backend: DEFAULT_BACKENDS.to_owned(),
             tests: None,
             keep_logs: None,
             timeout: 1200,
