@@ -222,7 +222,11 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         unsafe { *learned = cache };
     }
     bump(counter::CT_FREES);
-    let obj: u64 = ctx.arg(1);
+    // `ptr` is `const void *`: before 6.18 btf_ctx_access() does not look
+    // through the const to the void and refuses the ctx load ("invalid
+    // bpf_context access off=8", seen on 6.1 and 6.12), so the argument is
+    // copied out of the context instead.
+    let obj: u64 = read(ctx.as_ptr() as u64 + 8)?;
     if !freed_by_early_drop(ctx) {
         return Ok(());
     }
