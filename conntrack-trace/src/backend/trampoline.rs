@@ -245,3 +245,40 @@ pub fn attach(prog: &OwnedFd) -> std::io::Result<OwnedFd> {
     attr.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
     sys_bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr).map(owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded object relocates against any set of map fds, and holds
+    /// every program the fexit backend loads by name.
+    #[test]
+    fn relocates_the_fexit_programs() {
+        let obj = aya_obj::Object::parse(crate::backend::EBPF_OBJECT).unwrap();
+        let fds: HashMap<String, RawFd> = obj
+            .maps
+            .keys()
+            .enumerate()
+            .map(|(i, name)| (name.clone(), 100 + i as RawFd))
+            .collect();
+        let images = relocate(crate::backend::EBPF_OBJECT, &fds).unwrap();
+        for prog in [
+            "ct_alloc_exit",
+            "early_drop_enter",
+            "early_drop_exit",
+            "ct_delete_exit",
+            "ct_confirm_enter",
+            "ct_confirm_exit",
+        ] {
+            let image = images.get(prog).unwrap_or_else(|| panic!("{prog} missing"));
+            assert!(!image.insns.is_empty(), "{prog}");
+            assert_eq!(image.license.to_str().unwrap(), "Dual MIT/GPL");
+        }
+        let mut partial = fds.clone();
+        partial.remove("COUNTERS");
+        let err = relocate(crate::backend::EBPF_OBJECT, &partial)
+            .err()
+            .unwrap();
+        assert_eq!(err, "map `COUNTERS` was not created");
+    }
+}
