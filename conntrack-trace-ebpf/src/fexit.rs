@@ -1,7 +1,10 @@
 //! The fexit backend: trampolines on conntrack's own functions
-//! (net/netfilter/nf_conntrack_core.c, identical in the parts used here for
-//! 6.1 and 6.12). Exact where the tracepoints infer: the allocation that
-//! failed, the entry that was evicted, the confirmation that lost.
+//! (net/netfilter/nf_conntrack_core.c as of 6.1: __nf_conntrack_alloc(),
+//! early_drop()/early_drop_list(), __nf_conntrack_confirm(),
+//! nf_ct_resolve_clash(); the prototypes are checked against BTF at load
+//! time and the scenario tests pass on Debian's 6.1 and 6.12). Exact where
+//! the tracepoints infer: the allocation that failed, the entry that was
+//! evicted, the confirmation that lost.
 //!
 //! Argument positions are fixed here (ctx accesses need constant offsets);
 //! user space checks every function's prototype in BTF before loading.

@@ -269,7 +269,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     fills: &f,
                     agg: &consumer.agg,
                     lost: counters.lost,
-                    rule_drops: counters.seen.rule_drop,
+                    rule_drops: (tp.name() == backend::Name::Tracepoint)
+                        .then_some(counters.seen.rule_drop),
                     top_n: opts.top,
                 };
                 if !consumer.closed

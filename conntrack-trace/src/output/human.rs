@@ -4,6 +4,7 @@
 use std::{fmt::Write as _, io::Write};
 
 use super::{LiveView, NetnsNames, Sink, Summary, top_sources};
+use crate::backend::Name;
 use crate::event::{Event, Kind};
 
 pub struct Human<W: Write> {
@@ -82,11 +83,20 @@ pub fn render_live(v: &LiveView<'_>) -> String {
             v.lost.get(k)
         );
     }
-    let _ = writeln!(
-        s,
-        "rule drops of confirmed entries (not conntrack failures): {}",
-        v.rule_drops
-    );
+    match v.rule_drops {
+        Some(n) => {
+            let _ = writeln!(
+                s,
+                "rule drops of confirmed entries (not conntrack failures): {n}"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "rule drops of confirmed entries: not observed by this backend"
+            );
+        }
+    }
     let _ = writeln!(s);
     if v.per_packet {
         s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
@@ -163,11 +173,13 @@ pub fn render_summary(sum: &Summary) -> String {
             sum.matched.table_full, sum.matched.early_drop, sum.matched.insert_failed
         );
     }
-    let _ = writeln!(
-        s,
-        "rule drops of confirmed entries: {}",
-        sum.observed.rule_drop
-    );
+    if sum.backend == Name::Tracepoint {
+        let _ = writeln!(
+            s,
+            "rule drops of confirmed entries: {}",
+            sum.observed.rule_drop
+        );
+    }
     let _ = writeln!(
         s,
         "kernel counters ({} namespace(s)): drop {}, early_drop {}, insert_failed {}, clash_resolve {}, chaintoolong {}, invalid {}",
@@ -282,7 +294,7 @@ mod tests {
             fills: &fills,
             agg: &a,
             lost: KindCounts::default(),
-            rule_drops: 0,
+            rule_drops: Some(0),
             top_n: 5,
         };
         let text = render_live(&v);
@@ -386,7 +398,7 @@ mod tests {
             fills: &[],
             agg: &a,
             lost: KindCounts::default(),
-            rule_drops: 0,
+            rule_drops: None,
             top_n: 5,
         };
         let text = render_live(&v);
@@ -396,6 +408,10 @@ mod tests {
         );
         assert!(text.contains("no per-packet attribution"), "{text}");
         assert!(!text.contains("SOURCE"), "{text}");
+        assert!(
+            text.contains("rule drops of confirmed entries: not observed"),
+            "{text}"
+        );
     }
 
     #[test]

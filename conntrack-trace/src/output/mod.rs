@@ -31,7 +31,9 @@ pub struct LiveView<'a> {
     pub fills: &'a [(String, Fill)],
     pub agg: &'a Aggregator,
     pub lost: KindCounts,
-    pub rule_drops: u64,
+    /// Rule drops counted so far; None when the backend cannot see them
+    /// (only the tracepoint backend hooks kfree_skb).
+    pub rule_drops: Option<u64>,
     pub top_n: usize,
 }
 
