@@ -147,6 +147,8 @@ impl Apt {
             "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".to_owned(),
             "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false".to_owned(),
             "Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false".to_owned(),
+            // Installed or unpacked .debs are not needed again.
+            "APT::Keep-Downloaded-Packages=false".to_owned(),
             // The _apt sandbox user cannot write under root's home.
             "APT::Sandbox::User=root".to_owned(),
         ];

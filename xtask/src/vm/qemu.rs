@@ -26,6 +26,8 @@ pub struct TestResult {
     pub name: String,
     pub pass: bool,
     pub secs: u64,
+    /// The console lines between its `start` and its verdict.
+    pub output: String,
 }
 
 /// What one boot produced.
@@ -42,12 +44,6 @@ pub struct Outcome {
     pub log: PathBuf,
 }
 
-impl Outcome {
-    pub fn passed(&self) -> bool {
-        self.result == Some(true) && !self.timed_out && self.tests.iter().all(|t| t.pass)
-    }
-}
-
 pub const MARKER: &str = "ctt-vm: ";
 
 /// Parses the marker lines of a serial log: `test NAME pass|fail Ns ...`
@@ -56,16 +52,21 @@ pub const MARKER: &str = "ctt-vm: ";
 pub fn parse_markers(log: &str) -> (Vec<TestResult>, Option<bool>) {
     let mut tests = Vec::new();
     let mut result = None;
+    let mut output = String::new();
     for line in log.lines() {
         let Some((_, m)) = line.split_once(MARKER) else {
+            output.push_str(line);
+            output.push('\n');
             continue;
         };
         let w: Vec<&str> = m.split_whitespace().collect();
         match w.as_slice() {
+            ["test", _, "start"] => output.clear(),
             ["test", name, verdict @ ("pass" | "fail"), secs, ..] => tests.push(TestResult {
                 name: (*name).to_owned(),
                 pass: *verdict == "pass",
                 secs: secs.trim_end_matches('s').parse().unwrap_or(0),
+                output: std::mem::take(&mut output),
             }),
             ["result", verdict, ..] => result = Some(*verdict == "pass"),
             _ => {}
@@ -222,6 +223,8 @@ mod tests {
                    ctt-vm: test table_full start\n\
                    running 3 tests\n\
                    [   40.1] random: crng init done ctt-vm: test table_full pass 37s\n\
+                   ctt-vm: test early_drop start\n\
+                   Error: refused\n\
                    ctt-vm: test early_drop fail 12s rc=101\n\
                    ctt-vm: result fail\n";
         let (tests, result) = parse_markers(log);
@@ -231,12 +234,14 @@ mod tests {
                 TestResult {
                     name: "table_full".into(),
                     pass: true,
-                    secs: 37
+                    secs: 37,
+                    output: "running 3 tests\n".into(),
                 },
                 TestResult {
                     name: "early_drop".into(),
                     pass: false,
-                    secs: 12
+                    secs: 12,
+                    output: "Error: refused\n".into(),
                 },
             ]
         );
