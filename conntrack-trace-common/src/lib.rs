@@ -200,6 +200,22 @@ const _: () = assert!(core::mem::size_of::<Config>() == 32);
 pub mod flags {
     /// Also emit [`super::kind::RULE_DROP`] events (normally only counted).
     pub const EMIT_RULE_DROPS: u32 = 1;
+    /// The `kmem_cache_free` tracepoint passes the cache's name, not the
+    /// cache (kernels before 6.2).
+    pub const KMEM_FREE_BY_NAME: u32 = 2;
+}
+
+/// Per-CPU state of the fexit backend's scoped hooks (`FEXIT_SCOPE` map).
+pub mod scope {
+    /// `struct net *` of the `early_drop()` running on this CPU, or 0.
+    pub const EARLY_DROP_NET: u32 = 0;
+    /// `struct sk_buff *` passed to the `__nf_conntrack_confirm()` running
+    /// on this CPU.
+    pub const CONFIRM_SKB: u32 = 1;
+    /// 1 when that skb's entry was already confirmed on entry.
+    pub const CONFIRM_WAS_CONFIRMED: u32 = 2;
+    /// Number of slots.
+    pub const LEN: u32 = 3;
 }
 
 /// Maximum kernel stack frames the eviction hook inspects.

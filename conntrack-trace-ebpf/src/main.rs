@@ -1,11 +1,15 @@
-//! Kernel side of conntrack-trace: two BTF tracepoints that observe
-//! conntrack's failure points on kernels that refuse fentry/fexit.
+//! Kernel side of conntrack-trace. Two backends share the maps, the event
+//! builders and the counters:
 //!
+//! * BTF tracepoints (this file), for kernels that refuse fentry/fexit:
 //! * `kfree_skb` (reason `SKB_DROP_REASON_NETFILTER_DROP`): a packet dropped by
 //!   a netfilter verdict. Its conntrack attachment (`skb->_nfct`) says why:
 //!   none → `table_full`, unconfirmed → `insert_failed`, confirmed → a rule.
 //! * `kmem_cache_free` on the `nf_conntrack` slab whose stack passes through
 //!   `early_drop()` → `early_drop` (the evicted entry).
+//!
+//! * fentry/fexit on conntrack's own functions ([`fexit`]): exact hooks on
+//!   the allocation, eviction and confirmation failure points.
 //!
 //! Kernel struct offsets arrive in `OFFSETS` and settings in `CONFIG`, both
 //! written by user space from the running kernel's BTF before load.
@@ -98,14 +102,14 @@ macro_rules! off {
         // SAFETY: reading a field of a read-only global; volatile so the
         // compiler does not constant-fold the zero initialiser that user space
         // overwrites at load time.
-        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) as u64 }
+        unsafe { core::ptr::read_volatile(&raw const crate::OFFSETS.$field) as u64 }
     };
 }
 
 macro_rules! conf {
     ($field:ident) => {
         // SAFETY: see `off!`.
-        unsafe { core::ptr::read_volatile(&raw const CONFIG.$field) }
+        unsafe { core::ptr::read_volatile(&raw const crate::CONFIG.$field) }
     };
 }
 
@@ -167,8 +171,7 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
         ev.netns = skb_netns(skb).unwrap_or(0);
         return emit(ev);
     }
-    let status: u64 = read(ct + off!(ct_status))?;
-    if status & (1u64 << (conf!(confirmed_bit) & 63)) != 0 {
+    if ct_is_confirmed(ct)? {
         // A confirmed entry: the ruleset dropped it, conntrack did not fail.
         if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
             bump(counter::seen(kind::RULE_DROP));
@@ -197,19 +200,33 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // Fires on every slab free in the system: once the nf_conntrack cache is
     // known, everything else costs one load and one comparison.
     // (call_site, ptr, s) since 6.2; checked against BTF by user space.
+    // Before 6.2 the third argument was the cache's name (`s->name`, a
+    // pointer as stable as the cache itself) instead of the cache: the
+    // FREE_BY_NAME variant learns that pointer instead (chosen by user space
+    // from the tracepoint's BTF; the verifier prunes the other branch).
     let cache: u64 = ctx.arg(2);
+    let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
     let learned = CT_CACHE.get_ptr_mut(0).ok_or(0i64)?;
     // SAFETY: valid pointer into a one-element array map.
     let known = unsafe { *learned };
     if known != cache {
-        if known != 0 || !is_conntrack_cache(cache) {
+        let is_ct = if by_name {
+            is_conntrack_name(cache)
+        } else {
+            is_conntrack_cache(cache)
+        };
+        if known != 0 || !is_ct {
             return Ok(());
         }
         // SAFETY: as above.
         unsafe { *learned = cache };
     }
     bump(counter::CT_FREES);
-    let obj: u64 = ctx.arg(1);
+    // `ptr` is `const void *`: before 6.18 btf_ctx_access() does not look
+    // through the const to the void and refuses the ctx load ("invalid
+    // bpf_context access off=8", seen on 6.1 and 6.12), so the argument is
+    // copied out of the context instead.
+    let obj: u64 = read(ctx.as_ptr() as u64 + 8)?;
     if !freed_by_early_drop(ctx) {
         return Ok(());
     }
@@ -234,10 +251,16 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// nf_conntrack_init_start(); SLAB_TYPESAFE_BY_RCU keeps it unmerged).
 #[inline(always)]
 fn is_conntrack_cache(cache: u64) -> bool {
-    const NAME: &[u8; 13] = b"nf_conntrack\0";
     let Ok(name_ptr) = read::<u64>(cache + off!(cache_name)) else {
         return false;
     };
+    is_conntrack_name(name_ptr)
+}
+
+/// True when the NUL-terminated string at `name_ptr` is "nf_conntrack".
+#[inline(always)]
+fn is_conntrack_name(name_ptr: u64) -> bool {
+    const NAME: &[u8; 13] = b"nf_conntrack\0";
     match read::<[u8; 13]>(name_ptr) {
         Ok(name) => name == *NAME,
         Err(_) => false,
@@ -412,10 +435,43 @@ fn fill_packet(ev: &mut RawEvent, skb: u64) {
     }
 }
 
+/// The conntrack entry attached to a packet (`skb->_nfct` without the
+/// ctinfo bits), if any.
+#[inline(always)]
+fn skb_ct(skb: u64) -> Option<u64> {
+    let nfct: u64 = read(skb + off!(skb_nfct)).ok()?;
+    let ct = nfct & !NFCT_INFOMASK;
+    if ct == 0 { None } else { Some(ct) }
+}
+
+/// `IPS_CONFIRMED` set: the entry is (or was being) inserted in the table.
+#[inline(always)]
+fn ct_is_confirmed(ct: u64) -> Result<bool, i64> {
+    let status: u64 = read(ct + off!(ct_status))?;
+    Ok(status & (1u64 << (conf!(confirmed_bit) & 63)) != 0)
+}
+
 /// Original-direction tuple and netns of a conntrack entry.
 #[inline(always)]
 fn fill_from_ct(ev: &mut RawEvent, ct: u64) -> Result<(), i64> {
-    let t = ct + off!(ct_tuple);
+    fill_from_tuple(ev, ct + off!(ct_tuple))?;
+    let net: u64 = read(ct + off!(ct_net))?;
+    ev.netns = net_inum(net);
+    Ok(())
+}
+
+/// Inode of a `struct net *`, 0 when unreadable.
+#[inline(always)]
+fn net_inum(net: u64) -> u32 {
+    if net == 0 {
+        return 0;
+    }
+    read(net + off!(net_inum)).unwrap_or(0)
+}
+
+/// Addresses, protocol and ports of a `struct nf_conntrack_tuple`.
+#[inline(always)]
+fn fill_from_tuple(ev: &mut RawEvent, t: u64) -> Result<(), i64> {
     let family: u16 = read(t + off!(tuple_l3num))?;
     ev.l3 = match family {
         AF_INET => l3::IPV4,
@@ -429,12 +485,12 @@ fn fill_from_ct(ev: &mut RawEvent, ct: u64) -> Result<(), i64> {
     // type/code bytes (dst): a big-endian read gives id and type<<8|code.
     ev.sport = u16::from_be_bytes(read(t + off!(tuple_src_port))?);
     ev.dport = u16::from_be_bytes(read(t + off!(tuple_dst_port))?);
-    let net: u64 = read(ct + off!(ct_net))?;
-    if net != 0 {
-        ev.netns = read(net + off!(net_inum)).unwrap_or(0);
-    }
     Ok(())
 }
+
+// After the macros above: `macro_rules!` are visible to modules declared
+// later in the file.
+mod fexit;
 
 #[cfg(not(test))]
 #[panic_handler]

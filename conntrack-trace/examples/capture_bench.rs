@@ -95,6 +95,8 @@ fn header() -> capture::Header {
         filter: RecordedFilter::default(),
         conntrack: vec![],
         kernel_start: Default::default(),
+        backend_refused: vec![],
+        per_packet: true,
     }
 }
 

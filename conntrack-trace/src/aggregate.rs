@@ -148,6 +148,14 @@ impl Aggregator {
         stats.last_ns = stats.last_ns.max(e.ts_ns);
     }
 
+    /// Adds failures known only as totals (the counters backend): they
+    /// count in totals and rates, not in any source.
+    pub fn record_totals(&mut self, n: &KindCounts) {
+        for k in Kind::ALL {
+            *self.totals.get_mut(k) += n.get(k);
+        }
+    }
+
     /// Closes an interval of length `elapsed`: computes rates, starts anew.
     pub fn tick(&mut self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64().max(1e-9);

@@ -27,6 +27,8 @@ pub enum BtfError {
     NoEnumValue { ty: String, value: String },
     #[error("kernel BTF: tracepoint `{tp}` has no argument `{arg}`")]
     NoTpArg { tp: String, arg: String },
+    #[error("kernel BTF has no function `{0}` (inlined, or conntrack not loaded)")]
+    NoFunction(String),
     #[error("kernel BTF: {0}")]
     Other(String),
 }
@@ -42,6 +44,8 @@ pub enum TpArg {
     PtrTo(&'static str),
     /// `void *` (the first one).
     VoidPtr,
+    /// `char *` (const or not): a string.
+    CharPtr,
 }
 
 impl std::fmt::Display for TpArg {
@@ -50,6 +54,7 @@ impl std::fmt::Display for TpArg {
             TpArg::Enum(n) => write!(f, "enum {n}"),
             TpArg::PtrTo(n) => write!(f, "struct {n} *"),
             TpArg::VoidPtr => f.write_str("void *"),
+            TpArg::CharPtr => f.write_str("char *"),
         }
     }
 }
@@ -79,6 +84,11 @@ impl TpArg {
                     Some(Type::Void)
                 )
             }
+            (TpArg::CharPtr, Type::Ptr(p)) => btf
+                .resolve_chained_type(p)
+                .ok()
+                .and_then(|x| strip(btf, x).ok())
+                .is_some_and(|x| matches!(&x, Type::Int(i) if i.is_char() || i.size() == 1)),
             _ => false,
         }
     }
@@ -231,6 +241,47 @@ impl KernelBtf {
         })
     }
 
+    /// A kernel function as fentry/fexit see it: where its BTF lives (vmlinux
+    /// or the nf_conntrack module), its BTF id, and its parameters. Absent
+    /// when the compiler inlined it or pahole left it out (e.g. a clone
+    /// with a changed signature).
+    pub fn function(&self, name: &str) -> Result<Function> {
+        for (module, btf) in [
+            (None, Some(&self.vmlinux)),
+            (Some("nf_conntrack"), self.conntrack.as_ref()),
+        ] {
+            let Some(btf) = btf else { continue };
+            let Ok(ids) = btf.resolve_ids_by_name(name) else {
+                continue;
+            };
+            for id in ids {
+                let Ok(Type::Func(func)) = btf.resolve_type_by_id(id) else {
+                    continue;
+                };
+                let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&func) else {
+                    continue;
+                };
+                let mut params = Vec::new();
+                for p in &proto.parameters {
+                    let t = strip(btf, btf.resolve_chained_type(p).map_err(other)?)?;
+                    params.push(param_kind(btf, &t));
+                }
+                let ret = match btf.resolve_type_by_id(proto.return_type_id()) {
+                    Ok(t) if proto.return_type_id() != 0 => param_kind(btf, &strip(btf, t)?),
+                    _ => Param::Other("void".into()),
+                };
+                return Ok(Function {
+                    name: name.to_owned(),
+                    module,
+                    btf_id: id,
+                    params,
+                    ret,
+                });
+            }
+        }
+        Err(BtfError::NoFunction(name.to_owned()))
+    }
+
     /// Every offset the programs need, or the first one this kernel lacks.
     pub fn offsets(&self) -> Result<Offsets> {
         let tuple = "nf_conntrack_tuple";
@@ -258,6 +309,88 @@ impl KernelBtf {
             skb_data: self.offset_of("sk_buff", "data")?,
             skb_tail: self.offset_of("sk_buff", "tail")?,
         })
+    }
+}
+
+/// A kernel function found in BTF (see [`KernelBtf::function`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Function {
+    pub name: String,
+    /// `None`: vmlinux; `Some(module)`: that module's split BTF.
+    pub module: Option<&'static str>,
+    /// Id in the kernel's numbering (module ids continue after vmlinux's).
+    pub btf_id: u32,
+    pub params: Vec<Param>,
+    pub ret: Param,
+}
+
+impl Function {
+    /// Checks that the parameters are exactly `want`, in order: the
+    /// programs read them at fixed positions.
+    pub fn expect(&self, want: &[Param]) -> Result<()> {
+        if self.params != want {
+            return Err(BtfError::Other(format!(
+                "`{}` is ({}), expected ({})",
+                self.name,
+                describe_params(&self.params),
+                describe_params(want)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn describe_params(p: &[Param]) -> String {
+    p.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A parameter or return type, as far as the programs care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// `struct NAME *`.
+    PtrTo(String),
+    /// An integer (or enum/bool) of this many bytes.
+    Int(usize),
+    Other(String),
+}
+
+impl Param {
+    pub fn ptr(name: &str) -> Param {
+        Param::PtrTo(name.to_owned())
+    }
+}
+
+impl std::fmt::Display for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Param::PtrTo(n) => write!(f, "struct {n} *"),
+            Param::Int(n) => write!(f, "int{}", n * 8),
+            Param::Other(n) => f.write_str(n),
+        }
+    }
+}
+
+fn param_kind(btf: &Btf, t: &Type) -> Param {
+    match t {
+        Type::Ptr(p) => match btf
+            .resolve_chained_type(p)
+            .ok()
+            .and_then(|x| strip(btf, x).ok())
+        {
+            Some(x @ (Type::Struct(_) | Type::Union(_))) => Param::PtrTo(
+                x.as_btf_type()
+                    .and_then(|bt| btf.resolve_name(bt).ok())
+                    .unwrap_or_default(),
+            ),
+            _ => Param::Other("pointer".into()),
+        },
+        Type::Int(i) => Param::Int(i.size()),
+        Type::Enum(e) => Param::Int(e.size()),
+        Type::Enum64(e) => Param::Int(e.size()),
+        other => Param::Other(other.name().to_owned()),
     }
 }
 
@@ -383,6 +516,28 @@ mod tests {
             err.to_string(),
             "kernel BTF has no type `no_such_struct_xyz`"
         );
+    }
+
+    #[test]
+    fn conntrack_functions_from_btf() {
+        let Some(k) = kernel() else { return };
+        let Ok(f) = k.function("__nf_conntrack_confirm") else {
+            eprintln!("skipping: conntrack not in BTF");
+            return;
+        };
+        f.expect(&[Param::ptr("sk_buff")]).unwrap();
+        assert_eq!(f.ret, Param::Int(4));
+        let f = k.function("nf_ct_delete").unwrap();
+        assert_eq!(f.params[0], Param::ptr("nf_conn"));
+        assert_eq!(f.ret, Param::Int(1), "bool");
+        let err = f.expect(&[Param::ptr("sk_buff")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`nf_ct_delete` is (struct nf_conn *"),
+            "{err}"
+        );
+        let err = k.function("no_such_function_xyz").unwrap_err();
+        assert!(matches!(err, BtfError::NoFunction(_)), "{err}");
     }
 
     #[test]

@@ -36,6 +36,31 @@ pub enum Format {
     Ndjson,
 }
 
+/// `--backend`: how conntrack is observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// fexit, else tracepoint, else counters (says why each was refused).
+    Auto,
+    /// fentry/fexit on conntrack's functions (exact; needs BPF trampolines).
+    Fexit,
+    /// BTF tracepoints kfree_skb and kmem_cache_free.
+    Tracepoint,
+    /// Poll the kernel's counters: totals only, no per-packet attribution.
+    Counters,
+}
+
+impl From<BackendArg> for crate::backend::Choice {
+    fn from(b: BackendArg) -> Self {
+        use crate::backend::Choice;
+        match b {
+            BackendArg::Auto => Choice::Auto,
+            BackendArg::Fexit => Choice::Fexit,
+            BackendArg::Tracepoint => Choice::Tracepoint,
+            BackendArg::Counters => Choice::Counters,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     On,
@@ -44,6 +69,9 @@ pub enum OnOff {
 
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
+    /// How to observe conntrack (see README "Backends").
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
     /// Stop after this long (e.g. 30s, 5m, 1h30m; a bare number is seconds).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -72,7 +100,7 @@ pub struct TraceArgs {
     /// Create this file once every program is attached (for scripts).
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
-    /// Track evictions (early_drop) with the kmem_cache_free hook.
+    /// Track evictions (early_drop).
     #[arg(long, value_enum, default_value = "on")]
     pub evictions: OnOff,
     /// Also emit packets of confirmed entries dropped by rules.
@@ -359,7 +387,7 @@ fn parse_proto(s: &str) -> Result<Proto, String> {
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
     let n: u64 = s.parse().map_err(|_| format!("invalid ring size `{s}`"))?;
-    if !crate::backend::tracepoint::valid_ring_bytes(n) {
+    if !crate::backend::valid_ring_bytes(n) {
         return Err(format!(
             "ring size {n} must be a power of two between the page size and 1 GiB"
         ));
@@ -402,6 +430,8 @@ mod tests {
             "srv",
             "--evictions",
             "off",
+            "--backend",
+            "counters",
         ])
         .unwrap();
         let Command::Trace(t) = cli.command else {
@@ -412,6 +442,12 @@ mod tests {
         assert_eq!(t.port, Some(53));
         assert_eq!(t.format, Some(Format::Ndjson));
         assert_eq!(t.evictions, OnOff::Off);
+        assert_eq!(t.backend, BackendArg::Counters);
+        let cli = Cli::try_parse_from(["conntrack-trace", "trace"]).unwrap();
+        let Command::Trace(t) = cli.command else {
+            panic!("trace parses as trace")
+        };
+        assert_eq!(t.backend, BackendArg::Auto, "auto by default");
     }
 
     #[test]
@@ -478,6 +514,7 @@ mod tests {
             vec!["conntrack-trace", "report", "f", "--since", "yesterday"],
             vec!["conntrack-trace", "export", "f"],
             vec!["conntrack-trace", "export", "f", "--format", "pcap"],
+            vec!["conntrack-trace", "trace", "--backend", "kprobe"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }

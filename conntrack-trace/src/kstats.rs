@@ -149,6 +149,18 @@ pub fn read_fill() -> Option<Fill> {
     })
 }
 
+/// Kernel counters of every namespace in `scope` that can be read, by
+/// inode (a namespace without conntrack, or gone, is left out).
+pub fn snapshot(scope: &[crate::netns::NetnsInfo]) -> std::collections::BTreeMap<u32, CtStats> {
+    scope
+        .iter()
+        .filter_map(|ns| match crate::netns::in_netns(&ns.path, read_stats) {
+            Ok(Ok(s)) => Some((ns.inode, s)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Reads the stats of the calling thread's netns.
 pub fn read_stats() -> Result<CtStats, StatsError> {
     // thread-self: /proc/self/net follows the thread-group leader's netns,

@@ -3,7 +3,7 @@ use std::io::{IsTerminal, Write};
 use clap::Parser;
 use conntrack_trace::{
     aggregate::DEFAULT_MAX_SOURCES,
-    backend::tracepoint::{self, DEFAULT_RING_BYTES},
+    backend::{self, DEFAULT_RING_BYTES},
     btf::VMLINUX_BTF,
     capture::WriteOptions,
     cli::{
@@ -71,7 +71,9 @@ fn trace(args: TraceArgs) -> i32 {
             src: args.src,
         },
         ready_file: args.ready_file,
-        backend: tracepoint::Options {
+        choice: args.backend.into(),
+        backend: backend::Options {
+            btf_explicit: args.btf.is_some(),
             btf_path: args.btf.unwrap_or_else(|| VMLINUX_BTF.into()),
             evictions: args.evictions == OnOff::On,
             rule_drops: args.rule_drops,

@@ -17,7 +17,7 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, KindCounts},
     amplify::{AmpConfig, Detector, Finding},
-    backend::tracepoint::{self, Tracepoints},
+    backend::{self, Choice},
     capture::{self, Writer, format::NsFill},
     clock::Clock,
     error::TraceError,
@@ -36,7 +36,9 @@ pub struct TraceOptions {
     pub netns: Option<String>,
     pub filter: Filter,
     pub ready_file: Option<PathBuf>,
-    pub backend: tracepoint::Options,
+    /// `--backend`.
+    pub choice: Choice,
+    pub backend: backend::Options,
     pub max_sources: usize,
     pub amp: AmpConfig,
     /// `--write FILE`: record every event to a capture file.
@@ -151,17 +153,6 @@ fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
     list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
 }
 
-/// Kernel counters of every namespace in `scope` that can be read.
-fn snapshot(scope: &[NetnsInfo]) -> BTreeMap<u32, CtStats> {
-    scope
-        .iter()
-        .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_stats) {
-            Ok(Ok(s)) => Some((ns.inode, s)),
-            _ => None,
-        })
-        .collect()
-}
-
 fn fills(scope: &[NetnsInfo]) -> Vec<(String, Fill)> {
     let mut v: Vec<(String, Fill)> = scope
         .iter()
@@ -217,15 +208,22 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         }
     };
 
-    let mut tp = Tracepoints::load(&opts.backend)?;
-    let backend_desc = tp.describe();
-    let evictions_desc = tp.evictions.describe();
-
-    let ring = tp.take_ring()?;
     // The kernel's counters bracket the attach period: read before attach
     // and after detach, so their delta and our counters cover one window.
-    let start_stats = snapshot(&scope);
-    tp.attach()?;
+    let start_stats = kstats::snapshot(&scope);
+    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope)?;
+    let backend_desc = tp.describe();
+    let evictions_desc = tp.evictions().describe();
+    let per_packet = tp.per_packet();
+    eprintln!("{}", selection_line(&backend_desc, &refused));
+    if !per_packet
+        && (opts.filter.proto.is_some() || opts.filter.port.is_some() || opts.filter.src.is_some())
+    {
+        eprintln!(
+            "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)"
+        );
+    }
+    let ring = tp.take_ring()?;
     let start_unix_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -265,6 +263,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     })
                     .collect(),
                 kernel_start: start_stats.clone(),
+                backend_refused: refused.clone(),
+                per_packet,
             };
             Some(Writer::create(w, header).map_err(|e| TraceError::Usage(e.to_string()))?)
         }
@@ -310,85 +310,103 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
 
-    let mut ring = {
-        // SAFETY: the AsyncFd owns the ring (and so its fd) until
-        // into_inner() below; nothing else closes the fd meanwhile.
-        let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| TraceError::Io {
-                context: "polling the ring buffer".into(),
-                source: e.into(),
-            })?;
-        loop {
-            tokio::select! {
-                biased;
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
-                _ = &mut deadline => break,
-                _ = ticker.tick() => {
+    let mut last_seen = KindCounts::default();
+    let mut afd = match ring {
+        Some(ring) => Some(
+            // SAFETY: the AsyncFd owns the ring (and so its fd) until
+            // into_inner() below; nothing else closes the fd meanwhile.
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                TraceError::Io {
+                    context: "polling the ring buffer".into(),
+                    source: e.into(),
+                }
+            })?,
+        ),
+        None => None,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+            _ = ticker.tick() => {
+                if let Some(afd) = afd.as_mut() {
                     consumer.drain(afd.get_mut(), usize::MAX)?;
-                    let now = Instant::now();
-                    consumer.agg.tick(now - last_tick);
-                    last_tick = now;
-                    if consumer.unknown_netns {
-                        consumer.names = names_of(&netns::list());
-                        consumer.unknown_netns = false;
+                }
+                let counters = tp.counters()?;
+                if !per_packet {
+                    // Totals only: the kernel's counters feed the totals
+                    // and rates, no sources.
+                    consumer.agg.record_totals(&counters.seen.sub(&last_seen));
+                    last_seen = counters.seen;
+                }
+                let now = Instant::now();
+                consumer.agg.tick(now - last_tick);
+                last_tick = now;
+                if consumer.unknown_netns {
+                    consumer.names = names_of(&netns::list());
+                    consumer.unknown_netns = false;
+                }
+                if let Some(w) = &mut consumer.writer {
+                    w.names(&consumer.names);
+                    w.flush();
+                    if !consumer.write_warned && let Some(e) = w.failed() {
+                        // Keep tracing live; the file keeps what it has.
+                        eprintln!("conntrack-trace: warning: {e}; recording stopped, live output continues");
+                        consumer.write_warned = true;
                     }
-                    if let Some(w) = &mut consumer.writer {
-                        w.names(&consumer.names);
-                        w.flush();
-                        if !consumer.write_warned && let Some(e) = w.failed() {
-                            // Keep tracing live; the file keeps what it has.
-                            eprintln!("conntrack-trace: warning: {e}; recording stopped, live output continues");
-                            consumer.write_warned = true;
+                }
+                let f = fills(&scope);
+                consumer.report_findings(&clock)?;
+                let findings = consumer.amp.findings(&clock);
+                let amp = consumer.amp.summary();
+                let view = LiveView {
+                    backend: &backend_desc,
+                    refused: &refused,
+                    per_packet,
+                    evictions: &evictions_desc,
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                    fills: &f,
+                    agg: &consumer.agg,
+                    lost: counters.lost,
+                    rule_drops: (tp.name() == backend::Name::Tracepoint)
+                        .then_some(counters.seen.rule_drop),
+                    top_n: opts.top,
+                    findings: &findings,
+                    amp: &amp,
+                };
+                if !consumer.closed
+                    && let Err(e) = consumer.sink.tick(&view) {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            consumer.closed = true;
+                        } else {
+                            return Err(TraceError::Io { context: "writing output".into(), source: e });
                         }
                     }
-                    let counters = tp.counters()?;
-                    let f = fills(&scope);
-                    consumer.report_findings(&clock)?;
-                    let findings = consumer.amp.findings(&clock);
-                    let amp = consumer.amp.summary();
-                    let view = LiveView {
-                        backend: &backend_desc,
-                        evictions: &evictions_desc,
-                        elapsed_s: started.elapsed().as_secs_f64(),
-                        fills: &f,
-                        agg: &consumer.agg,
-                        lost: counters.lost,
-                        rule_drops: counters.seen.rule_drop,
-                        top_n: opts.top,
-                        findings: &findings,
-                        amp: &amp,
-                    };
-                    if !consumer.closed
-                        && let Err(e) = consumer.sink.tick(&view) {
-                            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                                consumer.closed = true;
-                            } else {
-                                return Err(TraceError::Io { context: "writing output".into(), source: e });
-                            }
-                        }
-                    if consumer.closed { break; }
+                if consumer.closed { break; }
+            }
+            guard = async { afd.as_mut().expect("guarded by the precondition").readable_mut().await }, if afd.is_some() => {
+                let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
+                let n = consumer.drain(guard.get_inner_mut(), DRAIN_BATCH)?;
+                if n < DRAIN_BATCH {
+                    guard.clear_ready();
                 }
-                guard = afd.readable_mut() => {
-                    let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
-                    let n = consumer.drain(guard.get_inner_mut(), DRAIN_BATCH)?;
-                    if n < DRAIN_BATCH {
-                        guard.clear_ready();
-                    }
-                    if consumer.closed { break; }
-                }
+                if consumer.closed { break; }
             }
         }
-        afd.into_inner()
-    };
+    }
+    let mut ring = afd.map(AsyncFd::into_inner);
 
     // Stop the producers first, then take everything they left behind, so
     // that events + lost == observed holds exactly.
     tp.detach();
     let duration_s = started.elapsed().as_secs_f64();
-    consumer.drain(&mut ring, usize::MAX)?;
+    if let Some(ring) = ring.as_mut() {
+        consumer.drain(ring, usize::MAX)?;
+    }
     let counters = tp.counters()?;
-    let end_stats = snapshot(&scope);
+    let end_stats = kstats::snapshot(&scope);
     let mut kernel = CtStats::default();
     let mut covered = 0;
     for (ino, end) in &end_stats {
@@ -398,19 +416,28 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         }
     }
     consumer.report_findings(&clock)?;
-    let complete = Kind::ALL
-        .iter()
-        .all(|k| consumer.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
+    // Without events (counters backend) nothing is complete.
+    let complete = per_packet
+        && Kind::ALL
+            .iter()
+            .all(|k| consumer.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
     let summary = Summary {
         kind: "summary",
         version: env!("CARGO_PKG_VERSION").into(),
-        backend: "tracepoint".into(),
+        backend: tp.name().as_str().into(),
+        hooks: backend_desc,
+        backend_refused: refused,
+        per_packet,
         evictions: evictions_desc,
         duration_s,
         start_unix_ns,
         start_mono_ns,
         events: consumer.received,
-        matched: consumer.agg.totals,
+        matched: if per_packet {
+            consumer.agg.totals
+        } else {
+            KindCounts::default()
+        },
         lost: counters.lost,
         observed: counters.seen,
         complete,
@@ -465,4 +492,36 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
     }
     Ok(summary)
+}
+
+/// The stderr line that says which backend runs and why `auto` passed over
+/// the ones before it.
+pub fn selection_line(desc: &str, refused: &[backend::Refusal]) -> String {
+    let mut s = format!("conntrack-trace: backend {desc}");
+    for r in refused {
+        s.push_str(&format!("; {} refused: {}", r.backend.as_str(), r.reason));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Name, Refusal};
+
+    #[test]
+    fn selection_line_names_every_refusal() {
+        let refused = [Refusal {
+            backend: Name::Fexit,
+            reason: "kernel refused to attach program `ct_confirm_enter` to fentry/__nf_conntrack_confirm: Operation not permitted (os error 1)".into(),
+        }];
+        assert_eq!(
+            selection_line("tracepoint (tp_btf/kfree_skb)", &refused),
+            "conntrack-trace: backend tracepoint (tp_btf/kfree_skb); fexit refused: kernel refused to attach program `ct_confirm_enter` to fentry/__nf_conntrack_confirm: Operation not permitted (os error 1)"
+        );
+        assert_eq!(
+            selection_line("fexit (fexit/nf_ct_delete)", &[]),
+            "conntrack-trace: backend fexit (fexit/nf_ct_delete)"
+        );
+    }
 }

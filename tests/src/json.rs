@@ -67,6 +67,14 @@ pub struct TopSource {
     pub rate_per_s: f64,
 }
 
+/// A backend `--backend auto` passed over, and why.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub backend: String,
+    pub reason: String,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Summary {
@@ -74,6 +82,9 @@ pub struct Summary {
     pub ty: String,
     pub version: String,
     pub backend: String,
+    pub hooks: String,
+    pub backend_refused: Vec<Refusal>,
+    pub per_packet: bool,
     pub evictions: String,
     pub duration_s: f64,
     pub start_unix_ns: u128,

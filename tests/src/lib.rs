@@ -419,7 +419,12 @@ impl Tracer {
                 "--ready-file",
             ])
             .arg(&ready)
-            .args(backend_args())
+            // A test that names its backend itself keeps it.
+            .args(if extra.contains(&"--backend") {
+                Vec::new()
+            } else {
+                backend_args()
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

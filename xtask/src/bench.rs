@@ -36,6 +36,10 @@ enum What {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
     },
+    /// The amplification detector: events/s and memory on retrying,
+    /// one-shot and DNS streams of 2 M drops
+    /// (conntrack-trace/examples/amplify_bench.rs, release mode).
+    Amplify,
 }
 
 fn churn(n: u32) -> Result<Duration> {
@@ -137,6 +141,19 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(What::Amplify) = args.what {
+        return crate::cmd(
+            "cargo",
+            &[
+                "run",
+                "--release",
+                "--package",
+                "conntrack-trace",
+                "--example",
+                "amplify_bench",
+            ],
+        );
+    }
     if let Some(What::Capture { events }) = args.what {
         return crate::cmd(
             "cargo",

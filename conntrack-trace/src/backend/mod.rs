@@ -1,9 +1,33 @@
-//! Ways of observing conntrack failures. Every backend yields the same
-//! [`crate::event::Event`]s and the same exact counters.
+//! Ways of observing conntrack failures, behind one interface ([`Backend`]):
+//! every BPF backend yields the same [`crate::event::Event`]s and the same
+//! exact counters; `counters` yields only totals.
+//!
+//! * [`fexit`] — trampolines on conntrack's functions (exact, cheapest);
+//! * [`tracepoint`] — `tp_btf/kfree_skb` + `tp_btf/kmem_cache_free`, for
+//!   kernels that refuse fentry/fexit;
+//! * [`counters`] — polls /proc/net/stat/nf_conntrack when no BPF program
+//!   can load: totals and rates per kind, no per-packet attribution.
+//!
+//! `auto` ([`open`]) tries them in that order and keeps, for the header and
+//! the summary, why each earlier one was refused. It decides by what the
+//! kernel accepts (BTF, functions in BTF, program load and attach), never by
+//! kernel version: distributions backport.
 
+pub mod counters;
+pub mod fexit;
 pub mod tracepoint;
+pub mod trampoline;
 
-use crate::aggregate::KindCounts;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use conntrack_trace_common::{Config, Offsets, counter, kind};
+use serde::Serialize;
+
+use crate::{
+    aggregate::KindCounts, btf::BtfError, error::TraceError, event::Kind, netns::NetnsInfo,
+};
 
 /// Exact in-kernel counters of a backend since it was loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,5 +56,318 @@ impl Evictions {
             Evictions::On => "on".into(),
             Evictions::Off(why) => format!("off ({why})"),
         }
+    }
+}
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Auto,
+    Fexit,
+    Tracepoint,
+    Counters,
+}
+
+/// A backend's name, as printed and in the ndjson summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Name {
+    Fexit,
+    Tracepoint,
+    Counters,
+}
+
+impl Name {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Name::Fexit => "fexit",
+            Name::Tracepoint => "tracepoint",
+            Name::Counters => "counters",
+        }
+    }
+}
+
+/// A backend `auto` tried and the kernel (or the machine) refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Refusal {
+    pub backend: Name,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.backend.as_str(), self.reason)
+    }
+}
+
+/// Settings shared by the backends.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub btf_path: std::path::PathBuf,
+    /// The BTF was named with `--btf`: if it cannot be read, that is the
+    /// user's error to fix, not a reason for `auto` to fall back.
+    pub btf_explicit: bool,
+    /// Track evictions (`early_drop`).
+    pub evictions: bool,
+    /// Emit rule drops of confirmed entries as events (tracepoint only).
+    pub rule_drops: bool,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+/// The running backend.
+pub enum Backend {
+    Fexit(fexit::Fexit),
+    Tracepoint(tracepoint::Tracepoints),
+    Counters(counters::Counters),
+}
+
+impl Backend {
+    pub fn name(&self) -> Name {
+        match self {
+            Backend::Fexit(_) => Name::Fexit,
+            Backend::Tracepoint(_) => Name::Tracepoint,
+            Backend::Counters(_) => Name::Counters,
+        }
+    }
+
+    /// Backend and hooks, for the live header.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Fexit(b) => b.describe(),
+            Backend::Tracepoint(b) => b.describe(),
+            Backend::Counters(b) => b.describe(),
+        }
+    }
+
+    pub fn evictions(&self) -> &Evictions {
+        match self {
+            Backend::Fexit(b) => &b.evictions,
+            Backend::Tracepoint(b) => &b.evictions,
+            Backend::Counters(b) => &b.evictions,
+        }
+    }
+
+    /// Whether events name the packet/entry (false: totals only).
+    pub fn per_packet(&self) -> bool {
+        !matches!(self, Backend::Counters(_))
+    }
+
+    /// The event ring (None for `counters`).
+    pub fn take_ring(&mut self) -> Result<Option<RingBuf<MapData>>, TraceError> {
+        match self {
+            Backend::Fexit(b) => take_ring(&mut b.ebpf).map(Some),
+            Backend::Tracepoint(b) => take_ring(&mut b.ebpf).map(Some),
+            Backend::Counters(_) => Ok(None),
+        }
+    }
+
+    /// Starts observing.
+    pub fn attach(&mut self) -> Result<(), TraceError> {
+        match self {
+            Backend::Fexit(b) => b.attach(),
+            Backend::Tracepoint(b) => b.attach(),
+            Backend::Counters(b) => b.start(),
+        }
+    }
+
+    /// Totals since attach: the programs' per-CPU counters, or for
+    /// `counters` the kernel's own, per kind.
+    pub fn counters(&self) -> Result<BpfCounters, TraceError> {
+        match self {
+            Backend::Fexit(b) => read_counters(&b.ebpf),
+            Backend::Tracepoint(b) => read_counters(&b.ebpf),
+            Backend::Counters(b) => Ok(b.counters()),
+        }
+    }
+
+    /// Stops observing; events already in the ring stay readable.
+    pub fn detach(&mut self) {
+        match self {
+            Backend::Fexit(b) => b.detach(),
+            Backend::Tracepoint(b) => b.detach(),
+            Backend::Counters(b) => b.stop(),
+        }
+    }
+}
+
+/// Opens the backend `choice` asks for: one backend, or for `auto` the
+/// first that loads and attaches, with the reasons the earlier ones were
+/// refused. Attaching is part of the probe (fentry/fexit are often refused
+/// only at attach), so the returned backend is already attached.
+pub fn open(
+    choice: Choice,
+    opts: &Options,
+    scope: &[NetnsInfo],
+) -> Result<(Backend, Vec<Refusal>), TraceError> {
+    let fexit = || -> Result<Backend, TraceError> {
+        let mut b = fexit::Fexit::load(opts)?;
+        b.attach()?;
+        Ok(Backend::Fexit(b))
+    };
+    let tracepoint = || -> Result<Backend, TraceError> {
+        let mut b = tracepoint::Tracepoints::load(opts)?;
+        b.attach()?;
+        Ok(Backend::Tracepoint(b))
+    };
+    let counters = || -> Result<Backend, TraceError> {
+        let mut b = counters::Counters::new(scope, opts)?;
+        b.start()?;
+        Ok(Backend::Counters(b))
+    };
+    match choice {
+        Choice::Fexit => Ok((fexit()?, Vec::new())),
+        Choice::Tracepoint => Ok((tracepoint()?, Vec::new())),
+        Choice::Counters => Ok((counters()?, Vec::new())),
+        Choice::Auto => {
+            let mut refused = Vec::new();
+            for (name, try_open) in [
+                (
+                    Name::Fexit,
+                    &fexit as &dyn Fn() -> Result<Backend, TraceError>,
+                ),
+                (Name::Tracepoint, &tracepoint),
+            ] {
+                match try_open() {
+                    Ok(b) => return Ok((b, refused)),
+                    // Not being allowed to trace at all, or a `--btf` file
+                    // that is not BTF, is not a reason to fall back: the
+                    // user must fix it.
+                    Err(e @ TraceError::Privileges(_)) => return Err(e),
+                    Err(e @ TraceError::Btf(BtfError::Missing { .. } | BtfError::Parse { .. }))
+                        if opts.btf_explicit =>
+                    {
+                        return Err(e);
+                    }
+                    Err(e) => refused.push(Refusal {
+                        backend: name,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            Ok((counters()?, refused))
+        }
+    }
+}
+
+/// The compiled eBPF object (both BPF backends), built by build.rs.
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
+
+/// Loads the object: creates the maps with the offsets and settings written
+/// into the programs' read-only globals. Programs are loaded by the backend.
+pub(crate) fn load_object(
+    btf: &aya::Btf,
+    offsets: &Offsets,
+    config: &Config,
+    ring_bytes: u32,
+) -> Result<Ebpf, TraceError> {
+    raise_memlock();
+    EbpfLoader::new()
+        .btf(Some(btf))
+        .override_global("OFFSETS", offsets, true)
+        .override_global("CONFIG", config, true)
+        .map_max_entries("EVENTS", ring_bytes)
+        .load(EBPF_OBJECT)
+        .map_err(|e| TraceError::Load {
+            prog: "conntrack-trace (object)".into(),
+            msg: e.to_string(),
+        })
+}
+
+/// The line of a verifier log that names the rejection: the last one that
+/// is not a statistics line ("processed N insns", ...).
+pub(crate) fn verifier_verdict(log: &str) -> String {
+    log.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("processed ")
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+        })
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, TraceError> {
+    let map = ebpf
+        .take_map("EVENTS")
+        .ok_or_else(|| TraceError::Other("EVENTS map missing".into()))?;
+    RingBuf::try_from(map).map_err(|e| TraceError::Other(format!("EVENTS: {e}")))
+}
+
+/// Sums the per-CPU counters.
+fn read_counters(ebpf: &Ebpf) -> Result<BpfCounters, TraceError> {
+    let map = ebpf
+        .map("COUNTERS")
+        .ok_or_else(|| TraceError::Other("COUNTERS map missing".into()))?;
+    let arr: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map).map_err(|e| TraceError::Other(format!("COUNTERS: {e}")))?;
+    let sum = |i: u32| -> Result<u64, TraceError> {
+        let v = arr
+            .get(&i, 0)
+            .map_err(|e| TraceError::Other(format!("COUNTERS[{i}]: {e}")))?;
+        Ok(v.iter().sum())
+    };
+    let mut c = BpfCounters::default();
+    for k in Kind::ALL {
+        *c.seen.get_mut(k) = sum(counter::seen(k.raw()))?;
+        *c.lost.get_mut(k) = sum(counter::lost(k.raw()))?;
+    }
+    c.ct_frees = sum(counter::CT_FREES)?;
+    debug_assert_eq!(kind::COUNT as usize, Kind::ALL.len());
+    Ok(c)
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Default ring size: 8 MiB holds ~50k events (160 B + 8 B header).
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// Checks a `--ring-size` value.
+pub fn valid_ring_bytes(n: u64) -> bool {
+    // SAFETY: sysconf is always safe to call.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    n.is_power_of_two() && n >= page && n <= (1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_skips_statistics() {
+        let log = "0: (79) r1 = *(u64 *)(r1 +0)\ninvalid bpf_context access off=56 size=8\nprocessed 3 insns (limit 1000000)\nverification time 12 usec\nstack depth 0\n";
+        assert_eq!(
+            verifier_verdict(log),
+            "invalid bpf_context access off=56 size=8"
+        );
+        assert_eq!(verifier_verdict(""), "");
+    }
+
+    #[test]
+    fn refusal_reads_as_one_line() {
+        let r = Refusal {
+            backend: Name::Fexit,
+            reason: "kernel refused to attach program `ct_alloc_exit`: Operation not permitted (os error 1)".into(),
+        };
+        assert_eq!(
+            r.to_string(),
+            "fexit: kernel refused to attach program `ct_alloc_exit`: Operation not permitted (os error 1)"
+        );
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"backend":"fexit","reason":"kernel refused to attach program `ct_alloc_exit`: Operation not permitted (os error 1)"}"#
+        );
     }
 }

@@ -3,37 +3,20 @@
 //! have BTF and BPF ring buffers (5.8+).
 
 use aya::{
-    Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{MapData, PerCpuArray, RingBuf},
+    Btf, Ebpf, Endianness,
     programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
 };
-use conntrack_trace_common::{Config, MAX_STACK_DEPTH, Offsets, counter, flags, kind};
+use conntrack_trace_common::{Config, MAX_STACK_DEPTH, Offsets, flags};
 
-use super::{BpfCounters, Evictions};
+use super::{Evictions, Options};
 use crate::{
     btf::{KernelBtf, TpArg},
     error::TraceError,
-    event::Kind,
     kallsyms,
 };
 
-/// The compiled eBPF object, built by build.rs.
-static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
-
-#[derive(Clone, Debug)]
-pub struct Options {
-    pub btf_path: std::path::PathBuf,
-    /// Track evictions (the `kmem_cache_free` hook).
-    pub evictions: bool,
-    /// Emit rule drops of confirmed entries as events.
-    pub rule_drops: bool,
-    /// Ring buffer size in bytes (power of two, multiple of the page size).
-    pub ring_bytes: u32,
-}
-
 pub struct Tracepoints {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     hooks: Vec<&'static str>,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
     pub evictions: Evictions,
@@ -48,25 +31,11 @@ fn load_error(prog: &str, e: ProgramError) -> TraceError {
             io_error,
             verifier_log,
         } => {
-            // The last verifier line is the one that names the rejection.
             let log = verifier_log.to_string();
             if std::env::var_os("CONNTRACK_TRACE_VERIFIER_LOG").is_some() {
                 eprintln!("{log}");
             }
-            // Skip the trailing statistics ("verification time", "stack
-            // depth", "processed N insns").
-            let last = log
-                .lines()
-                .rev()
-                .map(str::trim)
-                .find(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("processed ")
-                        && !l.starts_with("verification time")
-                        && !l.starts_with("stack depth")
-                })
-                .unwrap_or("")
-                .to_owned();
+            let last = super::verifier_verdict(&log);
             if last.is_empty() {
                 io_error.to_string()
             } else {
@@ -127,36 +96,39 @@ impl Tracepoints {
             Evictions::Off("--evictions off".into())
         };
         if evictions.is_on() {
-            // Before 6.2 the tracepoint passed the cache name, not the cache
-            // (commit "mm, slab: pass kmem_cache to trace_kmem_cache_free").
+            // Since 6.2 the tracepoint passes the cache (call_site, ptr, s);
+            // before, its name (call_site, ptr, name) — commit "mm, slab:
+            // pass kmem_cache to trace_kmem_cache_free" (6.2). Both forms
+            // work; the name form compares the name string until the
+            // pointer to it is learned (FREE_BY_NAME in the program).
+            let by_cache = kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::PtrTo("kmem_cache"));
+            let by_name = kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::CharPtr);
             match (
-                kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::PtrTo("kmem_cache")),
+                by_cache,
+                by_name,
                 kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::VoidPtr),
                 kallsyms::function_range_from_proc("early_drop"),
             ) {
-                (Ok(2), Ok(1), Ok(range)) => {
+                (_, _, _, Err(e)) => evictions = Evictions::Off(e.to_string()),
+                (Ok(2), _, Ok(1), Ok(range)) => {
                     config.early_drop_start = range.start;
                     config.early_drop_end = range.end;
                 }
-                (Err(e), _, _) | (_, Err(e), _) => evictions = Evictions::Off(e.to_string()),
-                (_, _, Err(e)) => evictions = Evictions::Off(e.to_string()),
+                (Err(_), Ok(2), Ok(1), Ok(range)) => {
+                    config.early_drop_start = range.start;
+                    config.early_drop_end = range.end;
+                    config.flags |= flags::KMEM_FREE_BY_NAME;
+                }
+                (Err(e), Err(_), _, _) | (_, _, Err(e), _) => {
+                    evictions = Evictions::Off(e.to_string())
+                }
                 _ => evictions = Evictions::Off("unexpected kmem_cache_free arguments".into()),
             }
         }
         let aya_btf = Btf::parse_file(&opts.btf_path, Endianness::default())
             .map_err(|e| TraceError::Unsupported(format!("{}: {e}", opts.btf_path.display())))?;
 
-        raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("EVENTS", opts.ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(|e| TraceError::Load {
-                prog: "conntrack-trace (object)".into(),
-                msg: e.to_string(),
-            })?;
+        let mut ebpf = super::load_object(&aya_btf, &offsets, &config, opts.ring_bytes)?;
 
         let mut hooks = vec![KFREE_SKB];
         if evictions.is_on() {
@@ -193,38 +165,6 @@ impl Tracepoints {
         format!("tracepoint ({})", hooks.join(", "))
     }
 
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, TraceError> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| TraceError::Other("EVENTS map missing".into()))?;
-        RingBuf::try_from(map).map_err(|e| TraceError::Other(format!("EVENTS: {e}")))
-    }
-
-    /// Sums the per-CPU counters.
-    pub fn counters(&self) -> Result<BpfCounters, TraceError> {
-        let map = self
-            .ebpf
-            .map("COUNTERS")
-            .ok_or_else(|| TraceError::Other("COUNTERS map missing".into()))?;
-        let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|e| TraceError::Other(format!("COUNTERS: {e}")))?;
-        let sum = |i: u32| -> Result<u64, TraceError> {
-            let v = arr
-                .get(&i, 0)
-                .map_err(|e| TraceError::Other(format!("COUNTERS[{i}]: {e}")))?;
-            Ok(v.iter().sum())
-        };
-        let mut c = BpfCounters::default();
-        for k in Kind::ALL {
-            *c.seen.get_mut(k) = sum(counter::seen(k.raw()))?;
-            *c.lost.get_mut(k) = sum(counter::lost(k.raw()))?;
-        }
-        c.ct_frees = sum(counter::CT_FREES)?;
-        debug_assert_eq!(kind::COUNT as usize, Kind::ALL.len());
-        Ok(c)
-    }
-
     /// Detaches every program; events already in the ring stay readable.
     pub fn detach(&mut self) {
         for (name, id) in self.links.drain(..) {
@@ -235,24 +175,4 @@ impl Tracepoints {
             }
         }
     }
-}
-
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-fn raise_memlock() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscall with a valid struct.
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
-}
-
-/// Default ring size: 8 MiB holds ~130k events (64 B with header).
-pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
-
-/// Checks a `--ring-size` value.
-pub fn valid_ring_bytes(n: u64) -> bool {
-    // SAFETY: sysconf is always safe to call.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    n.is_power_of_two() && n >= page && n <= (1 << 30)
 }

@@ -130,6 +130,16 @@ pub struct Header {
     /// /proc/net/stat/nf_conntrack of each traced namespace (by inode) just
     /// before the programs were attached.
     pub kernel_start: BTreeMap<u32, CtStats>,
+    /// Backends `--backend auto` passed over, and why.
+    #[serde(default)]
+    pub backend_refused: Vec<crate::backend::Refusal>,
+    /// False for the counters backend (a capture then holds no events).
+    #[serde(default = "yes")]
+    pub per_packet: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Last record of a finished capture (SIGINT, SIGTERM, --duration).

@@ -82,6 +82,8 @@ pub(crate) mod tests {
             filter: RecordedFilter::default(),
             conntrack: vec![],
             kernel_start: BTreeMap::from([(1, CtStats::default())]),
+            backend_refused: vec![],
+            per_packet: true,
         }
     }
 

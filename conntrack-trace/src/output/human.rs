@@ -6,6 +6,7 @@ use std::{fmt::Write as _, io::Write};
 use super::{LiveView, NetnsNames, Sink, Summary, top_sources};
 use crate::{
     amplify::{AmpSummary, Finding},
+    backend::Name,
     event::{Event, Kind},
 };
 
@@ -43,6 +44,9 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         v.evictions,
         v.elapsed_s
     );
+    for r in v.refused {
+        let _ = writeln!(s, "  (auto: {r})");
+    }
     match v.fills.first() {
         None => {
             let _ = writeln!(s, "conntrack table: (no namespace with conntrack found)");
@@ -82,14 +86,27 @@ pub fn render_live(v: &LiveView<'_>) -> String {
             v.lost.get(k)
         );
     }
-    let _ = writeln!(
-        s,
-        "rule drops of confirmed entries (not conntrack failures): {}",
-        v.rule_drops
-    );
+    match v.rule_drops {
+        Some(n) => {
+            let _ = writeln!(
+                s,
+                "rule drops of confirmed entries (not conntrack failures): {n}"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "rule drops of confirmed entries: not observed by this backend"
+            );
+        }
+    }
     s.push_str(&render_amplification(v.amp, v.findings, 3));
     let _ = writeln!(s);
-    s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
+    if v.per_packet {
+        s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
+    } else {
+        s.push_str(NO_ATTRIBUTION);
+    }
     s
 }
 
@@ -112,6 +129,8 @@ pub fn render_amplification(amp: &AmpSummary, findings: &[Finding], max: usize) 
     }
     s
 }
+/// What the counters backend cannot say.
+const NO_ATTRIBUTION: &str = "no per-packet attribution with the counters backend (totals from /proc/net/stat/nf_conntrack)\n";
 
 /// Renders the top-sources table; `rates` adds the last interval's rate.
 pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
@@ -150,8 +169,11 @@ pub fn render_summary(sum: &Summary) -> String {
     let _ = writeln!(
         s,
         "== conntrack-trace summary: {:.1}s, backend {}, evictions {}, namespace {} ==",
-        sum.duration_s, sum.backend, sum.evictions, sum.scope.netns
+        sum.duration_s, sum.hooks, sum.evictions, sum.scope.netns
     );
+    for r in &sum.backend_refused {
+        let _ = writeln!(s, "  (auto: {r})");
+    }
     let _ = writeln!(
         s,
         "{:<15} {:>12} {:>10} {:>10}",
@@ -174,11 +196,13 @@ pub fn render_summary(sum: &Summary) -> String {
             sum.matched.table_full, sum.matched.early_drop, sum.matched.insert_failed
         );
     }
-    let _ = writeln!(
-        s,
-        "rule drops of confirmed entries: {}",
-        sum.observed.rule_drop
-    );
+    if sum.backend == Name::Tracepoint.as_str() {
+        let _ = writeln!(
+            s,
+            "rule drops of confirmed entries: {}",
+            sum.observed.rule_drop
+        );
+    }
     let _ = writeln!(
         s,
         "kernel counters ({} namespace(s)): drop {}, early_drop {}, insert_failed {}, clash_resolve {}, chaintoolong {}, invalid {}",
@@ -190,7 +214,12 @@ pub fn render_summary(sum: &Summary) -> String {
         sum.kernel.chaintoolong,
         sum.kernel.invalid
     );
-    if !sum.complete {
+    if !sum.per_packet {
+        let _ = writeln!(
+            s,
+            "observed = the kernel's counters per kind; no events, no sources"
+        );
+    } else if !sum.complete {
         let _ = writeln!(
             s,
             "WARNING: events + lost != observed: the event stream is incomplete"
@@ -209,7 +238,11 @@ pub fn render_summary(sum: &Summary) -> String {
         usize::MAX,
     ));
     let _ = writeln!(s);
-    s.push_str(&render_top(&sum.top, false));
+    if sum.per_packet {
+        s.push_str(&render_top(&sum.top, false));
+    } else {
+        s.push_str(NO_ATTRIBUTION);
+    }
     s
 }
 
@@ -287,12 +320,14 @@ mod tests {
         )];
         let v = LiveView {
             backend: "tracepoint",
+            refused: &[],
+            per_packet: true,
             evictions: "on",
             elapsed_s: 2.0,
             fills: &fills,
             agg: &a,
             lost: KindCounts::default(),
-            rule_drops: 0,
+            rule_drops: Some(0),
             top_n: 5,
             findings: &[],
             amp: &AmpSummary {
@@ -332,6 +367,12 @@ mod tests {
             kind: "summary",
             version: "x".into(),
             backend: "tracepoint".into(),
+            hooks: "tracepoint (tp_btf/kfree_skb)".into(),
+            backend_refused: vec![crate::backend::Refusal {
+                backend: crate::backend::Name::Fexit,
+                reason: "attach refused".into(),
+            }],
+            per_packet: true,
             evictions: "on".into(),
             duration_s: 3.0,
             start_unix_ns: 0,
@@ -377,6 +418,46 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("10.0.0.7"), "{text}");
+        assert!(
+            text.contains("backend tracepoint (tp_btf/kfree_skb)"),
+            "{text}"
+        );
+        assert!(text.contains("(auto: fexit: attach refused)"), "{text}");
+    }
+
+    #[test]
+    fn counters_backend_says_it_has_no_sources() {
+        let mut a = Aggregator::new(10);
+        a.record_totals(&KindCounts {
+            table_full: 30,
+            ..Default::default()
+        });
+        a.tick(std::time::Duration::from_secs(3));
+        let v = LiveView {
+            backend: "counters (totals only)",
+            refused: &[],
+            per_packet: false,
+            evictions: "on",
+            elapsed_s: 3.0,
+            fills: &[],
+            agg: &a,
+            lost: KindCounts::default(),
+            rule_drops: None,
+            top_n: 5,
+            findings: &[],
+            amp: &AmpSummary::default(),
+        };
+        let text = render_live(&v);
+        assert!(
+            text.contains("table_full                30       10.0        0"),
+            "{text}"
+        );
+        assert!(text.contains("no per-packet attribution"), "{text}");
+        assert!(!text.contains("SOURCE"), "{text}");
+        assert!(
+            text.contains("rule drops of confirmed entries: not observed"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::{Aggregator, KindCounts},
     amplify::{AmpSummary, Finding},
+    backend::Refusal,
     event::Event,
     kstats::{CtStats, Fill},
 };
@@ -19,14 +20,21 @@ pub type NetnsNames = BTreeMap<u32, String>;
 
 /// What the live header shows at each interval.
 pub struct LiveView<'a> {
+    /// Backend and hooks.
     pub backend: &'a str,
+    /// Backends `auto` tried first, and why they were refused.
+    pub refused: &'a [Refusal],
+    /// False for the counters backend: totals only, no sources.
+    pub per_packet: bool,
     pub evictions: &'a str,
     pub elapsed_s: f64,
     /// (namespace name, fill) for the traced namespace(s), fullest first.
     pub fills: &'a [(String, Fill)],
     pub agg: &'a Aggregator,
     pub lost: KindCounts,
-    pub rule_drops: u64,
+    /// Rule drops counted so far; None when the backend cannot see them
+    /// (only the tracepoint backend hooks kfree_skb).
+    pub rule_drops: Option<u64>,
     pub top_n: usize,
     /// Sources flagged for retransmission amplification, most drops first.
     pub findings: &'a [Finding],
@@ -67,7 +75,16 @@ pub struct Summary {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub version: String,
+    /// `fexit`, `tracepoint` or `counters` (a [`crate::backend::Name`]).
     pub backend: String,
+    /// The backend's hooks, as in the live header.
+    pub hooks: String,
+    /// Backends `--backend auto` tried before this one, and why each was
+    /// refused (empty when the first choice ran).
+    pub backend_refused: Vec<Refusal>,
+    /// False for the counters backend: no events, only the kernel's totals
+    /// (in `observed`).
+    pub per_packet: bool,
     pub evictions: String,
     pub duration_s: f64,
     /// Wall clock at start (Unix ns) and CLOCK_MONOTONIC at the same
@@ -80,9 +97,11 @@ pub struct Summary {
     pub matched: KindCounts,
     /// Events the kernel could not put in the ring buffer.
     pub lost: KindCounts,
-    /// The programs' exact counters (every kind, emitted or not).
+    /// The programs' exact counters (every kind, emitted or not); for the
+    /// counters backend, the kernel's counters per kind.
     pub observed: KindCounts,
-    /// `events + lost == observed` for every kind.
+    /// `events + lost == observed` for every kind (always false for the
+    /// counters backend, which has no events).
     pub complete: bool,
     /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
     pub kernel: CtStats,

@@ -180,7 +180,13 @@ mod tests {
         let summary = Summary {
             kind: "summary",
             version: "0.1.0".into(),
-            backend: "tracepoint".into(),
+            backend: "counters".into(),
+            hooks: "counters".into(),
+            backend_refused: vec![crate::backend::Refusal {
+                backend: crate::backend::Name::Fexit,
+                reason: "no BTF".into(),
+            }],
+            per_packet: false,
             evictions: "on".into(),
             duration_s: 1.5,
             start_unix_ns: 1,
@@ -223,5 +229,9 @@ mod tests {
         assert_eq!(v["kernel"]["drop"], 3);
         assert_eq!(v["kernel"]["early_drop"], 0);
         assert_eq!(v["complete"], true);
+        assert_eq!(v["backend"], "counters");
+        assert_eq!(v["per_packet"], false);
+        assert_eq!(v["backend_refused"][0]["backend"], "fexit");
+        assert_eq!(v["backend_refused"][0]["reason"], "no BTF");
     }
 }

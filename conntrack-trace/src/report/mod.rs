@@ -440,7 +440,21 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
     let summary = Summary {
         kind: "summary",
         version: h.tool_version.clone(),
-        backend: t.map_or_else(|| h.backend.clone(), |t| t.backend.clone()),
+        // The header names the hooks ("tracepoint (tp_btf/...)"); the
+        // trailer, when the capture was finished, the backend itself.
+        backend: t.map_or_else(
+            || {
+                h.backend
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            },
+            |t| t.backend.clone(),
+        ),
+        hooks: h.backend.clone(),
+        backend_refused: h.backend_refused.clone(),
+        per_packet: h.per_packet,
         evictions: h.evictions.clone(),
         duration_s,
         start_unix_ns: h.start_unix_ns,

@@ -21,16 +21,6 @@ const SCENARIOS: &[&str] = &["early_drop", "insert_failed", "table_full"];
 
 pub const KNOWN: &[Known] = &[
     Known {
-        kernels: &["6.1", "6.12"],
-        backend: "tracepoint",
-        tests: SCENARIOS,
-        signature: "kernel refused to load program `kmem_cache_free`: Permission denied (os error 13) \
-                    (verifier: invalid bpf_context access off=8 size=8)",
-        why: "the verifier of these kernels refuses the tp_btf eviction hook's read of \
-              kmem_cache_free's `const void *ptr` argument (accepted on 6.18); \
-              owned by the backend (branch fexit)",
-    },
-    Known {
         kernels: &["5.10"],
         backend: "tracepoint",
         tests: SCENARIOS,

@@ -1,0 +1,209 @@
+//! The fexit backend: trampolines on conntrack's own functions
+//! (net/netfilter/nf_conntrack_core.c as of 6.1: __nf_conntrack_alloc(),
+//! early_drop()/early_drop_list(), __nf_conntrack_confirm(),
+//! nf_ct_resolve_clash(); the prototypes are checked against BTF at load
+//! time and the scenario tests pass on Debian's 6.1 and 6.12). Exact where
+//! the tracepoints infer: the allocation that failed, the entry that was
+//! evicted, the confirmation that lost.
+//!
+//! Argument positions are fixed here (ctx accesses need constant offsets);
+//! user space checks every function's prototype in BTF before loading.
+//! Return values are read with `bpf_get_func_ret()` (a scalar copy), so no
+//! comparison is made on a pointer-typed register.
+
+use aya_ebpf::{
+    macros::{fentry, fexit, map},
+    maps::PerCpuArray,
+    programs::{FEntryContext, FExitContext},
+};
+use conntrack_trace_common::{kind, scope};
+
+use super::{emit, fill_from_ct, fill_from_tuple, fill_packet, net_inum, read, scratch};
+
+/// Per-CPU scope of the hooks that pair an entry with an exit (indexed by
+/// `scope::*`). Both functions run to completion on one CPU: early_drop()
+/// under rcu_read_lock() without sleeping, __nf_conntrack_confirm() with
+/// bottom halves disabled around its work.
+#[map]
+static FEXIT_SCOPE: PerCpuArray<u64> = PerCpuArray::with_max_entries(scope::LEN, 0);
+
+/// `ERR_PTR()` values are the last 4095 addresses (include/linux/err.h).
+const MAX_ERRNO: u64 = 4095;
+/// `NF_DROP` (include/uapi/linux/netfilter.h).
+const NF_DROP: u32 = 0;
+
+#[inline(always)]
+fn slot(i: u32) -> Result<*mut u64, i64> {
+    FEXIT_SCOPE.get_ptr_mut(i).ok_or(0i64)
+}
+
+#[inline(always)]
+fn ret(ctx: &FExitContext) -> Result<u64, i64> {
+    ctx.ret::<u64>().map_err(|e| e as i64)
+}
+
+// ---- table_full -----------------------------------------------------------
+
+/// `__nf_conntrack_alloc(net, zone, orig, repl, gfp, hash)` returning
+/// `ERR_PTR(-ENOMEM)`: the netns count passed nf_conntrack_max and
+/// early_drop() found nothing to evict (or the slab allocation failed, which
+/// nf_conntrack_in() counts the same way: `drop`).
+#[fexit(function = "__nf_conntrack_alloc")]
+pub fn ct_alloc_exit(ctx: FExitContext) -> i32 {
+    let _ = try_ct_alloc_exit(&ctx);
+    0
+}
+
+fn try_ct_alloc_exit(ctx: &FExitContext) -> Result<(), i64> {
+    let r = ret(ctx)?;
+    if r < 0u64.wrapping_sub(MAX_ERRNO) {
+        return Ok(());
+    }
+    // Callers: init_conntrack() (the packet path, whose failure
+    // nf_conntrack_in() counts as `drop` and answers with NF_DROP) passes
+    // the tuple's hash_conntrack_raw(); nf_conntrack_alloc() (ctnetlink and
+    // other control-plane users, never counted as `drop`) passes 0. A real
+    // packet hash of 0 (p = 2^-32) would be missed; the counter check shows it.
+    let hash: u64 = ctx.arg(5);
+    if hash as u32 == 0 {
+        return Ok(());
+    }
+    let net: u64 = ctx.arg(0);
+    let orig: u64 = ctx.arg(2);
+    let ev = scratch(kind::TABLE_FULL)?;
+    fill_from_tuple(ev, orig)?;
+    ev.netns = net_inum(net);
+    // No packet here: the skb is two frames up (caplen stays 0).
+    emit(ev)
+}
+
+// ---- early_drop -----------------------------------------------------------
+
+/// Opens the eviction scope on this CPU. early_drop(net, hash) is `static
+/// noinline`: it walks up to NF_CT_EVICTION_RANGE buckets with
+/// early_drop_list(), which calls nf_ct_delete() on each unassured victim
+/// and adds the number deleted to the `early_drop` stat.
+#[fentry(function = "early_drop")]
+pub fn early_drop_enter(ctx: FEntryContext) -> i32 {
+    let net: u64 = ctx.arg(0);
+    if let Ok(p) = slot(scope::EARLY_DROP_NET) {
+        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+        unsafe { *p = net };
+    }
+    0
+}
+
+#[fexit(function = "early_drop")]
+pub fn early_drop_exit(_ctx: FExitContext) -> i32 {
+    if let Ok(p) = slot(scope::EARLY_DROP_NET) {
+        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+        unsafe { *p = 0 };
+    }
+    0
+}
+
+/// `nf_ct_delete(ct, portid, report)` returning true inside early_drop():
+/// one eviction, exactly what early_drop_list() counts (`drops++` only when
+/// nf_ct_delete() returns true).
+#[fexit(function = "nf_ct_delete")]
+pub fn ct_delete_exit(ctx: FExitContext) -> i32 {
+    let _ = try_ct_delete_exit(&ctx);
+    0
+}
+
+fn try_ct_delete_exit(ctx: &FExitContext) -> Result<(), i64> {
+    let p = slot(scope::EARLY_DROP_NET)?;
+    // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+    let scope_net = unsafe { *p };
+    if scope_net == 0 {
+        return Ok(());
+    }
+    if ret(ctx)? as u8 == 0 {
+        return Ok(());
+    }
+    let ct: u64 = ctx.arg(0);
+    // early_drop_list() only evicts entries of the allocating netns; a
+    // delete of another netns' entry is an interrupt nested on this CPU.
+    let ct_net: u64 = read(ct + off!(ct_net))?;
+    if ct_net != scope_net {
+        return Ok(());
+    }
+    // early_drop_list() also hands entries it finds already expired to
+    // nf_ct_gc_expired() → nf_ct_kill() → nf_ct_delete(), without counting
+    // them. nf_ct_delete() leaves ct->timeout alone, so an entry expired now
+    // was expired then (nfct_time_stamp is the low 32 bits of jiffies,
+    // include/net/netfilter/nf_conntrack.h). A victim that expired between
+    // early_drop_list()'s check and this exit would be missed: a window of
+    // a few instructions, visible in the counter check.
+    let timeout: u32 = read(ct + off!(ct_timeout))?;
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() } as u32;
+    if (timeout.wrapping_sub(now) as i32) <= 0 {
+        return Ok(());
+    }
+    let ev = scratch(kind::EARLY_DROP)?;
+    fill_from_ct(ev, ct)?;
+    emit(ev)
+}
+
+// ---- insert_failed --------------------------------------------------------
+
+/// Remembers whether the skb's entry was confirmed on entry:
+/// __nf_conntrack_confirm() returns NF_DROP without counting anything when
+/// another skb sharing the unconfirmed entry won the race (the
+/// `WARN_ON_ONCE(nf_ct_is_confirmed(ct))` branch), and it sets
+/// IPS_CONFIRMED before the clash checks, so the exit cannot tell.
+#[fentry(function = "__nf_conntrack_confirm")]
+pub fn ct_confirm_enter(ctx: FEntryContext) -> i32 {
+    let _ = try_ct_confirm_enter(&ctx);
+    0
+}
+
+fn try_ct_confirm_enter(ctx: &FEntryContext) -> Result<(), i64> {
+    let skb: u64 = ctx.arg(0);
+    let confirmed = match super::skb_ct(skb) {
+        Some(ct) => super::ct_is_confirmed(ct)?,
+        None => false,
+    };
+    let s = slot(scope::CONFIRM_SKB)?;
+    let c = slot(scope::CONFIRM_WAS_CONFIRMED)?;
+    // SAFETY: per-CPU slots; see FEXIT_SCOPE.
+    unsafe {
+        *s = skb;
+        *c = confirmed as u64;
+    }
+    Ok(())
+}
+
+/// `__nf_conntrack_confirm(skb)` returning NF_DROP for an entry that was
+/// unconfirmed on entry: every such return counts `insert_failed`
+/// (nf_ct_ext_valid_pre() failure, dying entry, chain too long, or a clash
+/// nf_ct_resolve_clash() could not resolve).
+#[fexit(function = "__nf_conntrack_confirm")]
+pub fn ct_confirm_exit(ctx: FExitContext) -> i32 {
+    let _ = try_ct_confirm_exit(&ctx);
+    0
+}
+
+fn try_ct_confirm_exit(ctx: &FExitContext) -> Result<(), i64> {
+    if ret(ctx)? as u32 != NF_DROP {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    let s = slot(scope::CONFIRM_SKB)?;
+    let c = slot(scope::CONFIRM_WAS_CONFIRMED)?;
+    // SAFETY: per-CPU slots; see FEXIT_SCOPE.
+    let (entry_skb, was_confirmed) = unsafe { (*s, *c) };
+    if entry_skb == skb && was_confirmed != 0 {
+        return Ok(());
+    }
+    // nf_conntrack_confirm() only calls in with an entry attached; after a
+    // lost clash it is still the loser (nf_ct_set() only runs on NF_ACCEPT).
+    let Some(ct) = super::skb_ct(skb) else {
+        return Ok(());
+    };
+    let ev = scratch(kind::INSERT_FAILED)?;
+    fill_from_ct(ev, ct)?;
+    fill_packet(ev, skb);
+    emit(ev)
+}
