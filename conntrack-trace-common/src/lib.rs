@@ -214,8 +214,11 @@ pub mod scope {
     pub const CONFIRM_SKB: u32 = 1;
     /// 1 when that skb's entry was already confirmed on entry.
     pub const CONFIRM_WAS_CONFIRMED: u32 = 2;
+    /// `struct sk_buff *` of the `nf_conntrack_in()` running on this CPU, or
+    /// 0: the packet whose allocation may fail (for its bytes).
+    pub const CT_IN_SKB: u32 = 3;
     /// Number of slots.
-    pub const LEN: u32 = 3;
+    pub const LEN: u32 = 4;
 }
 
 /// Maximum kernel stack frames the eviction hook inspects.

@@ -73,8 +73,39 @@ fn try_ct_alloc_exit(ctx: &FExitContext) -> Result<(), i64> {
     let ev = scratch(kind::TABLE_FULL)?;
     fill_from_tuple(ev, orig)?;
     ev.netns = net_inum(net);
-    // No packet here: the skb is two frames up (caplen stays 0).
+    // The packet is two frames up (nf_conntrack_in() → resolve_normal_ct()
+    // → init_conntrack()); its entry hook left the skb in the scope.
+    let skb = slot(scope::CT_IN_SKB)?;
+    // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+    let skb = unsafe { *skb };
+    if skb != 0 {
+        fill_packet(ev, skb);
+    }
     emit(ev)
+}
+
+/// `nf_conntrack_in(skb, state)`: remembers the packet being tracked on this
+/// CPU so that a failed allocation below can keep its bytes. A packet
+/// processed in an interrupt nested inside another's nf_conntrack_in()
+/// clears the slot on its way out, so the outer one's event then goes
+/// without bytes — never with the wrong ones.
+#[fentry(function = "nf_conntrack_in")]
+pub fn ct_in_enter(ctx: FEntryContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if let Ok(p) = slot(scope::CT_IN_SKB) {
+        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+        unsafe { *p = skb };
+    }
+    0
+}
+
+#[fexit(function = "nf_conntrack_in")]
+pub fn ct_in_exit(_ctx: FExitContext) -> i32 {
+    if let Ok(p) = slot(scope::CT_IN_SKB) {
+        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+        unsafe { *p = 0 };
+    }
+    0
 }
 
 // ---- early_drop -----------------------------------------------------------

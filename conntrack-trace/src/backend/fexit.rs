@@ -113,6 +113,15 @@ impl Fexit {
             ],
         )?;
         let confirm = function(&kbtf, "__nf_conntrack_confirm", &[("sk_buff", 0)])?;
+        //   nf_conntrack_in(skb, state) -> unsigned int (exported): only for
+        //   the bytes of a packet whose allocation fails; without it
+        //   table_full events carry no packet.
+        let ct_in = function(
+            &kbtf,
+            "nf_conntrack_in",
+            &[("sk_buff", 0), ("nf_hook_state", 0)],
+        )
+        .ok();
         let mut hooks = vec![
             Hook {
                 prog: "ct_confirm_enter",
@@ -130,6 +139,21 @@ impl Fexit {
                 func: alloc,
             },
         ];
+        if let Some(f) = ct_in {
+            // Exit before entry, as for early_drop below.
+            hooks.extend([
+                Hook {
+                    prog: "ct_in_exit",
+                    kind: Kind::FExit,
+                    func: f.clone(),
+                },
+                Hook {
+                    prog: "ct_in_enter",
+                    kind: Kind::FEntry,
+                    func: f,
+                },
+            ]);
+        }
         let evictions = if !opts.evictions {
             Evictions::Off("--evictions off".into())
         } else {

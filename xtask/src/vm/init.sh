@@ -37,6 +37,8 @@ ip link set lo up
 
 export CONNTRACK_TRACE_BIN=/usr/local/bin/conntrack-trace
 export CONNTRACK_TRACE_REQUIRE_ROOT=1
+# Tests may leave out host tools the image does not carry (tshark), saying so.
+export CONNTRACK_TRACE_VM=1
 # "default": the binary's own default backend (no --backend flag passed).
 if [ -n "$backend" ] && [ "$backend" != default ]; then
     export CONNTRACK_TRACE_BACKEND="$backend"
