@@ -141,33 +141,27 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(What::Amplify) = args.what {
-        return crate::cmd(
-            "cargo",
-            &[
-                "run",
-                "--release",
-                "--package",
-                "conntrack-trace",
-                "--example",
-                "amplify_bench",
-            ],
-        );
-    }
-    if let Some(What::Capture { events }) = args.what {
-        return crate::cmd(
-            "cargo",
-            &[
-                "run",
-                "--release",
-                "--package",
-                "conntrack-trace",
-                "--example",
-                "capture_bench",
-                "--",
-                &events.to_string(),
-            ],
-        );
+    // The pure user-space benchmarks are examples of the crate, run in
+    // release mode.
+    let example = |name: &str, extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--release",
+            "--package",
+            "conntrack-trace",
+            "--example",
+            name,
+            "--",
+        ];
+        a.extend_from_slice(extra);
+        crate::cmd("cargo", &a)
+    };
+    match args.what {
+        Some(What::Amplify) => return example("amplify_bench", &[]),
+        Some(What::Capture { events }) => {
+            return example("capture_bench", &[&events.to_string()]);
+        }
+        None => {}
     }
     let bin = crate::build_release()?;
     let configs = ["none", "off", "on-cold", "on"];
