@@ -17,7 +17,14 @@ pub struct Known {
     pub why: &'static str,
 }
 
-const SCENARIOS: &[&str] = &["early_drop", "insert_failed", "table_full"];
+/// Tests that need a per-packet backend (every event-based test).
+const SCENARIOS: &[&str] = &[
+    "amplification",
+    "capture",
+    "early_drop",
+    "insert_failed",
+    "table_full",
+];
 
 pub const KNOWN: &[Known] = &[
     Known {
