@@ -37,6 +37,15 @@ fn slot(i: u32) -> Result<*mut u64, i64> {
     FEXIT_SCOPE.get_ptr_mut(i).ok_or(0i64)
 }
 
+/// Stores `v` in this CPU's scope slot `i`.
+#[inline(always)]
+fn set(i: u32, v: u64) {
+    if let Ok(p) = slot(i) {
+        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+        unsafe { *p = v };
+    }
+}
+
 #[inline(always)]
 fn ret(ctx: &FExitContext) -> Result<u64, i64> {
     ctx.ret::<u64>().map_err(|e| e as i64)
@@ -92,19 +101,13 @@ fn try_ct_alloc_exit(ctx: &FExitContext) -> Result<(), i64> {
 #[fentry(function = "nf_conntrack_in")]
 pub fn ct_in_enter(ctx: FEntryContext) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if let Ok(p) = slot(scope::CT_IN_SKB) {
-        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
-        unsafe { *p = skb };
-    }
+    set(scope::CT_IN_SKB, skb);
     0
 }
 
 #[fexit(function = "nf_conntrack_in")]
 pub fn ct_in_exit(_ctx: FExitContext) -> i32 {
-    if let Ok(p) = slot(scope::CT_IN_SKB) {
-        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
-        unsafe { *p = 0 };
-    }
+    set(scope::CT_IN_SKB, 0);
     0
 }
 
@@ -117,19 +120,13 @@ pub fn ct_in_exit(_ctx: FExitContext) -> i32 {
 #[fentry(function = "early_drop")]
 pub fn early_drop_enter(ctx: FEntryContext) -> i32 {
     let net: u64 = ctx.arg(0);
-    if let Ok(p) = slot(scope::EARLY_DROP_NET) {
-        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
-        unsafe { *p = net };
-    }
+    set(scope::EARLY_DROP_NET, net);
     0
 }
 
 #[fexit(function = "early_drop")]
 pub fn early_drop_exit(_ctx: FExitContext) -> i32 {
-    if let Ok(p) = slot(scope::EARLY_DROP_NET) {
-        // SAFETY: per-CPU slot; see FEXIT_SCOPE.
-        unsafe { *p = 0 };
-    }
+    set(scope::EARLY_DROP_NET, 0);
     0
 }
 

@@ -276,18 +276,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).filter(|v| *v > 0).ok_or_else(err)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
-/// days_from_civil).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Parses `--since/--until`.
 pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
     let err = || {
@@ -330,7 +318,7 @@ pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
     for (i, b) in frac.bytes().take(9).enumerate() {
         frac_ns += u128::from(b - b'0') * 10u128.pow(8 - i as u32);
     }
-    let days = days_from_civil(year as i64, mon, day);
+    let days = crate::clock::days_from_civil(year as i64, mon, day);
     let secs = days * 86_400 + i64::from(hh * 3600 + mm * 60 + ss);
     Ok(TimeSpec::Unix(secs as u128 * 1_000_000_000 + frac_ns))
 }

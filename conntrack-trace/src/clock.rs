@@ -12,10 +12,14 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// Unix nanoseconds of a monotonic timestamp.
+    /// Unix nanoseconds of a monotonic timestamp (saturating: the start
+    /// may come from a hostile capture file).
     pub fn unix_ns(&self, ts_ns: u64) -> u128 {
-        let delta = ts_ns as i128 - self.start_mono_ns as i128;
-        (self.start_unix_ns as i128 + delta).max(0) as u128
+        let delta = i128::from(ts_ns) - i128::from(self.start_mono_ns);
+        i128::try_from(self.start_unix_ns)
+            .unwrap_or(i128::MAX)
+            .saturating_add(delta)
+            .max(0) as u128
     }
 
     /// `HH:MM:SS` (UTC) of a monotonic timestamp.
@@ -27,33 +31,44 @@ impl Clock {
 
     /// RFC 3339 with milliseconds, UTC (`2026-11-25T12:01:07.250Z`).
     pub fn rfc3339(&self, ts_ns: u64) -> String {
-        let ns = self.unix_ns(ts_ns);
-        let secs = (ns / 1_000_000_000) as i64;
-        let ms = (ns / 1_000_000 % 1000) as u32;
-        let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-        let s = secs.rem_euclid(86_400);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-            s / 3600,
-            s / 60 % 60,
-            s % 60
-        )
+        utc(self.unix_ns(ts_ns))
     }
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
+/// Formats Unix ns as UTC `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn utc(unix_ns: u128) -> String {
+    let secs = (unix_ns / 1_000_000_000) as i64;
+    let ms = (unix_ns / 1_000_000 % 1000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // H. Hinnant's civil_from_days.
+    let z = days + 719_468;
     let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
+    let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// days_from_civil).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -77,8 +92,17 @@ mod tests {
 
     #[test]
     fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 2, 29), 11_016);
+        assert_eq!(
+            utc(11_016 * 86_400 * 1_000_000_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(days_from_civil(1969, 12, 31), -1);
+        let hostile = Clock {
+            start_unix_ns: u128::MAX,
+            start_mono_ns: 0,
+        };
+        let _ = hostile.rfc3339(u64::MAX);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, utc};
+use super::Report;
 use crate::event::Kind;
 
 pub fn render(r: &Report) -> String {
@@ -96,11 +96,11 @@ pub fn render(r: &Report) -> String {
             "| source | service | table_full | early_drop | insert_failed | total | first (UTC) | last (UTC) |"
         );
         let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---|");
-        let wall = |ts: u64| {
-            utc(sum.start_unix_ns.saturating_add_signed(
-                (i128::from(ts) - i128::from(sum.start_mono_ns)).max(-(sum.start_unix_ns as i128)),
-            ))
+        let clock = crate::clock::Clock {
+            start_unix_ns: sum.start_unix_ns,
+            start_mono_ns: sum.start_mono_ns,
         };
+        let wall = |ts: u64| clock.rfc3339(ts);
         for t in &sum.top {
             let _ = writeln!(
                 s,
