@@ -339,25 +339,38 @@ fn capture_survives_sigkill() -> Result<()> {
     assert!(got <= delta.drop);
 
     // A torn last record (power loss mid-write): everything before it is
-    // read and the offset of the damage is named.
-    let bytes = std::fs::read(&file)?;
-    let torn = dir.path("torn.ctt");
-    std::fs::write(&torn, &bytes[..bytes.len() - 5])?;
-    let (code, out, err) = ctt(&["report", s(&torn), "--format", "json"])?;
-    ensure!(code == 0, "{err}");
-    let r: Value = serde_json::from_str(&out)?;
-    assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got - 1));
-    let ended = r["files"][0]["ended"].as_str().unwrap_or_default();
-    assert!(ended.contains("torn record"), "{ended}");
-    let off: u64 = ended
+    // read and the offset of the damage is named. SIGKILL can itself land
+    // inside a write(2) and leave a partial record (generic_perform_write
+    // stops at a fatal signal), so tear the last *whole* record: the prefix
+    // up to where the reader stopped, minus 5 bytes.
+    let whole: usize = ended
         .trim_start_matches("cut short at offset ")
         .split(':')
         .next()
         .unwrap_or_default()
         .parse()?;
-    // The damaged record is the last one (< 200 bytes with its frame).
-    let len = bytes.len() as u64;
-    assert!(off < len - 5 && off + 200 > len, "{ended}");
+    let bytes = std::fs::read(&file)?;
+    ensure!(
+        whole <= bytes.len(),
+        "offset {whole} past the end ({})",
+        bytes.len()
+    );
+    let torn = dir.path("torn.ctt");
+    std::fs::write(&torn, &bytes[..whole - 5])?;
+    let (code, out, err) = ctt(&["report", s(&torn), "--format", "json"])?;
+    ensure!(code == 0, "{err}");
+    let r: Value = serde_json::from_str(&out)?;
+    assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got - 1));
+    let torn_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
+    assert!(torn_ended.contains("torn record"), "{torn_ended}");
+    let off: usize = torn_ended
+        .trim_start_matches("cut short at offset ")
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .parse()?;
+    // The damaged record is the last whole one (< 200 bytes with its frame).
+    assert!(off < whole - 5 && off + 200 > whole, "{torn_ended}");
     Ok(())
 }
 
