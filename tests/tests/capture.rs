@@ -343,12 +343,7 @@ fn capture_survives_sigkill() -> Result<()> {
     // inside a write(2) and leave a partial record (generic_perform_write
     // stops at a fatal signal), so tear the last *whole* record: the prefix
     // up to where the reader stopped, minus 5 bytes.
-    let whole: usize = ended
-        .trim_start_matches("cut short at offset ")
-        .split(':')
-        .next()
-        .unwrap_or_default()
-        .parse()?;
+    let whole = cut_offset(ended)?;
     let bytes = std::fs::read(&file)?;
     ensure!(
         whole <= bytes.len(),
@@ -363,15 +358,36 @@ fn capture_survives_sigkill() -> Result<()> {
     assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got - 1));
     let torn_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(torn_ended.contains("torn record"), "{torn_ended}");
-    let off: usize = torn_ended
-        .trim_start_matches("cut short at offset ")
-        .split(':')
-        .next()
-        .unwrap_or_default()
-        .parse()?;
+    let off = cut_offset(torn_ended)?;
     // The damaged record is the last whole one (< 200 bytes with its frame).
     assert!(off < whole - 5 && off + 200 > whole, "{torn_ended}");
+
+    // Regression (CI of stop 7, 6.12/tracepoint): the kill landed inside a
+    // write and left the first bytes of a record after the last whole one.
+    // Those bytes are the only loss, and the damage is named where the whole
+    // records end.
+    let mid_write = dir.path("mid-write.ctt");
+    std::fs::write(
+        &mid_write,
+        [&bytes[..whole], &bytes[off..off + 12]].concat(),
+    )?;
+    let (code, out, err) = ctt(&["report", s(&mid_write), "--format", "json"])?;
+    ensure!(code == 0, "{err}");
+    let r: Value = serde_json::from_str(&out)?;
+    assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got));
+    let mid_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
+    assert!(mid_ended.contains("torn record"), "{mid_ended}");
+    assert_eq!(cut_offset(mid_ended)?, whole, "{mid_ended}");
     Ok(())
+}
+
+/// The offset in a file's `ended` text, `cut short at offset N: why`.
+fn cut_offset(ended: &str) -> Result<usize> {
+    let n = ended
+        .strip_prefix("cut short at offset ")
+        .and_then(|r| r.split(':').next())
+        .ok_or_else(|| anyhow::anyhow!("not cut short: {ended}"))?;
+    Ok(n.parse()?)
 }
 
 #[test]
