@@ -352,9 +352,7 @@ fn capture_survives_sigkill() -> Result<()> {
     );
     let torn = dir.path("torn.ctt");
     std::fs::write(&torn, &bytes[..whole - 5])?;
-    let (code, out, err) = ctt(&["report", s(&torn), "--format", "json"])?;
-    ensure!(code == 0, "{err}");
-    let r: Value = serde_json::from_str(&out)?;
+    let r: Value = serde_json::from_str(&ctt_ok(&["report", s(&torn), "--format", "json"])?)?;
     assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got - 1));
     let torn_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(torn_ended.contains("torn record"), "{torn_ended}");
@@ -371,9 +369,7 @@ fn capture_survives_sigkill() -> Result<()> {
         &mid_write,
         [&bytes[..whole], &bytes[off..off + 12]].concat(),
     )?;
-    let (code, out, err) = ctt(&["report", s(&mid_write), "--format", "json"])?;
-    ensure!(code == 0, "{err}");
-    let r: Value = serde_json::from_str(&out)?;
+    let r: Value = serde_json::from_str(&ctt_ok(&["report", s(&mid_write), "--format", "json"])?)?;
     assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got));
     let mid_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(mid_ended.contains("torn record"), "{mid_ended}");
