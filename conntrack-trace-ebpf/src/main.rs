@@ -210,12 +210,18 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: valid pointer into a one-element array map.
     let known = unsafe { *learned };
     if known != cache {
+        // Learned and not ours: done, before any name is read. (Testing the
+        // name first cost every foreign slab free two probe reads: ~140 ns
+        // instead of ~70 ns per run, issue 15.)
+        if known != 0 {
+            return Ok(());
+        }
         let is_ct = if by_name {
             is_conntrack_name(cache)
         } else {
             is_conntrack_cache(cache)
         };
-        if known != 0 || !is_ct {
+        if !is_ct {
             return Ok(());
         }
         // SAFETY: as above.

@@ -5,7 +5,7 @@
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
-//!   tshark, dnsmasq-base, bind9-dnsutils);
+//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries.
 
@@ -141,6 +141,10 @@ fn debian_packages() -> Result<()> {
         ("dig", "bind9-dnsutils"),
         // The capture tests decode exported pcapng (tshark, capinfos).
         ("tshark", "tshark"),
+        // bench: each program's run_time_ns / run_cnt (bpf_stats).
+        ("bpftool", "bpftool"),
+        // Legacy iptables rulesets in the rule-drop scenarios.
+        ("iptables-legacy", "iptables"),
     ];
     let missing: Vec<&str> = wanted
         .iter()

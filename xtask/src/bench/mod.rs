@@ -1,4 +1,6 @@
-//! `cargo xtask bench`: what the eviction hook costs the rest of the system.
+//! `cargo xtask bench`: what the tracer costs the rest of the system. With
+//! no subcommand it runs the socket churn below and the table-full flood
+//! ([`flood`]) and writes `BENCHMARKS.md` from that run.
 //!
 //! `tp_btf/kmem_cache_free` runs on every slab free on the machine; this
 //! measures a socket churn loop (create a UDP socket, send one datagram,
@@ -14,6 +16,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+mod flood;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,6 +44,10 @@ enum What {
     /// one-shot and DNS streams of 2 M drops
     /// (conntrack-trace/examples/amplify_bench.rs, release mode).
     Amplify,
+    /// Table-full flood: the kernel's drop rate with and without the
+    /// tracer, lost events, the tracer's wakeups and CPU, and each
+    /// program's ns per run (bpf_stats).
+    Flood(flood::Args),
 }
 
 fn churn(n: u32) -> Result<Duration> {
@@ -161,6 +169,12 @@ pub fn run(args: Args) -> Result<()> {
         Some(What::Capture { events }) => {
             return example("capture_bench", &[&events.to_string()]);
         }
+        Some(What::Flood(f)) => {
+            let bin = crate::build_release()?;
+            let (md, _) = flood::run(&bin, &f)?;
+            println!("{md}");
+            return Ok(());
+        }
         None => {}
     }
     let bin = crate::build_release()?;
@@ -192,8 +206,10 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let base = median(&mut results[0]);
-    println!(
-        "socket churn, {} iterations x {} rounds (median ns/iteration):",
+    let mut md = format!(
+        "Socket churn (UDP socket, one datagram, close; several slab frees per iteration), \
+         {} iterations x {} rounds, rounds alternating; median ns per iteration.\n\n\
+         | configuration | ns/iteration | vs no tracer |\n|---|---|---|\n",
         args.iterations, args.rounds
     );
     for (i, cfg) in configs.iter().enumerate() {
@@ -204,10 +220,44 @@ pub fn run(args: Args) -> Result<()> {
             "on-cold" => "evictions on, not learned",
             _ => "evictions on, learned",
         };
-        println!(
-            "  {label:<26} {m:>8.0} ns  {:+.1}%",
-            (m / base - 1.0) * 100.0
-        );
+        md.push_str(&format!("| {label} | {m:.0} | {:+.1} % |\n", (m / base - 1.0) * 100.0));
     }
+    println!("{md}");
+    let flood_args = flood::Args {
+        seconds: 3.0,
+        rounds: args.rounds,
+        generators: 2,
+        compare: None,
+    };
+    let (flood_md, backend) = flood::run(&bin, &flood_args)?;
+    println!("{flood_md}");
+    let doc = format!(
+        "# Benchmarks\n\nWritten by `cargo xtask bench` from one run; do not edit by hand.\n\n\
+         - date: {}\n- kernel: {}\n- machine: {} CPUs, {}\n- backend: {backend}\n- tracer: {}\n\n\
+         ## Eviction hook\n\n{md}\n## Table-full flood\n\n{flood_md}",
+        command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        command_line("uname", &["-r"]),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().next().map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")))
+            .map(|m| format!("MemTotal {m}"))
+            .unwrap_or_default(),
+        command_line(bin.to_str().unwrap_or("conntrack-trace"), &["--version"]),
+    );
+    let path = crate::workspace_root().join("BENCHMARKS.md");
+    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask bench: wrote {}", path.display());
     Ok(())
+}
+
+/// First line a command prints, or "?".
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
