@@ -19,8 +19,10 @@ pub mod kind {
     /// clash between CPUs) and could not resolve it: `insert_failed` stat, the
     /// still-unconfirmed entry stays attached to the dropped skb.
     pub const INSERT_FAILED: u8 = 2;
-    /// A packet whose *confirmed* entry was dropped by a ruleset verdict. Not
-    /// a conntrack failure: counted, never emitted.
+    /// A packet dropped by a ruleset verdict, not by conntrack: its entry
+    /// is confirmed, or it has none and conntrack's `drop` counter did not
+    /// move for it (a raw-table rule, `ct state invalid drop`, ...). Not a
+    /// conntrack failure: counted, emitted only with `--rule-drops`.
     pub const RULE_DROP: u8 = 3;
     /// Number of kinds (size of the per-kind counter groups).
     pub const COUNT: u32 = 4;
@@ -41,8 +43,19 @@ pub mod counter {
     /// nf_conntrack slab frees inspected after the cache pointer was learned
     /// (how hot the eviction hook is).
     pub const CT_FREES: u32 = 2 * kind::COUNT;
+    /// Netfilter drops without an entry whose cause the programs could not
+    /// establish (the netns's conntrack counters were unreadable, or the
+    /// baseline table was full): counted as `table_full`, as before this
+    /// classification existed.
+    pub const UNCLASSIFIED: u32 = CT_FREES + 1;
+    /// Increments of conntrack's per-CPU `drop` counter that no netfilter
+    /// drop seen on that CPU accounted for (conntrack run outside
+    /// nf_hook_slow(), e.g. by OVS or tc `ct`, or a task migrated between
+    /// the increment and the free). Each one could have made a later rule
+    /// drop on that CPU look like `table_full`.
+    pub const DROP_UNMATCHED: u32 = CT_FREES + 2;
     /// Number of entries in the `COUNTERS` map.
-    pub const LEN: u32 = CT_FREES + 1;
+    pub const LEN: u32 = CT_FREES + 3;
 }
 
 /// Layer-3 protocol numbers used in [`RawEvent::l3`] (the IP version).
@@ -169,9 +182,17 @@ pub struct Offsets {
     pub skb_data: u32,
     /// `sk_buff.tail` (offset from head on 64-bit: end of the linear data).
     pub skb_tail: u32,
+    /// `net.ct.stat` (`struct ip_conntrack_stat __percpu *`).
+    pub net_ct_stat: u32,
+    /// `ip_conntrack_stat.drop` (u32).
+    pub stat_drop: u32,
+    /// `bpf_array.pptrs` (the per-CPU pointers of a per-CPU array map).
+    pub array_pptrs: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 26 * 4);
 
 /// Run-time settings of the programs, resolved by user space at load time.
 #[repr(C)]
@@ -189,12 +210,17 @@ pub struct Config {
     pub stack_depth: u32,
     /// Bit set of [`flags`].
     pub flags: u32,
+    /// Text range of `nf_hook_slow()` from /proc/kallsyms (0, 0 when not
+    /// found): a netfilter drop freed from elsewhere was freed by the rule
+    /// that dropped it (nftables since 6.7), not by conntrack's verdict.
+    pub nf_hook_slow_start: u64,
+    pub nf_hook_slow_end: u64,
 }
 
 // Tracepoint argument positions are not here: ctx accesses need constant
 // offsets, so the programs hard-code them and user space checks them
 // against BTF before loading.
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 /// Bits of [`Config::flags`].
 pub mod flags {

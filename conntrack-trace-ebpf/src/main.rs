@@ -23,7 +23,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel_buf,
     },
     macros::{btf_tracepoint, map},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePointContext,
 };
 use conntrack_trace_common::{
@@ -56,6 +56,10 @@ static OFFSETS: Offsets = Offsets {
     skb_len: 0,
     skb_data: 0,
     skb_tail: 0,
+    net_ct_stat: 0,
+    stat_drop: 0,
+    array_pptrs: 0,
+    _pad: 0,
 };
 
 #[unsafe(no_mangle)]
@@ -66,6 +70,8 @@ static CONFIG: Config = Config {
     confirmed_bit: 0,
     stack_depth: 0,
     flags: 0,
+    nf_hook_slow_start: 0,
+    nf_hook_slow_end: 0,
 };
 
 /// One record per dropped packet / evicted entry. Size is set by user space.
@@ -88,6 +94,18 @@ static SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
 /// Scratch space for kernel stacks (too large for the 512-byte BPF stack).
 #[map]
 static STACK: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per netns inode, per CPU: conntrack's `drop` counter (`net->ct.stat`,
+/// this CPU's copy) as of the last netfilter drop seen on this CPU in that
+/// netns. User space seeds it for the namespaces that exist at start; a
+/// netns made later starts from 0, as its counters do (alloc_percpu()).
+#[map]
+static CT_DROP_SEEN: PerCpuHashMap<u32, u32> = PerCpuHashMap::with_max_entries(16_384, 0);
+
+/// One slot whose own address tells this CPU's per-CPU offset (see
+/// [`this_cpu_offset`]).
+#[map]
+static PCPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `IP_CT_UNTRACKED` (include/uapi/linux/netfilter/nf_conntrack_common.h):
 /// `_nfct` of a packet exempted from tracking (`notrack`) — not ours.
@@ -117,6 +135,14 @@ macro_rules! conf {
 fn read<T>(addr: u64) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel tolerates any address and reports faults.
     unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|e| e as i64)
+}
+
+#[inline(always)]
+fn add(index: u32, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: see `bump`.
+        unsafe { *p += n };
+    }
 }
 
 #[inline(always)]
@@ -157,22 +183,70 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let skb: u64 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
     let nfct: u64 = read(skb + off!(skb_nfct))?;
     let ct = nfct & !NFCT_INFOMASK;
+    if ct == 0 && nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
+        return Ok(());
+    }
+    let net = skb_net(skb);
+    // Did conntrack count this drop? Read on every netfilter drop, so that
+    // the baseline also absorbs what earlier drops here moved.
+    // (An i64 with -1 for "unreadable" rather than an Option: LLVM may
+    // read an Option's payload on the None path, which the verifier
+    // rejects as an uninitialised register.)
+    let moved = ct_drops_since_last(net);
     if ct == 0 {
-        if nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
-            return Ok(());
+        // No entry attached: conntrack's own NF_DROP from nf_conntrack_in()
+        // (net/netfilter/nf_conntrack_core.c: resolve_normal_ct() < 0 →
+        // NF_CT_STAT_INC_ATOMIC(drop) → NF_DROP; the allocation failed, the
+        // table is full) — or a rule that dropped a packet conntrack never
+        // attached to: a raw-table rule before conntrack, `ct state invalid
+        // drop` (an invalid packet leaves nf_conntrack_in() with `_nfct`
+        // cleared and only `invalid` counted), `notrack` then drop.
+        // nf_hook_slow() frees every NF_DROP verdict on the CPU that ran the
+        // hook, right after it returns (net/netfilter/core.c), so
+        // conntrack's drop moved this CPU's `drop` counter and a rule's did
+        // not. nftables since 6.7 frees what its rules drop itself
+        // (nft_do_chain(), NF_DROP_REASON): not from nf_hook_slow(), so
+        // not conntrack's.
+        let from_hook = conf!(nf_hook_slow_start) == 0
+            || (location >= conf!(nf_hook_slow_start) && location < conf!(nf_hook_slow_end));
+        let by_conntrack = from_hook
+            && if moved < 0 {
+                bump(counter::UNCLASSIFIED);
+                true
+            } else {
+                if moved > 1 {
+                    add(counter::DROP_UNMATCHED, (moved - 1) as u64);
+                }
+                moved > 0
+            };
+        if !by_conntrack {
+            if !from_hook && moved > 0 {
+                add(counter::DROP_UNMATCHED, moved as u64);
+            }
+            if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
+                bump(counter::seen(kind::RULE_DROP));
+                return Ok(());
+            }
+            let ev = scratch(kind::RULE_DROP)?;
+            fill_from_skb(ev, skb);
+            fill_packet(ev, skb);
+            ev.netns = net_inum(net);
+            return emit(ev);
         }
-        // nf_conntrack_in(): resolve_normal_ct() < 0 → NF_CT_STAT_INC(drop),
-        // NF_DROP with nothing attached: the allocation (table full) failed.
         let ev = scratch(kind::TABLE_FULL)?;
         fill_from_skb(ev, skb);
         fill_packet(ev, skb);
-        ev.netns = skb_netns(skb).unwrap_or(0);
+        ev.netns = net_inum(net);
         return emit(ev);
     }
     if ct_is_confirmed(ct)? {
         // A confirmed entry: the ruleset dropped it, conntrack did not fail.
+        if moved > 0 {
+            add(counter::DROP_UNMATCHED, moved as u64);
+        }
         if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
             bump(counter::seen(kind::RULE_DROP));
             return Ok(());
@@ -183,11 +257,79 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return emit(ev);
     }
     // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
-    // while the new, never-inserted (unconfirmed) entry is still attached.
+    // while the new, never-inserted (unconfirmed) entry is still attached
+    // (`drop` counted once by nf_ct_resolve_clash(), not for chaintoolong).
+    if moved > 1 {
+        add(counter::DROP_UNMATCHED, (moved - 1) as u64);
+    }
     let ev = scratch(kind::INSERT_FAILED)?;
     fill_from_ct(ev, ct)?;
     fill_packet(ev, skb);
     emit(ev)
+}
+
+/// This CPU's per-CPU offset (`__per_cpu_offset[cpu]`, which kallsyms does
+/// not show without CONFIG_KALLSYMS_ALL): a per-CPU array lookup returns
+/// `this_cpu_ptr(array->pptrs[0])` (kernel/bpf/arraymap.c,
+/// percpu_array_map_lookup_elem()), so the slot's address minus the
+/// array's own per-CPU pointer is the offset.
+#[inline(always)]
+fn this_cpu_offset() -> Option<u64> {
+    let slot = PCPU_PROBE.get_ptr_mut(0)?;
+    // The slot's address as a number: stored and loaded back through the
+    // slot (the verifier allows a privileged program to keep an address in
+    // a map value; a load from map memory is a plain scalar).
+    // SAFETY: valid per-CPU map value of this CPU.
+    let here = unsafe {
+        core::ptr::write_volatile(slot, slot as u64);
+        core::ptr::read_volatile(slot)
+    };
+    // The map's address, as a number through the same slot.
+    let map = &raw const PCPU_PROBE;
+    // SAFETY: as above.
+    let map_addr = unsafe {
+        core::ptr::write_volatile(slot, map as u64);
+        core::ptr::read_volatile(slot)
+    };
+    let pptr: u64 = read(map_addr + off!(array_pptrs)).ok()?;
+    Some(here.wrapping_sub(pptr))
+}
+
+/// How much conntrack's `drop` counter of `net` moved on this CPU since the
+/// last call for the same netns on this CPU; -1 when it cannot be read.
+#[inline(always)]
+fn ct_drops_since_last(net: u64) -> i64 {
+    match ct_drop_counter(net) {
+        Some(d) => d,
+        None => -1,
+    }
+}
+
+#[inline(always)]
+fn ct_drop_counter(net: u64) -> Option<i64> {
+    if net == 0 {
+        return None;
+    }
+    let inum = net_inum(net);
+    let stat: u64 = read(net + off!(net_ct_stat)).ok()?;
+    if stat == 0 {
+        return None;
+    }
+    let drop: u32 = read(stat.wrapping_add(this_cpu_offset()?) + off!(stat_drop)).ok()?;
+    match CT_DROP_SEEN.get_ptr_mut(&inum) {
+        Some(p) => {
+            // SAFETY: this CPU's value of an existing entry; programs do not
+            // nest on a CPU.
+            let last = unsafe { *p };
+            // SAFETY: as above.
+            unsafe { *p = drop };
+            Some(drop.wrapping_sub(last) as i64)
+        }
+        None => {
+            CT_DROP_SEEN.insert(&inum, &drop, 0).ok()?;
+            Some(drop as i64)
+        }
+    }
 }
 
 #[btf_tracepoint(function = "kmem_cache_free")]
@@ -324,24 +466,21 @@ fn emit(ev: &mut RawEvent) -> Result<(), i64> {
     Ok(())
 }
 
-/// Netns of a dropped packet: the device it arrived on, else (locally
-/// generated, before ip_output() sets skb->dev) its socket.
+/// Netns (`struct net *`, 0 when unknown) of a dropped packet: the device
+/// it arrived on, else (locally generated, before ip_output() sets
+/// skb->dev) its socket.
 #[inline(always)]
-fn skb_netns(skb: u64) -> Option<u32> {
-    let dev: u64 = read(skb + off!(skb_dev)).ok()?;
-    let net: u64 = if dev != 0 {
-        read(dev + off!(dev_net)).ok()?
-    } else {
-        let sk: u64 = read(skb + off!(skb_sk)).ok()?;
-        if sk == 0 {
-            return None;
-        }
-        read(sk + off!(sk_net)).ok()?
+fn skb_net(skb: u64) -> u64 {
+    let Ok(dev) = read::<u64>(skb + off!(skb_dev)) else {
+        return 0;
     };
-    if net == 0 {
-        return None;
+    if dev != 0 {
+        return read(dev + off!(dev_net)).unwrap_or(0);
     }
-    read::<u32>(net + off!(net_inum)).ok()
+    match read::<u64>(skb + off!(skb_sk)) {
+        Ok(sk) if sk != 0 => read(sk + off!(sk_net)).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Addresses and ports from the packet's own headers (a table-full packet has

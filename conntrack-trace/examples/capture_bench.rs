@@ -156,6 +156,8 @@ fn main() {
         kernel: CtStats::default(),
         namespaces: 4,
         events_written: written,
+        unclassified_drops: 0,
+        unmatched_drop_counts: 0,
     };
 
     // 1. Live pipeline without and with the writer.

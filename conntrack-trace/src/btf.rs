@@ -308,6 +308,10 @@ impl KernelBtf {
             skb_len: self.offset_of("sk_buff", "len")?,
             skb_data: self.offset_of("sk_buff", "data")?,
             skb_tail: self.offset_of("sk_buff", "tail")?,
+            net_ct_stat: self.offset_of("net", "ct.stat")?,
+            stat_drop: self.offset_of("ip_conntrack_stat", "drop")?,
+            array_pptrs: self.offset_of("bpf_array", "pptrs")?,
+            _pad: 0,
         })
     }
 }

@@ -103,7 +103,7 @@ pub struct TraceArgs {
     /// Track evictions (early_drop).
     #[arg(long, value_enum, default_value = "on")]
     pub evictions: OnOff,
-    /// Also emit packets of confirmed entries dropped by rules.
+    /// Also emit packets dropped by rules (not by conntrack), kind rule_drop.
     #[arg(long)]
     pub rule_drops: bool,
     /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.

@@ -174,6 +174,45 @@ pub fn read_stats() -> Result<CtStats, StatsError> {
     parse(path, &text)
 }
 
+/// This netns's `drop` counter per possible CPU (rows in CPU order), from
+/// the calling thread's /proc/thread-self/net/stat/nf_conntrack.
+pub fn read_per_cpu_drop() -> Result<Vec<u64>, StatsError> {
+    let path = "/proc/thread-self/net/stat/nf_conntrack";
+    let text = std::fs::read_to_string(path).map_err(|e| StatsError::Bad {
+        path: path.to_owned(),
+        line: 0,
+        msg: e.to_string(),
+    })?;
+    per_cpu_column(path, &text, "drop")
+}
+
+/// One column of /proc/net/stat/nf_conntrack, per row (CPU).
+pub fn per_cpu_column(path: &str, text: &str, name: &str) -> Result<Vec<u64>, StatsError> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| StatsError::Empty(path.to_owned()))?
+        .split_whitespace()
+        .collect();
+    let col = header.iter().position(|h| *h == name).ok_or_else(|| StatsError::Bad {
+        path: path.to_owned(),
+        line: 1,
+        msg: format!("no `{name}` column"),
+    })?;
+    lines
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let f = l.split_whitespace().nth(col).unwrap_or_default();
+            u64::from_str_radix(f, 16).map_err(|e| StatsError::Bad {
+                path: path.to_owned(),
+                line: i + 2,
+                msg: format!("`{f}`: {e}"),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +233,12 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         assert_eq!(s.clash_resolve, 1);
         assert_eq!(s.invalid, 2);
         assert_eq!(s.chaintoolong, 0, "absent column reads as zero");
+    }
+
+    #[test]
+    fn drop_per_cpu_in_row_order() {
+        assert_eq!(per_cpu_column("x", SAMPLE, "drop").unwrap(), vec![0x0a, 0xf0]);
+        assert!(per_cpu_column("x", SAMPLE, "nope").is_err());
     }
 
     #[test]

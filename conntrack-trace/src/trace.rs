@@ -474,6 +474,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         observed: counters.seen,
         complete,
         kernel,
+        unclassified_drops: counters.unclassified,
+        unmatched_drop_counts: counters.drop_unmatched,
         scope: Scope {
             namespaces: covered,
             ..scope_desc
@@ -501,6 +503,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
             kernel: summary.kernel,
             namespaces: summary.scope.namespaces,
             events_written: written,
+            unclassified_drops: summary.unclassified_drops,
+            unmatched_drop_counts: summary.unmatched_drop_counts,
         };
         w.finish(trailer).map(|()| (files, written))
     });

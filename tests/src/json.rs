@@ -95,6 +95,8 @@ pub struct Summary {
     pub observed: Kinds,
     pub complete: bool,
     pub kernel: Kernel,
+    pub unclassified_drops: u64,
+    pub unmatched_drop_counts: u64,
     pub scope: Scope,
     pub decode_errors: u64,
     pub top: Vec<TopSource>,

@@ -92,6 +92,8 @@ impl Counters {
             seen: self.end.unwrap_or_else(|| self.totals()),
             lost: KindCounts::default(),
             ct_frees: 0,
+            unclassified: 0,
+            drop_unmatched: 0,
         }
     }
 

@@ -75,7 +75,11 @@ fn function(
 
 fn map_fd(name: &str, map: &Map) -> Result<RawFd, TraceError> {
     let data = match map {
-        Map::Array(d) | Map::PerCpuArray(d) | Map::RingBuf(d) | Map::HashMap(d) => d,
+        Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::RingBuf(d)
+        | Map::HashMap(d)
+        | Map::PerCpuHashMap(d) => d,
         _ => {
             return Err(TraceError::Other(format!(
                 "map `{name}`: unexpected type for the fexit loader"

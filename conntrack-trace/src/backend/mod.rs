@@ -38,6 +38,12 @@ pub struct BpfCounters {
     pub lost: KindCounts,
     /// nf_conntrack slab frees inspected by the eviction hook.
     pub ct_frees: u64,
+    /// Drops without an entry that could not be classified (counted as
+    /// `table_full`); see `counter::UNCLASSIFIED`.
+    pub unclassified: u64,
+    /// Increments of conntrack's `drop` counter that no drop seen on that
+    /// CPU accounted for; see `counter::DROP_UNMATCHED`.
+    pub drop_unmatched: u64,
 }
 
 /// Whether evictions (`early_drop`) are being tracked, and if not, why.
@@ -109,7 +115,8 @@ pub struct Options {
     pub btf_explicit: bool,
     /// Track evictions (`early_drop`).
     pub evictions: bool,
-    /// Emit rule drops of confirmed entries as events (tracepoint only).
+    /// Emit rule drops (packets a rule, not conntrack, dropped) as events
+    /// (tracepoint only).
     pub rule_drops: bool,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
@@ -317,6 +324,8 @@ fn read_counters(ebpf: &Ebpf) -> Result<BpfCounters, TraceError> {
         *c.lost.get_mut(k) = sum(counter::lost(k.raw()))?;
     }
     c.ct_frees = sum(counter::CT_FREES)?;
+    c.unclassified = sum(counter::UNCLASSIFIED)?;
+    c.drop_unmatched = sum(counter::DROP_UNMATCHED)?;
     debug_assert_eq!(kind::COUNT as usize, Kind::ALL.len());
     Ok(c)
 }

@@ -80,7 +80,15 @@ impl Tracepoints {
             } else {
                 0
             },
+            nf_hook_slow_start: 0,
+            nf_hook_slow_end: 0,
         };
+        // Where conntrack's verdicts are freed (see the kfree_skb program).
+        // Without it every drop is judged by conntrack's counters alone.
+        if let Ok(r) = kallsyms::function_range_from_proc("nf_hook_slow") {
+            config.nf_hook_slow_start = r.start;
+            config.nf_hook_slow_end = r.end;
+        }
         // The programs read these arguments at fixed positions.
         if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0
             || kbtf.tracepoint_arg(KFREE_SKB, TpArg::Enum("skb_drop_reason"))? != 2
@@ -148,6 +156,7 @@ impl Tracepoints {
 
     /// Attaches every loaded program (events start flowing).
     pub fn attach(&mut self) -> Result<(), TraceError> {
+        self.seed_drop_baselines();
         for name in self.hooks.clone() {
             let prog = program(&mut self.ebpf, name)?;
             let id = prog.attach().map_err(|e| TraceError::Attach {
@@ -158,6 +167,35 @@ impl Tracepoints {
             self.links.push((name, id));
         }
         Ok(())
+    }
+
+    /// Seeds `CT_DROP_SEEN` with each existing namespace's per-CPU `drop`
+    /// counters, so that the first netfilter drop in it is judged against
+    /// the right baseline (a namespace created later starts at 0, as its
+    /// counters do). A namespace that cannot be read is left out: its first
+    /// drop per CPU then sees the whole count move, which the programs
+    /// count in `DROP_UNMATCHED`.
+    fn seed_drop_baselines(&mut self) {
+        let Some(map) = self.ebpf.map_mut("CT_DROP_SEEN") else {
+            return;
+        };
+        let Ok(mut seen) = aya::maps::PerCpuHashMap::<_, u32, u32>::try_from(map) else {
+            return;
+        };
+        let Ok(ncpus) = aya::util::nr_cpus() else {
+            return;
+        };
+        for ns in crate::netns::list().values() {
+            let Ok(Ok(per_cpu)) = crate::netns::in_netns(&ns.path, crate::kstats::read_per_cpu_drop)
+            else {
+                continue;
+            };
+            let mut v: Vec<u32> = per_cpu.into_iter().map(|d| d as u32).collect();
+            v.resize(ncpus, 0);
+            if let Ok(values) = aya::maps::PerCpuValues::try_from(v) {
+                let _ = seen.insert(ns.inode, values, 0);
+            }
+        }
     }
 
     pub fn describe(&self) -> String {

@@ -166,6 +166,13 @@ pub struct Trailer {
     pub namespaces: usize,
     /// Event records written over the whole (rotated) capture.
     pub events_written: u64,
+    /// See [`crate::output::Summary::unclassified_drops`] (absent in
+    /// captures written before it existed: 0).
+    #[serde(default)]
+    pub unclassified_drops: u64,
+    /// See [`crate::output::Summary::unmatched_drop_counts`].
+    #[serde(default)]
+    pub unmatched_drop_counts: u64,
 }
 
 /// Marks the end of a rotated file.

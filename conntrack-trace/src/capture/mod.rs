@@ -111,6 +111,8 @@ pub(crate) mod tests {
             },
             namespaces: 1,
             events_written: 0,
+            unclassified_drops: 0,
+            unmatched_drop_counts: 0,
         }
     }
 

@@ -90,13 +90,13 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         Some(n) => {
             let _ = writeln!(
                 s,
-                "rule drops of confirmed entries (not conntrack failures): {n}"
+                "rule drops (not conntrack failures): {n}"
             );
         }
         None => {
             let _ = writeln!(
                 s,
-                "rule drops of confirmed entries: not observed by this backend"
+                "rule drops: not observed by this backend"
             );
         }
     }
@@ -199,8 +199,15 @@ pub fn render_summary(sum: &Summary) -> String {
     if sum.backend == Name::Tracepoint.as_str() {
         let _ = writeln!(
             s,
-            "rule drops of confirmed entries: {}",
+            "rule drops (not conntrack's): {}",
             sum.observed.rule_drop
+        );
+    }
+    if sum.unclassified_drops > 0 || sum.unmatched_drop_counts > 0 {
+        let _ = writeln!(
+            s,
+            "WARNING: {} drops could not be classified (counted as table_full), {} increments of conntrack's drop counter matched no drop seen (each may have made a rule drop look like table_full)",
+            sum.unclassified_drops, sum.unmatched_drop_counts
         );
     }
     let _ = writeln!(
@@ -349,7 +356,7 @@ mod tests {
             "table_full                 4        2.0        0".into(),
             "early_drop                 0        0.0        0".into(),
             "insert_failed              0        0.0        0".into(),
-            "rule drops of confirmed entries (not conntrack failures): 0".into(),
+            "rule drops (not conntrack failures): 0".into(),
             "retransmissions: 1 of 4 drops (25%) within 10s".into(),
             "".into(),
             "SOURCE                                   PROTO/PORT   DROPS".into(),
@@ -392,6 +399,8 @@ mod tests {
                 drop: 6,
                 ..Default::default()
             },
+            unclassified_drops: 0,
+            unmatched_drop_counts: 0,
             scope: Scope {
                 netns: "srv".into(),
                 netns_inode: Some(1),
@@ -455,7 +464,7 @@ mod tests {
         assert!(text.contains("no per-packet attribution"), "{text}");
         assert!(!text.contains("SOURCE"), "{text}");
         assert!(
-            text.contains("rule drops of confirmed entries: not observed"),
+            text.contains("rule drops: not observed"),
             "{text}"
         );
     }

@@ -105,6 +105,16 @@ pub struct Summary {
     pub complete: bool,
     /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
     pub kernel: CtStats,
+    /// Netfilter drops without a conntrack entry whose cause the programs
+    /// could not establish (conntrack's counters of the packet's netns were
+    /// unreadable): counted as `table_full`. 0 on a healthy host.
+    pub unclassified_drops: u64,
+    /// Increments of conntrack's per-CPU `drop` counter that no netfilter
+    /// drop seen on that CPU accounted for (conntrack run outside the
+    /// netfilter hooks, e.g. OVS or tc `ct`; a task migrated between the
+    /// increment and the free). Each could have made one later rule drop
+    /// on that CPU look like `table_full`; 0 means none did.
+    pub unmatched_drop_counts: u64,
     pub scope: Scope,
     pub decode_errors: u64,
     pub top: Vec<TopSource>,

@@ -209,6 +209,8 @@ mod tests {
                 drop: 3,
                 ..Default::default()
             },
+            unclassified_drops: 0,
+            unmatched_drop_counts: 0,
             scope: Scope {
                 netns: "all".into(),
                 netns_inode: None,

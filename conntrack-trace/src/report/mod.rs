@@ -443,6 +443,8 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         observed: t.map(|t| t.observed).unwrap_or_default(),
         complete: t.is_some_and(|t| t.complete) && info.intact(),
         kernel: t.map(|t| t.kernel).unwrap_or_default(),
+        unclassified_drops: t.map_or(0, |t| t.unclassified_drops),
+        unmatched_drop_counts: t.map_or(0, |t| t.unmatched_drop_counts),
         scope: Scope {
             namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
             ..h.scope.clone()
