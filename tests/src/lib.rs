@@ -179,6 +179,7 @@ pub struct CtStats {
     pub insert_failed: u64,
     pub chaintoolong: u64,
     pub clashres: u64,
+    pub invalid: u64,
 }
 
 impl CtStats {
@@ -203,6 +204,7 @@ impl CtStats {
             s.insert_failed += get("insert_failed")?;
             s.chaintoolong += get("chaintoolong")?;
             s.clashres += get("clashres")?;
+            s.invalid += get("invalid")?;
         }
         Ok(s)
     }
@@ -214,6 +216,7 @@ impl CtStats {
             insert_failed: self.insert_failed - before.insert_failed,
             chaintoolong: self.chaintoolong - before.chaintoolong,
             clashres: self.clashres - before.clashres,
+            invalid: self.invalid - before.invalid,
         }
     }
 }

@@ -50,12 +50,24 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// An IPv4 TCP SYN with valid checksums.
 pub fn syn_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    tcp_packet(src, dst, sport, dport, TCP_SYN)
+}
+
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An IPv4 TCP segment with `flags` and valid checksums, no payload.
+pub fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
     tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x02; // SYN
+    tcp[13] = flags;
+    if flags & TCP_ACK != 0 {
+        tcp[8..12].copy_from_slice(&2000u32.to_be_bytes());
+    }
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let mut pseudo = Vec::with_capacity(32);
     pseudo.extend_from_slice(&src.octets());
@@ -117,6 +129,37 @@ fn raw_send(fd: i32, pkt: &[u8], dst: Ipv4Addr) -> Result<()> {
         bail!("sendto: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// One TCP segment with `flags` from each source port in `sports`, sent
+/// through a raw socket (no handshake, no connection: an ACK-only segment
+/// belongs to no connection the receiver knows).
+pub fn tcp_oneshots(
+    ns: &Path,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    sports: std::ops::Range<u16>,
+    flags: u8,
+) -> Result<u64> {
+    in_netns(ns, || -> Result<u64> {
+        // SAFETY: plain socket(2) call; fd closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        let mut r = Ok(0);
+        for p in sports {
+            if let Err(e) = raw_send(fd, &tcp_packet(src, dst, p, dport, flags), dst) {
+                r = Err(e);
+                break;
+            }
+            r = r.map(|n| n + 1);
+        }
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+        r
+    })?
 }
 
 /// For every source port, sends the *same* SYN from two threads pinned to
