@@ -23,6 +23,7 @@ const SCENARIOS: &[&str] = &[
     "capture",
     "early_drop",
     "insert_failed",
+    "rule_drops",
     "table_full",
 ];
 
