@@ -18,7 +18,10 @@ use aya_ebpf::{
 };
 use conntrack_trace_common::{kind, scope};
 
-use super::{emit, fill_from_ct, fill_from_tuple, fill_packet, net_inum, read, scratch};
+use crate::common::{
+    ct_is_confirmed, ct_live, emit, fill_from_ct, fill_from_tuple, fill_packet, net_inum, read,
+    scratch, skb_ct,
+};
 
 /// Per-CPU scope of the hooks that pair an entry with an exit (indexed by
 /// `scope::*`). Both functions run to completion on one CPU: early_drop()
@@ -159,14 +162,10 @@ fn try_ct_delete_exit(ctx: &FExitContext) -> Result<(), i64> {
     // early_drop_list() also hands entries it finds already expired to
     // nf_ct_gc_expired() → nf_ct_kill() → nf_ct_delete(), without counting
     // them. nf_ct_delete() leaves ct->timeout alone, so an entry expired now
-    // was expired then (nfct_time_stamp is the low 32 bits of jiffies,
-    // include/net/netfilter/nf_conntrack.h). A victim that expired between
-    // early_drop_list()'s check and this exit would be missed: a window of
-    // a few instructions, visible in the counter check.
-    let timeout: u32 = read(ct + off!(ct_timeout))?;
-    // SAFETY: plain helper call.
-    let now = unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() } as u32;
-    if (timeout.wrapping_sub(now) as i32) <= 0 {
+    // was expired then. A victim that expired between early_drop_list()'s
+    // check and this exit would be missed: a window of a few instructions,
+    // visible in the counter check.
+    if !ct_live(ct)? {
         return Ok(());
     }
     let ev = scratch(kind::EARLY_DROP)?;
@@ -189,8 +188,8 @@ pub fn ct_confirm_enter(ctx: FEntryContext) -> i32 {
 
 fn try_ct_confirm_enter(ctx: &FEntryContext) -> Result<(), i64> {
     let skb: u64 = ctx.arg(0);
-    let confirmed = match super::skb_ct(skb) {
-        Some(ct) => super::ct_is_confirmed(ct)?,
+    let confirmed = match skb_ct(skb) {
+        Some(ct) => ct_is_confirmed(ct)?,
         None => false,
     };
     let s = slot(scope::CONFIRM_SKB)?;
@@ -227,7 +226,7 @@ fn try_ct_confirm_exit(ctx: &FExitContext) -> Result<(), i64> {
     }
     // nf_conntrack_confirm() only calls in with an entry attached; after a
     // lost clash it is still the loser (nf_ct_set() only runs on NF_ACCEPT).
-    let Some(ct) = super::skb_ct(skb) else {
+    let Some(ct) = skb_ct(skb) else {
         return Ok(());
     };
     let ev = scratch(kind::INSERT_FAILED)?;

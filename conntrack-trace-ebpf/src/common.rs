@@ -1,0 +1,253 @@
+//! What both backends' programs share: kernel reads, the per-CPU counters,
+//! the scratch event and its emission, and the event builders that read a
+//! packet's headers or a conntrack entry's tuple.
+
+use aya_ebpf::helpers::{
+    bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+};
+use conntrack_trace_common::{PKT_BYTES, RawEvent, counter, l3};
+
+use crate::{COUNTERS, EVENTS, SCRATCH};
+
+/// `IP_CT_UNTRACKED` (include/uapi/linux/netfilter/nf_conntrack_common.h):
+/// `_nfct` of a packet exempted from tracking (`notrack`) — not ours.
+pub(crate) const IP_CT_UNTRACKED: u64 = 7;
+/// `NFCT_INFOMASK` (include/linux/skbuff.h): low bits of `_nfct` hold ctinfo.
+pub(crate) const NFCT_INFOMASK: u64 = 7;
+pub(crate) const AF_INET: u16 = 2;
+pub(crate) const AF_INET6: u16 = 10;
+
+#[inline(always)]
+pub(crate) fn read<T>(addr: u64) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address and reports faults.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|e| e as i64)
+}
+
+#[inline(always)]
+pub(crate) fn add(index: u32, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: see `bump`.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; tracing programs run with migration disabled
+        // and the kernel refuses to nest the same program on one CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// This CPU's scratch event, zeroed. Tracing programs do not nest on a CPU
+/// (the kernel skips a recursive run), so the slot is ours until emitted.
+#[inline(always)]
+pub(crate) fn scratch(k: u8) -> Result<&'static mut RawEvent, i64> {
+    let p = SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: valid per-CPU map value, exclusively ours (see above).
+    let ev = unsafe { &mut *p };
+    // SAFETY: RawEvent is plain integers; all-zero is a valid value. A
+    // write_bytes is a memset, not a 160-byte temporary on the BPF stack.
+    unsafe { core::ptr::write_bytes(p, 0, 1) };
+    ev.kind = k;
+    Ok(ev)
+}
+
+#[inline(always)]
+pub(crate) fn emit(ev: &mut RawEvent) -> Result<(), i64> {
+    // SAFETY: plain helper calls.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    let k = ev.kind;
+    bump(counter::seen(k));
+    // bpf_ringbuf_output copies from the scratch slot. Flags 0 = adaptive
+    // wakeup (kernel/bpf/ringbuf.c): user space is woken only when it had
+    // consumed everything before this record, so a flood costs no wakeup per
+    // event while it keeps up.
+    if EVENTS.output::<RawEvent>(&*ev, 0).is_err() {
+        bump(counter::lost(k));
+    }
+    Ok(())
+}
+
+/// Netns (`struct net *`, 0 when unknown) of a dropped packet: the device
+/// it arrived on, else (locally generated, before ip_output() sets
+/// skb->dev) its socket.
+#[inline(always)]
+pub(crate) fn skb_net(skb: u64) -> u64 {
+    let Ok(dev) = read::<u64>(skb + off!(skb_dev)) else {
+        return 0;
+    };
+    if dev != 0 {
+        return read(dev + off!(dev_net)).unwrap_or(0);
+    }
+    match read::<u64>(skb + off!(skb_sk)) {
+        Ok(sk) if sk != 0 => read(sk + off!(sk_net)).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Addresses and ports from the packet's own headers (a table-full packet has
+/// no conntrack entry to read them from).
+#[inline(always)]
+pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
+    let Ok(head) = read::<u64>(skb + off!(skb_head)) else {
+        return;
+    };
+    let Ok(nh) = read::<u16>(skb + off!(skb_network_header)) else {
+        return;
+    };
+    let ip = head + nh as u64;
+    let Ok(b0) = read::<u8>(ip) else { return };
+    let (l4, l4proto) = match b0 >> 4 {
+        4 => {
+            ev.l3 = l3::IPV4;
+            let Ok(proto) = read::<u8>(ip + 9) else {
+                return;
+            };
+            ev.l4 = proto;
+            if let Ok(a) = read::<[u8; 4]>(ip + 12) {
+                ev.src[..4].copy_from_slice(&a);
+            }
+            if let Ok(a) = read::<[u8; 4]>(ip + 16) {
+                ev.dst[..4].copy_from_slice(&a);
+            }
+            // Only the first fragment carries the L4 header.
+            let frag = read::<[u8; 2]>(ip + 6).map(u16::from_be_bytes).unwrap_or(0);
+            if frag & 0x1fff != 0 {
+                return;
+            }
+            (ip + ((b0 & 0x0f) as u64) * 4, proto)
+        }
+        6 => {
+            ev.l3 = l3::IPV6;
+            let Ok(next) = read::<u8>(ip + 6) else { return };
+            ev.l4 = next;
+            if let Ok(a) = read::<[u8; 16]>(ip + 8) {
+                ev.src = a;
+            }
+            if let Ok(a) = read::<[u8; 16]>(ip + 24) {
+                ev.dst = a;
+            }
+            (ip + 40, next)
+        }
+        _ => return,
+    };
+    match l4proto {
+        // tcp, udp, dccp, sctp, udplite: ports are the first two u16s.
+        6 | 17 | 33 | 132 | 136 => {
+            if let Ok(p) = read::<[u8; 4]>(l4) {
+                ev.sport = u16::from_be_bytes([p[0], p[1]]);
+                ev.dport = u16::from_be_bytes([p[2], p[3]]);
+            }
+        }
+        // icmp, icmpv6: type/code and the echo identifier.
+        1 | 58 => {
+            if let Ok(p) = read::<[u8; 6]>(l4) {
+                ev.dport = u16::from_be_bytes([p[0], p[1]]);
+                ev.sport = u16::from_be_bytes([p[4], p[5]]);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The first bytes of the packet from its network header on, for capture
+/// files. Only the linear part is read (`head + network_header` up to
+/// `head + tail`); a header split into page fragments is cut short there.
+#[inline(always)]
+pub(crate) fn fill_packet(ev: &mut RawEvent, skb: u64) {
+    let (Ok(head), Ok(nh), Ok(tail), Ok(len), Ok(data)) = (
+        read::<u64>(skb + off!(skb_head)),
+        read::<u16>(skb + off!(skb_network_header)),
+        read::<u32>(skb + off!(skb_tail)),
+        read::<u32>(skb + off!(skb_len)),
+        read::<u64>(skb + off!(skb_data)),
+    ) else {
+        return;
+    };
+    // skb->len counts from skb->data; netfilter hooks run with data at the
+    // network header, but account for any difference.
+    let data_off = data.wrapping_sub(head) as u32;
+    let wire = (len + data_off).saturating_sub(nh as u32);
+    let linear = tail.saturating_sub(nh as u32);
+    let mut cap = if linear < wire { linear } else { wire };
+    if cap > PKT_BYTES as u32 {
+        cap = PKT_BYTES as u32;
+    }
+    ev.wire_len = wire;
+    // A fixed-size read: it stays inside the skb's head buffer (which ends
+    // in skb_shared_info), and only `caplen` bytes are used.
+    // SAFETY: bpf_probe_read_kernel tolerates any source address.
+    if unsafe { bpf_probe_read_kernel_buf((head + nh as u64) as *const u8, &mut ev.pkt) }.is_ok() {
+        ev.caplen = cap as u16;
+    }
+}
+
+/// The conntrack entry attached to a packet (`skb->_nfct` without the
+/// ctinfo bits), if any.
+#[inline(always)]
+pub(crate) fn skb_ct(skb: u64) -> Option<u64> {
+    let nfct: u64 = read(skb + off!(skb_nfct)).ok()?;
+    let ct = nfct & !NFCT_INFOMASK;
+    if ct == 0 { None } else { Some(ct) }
+}
+
+/// `IPS_CONFIRMED` set: the entry is (or was being) inserted in the table.
+#[inline(always)]
+pub(crate) fn ct_is_confirmed(ct: u64) -> Result<bool, i64> {
+    let status: u64 = read(ct + off!(ct_status))?;
+    Ok(status & (1u64 << (conf!(confirmed_bit) & 63)) != 0)
+}
+
+/// Original-direction tuple and netns of a conntrack entry.
+#[inline(always)]
+pub(crate) fn fill_from_ct(ev: &mut RawEvent, ct: u64) -> Result<(), i64> {
+    fill_from_tuple(ev, ct + off!(ct_tuple))?;
+    let net: u64 = read(ct + off!(ct_net))?;
+    ev.netns = net_inum(net);
+    Ok(())
+}
+
+/// Inode of a `struct net *`, 0 when unreadable.
+#[inline(always)]
+pub(crate) fn net_inum(net: u64) -> u32 {
+    if net == 0 {
+        return 0;
+    }
+    read(net + off!(net_inum)).unwrap_or(0)
+}
+
+/// Addresses, protocol and ports of a `struct nf_conntrack_tuple`.
+#[inline(always)]
+pub(crate) fn fill_from_tuple(ev: &mut RawEvent, t: u64) -> Result<(), i64> {
+    let family: u16 = read(t + off!(tuple_l3num))?;
+    ev.l3 = match family {
+        AF_INET => l3::IPV4,
+        AF_INET6 => l3::IPV6,
+        _ => 0,
+    };
+    ev.l4 = read(t + off!(tuple_protonum))?;
+    ev.src = read(t + off!(tuple_src_u3))?;
+    ev.dst = read(t + off!(tuple_dst_u3))?;
+    // Both unions hold network-order ports, or the ICMP id (src) and
+    // type/code bytes (dst): a big-endian read gives id and type<<8|code.
+    ev.sport = u16::from_be_bytes(read(t + off!(tuple_src_port))?);
+    ev.dport = u16::from_be_bytes(read(t + off!(tuple_dst_port))?);
+    Ok(())
+}
+
+/// True while the entry has not expired: early_drop_list() also frees (or
+/// hands to nf_ct_gc_expired()) entries it finds already expired, without
+/// counting them as early drops, so only a victim still live was evicted.
+/// nfct_time_stamp is the low 32 bits of jiffies and `timeout` the u32
+/// jiffy at which the entry expires (include/net/netfilter/nf_conntrack.h,
+/// nf_ct_is_expired()).
+#[inline(always)]
+pub(crate) fn ct_live(ct: u64) -> Result<bool, i64> {
+    let timeout: u32 = read(ct + off!(ct_timeout))?;
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() } as u32;
+    Ok((timeout.wrapping_sub(now) as i32) > 0)
+}

@@ -1,0 +1,311 @@
+//! The tracepoint backend's programs (user side:
+//! `conntrack-trace/src/backend/tracepoint.rs`): `tp_btf/kfree_skb` and
+//! `tp_btf/kmem_cache_free`, for kernels that refuse fentry/fexit and
+//! kprobes.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    macros::{btf_tracepoint, map},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
+    programs::BtfTracePointContext,
+};
+use conntrack_trace_common::{MAX_STACK_DEPTH, counter, flags, kind};
+
+use crate::common::{
+    IP_CT_UNTRACKED, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit, fill_from_ct,
+    fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
+};
+
+/// The `struct kmem_cache *` of the nf_conntrack slab, learned on first sight.
+#[map]
+static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Scratch space for kernel stacks (too large for the 512-byte BPF stack).
+#[map]
+static STACK: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per netns inode, per CPU: conntrack's `drop` counter (`net->ct.stat`,
+/// this CPU's copy) as of the last netfilter drop seen on this CPU in that
+/// netns. User space seeds it for the namespaces that exist at start; a
+/// netns made later starts from 0, as its counters do (alloc_percpu()).
+#[map]
+static CT_DROP_SEEN: PerCpuHashMap<u32, u32> = PerCpuHashMap::with_max_entries(16_384, 0);
+
+/// One slot whose own address tells this CPU's per-CPU offset (see
+/// [`this_cpu_offset`]).
+#[map]
+static PCPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_kfree_skb(&ctx);
+    0
+}
+
+fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // ctx accesses must use constant offsets, so argument positions are
+    // fixed here and user space checks them against BTF before loading:
+    // (skb, location, reason[, rx_sk]) since the reason was added in 5.17.
+    let reason: u64 = ctx.arg(2);
+    if reason as u32 != conf!(netfilter_drop_reason) {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    let nfct: u64 = read(skb + off!(skb_nfct))?;
+    let ct = nfct & !NFCT_INFOMASK;
+    if ct == 0 && nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
+        return Ok(());
+    }
+    let net = skb_net(skb);
+    // Did conntrack count this drop? Read on every netfilter drop, so that
+    // the baseline also absorbs what earlier drops here moved.
+    // (An i64 with -1 for "unreadable" rather than an Option: LLVM may
+    // read an Option's payload on the None path, which the verifier
+    // rejects as an uninitialised register.)
+    let moved = ct_drops_since_last(net);
+    if ct == 0 {
+        // No entry attached: conntrack's own NF_DROP from nf_conntrack_in()
+        // (net/netfilter/nf_conntrack_core.c: resolve_normal_ct() < 0 →
+        // NF_CT_STAT_INC_ATOMIC(drop) → NF_DROP; the allocation failed, the
+        // table is full) — or a rule that dropped a packet conntrack never
+        // attached to: a raw-table rule before conntrack, `ct state invalid
+        // drop` (an invalid packet leaves nf_conntrack_in() with `_nfct`
+        // cleared and only `invalid` counted), `notrack` then drop.
+        // nf_hook_slow() frees every NF_DROP verdict on the CPU that ran the
+        // hook, right after it returns (net/netfilter/core.c), so
+        // conntrack's drop moved this CPU's `drop` counter and a rule's did
+        // not. nftables since 6.7 frees what its rules drop itself
+        // (nft_do_chain(), NF_DROP_REASON): not from nf_hook_slow(), so
+        // not conntrack's.
+        let from_hook = conf!(nf_hook_slow_start) == 0
+            || (location >= conf!(nf_hook_slow_start) && location < conf!(nf_hook_slow_end));
+        let by_conntrack = from_hook
+            && if moved < 0 {
+                bump(counter::UNCLASSIFIED);
+                true
+            } else {
+                if moved > 1 {
+                    add(counter::DROP_UNMATCHED, (moved - 1) as u64);
+                }
+                moved > 0
+            };
+        if !by_conntrack {
+            if !from_hook && moved > 0 {
+                add(counter::DROP_UNMATCHED, moved as u64);
+            }
+            if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
+                bump(counter::seen(kind::RULE_DROP));
+                return Ok(());
+            }
+            let ev = scratch(kind::RULE_DROP)?;
+            fill_from_skb(ev, skb);
+            fill_packet(ev, skb);
+            ev.netns = net_inum(net);
+            return emit(ev);
+        }
+        let ev = scratch(kind::TABLE_FULL)?;
+        fill_from_skb(ev, skb);
+        fill_packet(ev, skb);
+        ev.netns = net_inum(net);
+        return emit(ev);
+    }
+    if ct_is_confirmed(ct)? {
+        // A confirmed entry: the ruleset dropped it, conntrack did not fail.
+        if moved > 0 {
+            add(counter::DROP_UNMATCHED, moved as u64);
+        }
+        if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
+            bump(counter::seen(kind::RULE_DROP));
+            return Ok(());
+        }
+        let ev = scratch(kind::RULE_DROP)?;
+        fill_from_ct(ev, ct)?;
+        fill_packet(ev, skb);
+        return emit(ev);
+    }
+    // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
+    // while the new, never-inserted (unconfirmed) entry is still attached
+    // (`drop` counted once by nf_ct_resolve_clash(), not for chaintoolong).
+    if moved > 1 {
+        add(counter::DROP_UNMATCHED, (moved - 1) as u64);
+    }
+    let ev = scratch(kind::INSERT_FAILED)?;
+    fill_from_ct(ev, ct)?;
+    fill_packet(ev, skb);
+    emit(ev)
+}
+
+/// This CPU's per-CPU offset (`__per_cpu_offset[cpu]`, which kallsyms does
+/// not show without CONFIG_KALLSYMS_ALL): a per-CPU array lookup returns
+/// `this_cpu_ptr(array->pptrs[0])` (kernel/bpf/arraymap.c,
+/// percpu_array_map_lookup_elem()), so the slot's address minus the
+/// array's own per-CPU pointer is the offset.
+#[inline(always)]
+fn this_cpu_offset() -> Option<u64> {
+    let slot = PCPU_PROBE.get_ptr_mut(0)?;
+    // The slot's address as a number: stored and loaded back through the
+    // slot (the verifier allows a privileged program to keep an address in
+    // a map value; a load from map memory is a plain scalar).
+    // SAFETY: valid per-CPU map value of this CPU.
+    let here = unsafe {
+        core::ptr::write_volatile(slot, slot as u64);
+        core::ptr::read_volatile(slot)
+    };
+    // The map's address, as a number through the same slot.
+    let map = &raw const PCPU_PROBE;
+    // SAFETY: as above.
+    let map_addr = unsafe {
+        core::ptr::write_volatile(slot, map as u64);
+        core::ptr::read_volatile(slot)
+    };
+    let pptr: u64 = read(map_addr + off!(array_pptrs)).ok()?;
+    Some(here.wrapping_sub(pptr))
+}
+
+/// How much conntrack's `drop` counter of `net` moved on this CPU since the
+/// last call for the same netns on this CPU; -1 when it cannot be read.
+#[inline(always)]
+fn ct_drops_since_last(net: u64) -> i64 {
+    match ct_drop_counter(net) {
+        Some(d) => d,
+        None => -1,
+    }
+}
+
+#[inline(always)]
+fn ct_drop_counter(net: u64) -> Option<i64> {
+    if net == 0 {
+        return None;
+    }
+    let inum = net_inum(net);
+    let stat: u64 = read(net + off!(net_ct_stat)).ok()?;
+    if stat == 0 {
+        return None;
+    }
+    let drop: u32 = read(stat.wrapping_add(this_cpu_offset()?) + off!(stat_drop)).ok()?;
+    match CT_DROP_SEEN.get_ptr_mut(&inum) {
+        Some(p) => {
+            // SAFETY: this CPU's value of an existing entry; programs do not
+            // nest on a CPU.
+            let last = unsafe { *p };
+            // SAFETY: as above.
+            unsafe { *p = drop };
+            Some(drop.wrapping_sub(last) as i64)
+        }
+        None => {
+            CT_DROP_SEEN.insert(&inum, &drop, 0).ok()?;
+            Some(drop as i64)
+        }
+    }
+}
+
+#[btf_tracepoint(function = "kmem_cache_free")]
+pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_kmem_cache_free(&ctx);
+    0
+}
+
+fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // Fires on every slab free in the system: once the nf_conntrack cache is
+    // known, everything else costs one load and one comparison.
+    // (call_site, ptr, s) since 6.2; checked against BTF by user space.
+    // Before 6.2 the third argument was the cache's name (`s->name`, a
+    // pointer as stable as the cache itself) instead of the cache: the
+    // FREE_BY_NAME variant learns that pointer instead (chosen by user space
+    // from the tracepoint's BTF; the verifier prunes the other branch).
+    let cache: u64 = ctx.arg(2);
+    let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
+    let learned = CT_CACHE.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: valid pointer into a one-element array map.
+    let known = unsafe { *learned };
+    if known != cache {
+        // Learned and not ours: done, before any name is read. (Testing the
+        // name first cost every foreign slab free two probe reads: ~140 ns
+        // instead of ~70 ns per run, issue 15.)
+        if known != 0 {
+            return Ok(());
+        }
+        let is_ct = if by_name {
+            is_conntrack_name(cache)
+        } else {
+            is_conntrack_cache(cache)
+        };
+        if !is_ct {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        unsafe { *learned = cache };
+    }
+    bump(counter::CT_FREES);
+    // `ptr` is `const void *`: before 6.18 btf_ctx_access() does not look
+    // through the const to the void and refuses the ctx load ("invalid
+    // bpf_context access off=8", seen on 6.1 and 6.12), so the argument is
+    // copied out of the context instead.
+    let obj: u64 = read(ctx.as_ptr() as u64 + 8)?;
+    if !freed_by_early_drop(ctx) {
+        return Ok(());
+    }
+    if !ct_live(obj)? {
+        return Ok(());
+    }
+    // The entry is being freed but its memory still holds the tuple: the
+    // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
+    let ev = scratch(kind::EARLY_DROP)?;
+    fill_from_ct(ev, obj)?;
+    emit(ev)
+}
+
+/// Compares `kmem_cache.name` with "nf_conntrack" (the slab created in
+/// nf_conntrack_init_start(); SLAB_TYPESAFE_BY_RCU keeps it unmerged).
+#[inline(always)]
+fn is_conntrack_cache(cache: u64) -> bool {
+    let Ok(name_ptr) = read::<u64>(cache + off!(cache_name)) else {
+        return false;
+    };
+    is_conntrack_name(name_ptr)
+}
+
+/// True when the NUL-terminated string at `name_ptr` is "nf_conntrack".
+#[inline(always)]
+fn is_conntrack_name(name_ptr: u64) -> bool {
+    const NAME: &[u8; 13] = b"nf_conntrack\0";
+    match read::<[u8; 13]>(name_ptr) {
+        Ok(name) => name == *NAME,
+        Err(_) => false,
+    }
+}
+
+/// True when a return address on the kernel stack lies inside `early_drop()`
+/// (net/netfilter/nf_conntrack_core.c: early_drop() → early_drop_list() →
+/// nf_ct_put() → nf_ct_destroy() → nf_conntrack_free() → kmem_cache_free()).
+#[inline(always)]
+fn freed_by_early_drop(ctx: &BtfTracePointContext) -> bool {
+    let Some(buf) = STACK.get_ptr_mut(0) else {
+        return false;
+    };
+    let size = (MAX_STACK_DEPTH * 8) as u32;
+    // SAFETY: buf points at MAX_STACK_DEPTH u64s of per-CPU map memory.
+    let n =
+        unsafe { aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), size, 0) };
+    if n <= 0 {
+        return false;
+    }
+    let frames = (n as usize) / 8;
+    let start = conf!(early_drop_start);
+    let end = conf!(early_drop_end);
+    let depth = conf!(stack_depth) as usize;
+    let mut i = 0;
+    while i < MAX_STACK_DEPTH {
+        if i >= frames || i >= depth {
+            break;
+        }
+        // SAFETY: i < MAX_STACK_DEPTH.
+        let ip = unsafe { (*buf)[i] };
+        if ip >= start && ip < end {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
