@@ -215,12 +215,17 @@ pub struct Config {
     /// that dropped it (nftables since 6.7), not by conntrack's verdict.
     pub nf_hook_slow_start: u64,
     pub nf_hook_slow_end: u64,
+    /// Text range of `nf_conntrack_free()` (kernels whose kmem_cache_free
+    /// tracepoint passes neither the cache nor its name: the call site
+    /// tells the nf_conntrack slab).
+    pub ct_free_start: u64,
+    pub ct_free_end: u64,
 }
 
 // Tracepoint argument positions are not here: ctx accesses need constant
 // offsets, so the programs hard-code them and user space checks them
 // against BTF before loading.
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 
 /// Bits of [`Config::flags`].
 pub mod flags {

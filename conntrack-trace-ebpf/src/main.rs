@@ -62,6 +62,8 @@ static CONFIG: Config = Config {
     flags: 0,
     nf_hook_slow_start: 0,
     nf_hook_slow_end: 0,
+    ct_free_start: 0,
+    ct_free_end: 0,
 };
 
 /// One record per dropped packet / evicted entry. Size is set by user space.

@@ -36,22 +36,53 @@ static CT_DROP_SEEN: PerCpuHashMap<u32, u32> = PerCpuHashMap::with_max_entries(1
 #[map]
 static PCPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// `kfree_skb(skb, location, reason[, rx_sk])`, since 5.17: a netfilter
+/// drop is `SKB_DROP_REASON_NETFILTER_DROP`.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_kfree_skb(&ctx);
+    // ctx accesses must use constant offsets, so argument positions are
+    // fixed here and user space checks them against BTF before loading.
+    let reason: u64 = ctx.arg(2);
+    if reason as u32 != conf!(netfilter_drop_reason) {
+        return 0;
+    }
+    let from_hook = conf!(nf_hook_slow_start) == 0 || in_nf_hook_slow(location(&ctx));
+    let _ = netfilter_drop(ctx.arg(0), from_hook);
     0
 }
 
-fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    // ctx accesses must use constant offsets, so argument positions are
-    // fixed here and user space checks them against BTF before loading:
-    // (skb, location, reason[, rx_sk]) since the reason was added in 5.17.
-    let reason: u64 = ctx.arg(2);
-    if reason as u32 != conf!(netfilter_drop_reason) {
-        return Ok(());
+/// `kfree_skb(skb, location)`, before 5.17 (5.10: Debian 11, Amazon Linux
+/// 2): no reason. nf_hook_slow() answers every NF_DROP verdict with
+/// kfree_skb() (net/netfilter/core.c), so a free from inside nf_hook_slow()
+/// is a netfilter drop; the rest of the system's frees stop at this range
+/// test. Loaded instead of [`kfree_skb`] where BTF shows no reason
+/// argument (user space requires the range then).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
+    if !in_nf_hook_slow(location(&ctx)) {
+        return 0;
     }
-    let skb: u64 = ctx.arg(0);
-    let location: u64 = ctx.arg(1);
+    let _ = netfilter_drop(ctx.arg(0), true);
+    0
+}
+
+/// The tracepoint's `location` (argument 1), copied out of the context: it
+/// is `void *`, which some kernels' btf_ctx_access() refuses to load
+/// directly (see the `ptr` of kmem_cache_free).
+#[inline(always)]
+fn location(ctx: &BtfTracePointContext) -> u64 {
+    read(ctx.as_ptr() as u64 + 8).unwrap_or(0)
+}
+
+#[inline(always)]
+fn in_nf_hook_slow(ip: u64) -> bool {
+    ip >= conf!(nf_hook_slow_start) && ip < conf!(nf_hook_slow_end)
+}
+
+/// A packet netfilter dropped (`from_hook`: freed by nf_hook_slow(), i.e.
+/// a verdict returned to it, not freed by the rule itself).
+#[inline(always)]
+fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
     let nfct: u64 = read(skb + off!(skb_nfct))?;
     let ct = nfct & !NFCT_INFOMASK;
     if ct == 0 && nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
@@ -78,8 +109,6 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // not. nftables since 6.7 frees what its rules drop itself
         // (nft_do_chain(), NF_DROP_REASON): not from nf_hook_slow(), so
         // not conntrack's.
-        let from_hook = conf!(nf_hook_slow_start) == 0
-            || (location >= conf!(nf_hook_slow_start) && location < conf!(nf_hook_slow_end));
         let by_conntrack = from_hook
             && if moved < 0 {
                 bump(counter::UNCLASSIFIED);
@@ -206,6 +235,23 @@ pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// `kmem_cache_free(call_site, ptr)`, before 5.12 (5.10): neither the
+/// cache nor its name. The caller that frees a conntrack entry is
+/// nf_conntrack_free() (net/netfilter/nf_conntrack_core.c:
+/// `kmem_cache_free(nf_conntrack_cachep, ct)`), so a `call_site` inside it
+/// (range from kallsyms, module symbols included) is the nf_conntrack
+/// slab; the rest of the system's frees stop at the range test.
+#[btf_tracepoint(function = "kmem_cache_free")]
+pub fn kmem_cache_free_by_site(ctx: BtfTracePointContext) -> i32 {
+    let site: u64 = read(ctx.as_ptr() as u64).unwrap_or(0);
+    if site < conf!(ct_free_start) || site >= conf!(ct_free_end) {
+        return 0;
+    }
+    bump(counter::CT_FREES);
+    let _ = conntrack_freed(&ctx);
+    0
+}
+
 fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // Fires on every slab free in the system: once the nf_conntrack cache is
     // known, everything else costs one load and one comparison.
@@ -238,6 +284,13 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         unsafe { *learned = cache };
     }
     bump(counter::CT_FREES);
+    conntrack_freed(ctx)
+}
+
+/// An nf_conntrack entry is being freed: an eviction when early_drop() is
+/// on the stack and the entry was still live.
+#[inline(always)]
+fn conntrack_freed(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // `ptr` is `const void *`: before 6.18 btf_ctx_access() does not look
     // through the const to the void and refuses the ctx load ("invalid
     // bpf_context access off=8", seen on 6.1 and 6.12), so the argument is

@@ -17,13 +17,51 @@ use crate::{
 
 pub struct Tracepoints {
     pub(super) ebpf: Ebpf,
-    hooks: Vec<&'static str>,
+    hooks: Vec<Hook>,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
     pub evictions: Evictions,
 }
 
 const KFREE_SKB: &str = "kfree_skb";
 const KMEM_CACHE_FREE: &str = "kmem_cache_free";
+
+/// One program of `conntrack-trace-ebpf/src/tracepoint.rs` and the
+/// tracepoint it attaches to. Each tracepoint has variants for the
+/// argument lists kernels have had; BTF picks one (never the version).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hook {
+    prog: &'static str,
+    tracepoint: &'static str,
+    /// What the variant needs, for the message when it is chosen.
+    why: &'static str,
+}
+
+/// `kfree_skb(skb, location, reason, ...)` (5.17+).
+const KFREE_SKB_REASON: Hook = Hook {
+    prog: "kfree_skb",
+    tracepoint: KFREE_SKB,
+    why: "drop reason",
+};
+/// `kfree_skb(skb, location)` (before 5.17): frees from nf_hook_slow().
+const KFREE_SKB_NO_REASON: Hook = Hook {
+    prog: "kfree_skb_no_reason",
+    tracepoint: KFREE_SKB,
+    why: "no drop reason: frees from nf_hook_slow()",
+};
+/// `kmem_cache_free(call_site, ptr, s)` (6.2+) or `(call_site, ptr, name)`
+/// (5.12–6.1, with `flags::KMEM_FREE_BY_NAME`).
+const KMEM_BY_CACHE: Hook = Hook {
+    prog: "kmem_cache_free",
+    tracepoint: KMEM_CACHE_FREE,
+    why: "cache",
+};
+/// `kmem_cache_free(call_site, ptr)` (before 5.12): frees called from
+/// nf_conntrack_free().
+const KMEM_BY_SITE: Hook = Hook {
+    prog: "kmem_cache_free_by_site",
+    tracepoint: KMEM_CACHE_FREE,
+    why: "no cache: frees called from nf_conntrack_free()",
+};
 
 fn load_error(prog: &str, e: ProgramError) -> TraceError {
     let msg = match &e {
@@ -82,22 +120,19 @@ impl Tracepoints {
             },
             nf_hook_slow_start: 0,
             nf_hook_slow_end: 0,
+            ct_free_start: 0,
+            ct_free_end: 0,
         };
-        // Where conntrack's verdicts are freed (see the kfree_skb program).
-        // Without it every drop is judged by conntrack's counters alone.
-        if let Ok(r) = kallsyms::function_range_from_proc("nf_hook_slow") {
+        // Where netfilter's verdicts are freed (see the kfree_skb program).
+        // With a drop reason it is optional (every drop is then judged by
+        // conntrack's counters alone); without one it is the only filter.
+        let hook_slow = kallsyms::function_range_from_proc("nf_hook_slow");
+        if let Ok(r) = &hook_slow {
             config.nf_hook_slow_start = r.start;
             config.nf_hook_slow_end = r.end;
         }
-        // The programs read these arguments at fixed positions.
-        if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0
-            || kbtf.tracepoint_arg(KFREE_SKB, TpArg::Enum("skb_drop_reason"))? != 2
-        {
-            return Err(TraceError::Unsupported(
-                "kfree_skb tracepoint is not (skb, location, reason, ...): kernel older than 5.17?"
-                    .into(),
-            ));
-        }
+        let kfree = kfree_skb_variant(&kbtf, hook_slow.as_ref().map(|_| ()).map_err(|e| e.to_string()))?;
+        let mut kmem = KMEM_BY_CACHE;
         let mut evictions = if opts.evictions {
             Evictions::On
         } else {
@@ -127,6 +162,19 @@ impl Tracepoints {
                     config.early_drop_end = range.end;
                     config.flags |= flags::KMEM_FREE_BY_NAME;
                 }
+                // Neither cache nor name (before 5.12): the call site.
+                (Err(_), Err(_), Ok(1), Ok(range)) => {
+                    match kallsyms::function_range_from_proc("nf_conntrack_free") {
+                        Ok(site) => {
+                            config.early_drop_start = range.start;
+                            config.early_drop_end = range.end;
+                            config.ct_free_start = site.start;
+                            config.ct_free_end = site.end;
+                            kmem = KMEM_BY_SITE;
+                        }
+                        Err(e) => evictions = Evictions::Off(e.to_string()),
+                    }
+                }
                 (Err(e), Err(_), _, _) | (_, _, Err(e), _) => {
                     evictions = Evictions::Off(e.to_string())
                 }
@@ -138,13 +186,14 @@ impl Tracepoints {
 
         let mut ebpf = super::load_object(&aya_btf, &offsets, &config, opts.ring_bytes)?;
 
-        let mut hooks = vec![KFREE_SKB];
+        let mut hooks = vec![kfree];
         if evictions.is_on() {
-            hooks.push(KMEM_CACHE_FREE);
+            hooks.push(kmem);
         }
-        for name in &hooks {
-            let prog = program(&mut ebpf, name)?;
-            prog.load(name, &aya_btf).map_err(|e| load_error(name, e))?;
+        for h in &hooks {
+            let prog = program(&mut ebpf, h.prog)?;
+            prog.load(h.tracepoint, &aya_btf)
+                .map_err(|e| load_error(h.prog, e))?;
         }
         Ok(Tracepoints {
             ebpf,
@@ -157,14 +206,14 @@ impl Tracepoints {
     /// Attaches every loaded program (events start flowing).
     pub fn attach(&mut self) -> Result<(), TraceError> {
         self.seed_drop_baselines();
-        for name in self.hooks.clone() {
-            let prog = program(&mut self.ebpf, name)?;
+        for h in self.hooks.clone() {
+            let prog = program(&mut self.ebpf, h.prog)?;
             let id = prog.attach().map_err(|e| TraceError::Attach {
-                prog: name.into(),
-                hook: format!("tp_btf/{name}"),
+                prog: h.prog.into(),
+                hook: format!("tp_btf/{}", h.tracepoint),
                 msg: e.to_string(),
             })?;
-            self.links.push((name, id));
+            self.links.push((h.prog, id));
         }
         Ok(())
     }
@@ -199,7 +248,17 @@ impl Tracepoints {
     }
 
     pub fn describe(&self) -> String {
-        let hooks: Vec<String> = self.hooks.iter().map(|n| format!("tp_btf/{n}")).collect();
+        let hooks: Vec<String> = self
+            .hooks
+            .iter()
+            .map(|h| {
+                if h.prog == h.tracepoint {
+                    format!("tp_btf/{}", h.tracepoint)
+                } else {
+                    format!("tp_btf/{} ({})", h.tracepoint, h.why)
+                }
+            })
+            .collect();
         format!("tracepoint ({})", hooks.join(", "))
     }
 
@@ -211,6 +270,67 @@ impl Tracepoints {
             {
                 let _ = p.detach(id);
             }
+        }
+    }
+}
+
+/// The kfree_skb program this kernel's tracepoint fits: with a drop reason
+/// (5.17+), or without one when nf_hook_slow()'s range is known.
+fn kfree_skb_variant(
+    kbtf: &KernelBtf,
+    hook_slow: Result<(), String>,
+) -> Result<Hook, TraceError> {
+    // The programs read these arguments at fixed positions.
+    if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0 {
+        return Err(TraceError::Unsupported(
+            "kfree_skb tracepoint does not pass the skb first".into(),
+        ));
+    }
+    match kbtf.tracepoint_arg(KFREE_SKB, TpArg::Enum("skb_drop_reason")) {
+        Ok(2) => Ok(KFREE_SKB_REASON),
+        Ok(i) => Err(TraceError::Unsupported(format!(
+            "kfree_skb tracepoint has its reason at position {i}, not 2"
+        ))),
+        Err(_) => match (kbtf.tracepoint_arg(KFREE_SKB, TpArg::VoidPtr), hook_slow) {
+            (Ok(1), Ok(())) => Ok(KFREE_SKB_NO_REASON),
+            (Ok(1), Err(e)) => Err(TraceError::Unsupported(format!(
+                "kfree_skb tracepoint has no drop reason and nf_hook_slow() cannot be located: {e}"
+            ))),
+            _ => Err(TraceError::Unsupported(
+                "kfree_skb tracepoint is neither (skb, location, reason, ...) nor (skb, location)"
+                    .into(),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::btf::VMLINUX_BTF;
+
+    #[test]
+    fn this_kernel_has_the_reason_variant() {
+        let p = std::path::Path::new(VMLINUX_BTF);
+        if !p.exists() {
+            eprintln!("skipping: {VMLINUX_BTF} not present");
+            return;
+        }
+        let k = KernelBtf::load(p).expect("parse vmlinux BTF");
+        // 5.17+ (this host, the CI host): the reason decides, with or
+        // without nf_hook_slow()'s range.
+        assert_eq!(kfree_skb_variant(&k, Ok(())).unwrap(), KFREE_SKB_REASON);
+        assert_eq!(
+            kfree_skb_variant(&k, Err("hidden".into())).unwrap(),
+            KFREE_SKB_REASON
+        );
+    }
+
+    #[test]
+    fn every_hook_is_a_program_of_the_object() {
+        let obj = aya_obj::Object::parse(crate::backend::EBPF_OBJECT).expect("object parses");
+        for h in [KFREE_SKB_REASON, KFREE_SKB_NO_REASON, KMEM_BY_CACHE, KMEM_BY_SITE] {
+            assert!(obj.programs.contains_key(h.prog), "{} missing", h.prog);
         }
     }
 }
