@@ -90,6 +90,17 @@ pub struct RawEvent {
     pub dport: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// The entry's reply-direction tuple (`has_reply` = 1), for events that
+    /// have an entry: behind NAT it names the translated side (a DNAT's
+    /// real server in `reply_src`, an SNAT's public address in
+    /// `reply_dst`). Same family and port conventions as the original.
+    pub reply_src: [u8; 16],
+    pub reply_dst: [u8; 16],
+    pub reply_sport: u16,
+    pub reply_dport: u16,
+    pub has_reply: u8,
+    /// Explicit padding; always zero.
+    pub _pad3: [u8; 3],
     /// Bytes of `pkt` that hold the dropped packet, from its network header
     /// on; 0 when the hook had no packet (evictions) or could not read it.
     pub caplen: u16,
@@ -107,7 +118,7 @@ pub struct RawEvent {
 /// and covers every IPv4 header with TCP options and IPv6 + UDP/ICMPv6 + 48.
 pub const PKT_BYTES: usize = 96;
 
-const _: () = assert!(core::mem::size_of::<RawEvent>() == 64 + PKT_BYTES);
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 104 + PKT_BYTES);
 
 impl RawEvent {
     pub const fn zeroed() -> Self {
@@ -123,6 +134,12 @@ impl RawEvent {
             dport: 0,
             src: [0; 16],
             dst: [0; 16],
+            reply_src: [0; 16],
+            reply_dst: [0; 16],
+            reply_sport: 0,
+            reply_dport: 0,
+            has_reply: 0,
+            _pad3: [0; 3],
             caplen: 0,
             _pad2: 0,
             wire_len: 0,
@@ -184,12 +201,12 @@ pub struct Offsets {
     pub skb_tail: u32,
     /// `net.ct.stat` (`struct ip_conntrack_stat __percpu *`).
     pub net_ct_stat: u32,
+    /// `nf_conn.tuplehash[IP_CT_DIR_REPLY].tuple`.
+    pub ct_reply_tuple: u32,
     /// `ip_conntrack_stat.drop` (u32).
     pub stat_drop: u32,
     /// `bpf_array.pptrs` (the per-CPU pointers of a per-CPU array map).
     pub array_pptrs: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<Offsets>() == 26 * 4);

@@ -205,6 +205,21 @@ pub(crate) fn ct_is_confirmed(ct: u64) -> Result<bool, i64> {
 #[inline(always)]
 pub(crate) fn fill_from_ct(ev: &mut RawEvent, ct: u64) -> Result<(), i64> {
     fill_from_tuple(ev, ct + off!(ct_tuple))?;
+    // The reply direction: behind NAT the only place the translated
+    // addresses are (nf_nat_setup_info() rewrites it before confirm).
+    let r = ct + off!(ct_reply_tuple);
+    if let (Ok(src), Ok(dst), Ok(sport), Ok(dport)) = (
+        read::<[u8; 16]>(r + off!(tuple_src_u3)),
+        read::<[u8; 16]>(r + off!(tuple_dst_u3)),
+        read::<[u8; 2]>(r + off!(tuple_src_port)),
+        read::<[u8; 2]>(r + off!(tuple_dst_port)),
+    ) {
+        ev.reply_src = src;
+        ev.reply_dst = dst;
+        ev.reply_sport = u16::from_be_bytes(sport);
+        ev.reply_dport = u16::from_be_bytes(dport);
+        ev.has_reply = 1;
+    }
     let net: u64 = read(ct + off!(ct_net))?;
     ev.netns = net_inum(net);
     Ok(())

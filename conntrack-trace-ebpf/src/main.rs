@@ -49,7 +49,7 @@ static OFFSETS: Offsets = Offsets {
     net_ct_stat: 0,
     stat_drop: 0,
     array_pptrs: 0,
-    _pad: 0,
+    ct_reply_tuple: 0,
 };
 
 #[unsafe(no_mangle)]
@@ -74,7 +74,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
-/// Scratch space for the event being built (160 bytes: too large to build
+/// Scratch space for the event being built (200 bytes: too large to build
 /// and copy on the 512-byte BPF stack).
 #[map]
 static SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);

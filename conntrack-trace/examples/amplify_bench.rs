@@ -45,6 +45,7 @@ fn udp(ts: u64, src: u32, sport: u16) -> Event {
         dst: Some(Ipv4Addr::new(10, 0, 0, 53).into()),
         sport,
         dport: 53,
+        reply: None,
         packet: Packet::EMPTY,
     }
 }

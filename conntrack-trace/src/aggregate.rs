@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, Kind, Proto};
+use crate::event::{Event, Kind, Nat, Proto};
 
 /// Default cap on distinct sources held in memory (~100 B each).
 pub const DEFAULT_MAX_SOURCES: usize = 100_000;
@@ -99,6 +99,9 @@ pub struct SourceStats {
     pub rate: f64,
     pub first_ns: u64,
     pub last_ns: u64,
+    /// The server behind the service address, when this source's entries
+    /// were DNATed (the last one seen: reply source address and port).
+    pub dnat: Option<(IpAddr, u16)>,
 }
 
 #[derive(Debug)]
@@ -146,6 +149,9 @@ impl Aggregator {
         *stats.counts.get_mut(e.kind) += 1;
         stats.interval += 1;
         stats.last_ns = stats.last_ns.max(e.ts_ns);
+        if let (Some(Nat::Dnat | Nat::Both), Some(r)) = (e.nat(), e.reply) {
+            stats.dnat = Some((r.src, r.sport));
+        }
     }
 
     /// Adds failures known only as totals (the counters backend): they
@@ -212,6 +218,7 @@ mod tests {
             dst: Some("10.0.0.53".parse().unwrap()),
             sport: 40000,
             dport,
+            reply: None,
             packet: Default::default(),
         }
     }

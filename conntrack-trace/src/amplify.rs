@@ -609,6 +609,7 @@ mod tests {
             dst: Some("10.0.0.53".parse().unwrap()),
             sport,
             dport,
+            reply: None,
             packet: Packet::EMPTY,
         }
     }

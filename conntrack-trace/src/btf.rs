@@ -311,7 +311,7 @@ impl KernelBtf {
             net_ct_stat: self.offset_of("net", "ct.stat")?,
             stat_drop: self.offset_of("ip_conntrack_stat", "drop")?,
             array_pptrs: self.offset_of("bpf_array", "pptrs")?,
-            _pad: 0,
+            ct_reply_tuple: self.offset_of("nf_conn", "tuplehash[1].tuple")?,
         })
     }
 }

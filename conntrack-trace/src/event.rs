@@ -150,8 +150,47 @@ pub struct Event {
     /// `dport`; zero otherwise.
     pub sport: u16,
     pub dport: u16,
+    /// The entry's reply-direction tuple, for events that have an entry
+    /// (`insert_failed`, `early_drop`, `rule_drop` of a confirmed entry);
+    /// None for `table_full` (no entry could be made).
+    pub reply: Option<Reply>,
     /// The first bytes of the dropped packet (empty for evictions).
     pub packet: Packet,
+}
+
+/// The reply direction of a conntrack entry: who answers, and to whom.
+/// Without NAT it is the original tuple reversed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+/// What NAT did to an entry, derived from its two tuples (the kernel's
+/// IPS_SRC_NAT/IPS_DST_NAT say the same: nf_nat_setup_info() sets them when
+/// it changes the reply tuple).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Nat {
+    None,
+    /// The destination was translated (a service address to a server).
+    Dnat,
+    /// The source was translated (masquerade).
+    Snat,
+    Both,
+}
+
+impl Nat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Nat::None => "none",
+            Nat::Dnat => "dnat",
+            Nat::Snat => "snat",
+            Nat::Both => "snat+dnat",
+        }
+    }
 }
 
 /// Leading bytes of a dropped packet, from its network header on. Kept
@@ -256,6 +295,31 @@ impl Event {
             dst,
             sport: raw.sport,
             dport: raw.dport,
+            reply: match (raw.has_reply, src) {
+                (0, _) | (_, None) => None,
+                (_, Some(IpAddr::V4(_))) => Some(Reply {
+                    src: IpAddr::V4(Ipv4Addr::new(
+                        raw.reply_src[0],
+                        raw.reply_src[1],
+                        raw.reply_src[2],
+                        raw.reply_src[3],
+                    )),
+                    sport: raw.reply_sport,
+                    dst: IpAddr::V4(Ipv4Addr::new(
+                        raw.reply_dst[0],
+                        raw.reply_dst[1],
+                        raw.reply_dst[2],
+                        raw.reply_dst[3],
+                    )),
+                    dport: raw.reply_dport,
+                }),
+                (_, Some(IpAddr::V6(_))) => Some(Reply {
+                    src: IpAddr::V6(Ipv6Addr::from(raw.reply_src)),
+                    sport: raw.reply_sport,
+                    dst: IpAddr::V6(Ipv6Addr::from(raw.reply_dst)),
+                    dport: raw.reply_dport,
+                }),
+            },
             packet: if raw.caplen == 0 {
                 Packet::EMPTY
             } else {
@@ -266,6 +330,21 @@ impl Event {
                     raw.wire_len,
                 )
             },
+        })
+    }
+
+    /// What NAT did, when the event has an entry. Ports count only for
+    /// port protocols (an ICMP reply tuple differs in type by design).
+    pub fn nat(&self) -> Option<Nat> {
+        let r = self.reply?;
+        let ports = self.proto.has_ports();
+        let dnat = Some(r.src) != self.dst || (ports && r.sport != self.dport);
+        let snat = Some(r.dst) != self.src || (ports && r.dport != self.sport);
+        Some(match (snat, dnat) {
+            (false, false) => Nat::None,
+            (false, true) => Nat::Dnat,
+            (true, false) => Nat::Snat,
+            (true, true) => Nat::Both,
         })
     }
 
@@ -312,6 +391,31 @@ pub(crate) mod tests {
             std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), size_of::<RawEvent>())
         }
         .to_vec()
+    }
+
+    #[test]
+    fn nat_is_derived_from_the_two_tuples() {
+        let mut e = Event::from_raw(&raw_v4(kind::INSERT_FAILED, [10, 0, 0, 7], 40001, [10, 96, 0, 10], 80, 6)).unwrap();
+        assert_eq!(e.reply, None);
+        assert_eq!(e.nat(), None, "no entry, no NAT to speak of");
+        let reply = |src: &str, sport, dst: &str, dport| Reply {
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        };
+        e.reply = Some(reply("10.96.0.10", 80, "10.0.0.7", 40001));
+        assert_eq!(e.nat(), Some(Nat::None));
+        e.reply = Some(reply("10.244.2.3", 8080, "10.0.0.7", 40001));
+        assert_eq!(e.nat(), Some(Nat::Dnat));
+        e.reply = Some(reply("10.96.0.10", 80, "192.0.2.1", 61000));
+        assert_eq!(e.nat(), Some(Nat::Snat));
+        e.reply = Some(reply("10.244.2.3", 80, "192.0.2.1", 40001));
+        assert_eq!(e.nat(), Some(Nat::Both));
+        // ICMP: the reply tuple's type differs by design, addresses decide.
+        e.proto = Proto::ICMP;
+        e.reply = Some(reply("10.96.0.10", 0, "10.0.0.7", 40001));
+        assert_eq!(e.nat(), Some(Nat::None));
     }
 
     #[test]

@@ -120,6 +120,7 @@ mod tests {
             dst: Some("10.0.0.53".parse().unwrap()),
             sport,
             dport,
+            reply: None,
             packet: Default::default(),
         }
     }

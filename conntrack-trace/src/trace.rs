@@ -563,11 +563,12 @@ mod tests {
 
     #[test]
     fn ring_pause_never_lets_the_ring_fill() {
-        // The default 8 MiB ring holds ~50 000 records: 25 ms at 2 M/s.
+        // The default 8 MiB ring holds ~40 000 records (208 bytes each):
+        // 20 ms at 2 M/s.
         assert_eq!(ring_pause(8 << 20), Duration::from_millis(5));
-        // 1 MiB: 6241 records, 3.1 ms to fill at 2 M/s, a quarter of it.
-        assert_eq!(ring_pause(1 << 20), Duration::from_nanos(780_125));
-        // A page (the tiny-ring test): 24 records, no wait at all.
+        // 1 MiB: 5041 records, 2.5 ms to fill at 2 M/s, a quarter of it.
+        assert_eq!(ring_pause(1 << 20), Duration::from_nanos(630_125));
+        // A page (the tiny-ring test): 19 records, no wait at all.
         assert_eq!(ring_pause(4096), Duration::ZERO);
         assert_eq!(ring_pause(64 << 10), Duration::ZERO);
     }

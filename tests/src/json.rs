@@ -23,6 +23,16 @@ pub struct Event {
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
     pub icmp_id: Option<u16>,
+    #[serde(default)]
+    pub reply_src: Option<String>,
+    #[serde(default)]
+    pub reply_sport: Option<u16>,
+    #[serde(default)]
+    pub reply_dst: Option<String>,
+    #[serde(default)]
+    pub reply_dport: Option<u16>,
+    #[serde(default)]
+    pub nat: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +75,8 @@ pub struct TopSource {
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
     pub rate_per_s: f64,
+    #[serde(default)]
+    pub dnat: Option<String>,
 }
 
 /// A backend `--backend auto` passed over, and why.

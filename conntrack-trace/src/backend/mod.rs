@@ -340,7 +340,7 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-/// Default ring size: 8 MiB holds ~49k events (160 B + 8 B record header).
+/// Default ring size: 8 MiB holds ~40k events (200 B + 8 B record header).
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
 /// Checks a `--ring-size` value.

@@ -1,4 +1,5 @@
-//! The capture file format (`.ctt`), version 1.
+//! The capture file format (`.ctt`), version 2 (version 1 files read the
+//! same: they never set the `flags` bit version 2 added).
 //!
 //! ```text
 //! file    := MAGIC record*
@@ -24,10 +25,14 @@
 //! EVENT payload (little endian), 38 bytes + packet for IPv4, 62 for IPv6:
 //!
 //! ```text
-//! ts_ns u64 | netns u32 | cpu u32 | kind u8 | l3 u8 | l4 u8 | flags u8 (0)
+//! ts_ns u64 | netns u32 | cpu u32 | kind u8 | l3 u8 | l4 u8 | flags u8
 //! sport u16 | dport u16 | src [4 or 16, none if l3 = 0] | dst [same]
+//! [flags & REPLY: reply_src [same] | reply_dst [same] | reply_sport u16 | reply_dport u16]
 //! wire_len u32 | caplen u16 | packet [caplen <= 96]
 //! ```
+//!
+//! `flags` bit 0 (`REPLY`, version 2): the entry's reply tuple follows the
+//! addresses (events with an entry; 12 more bytes for IPv4, 36 for IPv6).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -44,7 +49,11 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
 /// Current format version (in [`Header::format_version`]).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format version this reader reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// EVENT `flags`: the reply tuple follows the addresses.
+pub const EVENT_REPLY: u8 = 1;
 /// Frame: length + checksum.
 pub const FRAME_BYTES: usize = 8;
 /// No record may be longer than this (JSON header/trailer with a few
@@ -222,18 +231,26 @@ pub fn encode_event(out: &mut Vec<u8>, e: &Event) {
         Some(IpAddr::V6(_)) => l3::IPV6,
         None => 0,
     };
-    out.extend_from_slice(&[e.kind.raw(), fam, e.proto.0, 0]);
+    let reply = e.reply.filter(|_| fam != 0);
+    let flags = if reply.is_some() { EVENT_REPLY } else { 0 };
+    out.extend_from_slice(&[e.kind.raw(), fam, e.proto.0, flags]);
     out.extend_from_slice(&e.sport.to_le_bytes());
     out.extend_from_slice(&e.dport.to_le_bytes());
-    for a in [e.src, e.dst] {
-        match (fam, a) {
-            (l3::IPV4, Some(IpAddr::V4(a))) => out.extend_from_slice(&a.octets()),
-            (l3::IPV4, _) => out.extend_from_slice(&[0; 4]),
-            (l3::IPV6, Some(IpAddr::V6(a))) => out.extend_from_slice(&a.octets()),
-            (l3::IPV6, Some(IpAddr::V4(a))) => out.extend_from_slice(&a.to_ipv6_mapped().octets()),
-            (l3::IPV6, None) => out.extend_from_slice(&[0; 16]),
-            _ => {}
-        }
+    let addr = |out: &mut Vec<u8>, a: Option<IpAddr>| match (fam, a) {
+        (l3::IPV4, Some(IpAddr::V4(a))) => out.extend_from_slice(&a.octets()),
+        (l3::IPV4, _) => out.extend_from_slice(&[0; 4]),
+        (l3::IPV6, Some(IpAddr::V6(a))) => out.extend_from_slice(&a.octets()),
+        (l3::IPV6, Some(IpAddr::V4(a))) => out.extend_from_slice(&a.to_ipv6_mapped().octets()),
+        (l3::IPV6, None) => out.extend_from_slice(&[0; 16]),
+        _ => {}
+    };
+    addr(out, e.src);
+    addr(out, e.dst);
+    if let Some(r) = reply {
+        addr(out, Some(r.src));
+        addr(out, Some(r.dst));
+        out.extend_from_slice(&r.sport.to_le_bytes());
+        out.extend_from_slice(&r.dport.to_le_bytes());
     }
     let pkt = e.packet.bytes();
     out.extend_from_slice(&e.packet.wire_len.to_le_bytes());
@@ -298,7 +315,7 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, EventError> {
     r.kind = c.u8()?;
     r.l3 = c.u8()?;
     r.l4 = c.u8()?;
-    let _flags = c.u8()?;
+    let flags = c.u8()?;
     r.sport = c.u16()?;
     r.dport = c.u16()?;
     let alen = match r.l3 {
@@ -309,6 +326,13 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, EventError> {
     };
     r.src[..alen].copy_from_slice(c.take(alen)?);
     r.dst[..alen].copy_from_slice(c.take(alen)?);
+    if flags & EVENT_REPLY != 0 {
+        r.reply_src[..alen].copy_from_slice(c.take(alen)?);
+        r.reply_dst[..alen].copy_from_slice(c.take(alen)?);
+        r.reply_sport = c.u16()?;
+        r.reply_dport = c.u16()?;
+        r.has_reply = 1;
+    }
     r.wire_len = c.u32()?;
     let caplen = c.u16()?;
     if caplen as usize > PKT_BYTES {
@@ -351,7 +375,8 @@ pub fn event_record_len(e: &Event) -> usize {
         Some(IpAddr::V6(_)) => 32,
         None => 0,
     };
-    FRAME_BYTES + 1 + 24 + alen + 6 + e.packet.bytes().len()
+    let reply = if e.reply.is_some() && alen > 0 { alen + 4 } else { 0 };
+    FRAME_BYTES + 1 + 24 + alen + reply + 6 + e.packet.bytes().len()
 }
 
 #[cfg(test)]
@@ -389,6 +414,18 @@ pub(crate) mod tests {
             dst: Some(dst),
             sport: 20_000 + (i % 1000) as u16,
             dport: 53,
+            // Entries (insert_failed) carry their reply tuple: every other
+            // one DNATed to a server.
+            reply: (kind == Kind::InsertFailed).then(|| crate::event::Reply {
+                src: if i % 2 == 0 {
+                    if v6 { "fd77:2::9".parse().unwrap() } else { "10.77.2.9".parse().unwrap() }
+                } else {
+                    dst
+                },
+                sport: if i % 2 == 0 { 8053 } else { 53 },
+                dst: src,
+                dport: 20_000 + (i % 1000) as u16,
+            }),
             packet,
         }
     }

@@ -31,7 +31,8 @@ pub enum ReadError {
         msg: String,
     },
     #[error(
-        "{path}: unsupported capture format version {version} (this build reads {})",
+        "{path}: unsupported capture format version {version} (this build reads {} to {})",
+        format::OLDEST_FORMAT_VERSION,
         format::FORMAT_VERSION
     )]
     Version { path: String, version: u32 },
@@ -221,7 +222,9 @@ fn open_with_header(path: &Path) -> Result<(FileReader<BufReader<File>>, Header)
     let mut r = FileReader::open(path)?;
     match r.next_record()? {
         Some(Record::Header(h)) => {
-            if h.format_version != format::FORMAT_VERSION {
+            if !(format::OLDEST_FORMAT_VERSION..=format::FORMAT_VERSION)
+                .contains(&h.format_version)
+            {
                 return Err(ReadError::Version {
                     path: r.path().to_owned(),
                     version: h.format_version,

@@ -158,6 +158,9 @@ pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
         if rates {
             let _ = write!(s, "  {}/s", fmt_rate(t.rate_per_s));
         }
+        if let Some(d) = &t.dnat {
+            let _ = write!(s, "  (DNAT {d})");
+        }
         s.push('\n');
     }
     s
@@ -307,6 +310,7 @@ mod tests {
                 dst: Some("10.0.0.53".parse().unwrap()),
                 sport: 40000 + i as u16,
                 dport: 53,
+                reply: None,
                 packet: Default::default(),
             });
         }

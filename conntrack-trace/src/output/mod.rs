@@ -55,6 +55,10 @@ pub struct TopSource {
     pub last_ts_ns: u64,
     /// Events/s over the last completed interval.
     pub rate_per_s: f64,
+    /// `ADDR:PORT` behind the service address when the source's entries
+    /// were DNATed (the last seen); absent without DNAT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dnat: Option<String>,
 }
 
 /// Scope of the kernel counters in a summary.
@@ -147,6 +151,7 @@ pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {
             first_ts_ns: s.first_ns,
             last_ts_ns: s.last_ns,
             rate_per_s: s.rate,
+            dnat: s.dnat.map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
         })
         .collect()
 }

@@ -38,6 +38,18 @@ pub struct EventLine<'a> {
     pub icmp_code: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_id: Option<u16>,
+    /// The entry's reply tuple and what NAT did (events with an entry
+    /// only; absent on `table_full`, which has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_src: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_dst: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<&'static str>,
 }
 
 impl<'a> EventLine<'a> {
@@ -64,6 +76,11 @@ impl<'a> EventLine<'a> {
             icmp_type: icmp.then(|| e.icmp_type()),
             icmp_code: icmp.then(|| e.icmp_code()),
             icmp_id: icmp.then(|| e.icmp_id()),
+            reply_src: e.reply.map(|r| r.src),
+            reply_sport: e.reply.filter(|_| ports).map(|r| r.sport),
+            reply_dst: e.reply.map(|r| r.dst),
+            reply_dport: e.reply.filter(|_| ports).map(|r| r.dport),
+            nat: e.nat().map(|n| n.as_str()),
         }
     }
 }
@@ -126,6 +143,7 @@ mod tests {
             dst: Some("10.0.0.53".parse().unwrap()),
             sport,
             dport,
+            reply: None,
             packet: Default::default(),
         }
     }

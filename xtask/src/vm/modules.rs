@@ -15,8 +15,9 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 /// What the scenario tests use: conntrack itself, the nft ruleset with
-/// `ct state` (nf_tables, nft_ct) and the veth pairs between namespaces.
-pub const WANTED: [&str; 4] = ["nf_conntrack", "nf_tables", "nft_ct", "veth"];
+/// `ct state` (nf_tables, nft_ct), `dnat` (nft_nat, which depends on
+/// nf_nat) and the veth pairs between namespaces.
+pub const WANTED: [&str; 5] = ["nf_conntrack", "nf_tables", "nft_ct", "nft_nat", "veth"];
 
 /// A module ready for insmod.
 pub struct Module {
