@@ -183,8 +183,12 @@ fn main() {
     assert_eq!(r.summary.events.total(), n, "report read every event");
     let t = Instant::now();
     let sink = std::io::BufWriter::new(std::io::sink());
-    let (_, stats) =
-        export::pcapng::export(&paths, &OfflineFilterArgs::default(), sink).expect("pcapng");
+    let (_, stats) = export::pcapng::export(
+        conntrack_trace::capture::open_set(&paths).expect("open"),
+        &OfflineFilterArgs::default(),
+        sink,
+    )
+    .expect("pcapng");
     let pcap_s = t.elapsed().as_secs_f64();
 
     let per_s = |secs: f64| n as f64 / secs;

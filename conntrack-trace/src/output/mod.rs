@@ -2,6 +2,7 @@
 
 pub mod human;
 pub mod ndjson;
+pub mod pipe;
 
 use std::collections::BTreeMap;
 

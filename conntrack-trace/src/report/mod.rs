@@ -15,7 +15,7 @@ use crate::{
     aggregate::{Aggregator, DEFAULT_MAX_SOURCES, KindCounts},
     amplify::{AmpConfig, Detector},
     capture::{
-        self, CaptureInfo, Header, ReadError,
+        self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
     },
     cli::{OfflineFilterArgs, TimeSpec},
@@ -362,25 +362,27 @@ pub enum ReportError {
         context: String,
         source: std::io::Error,
     },
+    /// An output that may not or could not be created.
+    #[error(transparent)]
+    Out(#[from] crate::outfile::OutError),
+}
+
+impl ReportError {
+    /// The documented exit code (README "Exit codes").
+    pub fn exit_code(&self) -> i32 {
+        use crate::error::exit;
+        match self {
+            ReportError::Usage(_) => exit::USAGE,
+            ReportError::Out(e) if e.is_refusal() => exit::USAGE,
+            _ => exit::FAILURE,
+        }
+    }
 }
 
 /// The header of the set's first file (for filters that need the start
 /// time, and for exports that write metadata before the events).
 pub fn first_header(paths: &[PathBuf]) -> Result<Header, ReadError> {
-    let mut best: Option<Header> = None;
-    for p in paths {
-        let mut r = capture::reader::FileReader::open(p)?;
-        if let Some(capture::format::Record::Header(h)) = r.next_record()?
-            && best.as_ref().is_none_or(|b| h.seq < b.seq)
-        {
-            best = Some(*h);
-        }
-    }
-    // read_set reports a file without a header with its offset.
-    match best {
-        Some(h) => Ok(h),
-        None => capture::read_set(paths, |_, _| {}).map(|i| i.header),
-    }
+    Ok(capture::open_set(paths)?.header().clone())
 }
 
 /// Reads a capture through [`Analysis::feed`]; `each` sees every event,
@@ -389,14 +391,25 @@ pub fn build(
     paths: &[PathBuf],
     args: &OfflineFilterArgs,
     top: usize,
+    each: impl FnMut(&Event, &NetnsNames, bool),
+) -> Result<Report, ReportError> {
+    build_set(capture::open_set(paths)?, args, top, each)
+}
+
+/// [`build`] of a set already opened (and so checked) with
+/// [`capture::open_set`].
+pub fn build_set(
+    set: OpenSet,
+    args: &OfflineFilterArgs,
+    top: usize,
     mut each: impl FnMut(&Event, &NetnsNames, bool),
 ) -> Result<Report, ReportError> {
-    let header = first_header(paths)?;
+    let header = set.header().clone();
     let filter = OfflineFilter::new(args, &header).map_err(ReportError::Usage)?;
     let filters = filter.describe(args);
     let amp = args.amp.config().map_err(ReportError::Usage)?;
     let mut a = Analysis::new(filter, &header, amp);
-    let info = capture::read_set(paths, |e, names| {
+    let info = set.read(|e, names| {
         let m = a.feed(e, names);
         each(e, names, m);
     })?;
