@@ -91,6 +91,7 @@ fn header() -> capture::Header {
             netns: "all".into(),
             netns_inode: None,
             namespaces: 4,
+            uncovered: vec![],
         },
         filter: RecordedFilter::default(),
         conntrack: vec![],
@@ -155,6 +156,7 @@ fn main() {
         kernel_end: Default::default(),
         kernel: CtStats::default(),
         namespaces: 4,
+        uncovered: vec![],
         events_written: written,
     };
 

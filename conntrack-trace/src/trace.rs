@@ -23,7 +23,7 @@ use crate::{
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
-    kstats::{self, CtStats, Fill},
+    kstats::{self, Fill},
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
@@ -141,11 +141,11 @@ fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
     list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
 }
 
-fn fills(scope: &[NetnsInfo]) -> Vec<(String, Fill)> {
+fn fills(scope: &[netns::Held]) -> Vec<(String, Fill)> {
     let mut v: Vec<(String, Fill)> = scope
         .iter()
-        .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_fill) {
-            Ok(Some(f)) => Some((ns.name.clone(), f)),
+        .filter_map(|ns| match ns.run(kstats::read_fill) {
+            Ok(Some(f)) => Some((ns.info.name.clone(), f)),
             _ => None,
         })
         .collect();
@@ -210,6 +210,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 netns: ns.name.clone(),
                 netns_inode: Some(ns.inode),
                 namespaces: 1,
+                uncovered: Vec::new(),
             };
             (vec![ns], d)
         }
@@ -222,19 +223,36 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     netns: "all".into(),
                     netns_inode: None,
                     namespaces: n,
+                    uncovered: Vec::new(),
                 },
             )
         }
     };
 
-    // The kernel's counters bracket the attach period: read before attach
-    // and after detach, so their delta and our counters cover one window.
-    let start_stats = kstats::snapshot(&scope);
-    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope)?;
+    // Every namespace of the scope is held open for the session, so the
+    // end snapshot reads the same namespaces as the start one.
+    let scope = netns::hold(&scope);
+    // The kernel's counters bracket the attach period: read right before
+    // the first attach (after the load, which can take seconds) and right
+    // after the detach, so their delta and our counters cover one window.
+    let start_cell = std::cell::RefCell::new(kstats::Snapshot::default());
+    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope, &|| {
+        *start_cell.borrow_mut() = kstats::snapshot(&scope);
+    })?;
+    let start_stats = start_cell.into_inner();
+    let scope_desc = Scope {
+        uncovered: start_stats.missing.clone(),
+        ..scope_desc
+    };
     let backend_desc = tp.describe();
     let evictions_desc = tp.evictions().describe();
     let per_packet = tp.per_packet();
     diag(selection_line(&backend_desc, &refused));
+    if let Some(line) = scope_desc.uncovered_line() {
+        diag(format_args!(
+            "conntrack-trace: warning: {line}; the summary lists them"
+        ));
+    }
     if !per_packet
         && (opts.filter.proto.is_some() || opts.filter.port.is_some() || opts.filter.src.is_some())
     {
@@ -273,16 +291,16 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 filter: capture::format::RecordedFilter::of(&opts.filter),
                 conntrack: scope
                     .iter()
-                    .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_fill) {
+                    .filter_map(|ns| match ns.run(kstats::read_fill) {
                         Ok(Some(fill)) => Some(NsFill {
-                            netns: ns.name.clone(),
-                            inode: ns.inode,
+                            netns: ns.info.name.clone(),
+                            inode: ns.info.inode,
                             fill,
                         }),
                         _ => None,
                     })
                     .collect(),
-                kernel_start: start_stats.clone(),
+                kernel_start: start_stats.stats.clone(),
                 backend_refused: refused.clone(),
                 per_packet,
             };
@@ -414,6 +432,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     // Stop the producers first, then take everything they left behind, so
     // that events + lost == observed holds exactly.
     tp.detach();
+    let end_stats = kstats::snapshot(&scope);
     // Nothing is attached any more: a script must not read "ready" now.
     if let Some(r) = &mut ready {
         r.withdraw();
@@ -423,15 +442,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         consumer.drain(ring, usize::MAX)?;
     }
     let counters = tp.counters()?;
-    let end_stats = kstats::snapshot(&scope);
-    let mut kernel = CtStats::default();
-    let mut covered = 0;
-    for (ino, end) in &end_stats {
-        if let Some(start) = start_stats.get(ino) {
-            kernel.add(&end.delta(start));
-            covered += 1;
-        }
-    }
+    let (kernel, covered, uncovered) = kstats::window(&scope, &start_stats, &end_stats);
     consumer.report_findings(&clock)?;
     // Without events (counters backend) nothing is complete.
     let complete = per_packet
@@ -461,6 +472,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         kernel,
         scope: Scope {
             namespaces: covered,
+            uncovered,
             ..scope_desc
         },
         decode_errors: consumer.decode_errors,
@@ -482,9 +494,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
             observed: summary.observed,
             complete: summary.complete,
             decode_errors: summary.decode_errors,
-            kernel_end: end_stats.clone(),
+            kernel_end: end_stats.stats.clone(),
             kernel: summary.kernel,
             namespaces: summary.scope.namespaces,
+            uncovered: summary.scope.uncovered.clone(),
             events_written: written,
         };
         w.finish(trailer).map(|()| (files, written))

@@ -95,6 +95,7 @@ pub(crate) mod tests {
                 netns: "all".into(),
                 netns_inode: None,
                 namespaces: 3,
+                uncovered: vec![],
             },
             filter: RecordedFilter::default(),
             conntrack: vec![],
@@ -127,6 +128,7 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             namespaces: 1,
+            uncovered: vec![],
             events_written: 0,
         }
     }

@@ -214,6 +214,9 @@ pub fn render_summary(sum: &Summary) -> String {
         sum.kernel.chaintoolong,
         sum.kernel.invalid
     );
+    if let Some(line) = sum.scope.uncovered_line() {
+        let _ = writeln!(s, "WARNING: {line}");
+    }
     if !sum.per_packet {
         let _ = writeln!(
             s,
@@ -396,6 +399,7 @@ mod tests {
                 netns: "srv".into(),
                 netns_inode: Some(1),
                 namespaces: 1,
+                uncovered: vec![],
             },
             decode_errors: 0,
             top: top_sources(&a, 3),

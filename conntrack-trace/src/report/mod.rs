@@ -458,6 +458,7 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         kernel: t.map(|t| t.kernel).unwrap_or_default(),
         scope: Scope {
             namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
+            uncovered: t.map_or_else(|| h.scope.uncovered.clone(), |t| t.uncovered.clone()),
             ..h.scope.clone()
         },
         decode_errors: t.map_or(0, |t| t.decode_errors),
