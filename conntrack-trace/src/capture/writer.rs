@@ -146,11 +146,17 @@ pub fn prepare(opts: WriteOptions, inputs: &[Input]) -> Result<Prepared, WriteEr
     if opts.force {
         // A stale PATH.N from an earlier capture would be read as part of
         // this one. lstat, not exists(): a dangling symlink is there too,
-        // and is refused rather than written through at rotation.
-        for seq in 1.. {
-            if !outfile::remove_stale(&rotated_path(&opts.path, seq), inputs)? {
-                break;
-            }
+        // and is refused rather than written through at rotation. All are
+        // checked before any is removed.
+        let stale: Vec<PathBuf> = (1..)
+            .map(|seq| rotated_path(&opts.path, seq))
+            .take_while(|p| p.symlink_metadata().is_ok())
+            .collect();
+        for p in &stale {
+            outfile::check(p, true, inputs)?;
+        }
+        for p in &stale {
+            outfile::remove_stale(p, inputs)?;
         }
     }
     let file = outfile::create(&opts.path, opts.force, inputs)?;
