@@ -261,6 +261,9 @@ impl<W: Write> Sink for Human<W> {
 
     fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()> {
         let text = render_live(view);
+        // Namespace names are any process's `comm`: no control characters
+        // reach the terminal but our own redraw.
+        let text = super::text::printable(&text);
         if self.redraw {
             // Home + clear screen: redraw in place, no terminal mode change
             // to restore on exit.
@@ -275,7 +278,11 @@ impl<W: Write> Sink for Human<W> {
         if self.redraw {
             write!(self.out, "\x1b[H\x1b[2J")?;
         }
-        write!(self.out, "{}", render_summary(summary))?;
+        write!(
+            self.out,
+            "{}",
+            super::text::printable(&render_summary(summary))
+        )?;
         self.out.flush()
     }
 }

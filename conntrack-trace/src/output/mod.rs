@@ -3,6 +3,7 @@
 pub mod human;
 pub mod ndjson;
 pub mod pipe;
+pub mod text;
 
 use std::collections::BTreeMap;
 

@@ -130,5 +130,6 @@ pub fn render(r: &Report) -> String {
             f.path, f.seq, f.bytes, f.events, f.ended
         );
     }
-    s
+    // Names and the host name come from the capture.
+    crate::output::text::printable(&s).into_owned()
 }
