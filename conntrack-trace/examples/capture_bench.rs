@@ -91,6 +91,7 @@ fn header() -> capture::Header {
             netns: "all".into(),
             netns_inode: None,
             namespaces: 4,
+            uncovered: vec![],
         },
         filter: RecordedFilter::default(),
         conntrack: vec![],
@@ -155,6 +156,7 @@ fn main() {
         kernel_end: Default::default(),
         kernel: CtStats::default(),
         namespaces: 4,
+        uncovered: vec![],
         events_written: written,
         unclassified_drops: 0,
         unmatched_drop_counts: 0,
@@ -185,8 +187,12 @@ fn main() {
     assert_eq!(r.summary.events.total(), n, "report read every event");
     let t = Instant::now();
     let sink = std::io::BufWriter::new(std::io::sink());
-    let (_, stats) =
-        export::pcapng::export(&paths, &OfflineFilterArgs::default(), sink).expect("pcapng");
+    let (_, stats) = export::pcapng::export(
+        conntrack_trace::capture::open_set(&paths).expect("open"),
+        &OfflineFilterArgs::default(),
+        sink,
+    )
+    .expect("pcapng");
     let pcap_s = t.elapsed().as_secs_f64();
 
     let per_s = |secs: f64| n as f64 / secs;

@@ -75,8 +75,8 @@ pub struct TraceArgs {
     /// Stop after this long (e.g. 30s, 5m, 1h30m; a bare number is seconds).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Refresh interval of the live header.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Refresh interval of the live header (at least 10ms).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
     /// Rows in the top-sources table.
     #[arg(long, default_value_t = 10)]
@@ -217,9 +217,14 @@ pub struct ReportArgs {
     pub files: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "human")]
     pub format: ReportFormat,
-    /// Also draw the timeline (drops per second by kind) as SVG here.
+    /// Also draw the timeline (drops per second by kind) as SVG here
+    /// (created with mode 0600; never one of the inputs).
     #[arg(long, value_name = "OUT")]
     pub svg: Option<PathBuf>,
+    /// Replace an existing --svg file (a regular file that is not a
+    /// capture).
+    #[arg(long, requires = "svg")]
+    pub force: bool,
     /// Rows in the top-sources table.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
@@ -243,10 +248,12 @@ pub struct ExportArgs {
     pub files: Vec<PathBuf>,
     #[arg(long, value_enum)]
     pub format: ExportFormat,
-    /// Output file (mode 0600); `-` or absent: stdout.
+    /// Output file (mode 0600; never one of the inputs); `-` or absent:
+    /// stdout.
     #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,
-    /// Overwrite an existing output file.
+    /// Replace an existing output file (a regular file that is not a
+    /// capture).
     #[arg(long)]
     pub force: bool,
     /// Rows in the summary's top sources (ndjson).
@@ -291,8 +298,10 @@ pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
         }
         return Ok(TimeSpec::Unix((secs * 1e9) as u128));
     }
-    if let Ok(d) = parse_duration(s) {
-        return Ok(TimeSpec::Offset(d));
+    match duration_value(s) {
+        Ok(d) if d <= MAX_DURATION => return Ok(TimeSpec::Offset(d)),
+        Err(DurationError::Range) | Ok(_) => return parse_duration(s).map(TimeSpec::Offset),
+        Err(DurationError::Syntax) => {}
     }
     // YYYY-MM-DDTHH:MM:SS[.fraction][Z]
     let t = s.strip_suffix('Z').unwrap_or(s);
@@ -323,30 +332,54 @@ pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
     Ok(TimeSpec::Unix(secs as u128 * 1_000_000_000 + frac_ns))
 }
 
-/// Parses `1h30m`, `5m`, `30s`, `250ms`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration `{s}` (examples: 30s, 500ms, 5m, 1h30m)");
+/// Longest accepted duration (`--duration`, `--interval`, `--amp-window`,
+/// `--since`/`--until` offsets): 3650 days. No trace runs longer, and every
+/// sum of clock values stays far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+/// Shortest accepted duration: 1 ms.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+/// Shortest `--interval`: each one redraws the header and hands the
+/// capture to the disk (with fdatasync).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+enum DurationError {
+    Syntax,
+    Range,
+}
+
+/// `s` as a duration, with checked arithmetic: a value too large for the
+/// bounds is a range error, never an overflow.
+fn duration_value(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     if s.is_empty() {
-        return Err(err());
+        return Err(DurationError::Syntax);
     }
-    if let Ok(secs) = s.parse::<f64>() {
-        return if secs.is_finite() && secs > 0.0 {
-            Ok(Duration::from_secs_f64(secs))
+    let max = MAX_DURATION.as_secs_f64();
+    let secs = |n: f64| -> Result<Duration, DurationError> {
+        if !n.is_finite() || n < 0.0 {
+            Err(DurationError::Syntax)
+        } else if n > max {
+            Err(DurationError::Range)
         } else {
-            Err(err())
-        };
+            Ok(Duration::from_secs_f64(n))
+        }
+    };
+    if let Ok(n) = s.parse::<f64>() {
+        if n.is_nan() || n <= 0.0 {
+            return Err(DurationError::Syntax);
+        }
+        return secs(n);
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
         let num_end = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
+            .ok_or(DurationError::Syntax)?;
         if num_end == 0 {
-            return Err(err());
+            return Err(DurationError::Syntax);
         }
-        let n: f64 = rest[..num_end].parse().map_err(|_| err())?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| DurationError::Syntax)?;
         rest = &rest[num_end..];
         let unit_end = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -356,16 +389,78 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return Err(err()),
+            _ => return Err(DurationError::Syntax),
         };
         rest = &rest[unit_end..];
-        total += Duration::from_secs_f64(n * mult);
+        total = total
+            .checked_add(secs(n * mult)?)
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or(DurationError::Range)?;
     }
     if total.is_zero() {
-        Err(err())
-    } else {
-        Ok(total)
+        return Err(DurationError::Syntax);
     }
+    Ok(total)
+}
+
+fn bounded_duration(s: &str, min: Duration) -> Result<Duration, String> {
+    let range = || {
+        format!(
+            "duration `{}` is out of range ({} to {} days)",
+            s.trim(),
+            human_duration(min),
+            MAX_DURATION.as_secs() / 86_400
+        )
+    };
+    match duration_value(s) {
+        Ok(d) if d >= min => Ok(d),
+        Ok(_) | Err(DurationError::Range) => Err(range()),
+        Err(DurationError::Syntax) => Err(format!(
+            "invalid duration `{s}` (examples: 30s, 500ms, 5m, 1h30m)"
+        )),
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Parses `1h30m`, `5m`, `30s`, `250ms`, or a bare number of seconds,
+/// between [`MIN_DURATION`] and [`MAX_DURATION`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    bounded_duration(s, MIN_DURATION)
+}
+
+/// `--interval`: a duration of at least [`MIN_INTERVAL`].
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    bounded_duration(s, MIN_INTERVAL)
+}
+
+/// One line of a clap error message (README: errors are one line): its
+/// first paragraph, lines joined, without clap's own `error: ` prefix;
+/// a `tip:` clap gives is kept.
+pub fn one_line_error(rendered: &str) -> String {
+    let mut paras = rendered.split("\n\n");
+    let first = paras.next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let mut line = first
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for p in paras {
+        let p = p.trim();
+        if let Some(tip) = p.strip_prefix("tip: ") {
+            line.push_str("; tip: ");
+            line.push_str(&tip.lines().map(str::trim).collect::<Vec<_>>().join(" "));
+        }
+    }
+    line
 }
 
 fn parse_proto(s: &str) -> Result<Proto, String> {
@@ -397,6 +492,72 @@ mod tests {
         for bad in ["", "0", "-1", "5x", "s", "1h-", "nan", "0s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Issue 11 item 5: `--interval 1e-12` and `1e19`, durations of 1e20 s
+    /// and sums that overflow panicked after attach; now each is a one-line
+    /// range error.
+    #[test]
+    fn durations_are_bounded() {
+        for bad in [
+            "1e-12",
+            "1e19",
+            "1e20",
+            "100000000000000000000s",
+            "18446744073709551615s18446744073709551615s",
+            "3651d",
+            "87601h",
+            "0.0001",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            if bad != "3651d" {
+                assert!(e.contains("out of range (1ms to 3650 days)"), "{bad}: {e}");
+            }
+        }
+        assert_eq!(parse_duration("87600h"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("1ms"), Ok(MIN_DURATION));
+        assert!(
+            parse_interval("9ms")
+                .unwrap_err()
+                .contains("(10ms to 3650 days)")
+        );
+        assert_eq!(parse_interval("10ms"), Ok(MIN_INTERVAL));
+        assert!(parse_time("1e20").is_err());
+        assert!(
+            parse_time("100000000000000000000s")
+                .unwrap_err()
+                .contains("out of range")
+        );
+        // What clap does with them: an error, never a panic.
+        for flag in ["--interval", "--duration", "--amp-window"] {
+            for v in ["1e-12", "1e19", "1e20s"] {
+                assert!(
+                    Cli::try_parse_from(["conntrack-trace", "trace", flag, v]).is_err(),
+                    "{flag} {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn clap_errors_are_one_line() {
+        let e = Cli::try_parse_from(["conntrack-trace", "trace", "--interval", "1e19"])
+            .unwrap_err()
+            .render()
+            .to_string();
+        assert_eq!(
+            one_line_error(&e),
+            "invalid value '1e19' for '--interval <INTERVAL>': duration `1e19` is out of range (10ms to 3650 days)"
+        );
+        let e = Cli::try_parse_from(["conntrack-trace", "export", "f"])
+            .unwrap_err()
+            .render()
+            .to_string();
+        assert_eq!(
+            one_line_error(&e),
+            "the following required arguments were not provided: --format <FORMAT>"
+        );
     }
 
     #[test]

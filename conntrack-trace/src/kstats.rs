@@ -36,24 +36,27 @@ pub struct CtStats {
 }
 
 impl CtStats {
-    pub fn delta(&self, earlier: &CtStats) -> CtStats {
-        CtStats {
-            drop: self.drop.wrapping_sub(earlier.drop),
-            early_drop: self.early_drop.wrapping_sub(earlier.early_drop),
-            insert_failed: self.insert_failed.wrapping_sub(earlier.insert_failed),
-            clash_resolve: self.clash_resolve.wrapping_sub(earlier.clash_resolve),
-            chaintoolong: self.chaintoolong.wrapping_sub(earlier.chaintoolong),
-            invalid: self.invalid.wrapping_sub(earlier.invalid),
-        }
+    /// `self - earlier`, or `None` when a counter went backwards (never a
+    /// negative delta wrapped into a huge one).
+    pub fn delta(&self, earlier: &CtStats) -> Option<CtStats> {
+        Some(CtStats {
+            drop: self.drop.checked_sub(earlier.drop)?,
+            early_drop: self.early_drop.checked_sub(earlier.early_drop)?,
+            insert_failed: self.insert_failed.checked_sub(earlier.insert_failed)?,
+            clash_resolve: self.clash_resolve.checked_sub(earlier.clash_resolve)?,
+            chaintoolong: self.chaintoolong.checked_sub(earlier.chaintoolong)?,
+            invalid: self.invalid.checked_sub(earlier.invalid)?,
+        })
     }
 
+    /// Saturating: counters summed from hostile input never overflow.
     pub fn add(&mut self, o: &CtStats) {
-        self.drop += o.drop;
-        self.early_drop += o.early_drop;
-        self.insert_failed += o.insert_failed;
-        self.clash_resolve += o.clash_resolve;
-        self.chaintoolong += o.chaintoolong;
-        self.invalid += o.invalid;
+        self.drop = self.drop.saturating_add(o.drop);
+        self.early_drop = self.early_drop.saturating_add(o.early_drop);
+        self.insert_failed = self.insert_failed.saturating_add(o.insert_failed);
+        self.clash_resolve = self.clash_resolve.saturating_add(o.clash_resolve);
+        self.chaintoolong = self.chaintoolong.saturating_add(o.chaintoolong);
+        self.invalid = self.invalid.saturating_add(o.invalid);
     }
 }
 
@@ -103,7 +106,7 @@ pub fn parse(path: &str, text: &str) -> Result<CtStats, StatsError> {
                     line: i + 2,
                     msg: format!("`{}`: {e}", fields[c]),
                 })?;
-                *sum += v;
+                *sum = sum.saturating_add(v);
             }
         }
     }
@@ -149,16 +152,67 @@ pub fn read_fill() -> Option<Fill> {
     })
 }
 
-/// Kernel counters of every namespace in `scope` that can be read, by
-/// inode (a namespace without conntrack, or gone, is left out).
-pub fn snapshot(scope: &[crate::netns::NetnsInfo]) -> std::collections::BTreeMap<u32, CtStats> {
-    scope
-        .iter()
-        .filter_map(|ns| match crate::netns::in_netns(&ns.path, read_stats) {
-            Ok(Ok(s)) => Some((ns.inode, s)),
-            _ => None,
-        })
-        .collect()
+/// The kernel counters of a scope at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Counters of every namespace that could be read, by inode.
+    pub stats: std::collections::BTreeMap<u32, CtStats>,
+    /// Namespaces that could not be read, and why.
+    pub missing: Vec<crate::output::Uncovered>,
+}
+
+/// Reads the counters of every namespace in `scope`.
+pub fn snapshot(scope: &[crate::netns::Held]) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for ns in scope {
+        let r = ns
+            .run(read_stats)
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match r {
+            Ok(s) => {
+                snap.stats.insert(ns.info.inode, s);
+            }
+            Err(reason) => snap.missing.push(crate::output::Uncovered {
+                netns: ns.info.name.clone(),
+                inode: ns.info.inode,
+                reason,
+            }),
+        }
+    }
+    snap
+}
+
+/// The counters of `end` minus `start` over the namespaces read at both
+/// ends, and every namespace that is not in that sum with the reason.
+pub fn window(
+    scope: &[crate::netns::Held],
+    start: &Snapshot,
+    end: &Snapshot,
+) -> (CtStats, usize, Vec<crate::output::Uncovered>) {
+    let mut sum = CtStats::default();
+    let mut covered = 0;
+    let mut uncovered = start.missing.clone();
+    for (ino, s) in &start.stats {
+        let Some(e) = end.stats.get(ino) else {
+            uncovered.extend(end.missing.iter().filter(|m| m.inode == *ino).cloned());
+            continue;
+        };
+        match e.delta(s) {
+            Some(d) => {
+                sum.add(&d);
+                covered += 1;
+            }
+            None => uncovered.push(crate::output::Uncovered {
+                netns: scope
+                    .iter()
+                    .find(|h| h.info.inode == *ino)
+                    .map_or_else(|| ino.to_string(), |h| h.info.name.clone()),
+                inode: *ino,
+                reason: "its counters went backwards (reset by the kernel?)".into(),
+            }),
+        }
+    }
+    (sum, covered, uncovered)
 }
 
 /// Reads the stats of the calling thread's netns.
@@ -262,6 +316,43 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         assert!(parse("p", "entries foo\n").is_err());
     }
 
+    /// Issue 11 items 8 and 10: what the sum leaves out is named, and a
+    /// counter that went backwards is no huge delta.
+    #[test]
+    fn window_names_what_it_does_not_cover() {
+        use crate::output::Uncovered;
+        let own_ino = crate::netns::own_inode().unwrap();
+        let own = crate::netns::list().remove(&own_ino).unwrap();
+        let held = crate::netns::hold(std::slice::from_ref(&own));
+        let read = snapshot(&held);
+        assert!(read.missing.iter().all(|m| m.inode != own_ino) || read.stats.is_empty());
+        let at = |drop| CtStats {
+            drop,
+            ..Default::default()
+        };
+        let skipped = Uncovered {
+            netns: "other".into(),
+            inode: 7,
+            reason: "setns: Operation not permitted (os error 1) (entering a namespace needs CAP_SYS_ADMIN)".into(),
+        };
+        let start = Snapshot {
+            stats: [(own_ino, at(10))].into(),
+            missing: vec![skipped.clone()],
+        };
+        let later = Snapshot {
+            stats: [(own_ino, at(25))].into(),
+            missing: vec![],
+        };
+        let (sum, covered, unc) = window(&held, &start, &later);
+        assert_eq!((sum.drop, covered), (15, 1));
+        assert_eq!(unc, vec![skipped.clone()]);
+        let (sum, covered, unc) = window(&held, &later, &start);
+        assert_eq!((sum.drop, covered), (0, 0));
+        assert_eq!(unc.len(), 1);
+        assert_eq!(unc[0].netns, own.name);
+        assert!(unc[0].reason.contains("went backwards"), "{unc:?}");
+    }
+
     #[test]
     fn delta_and_fill() {
         let a = CtStats {
@@ -274,8 +365,10 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
             early_drop: 1,
             ..Default::default()
         };
-        assert_eq!(b.delta(&a).drop, 15);
-        assert_eq!(b.delta(&a).early_drop, 0);
+        assert_eq!(b.delta(&a).unwrap().drop, 15);
+        assert_eq!(b.delta(&a).unwrap().early_drop, 0);
+        // Issue 11 item 10: backwards is no delta, not 2^64 - 15.
+        assert_eq!(a.delta(&b), None);
         assert_eq!(
             Fill {
                 count: 512,

@@ -20,6 +20,7 @@ pub mod filter;
 pub mod kallsyms;
 pub mod kstats;
 pub mod netns;
+pub mod outfile;
 pub mod output;
 pub mod report;
 pub mod trace;

@@ -5,14 +5,21 @@ use conntrack_trace::{
     aggregate::DEFAULT_MAX_SOURCES,
     backend::{self, DEFAULT_RING_BYTES},
     btf::VMLINUX_BTF,
-    capture::WriteOptions,
+    capture::{self, WriteOptions},
     cli::{
-        Cli, Command, ExportArgs, ExportFormat, Format, OnOff, ReportArgs, ReportFormat, TraceArgs,
+        self, Cli, Command, ExportArgs, ExportFormat, Format, OnOff, ReportArgs, ReportFormat,
+        TraceArgs,
     },
     error::{TraceError, exit},
     export,
     filter::Filter,
-    output::{Sink, human::Human, ndjson::Ndjson},
+    outfile,
+    output::{
+        Sink,
+        human::Human,
+        ndjson::Ndjson,
+        pipe::{Pipe, diag},
+    },
     report::{self, ReportError},
     trace::{TraceOptions, run},
 };
@@ -20,16 +27,7 @@ use conntrack_trace::{
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            // clap prints help/version to stdout (exit 0) and usage errors
-            // to stderr (exit 2).
-            let _ = e.print();
-            std::process::exit(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
-        }
+        Err(e) => std::process::exit(clap_error(&e)),
     };
     let code = match cli.command {
         Command::Trace(args) => trace(args),
@@ -37,6 +35,27 @@ fn main() {
         Command::Export(args) => offline(export_cmd(args)),
     };
     std::process::exit(code);
+}
+
+/// Help and version go to stdout (exit 0); a usage error is one line on
+/// stderr with our prefix (exit 2), like every other error.
+fn clap_error(e: &clap::Error) -> i32 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return exit::OK;
+    }
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // `conntrack-trace` alone: the help is the answer.
+        diag(format_args!(
+            "conntrack-trace: error: a subcommand is required (trace, report or export; see --help)"
+        ));
+        return exit::USAGE;
+    }
+    diag(format_args!(
+        "conntrack-trace: error: {}",
+        cli::one_line_error(&e.render().to_string())
+    ));
+    exit::USAGE
 }
 
 fn trace(args: TraceArgs) -> i32 {
@@ -55,7 +74,7 @@ fn trace(args: TraceArgs) -> i32 {
     let amp = match args.amp.config() {
         Ok(c) => c,
         Err(msg) => {
-            let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {msg}");
+            diag(format_args!("conntrack-trace: error: {msg}"));
             return exit::USAGE;
         }
     };
@@ -106,7 +125,7 @@ fn trace(args: TraceArgs) -> i32 {
 }
 
 fn fail(e: &TraceError) -> i32 {
-    let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {e}");
+    diag(format_args!("conntrack-trace: error: {e}"));
     e.exit_code()
 }
 
@@ -116,22 +135,28 @@ fn offline(r: Result<Vec<String>, ReportError>) -> i32 {
     match r {
         Ok(warnings) => {
             for w in warnings {
-                let _ = writeln!(std::io::stderr(), "conntrack-trace: warning: {w}");
+                diag(format_args!("conntrack-trace: warning: {w}"));
             }
             exit::OK
         }
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "conntrack-trace: error: {e}");
-            match e {
-                ReportError::Usage(_) => exit::USAGE,
-                _ => exit::FAILURE,
-            }
+            diag(format_args!("conntrack-trace: error: {e}"));
+            e.exit_code()
         }
     }
 }
 
 fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
-    let r = report::build(&args.files, &args.filter, args.top, |_, _, _| {})?;
+    // Inputs first: each opened once and checked before any output exists.
+    let set = capture::open_set(&args.files)?;
+    let inputs = set.inputs();
+    if let Some(p) = &args.svg {
+        // Refuse a bad --svg (e.g. the arguments swapped: `--svg A.ctt
+        // B.ctt`) before reading; it is created once the report is done.
+        export::refuse_capture(p)?;
+        outfile::check(p, args.force, &inputs)?;
+    }
+    let r = report::build_set(set, &args.filter, args.top, |_, _, _| {})?;
     let text = match args.format {
         ReportFormat::Human => report::human::render(&r),
         ReportFormat::Markdown => report::markdown::render(&r),
@@ -145,22 +170,22 @@ fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
         }
     };
     if let Some(p) = &args.svg {
-        std::fs::write(p, report::svg::render(&r)).map_err(|source| ReportError::Io {
-            context: format!("--svg {}", p.display()),
+        let mut f = outfile::create(p, args.force, &inputs)?;
+        f.file()
+            .write_all(report::svg::render(&r).as_bytes())
+            .map_err(|source| ReportError::Io {
+                context: format!("--svg {}", p.display()),
+                source,
+            })?;
+        let _ = f.keep();
+    }
+    let mut out = Pipe::new(std::io::stdout().lock());
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(|source| ReportError::Io {
+            context: "writing the report".into(),
             source,
         })?;
-    }
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Err(source) => {
-            return Err(ReportError::Io {
-                context: "writing the report".into(),
-                source,
-            });
-        }
-    }
     Ok(r.warnings)
 }
 
@@ -171,14 +196,17 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
             "refusing to write pcapng to a terminal; use -o FILE or a pipe".into(),
         ));
     }
-    let out = export::open_output(args.output.as_deref(), args.force)?;
-    match args.format {
+    // Inputs first (opened once, checked), then the output: `export junk
+    // -o OUT` leaves no OUT, and OUT is never one of the inputs. A failed
+    // export removes the file it created.
+    let set = capture::open_set(&args.files)?;
+    let mut out = export::open_output(args.output.as_deref(), args.force, &set.inputs())?;
+    let warnings = match args.format {
         ExportFormat::Ndjson => {
-            let r = export::ndjson::export(&args.files, &args.filter, args.top, out)?;
-            Ok(r.warnings)
+            export::ndjson::export(set, &args.filter, args.top, out.writer())?.warnings
         }
         ExportFormat::Pcapng => {
-            let (r, stats) = export::pcapng::export(&args.files, &args.filter, out)?;
+            let (r, stats) = export::pcapng::export(set, &args.filter, out.writer())?;
             let mut w = r.warnings;
             if stats.without_bytes > 0 {
                 w.push(format!(
@@ -186,7 +214,9 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
                     stats.without_bytes, stats.packets
                 ));
             }
-            Ok(w)
+            w
         }
-    }
+    };
+    out.keep();
+    Ok(warnings)
 }

@@ -142,6 +142,97 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> std::io::
     })
 }
 
+/// A namespace of the traced scope, held open for the whole session: the
+/// end snapshot reads the very namespace the start snapshot read, even if
+/// its PID or `/run/netns` name has been reused meanwhile (issue 11 item
+/// 10). Our own namespace is read without entering it, which needs no
+/// capability; entering another needs CAP_SYS_ADMIN (setns) and opening
+/// another process's handle ptrace access, and when that is missing the
+/// reason is kept, so the summary can say which namespaces its kernel
+/// counters do not cover (item 8) instead of silently summing none.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub info: NetnsInfo,
+    handle: Handle,
+}
+
+#[derive(Clone, Debug)]
+enum Handle {
+    Own,
+    Open(std::sync::Arc<fs::File>),
+    Unavailable(String),
+}
+
+/// Holds every namespace of `scope` (see [`Held`]).
+pub fn hold(scope: &[NetnsInfo]) -> Vec<Held> {
+    let own = own_inode();
+    scope
+        .iter()
+        .map(|ns| Held {
+            info: ns.clone(),
+            handle: if Some(ns.inode) == own {
+                Handle::Own
+            } else {
+                open_handle(ns)
+            },
+        })
+        .collect()
+}
+
+fn open_handle(ns: &NetnsInfo) -> Handle {
+    let f = match fs::File::open(&ns.path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Handle::Unavailable(format!(
+                "cannot open {}: {e} (needs CAP_SYS_PTRACE, or root's full capabilities)",
+                ns.path.display()
+            ));
+        }
+        Err(e) => {
+            return Handle::Unavailable(format!("cannot open {}: {e}", ns.path.display()));
+        }
+    };
+    // The path may name another namespace by now (a reused PID).
+    match f.metadata().map(|m| m.ino()) {
+        Ok(ino) if ino == u64::from(ns.inode) => Handle::Open(std::sync::Arc::new(f)),
+        Ok(ino) => Handle::Unavailable(format!(
+            "{} now names namespace {ino}, not {}",
+            ns.path.display(),
+            ns.inode
+        )),
+        Err(e) => Handle::Unavailable(format!("{}: {e}", ns.path.display())),
+    }
+}
+
+impl Held {
+    /// Runs `f` inside the namespace (on a helper thread that setns()'d,
+    /// or here for our own); `Err` says why the namespace cannot be read.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        let file = match &self.handle {
+            Handle::Own => return Ok(f()),
+            Handle::Open(file) => file,
+            Handle::Unavailable(why) => return Err(why.clone()),
+        };
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: setns on an open fd we own; affects only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    let e = std::io::Error::last_os_error();
+                    return Err(if e.raw_os_error() == Some(libc::EPERM) {
+                        format!("setns: {e} (entering a namespace needs CAP_SYS_ADMIN)")
+                    } else {
+                        format!("setns: {e}")
+                    });
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| "netns helper thread panicked".to_owned())?
+        })
+    }
+}
+
 /// Inode of the calling process's own netns.
 pub fn own_inode() -> Option<u32> {
     inode_of(Path::new("/proc/self/ns/net"))

@@ -23,9 +23,14 @@ use crate::{
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
-    kstats::{self, CtStats, Fill},
+    kstats::{self, Fill},
     netns::{self, NetnsInfo},
-    output::{LiveView, NetnsNames, Scope, Sink, Summary, top_sources},
+    outfile::{FileId, Input, ReadyFile},
+    output::{
+        LiveView, NetnsNames, Scope, Sink, Summary,
+        pipe::{self, diag},
+        top_sources,
+    },
 };
 
 pub struct TraceOptions {
@@ -130,17 +135,8 @@ impl Consumer<'_> {
         if self.closed {
             return Ok(());
         }
-        match self.sink.event(ev, &self.names) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                self.closed = true;
-                Ok(())
-            }
-            Err(e) => Err(TraceError::Io {
-                context: "writing output".into(),
-                source: e,
-            }),
-        }
+        let r = self.sink.event(ev, &self.names);
+        pipe::quiet(r, &mut self.closed).map_err(TraceError::io("writing output"))
     }
 }
 
@@ -152,16 +148,8 @@ impl Consumer<'_> {
             if self.closed {
                 break;
             }
-            match self.sink.finding(f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => self.closed = true,
-                Err(e) => {
-                    return Err(TraceError::Io {
-                        context: "writing output".into(),
-                        source: e,
-                    });
-                }
-            }
+            let r = self.sink.finding(f);
+            pipe::quiet(r, &mut self.closed).map_err(TraceError::io("writing output"))?;
         }
         Ok(())
     }
@@ -181,11 +169,11 @@ fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
     list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
 }
 
-fn fills(scope: &[NetnsInfo]) -> Vec<(String, Fill)> {
+fn fills(scope: &[netns::Held]) -> Vec<(String, Fill)> {
     let mut v: Vec<(String, Fill)> = scope
         .iter()
-        .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_fill) {
-            Ok(Some(f)) => Some((ns.name.clone(), f)),
+        .filter_map(|ns| match ns.run(kstats::read_fill) {
+            Ok(Some(f)) => Some((ns.info.name.clone(), f)),
             _ => None,
         })
         .collect();
@@ -205,10 +193,41 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(TraceError::io("reading /proc/self/status"))?;
     crate::error::check_privileges(&status)?;
-    if let Some(w) = &opts.write {
-        // Fail on an existing file before loading anything.
-        capture::writer::precheck(w).map_err(|e| TraceError::Usage(e.to_string()))?;
-    }
+    // Every output is created before anything is loaded (a path we may
+    // not or cannot write fails the run first), and removed again if the
+    // run fails before it holds a result.
+    let inputs: Vec<Input> = opts
+        .backend
+        .btf_path
+        .metadata()
+        .ok()
+        .filter(|_| opts.backend.btf_explicit)
+        .map(|m| Input {
+            path: opts.backend.btf_path.display().to_string(),
+            id: FileId::of(&m),
+        })
+        .into_iter()
+        .collect();
+    let prepared = match opts.write.take() {
+        Some(w) => Some(capture::writer::prepare(w, &inputs).map_err(write_error)?),
+        None => None,
+    };
+    let mut ready = match &opts.ready_file {
+        Some(path) => {
+            let mut protect = inputs.clone();
+            protect.extend(prepared.as_ref().map(|p| p.as_input()));
+            Some(ReadyFile::prepare(path, &protect).map_err(|e| {
+                let refusal = e.is_refusal();
+                let msg = format!("--ready-file: {e}");
+                if refusal {
+                    TraceError::Usage(msg)
+                } else {
+                    TraceError::Other(msg)
+                }
+            })?)
+        }
+        None => None,
+    };
 
     let all = netns::list();
     let (scope, scope_desc) = match &opts.netns {
@@ -219,6 +238,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 netns: ns.name.clone(),
                 netns_inode: Some(ns.inode),
                 namespaces: 1,
+                uncovered: Vec::new(),
             };
             (vec![ns], d)
         }
@@ -231,24 +251,41 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     netns: "all".into(),
                     netns_inode: None,
                     namespaces: n,
+                    uncovered: Vec::new(),
                 },
             )
         }
     };
 
-    // The kernel's counters bracket the attach period: read before attach
-    // and after detach, so their delta and our counters cover one window.
-    let start_stats = kstats::snapshot(&scope);
-    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope)?;
+    // Every namespace of the scope is held open for the session, so the
+    // end snapshot reads the same namespaces as the start one.
+    let scope = netns::hold(&scope);
+    // The kernel's counters bracket the attach period: read right before
+    // the first attach (after the load, which can take seconds) and right
+    // after the detach, so their delta and our counters cover one window.
+    let start_cell = std::cell::RefCell::new(kstats::Snapshot::default());
+    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope, &|| {
+        *start_cell.borrow_mut() = kstats::snapshot(&scope);
+    })?;
+    let start_stats = start_cell.into_inner();
+    let scope_desc = Scope {
+        uncovered: start_stats.missing.clone(),
+        ..scope_desc
+    };
     let backend_desc = tp.describe();
     let evictions_desc = tp.evictions().describe();
     let per_packet = tp.per_packet();
-    eprintln!("{}", selection_line(&backend_desc, &refused));
+    diag(selection_line(&backend_desc, &refused));
+    if let Some(line) = scope_desc.uncovered_line() {
+        diag(format_args!(
+            "conntrack-trace: warning: {line}; the summary lists them"
+        ));
+    }
     if !per_packet
         && (opts.filter.proto.is_some() || opts.filter.port.is_some() || opts.filter.src.is_some())
     {
-        eprintln!(
-            "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)"
+        diag(
+            "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)",
         );
     }
     let ring = tp.take_ring()?;
@@ -263,7 +300,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     };
     let started = Instant::now();
 
-    let writer = match opts.write.take() {
+    let names = names_of(&all);
+    let writer = match prepared {
         None => None,
         Some(w) => {
             let header = capture::Header {
@@ -281,20 +319,20 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 filter: capture::format::RecordedFilter::of(&opts.filter),
                 conntrack: scope
                     .iter()
-                    .filter_map(|ns| match netns::in_netns(&ns.path, kstats::read_fill) {
+                    .filter_map(|ns| match ns.run(kstats::read_fill) {
                         Ok(Some(fill)) => Some(NsFill {
-                            netns: ns.name.clone(),
-                            inode: ns.inode,
+                            netns: ns.info.name.clone(),
+                            inode: ns.info.inode,
                             fill,
                         }),
                         _ => None,
                     })
                     .collect(),
-                kernel_start: start_stats.clone(),
+                kernel_start: start_stats.stats.clone(),
                 backend_refused: refused.clone(),
                 per_packet,
             };
-            Some(Writer::create(w, header).map_err(|e| TraceError::Usage(e.to_string()))?)
+            Some(Writer::start(w, header, &names).map_err(write_error)?)
         }
     };
 
@@ -305,15 +343,12 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         amp: Detector::new(opts.amp.clone()),
         received: KindCounts::default(),
         decode_errors: 0,
-        names: names_of(&all),
+        names,
         unknown_netns: false,
         closed: false,
         writer,
         write_warned: false,
     };
-    if let Some(w) = &mut consumer.writer {
-        w.names(&consumer.names);
-    }
 
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
@@ -322,9 +357,9 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     // Ready only once SIGINT/SIGTERM are handled and the capture file is
     // open: a script that signals right after the file appears must get a
     // summary (and a finished capture), not a dead process.
-    if let Some(path) = &opts.ready_file {
-        std::fs::write(path, b"ready\n")
-            .map_err(TraceError::io(format!("--ready-file {}", path.display())))?;
+    if let Some(r) = &mut ready {
+        r.publish()
+            .map_err(|e| TraceError::Other(format!("--ready-file: {e}")))?;
     }
     let deadline = async {
         match opts.duration {
@@ -382,7 +417,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     w.flush();
                     if !consumer.write_warned && let Some(e) = w.failed() {
                         // Keep tracing live; the file keeps what it has.
-                        eprintln!("conntrack-trace: warning: {e}; recording stopped, live output continues");
+                        diag(format_args!("conntrack-trace: warning: {e}; recording stopped, live output continues"));
                         consumer.write_warned = true;
                     }
                 }
@@ -405,14 +440,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     findings: &findings,
                     amp: &amp,
                 };
-                if !consumer.closed
-                    && let Err(e) = consumer.sink.tick(&view) {
-                        if e.kind() == std::io::ErrorKind::BrokenPipe {
-                            consumer.closed = true;
-                        } else {
-                            return Err(TraceError::Io { context: "writing output".into(), source: e });
-                        }
-                    }
+                if !consumer.closed {
+                    let r = consumer.sink.tick(&view);
+                    pipe::quiet(r, &mut consumer.closed).map_err(TraceError::io("writing output"))?;
+                }
                 if consumer.closed { break; }
             }
             guard = async { afd.as_mut().expect("guarded by the precondition").readable_mut().await }, if afd.is_some() => {
@@ -433,20 +464,17 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     // Stop the producers first, then take everything they left behind, so
     // that events + lost == observed holds exactly.
     tp.detach();
+    let end_stats = kstats::snapshot(&scope);
+    // Nothing is attached any more: a script must not read "ready" now.
+    if let Some(r) = &mut ready {
+        r.withdraw();
+    }
     let duration_s = started.elapsed().as_secs_f64();
     if let Some(ring) = ring.as_mut() {
         consumer.drain(ring, usize::MAX)?;
     }
     let counters = tp.counters()?;
-    let end_stats = kstats::snapshot(&scope);
-    let mut kernel = CtStats::default();
-    let mut covered = 0;
-    for (ino, end) in &end_stats {
-        if let Some(start) = start_stats.get(ino) {
-            kernel.add(&end.delta(start));
-            covered += 1;
-        }
-    }
+    let (kernel, covered, uncovered) = kstats::window(&scope, &start_stats, &end_stats);
     consumer.report_findings(&clock)?;
     // Without events (counters backend) nothing is complete.
     let complete = per_packet
@@ -478,6 +506,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         unmatched_drop_counts: counters.drop_unmatched,
         scope: Scope {
             namespaces: covered,
+            uncovered,
             ..scope_desc
         },
         decode_errors: consumer.decode_errors,
@@ -499,9 +528,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
             observed: summary.observed,
             complete: summary.complete,
             decode_errors: summary.decode_errors,
-            kernel_end: end_stats.clone(),
+            kernel_end: end_stats.stats.clone(),
             kernel: summary.kernel,
             namespaces: summary.scope.namespaces,
+            uncovered: summary.scope.uncovered.clone(),
             events_written: written,
             unclassified_drops: summary.unclassified_drops,
             unmatched_drop_counts: summary.unmatched_drop_counts,
@@ -509,25 +539,27 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         w.finish(trailer).map(|()| (files, written))
     });
     if !consumer.closed {
-        match consumer.sink.finish(&summary) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-            Err(e) => {
-                return Err(TraceError::Io {
-                    context: "writing output".into(),
-                    source: e,
-                });
-            }
-        }
+        let r = consumer.sink.finish(&summary);
+        pipe::quiet(r, &mut consumer.closed).map_err(TraceError::io("writing output"))?;
     }
     match capture_result {
         None => {}
-        Some(Ok((files, written))) => {
-            eprintln!("conntrack-trace: recorded {written} events in {files} file(s)")
-        }
+        Some(Ok((files, written))) => diag(format_args!(
+            "conntrack-trace: recorded {written} events in {files} file(s)"
+        )),
         Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
     }
     Ok(summary)
+}
+
+/// A capture file that may not be written is a usage error (exit 2); one
+/// the system fails to write, an I/O error (exit 1).
+fn write_error(e: capture::WriteError) -> TraceError {
+    if e.is_refusal() {
+        TraceError::Usage(e.to_string())
+    } else {
+        TraceError::Other(e.to_string())
+    }
 }
 
 /// The stderr line that says which backend runs and why `auto` passed over

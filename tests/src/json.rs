@@ -61,6 +61,16 @@ pub struct Scope {
     pub netns: String,
     pub netns_inode: Option<u64>,
     pub namespaces: usize,
+    /// Namespaces whose kernel counters are not in the sum, and why.
+    pub uncovered: Vec<Uncovered>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uncovered {
+    pub netns: String,
+    pub inode: u64,
+    pub reason: String,
 }
 
 #[derive(Debug, Deserialize)]

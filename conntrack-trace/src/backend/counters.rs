@@ -10,11 +10,11 @@ use crate::{
     aggregate::KindCounts,
     error::TraceError,
     kstats::{self, CtStats},
-    netns::NetnsInfo,
+    netns::Held,
 };
 
 pub struct Counters {
-    scope: Vec<NetnsInfo>,
+    scope: Vec<Held>,
     start: BTreeMap<u32, CtStats>,
     /// Totals frozen at stop().
     end: Option<KindCounts>,
@@ -40,8 +40,8 @@ pub fn kinds_from_stats(d: &CtStats) -> KindCounts {
 
 impl Counters {
     /// Checks that conntrack's statistics can be read in the scope.
-    pub fn new(scope: &[NetnsInfo], opts: &Options) -> Result<Counters, TraceError> {
-        if kstats::snapshot(scope).is_empty() {
+    pub fn new(scope: &[Held], opts: &Options) -> Result<Counters, TraceError> {
+        if kstats::snapshot(scope).stats.is_empty() {
             return Err(TraceError::Unsupported(
                 "no /proc/net/stat/nf_conntrack to poll in the traced namespace(s) (is nf_conntrack loaded?)"
                     .into(),
@@ -60,7 +60,7 @@ impl Counters {
     }
 
     pub fn start(&mut self) -> Result<(), TraceError> {
-        self.start = kstats::snapshot(&self.scope);
+        self.start = kstats::snapshot(&self.scope).stats;
         self.end = None;
         Ok(())
     }
@@ -72,11 +72,11 @@ impl Counters {
     }
 
     fn totals(&self) -> KindCounts {
-        let now = kstats::snapshot(&self.scope);
+        let now = kstats::snapshot(&self.scope).stats;
         let mut sum = CtStats::default();
         for (ino, s) in &now {
-            if let Some(start) = self.start.get(ino) {
-                sum.add(&s.delta(start));
+            if let Some(d) = self.start.get(ino).and_then(|start| s.delta(start)) {
+                sum.add(&d);
             }
         }
         let mut k = kinds_from_stats(&sum);

@@ -25,9 +25,7 @@ use aya::{
 use conntrack_trace_common::{Config, Offsets, counter, kind};
 use serde::Serialize;
 
-use crate::{
-    aggregate::KindCounts, btf::BtfError, error::TraceError, event::Kind, netns::NetnsInfo,
-};
+use crate::{aggregate::KindCounts, btf::BtfError, error::TraceError, event::Kind, netns::Held};
 
 /// Exact in-kernel counters of a backend since it was loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -202,23 +200,32 @@ impl Backend {
 /// first that loads and attaches, with the reasons the earlier ones were
 /// refused. Attaching is part of the probe (fentry/fexit are often refused
 /// only at attach), so the returned backend is already attached.
+///
+/// `before_attach` runs after a backend loaded, right before it attaches
+/// (again for the next backend if that one is refused): the tracer takes
+/// its start snapshot of the kernel counters there, so that the window
+/// they cover does not include the load (issue 11 item 9).
 pub fn open(
     choice: Choice,
     opts: &Options,
-    scope: &[NetnsInfo],
+    scope: &[Held],
+    before_attach: &dyn Fn(),
 ) -> Result<(Backend, Vec<Refusal>), TraceError> {
     let fexit = || -> Result<Backend, TraceError> {
         let mut b = fexit::Fexit::load(opts)?;
+        before_attach();
         b.attach()?;
         Ok(Backend::Fexit(b))
     };
     let tracepoint = || -> Result<Backend, TraceError> {
         let mut b = tracepoint::Tracepoints::load(opts)?;
+        before_attach();
         b.attach()?;
         Ok(Backend::Tracepoint(b))
     };
     let counters = || -> Result<Backend, TraceError> {
         let mut b = counters::Counters::new(scope, opts)?;
+        before_attach();
         b.start()?;
         Ok(Backend::Counters(b))
     };

@@ -173,6 +173,9 @@ pub struct Trailer {
     pub kernel: CtStats,
     /// Namespaces summed into `kernel`.
     pub namespaces: usize,
+    /// Namespaces of the scope not summed into `kernel`, and why.
+    #[serde(default)]
+    pub uncovered: Vec<crate::output::Uncovered>,
     /// Event records written over the whole (rotated) capture.
     pub events_written: u64,
     /// See [`crate::output::Summary::unclassified_drops`] (absent in

@@ -6,8 +6,25 @@ pub mod reader;
 pub mod writer;
 
 pub use format::{Header, Trailer};
-pub use reader::{CaptureInfo, CutShort, ReadError, read_set};
+pub use reader::{CaptureInfo, CutShort, OpenSet, ReadError, open_set, read_set};
 pub use writer::{WriteError, WriteOptions, Writer};
+
+/// Whether `path` is a regular file that starts like a capture (outputs
+/// of `report`/`export` never replace one, even with `--force`: swapped
+/// arguments must not destroy the evidence).
+pub fn is_capture_file(path: &std::path::Path) -> bool {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    if !path.symlink_metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let mut magic = [0u8; 8];
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == format::MAGIC)
+}
 
 /// This machine's host name (for the header).
 pub fn hostname() -> String {
@@ -78,6 +95,7 @@ pub(crate) mod tests {
                 netns: "all".into(),
                 netns_inode: None,
                 namespaces: 3,
+                uncovered: vec![],
             },
             filter: RecordedFilter::default(),
             conntrack: vec![],
@@ -110,6 +128,7 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             namespaces: 1,
+            uncovered: vec![],
             events_written: 0,
             unclassified_drops: 0,
             unmatched_drop_counts: 0,

@@ -8,12 +8,16 @@
 
 use std::{
     fs::File,
-    io::{BufReader, Read},
+    io::{BufReader, Read, Seek, SeekFrom},
     path::{Path, PathBuf},
 };
 
 use super::format::{self, FRAME_BYTES, Header, MAGIC, MAX_RECORD, Record, Trailer};
-use crate::{event::Event, output::NetnsNames};
+use crate::{
+    event::Event,
+    outfile::{FileId, Input},
+    output::NetnsNames,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -42,6 +46,8 @@ pub enum ReadError {
     Duplicate { a: String, b: String, seq: u32 },
     #[error("no capture files given")]
     NoFiles,
+    #[error("{path}: {what}, not a capture file (give the file itself)")]
+    NotRegular { path: String, what: &'static str },
 }
 
 /// Where a damaged file stops.
@@ -67,12 +73,42 @@ pub struct FileReader<R: Read> {
     end: Option<Option<CutShort>>,
 }
 
+/// Opens an input for reading: only a regular file (a FIFO would block
+/// the reader, or be drained by one pass and empty for the next; a
+/// directory or device is no capture). `O_NONBLOCK` keeps the open itself
+/// from blocking on a FIFO without a writer; it means nothing for a
+/// regular file.
+pub fn open_input(path: &Path) -> Result<File, ReadError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let p = || path.display().to_string();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| ReadError::Io { path: p(), source })?;
+    let t = f
+        .metadata()
+        .map_err(|source| ReadError::Io { path: p(), source })?
+        .file_type();
+    let what = if t.is_file() {
+        return Ok(f);
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(ReadError::NotRegular { path: p(), what })
+}
+
 impl FileReader<BufReader<File>> {
     pub fn open(path: &Path) -> Result<Self, ReadError> {
-        let f = File::open(path).map_err(|source| ReadError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let f = open_input(path)?;
         FileReader::new(
             BufReader::with_capacity(1 << 20, f),
             path.display().to_string(),
@@ -218,8 +254,8 @@ impl CaptureInfo {
     }
 }
 
-fn open_with_header(path: &Path) -> Result<(FileReader<BufReader<File>>, Header), ReadError> {
-    let mut r = FileReader::open(path)?;
+/// Reads the first record of `r`, which must be a header of our version.
+fn read_header<R: Read>(r: &mut FileReader<R>) -> Result<Header, ReadError> {
     match r.next_record()? {
         Some(Record::Header(h)) => {
             if !(format::OLDEST_FORMAT_VERSION..=format::FORMAT_VERSION)
@@ -230,7 +266,7 @@ fn open_with_header(path: &Path) -> Result<(FileReader<BufReader<File>>, Header)
                     version: h.format_version,
                 });
             }
-            Ok((r, *h))
+            Ok(*h)
         }
         _ => Err(ReadError::Bad {
             path: r.path().to_owned(),
@@ -243,147 +279,232 @@ fn open_with_header(path: &Path) -> Result<(FileReader<BufReader<File>>, Header)
     }
 }
 
-/// Reads the files of one capture (any order; sorted by their sequence
-/// number) as one stream: `f` gets every event with the namespace names
-/// the live output had at that point.
-pub fn read_set(
-    paths: &[PathBuf],
-    mut f: impl FnMut(&Event, &NetnsNames),
-) -> Result<CaptureInfo, ReadError> {
+/// One input of a set, open.
+struct OpenFile {
+    path: String,
+    file: File,
+    id: FileId,
+    header: Header,
+}
+
+/// The files of one capture, each opened once and checked (regular file,
+/// a header of this format, one recording, no file twice) before anything
+/// is read or written: [`OpenSet::read`] then streams their events.
+pub struct OpenSet {
+    /// Sorted by sequence number.
+    files: Vec<OpenFile>,
+}
+
+/// Lets a set of many rotated files be open at once (each input is opened
+/// once and held): raises the soft descriptor limit to the hard one when
+/// `n` files would not fit the soft one.
+fn allow_open_files(n: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer; setrlimit with values read from the kernel.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0
+            && (lim.rlim_cur as u128) < n as u128 + 64
+            && lim.rlim_cur < lim.rlim_max
+        {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Opens and checks the files of one capture (any order).
+pub fn open_set(paths: &[PathBuf]) -> Result<OpenSet, ReadError> {
     if paths.is_empty() {
         return Err(ReadError::NoFiles);
     }
-    // First pass: headers only (one file open at a time, so a set of
-    // thousands of rotated files needs neither thousands of descriptors
-    // nor thousands of read buffers).
+    allow_open_files(paths.len());
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        let (r, h) = open_with_header(p)?;
-        files.push((p.as_path(), r.path().to_owned(), h));
+        let path = p.display().to_string();
+        let file = open_input(p)?;
+        let id = FileId::of(&file.metadata().map_err(|source| ReadError::Io {
+            path: path.clone(),
+            source,
+        })?);
+        // A small buffer: only the header is read now (thousands of
+        // rotated files need no thousands of megabyte buffers).
+        let mut r = FileReader::new(BufReader::with_capacity(64 << 10, &file), path.clone())?;
+        let header = read_header(&mut r)?;
+        files.push(OpenFile {
+            path,
+            file,
+            id,
+            header,
+        });
     }
-    files.sort_by_key(|(_, _, h)| h.seq);
+    files.sort_by_key(|f| f.header.seq);
     for w in files.windows(2) {
         let (a, b) = (&w[0], &w[1]);
-        if a.2.capture_id != b.2.capture_id {
+        if a.header.capture_id != b.header.capture_id {
             return Err(ReadError::Mixed {
-                a: a.1.clone(),
-                b: b.1.clone(),
+                a: a.path.clone(),
+                b: b.path.clone(),
             });
         }
-        if a.2.seq == b.2.seq {
+        if a.header.seq == b.header.seq {
             return Err(ReadError::Duplicate {
-                a: a.1.clone(),
-                b: b.1.clone(),
-                seq: a.2.seq,
+                a: a.path.clone(),
+                b: b.path.clone(),
+                seq: a.header.seq,
             });
         }
     }
-    let mut warnings = Vec::new();
-    let first_seq = files[0].2.seq;
-    if first_seq != 0 {
-        warnings.push(format!(
-            "files 0..{first_seq} of the capture are missing: events before {} are not included",
-            files[0].1
-        ));
+    Ok(OpenSet { files })
+}
+
+impl OpenSet {
+    /// Header of the set's first file.
+    pub fn header(&self) -> &Header {
+        &self.files[0].header
     }
-    let header = files[0].2.clone();
-    let mut names = NetnsNames::new();
-    let mut trailer = None;
-    let mut infos = Vec::with_capacity(files.len());
-    let mut total = 0u64;
-    let n_files = files.len();
-    let mut expect_seq = first_seq;
-    for (i, (path, _, h)) in files.into_iter().enumerate() {
-        // Second pass: reopen and skip the header read above.
-        let (mut r, _) = open_with_header(path)?;
-        if h.seq != expect_seq {
+
+    /// The inputs, for outputs that must not overwrite one of them.
+    pub fn inputs(&self) -> Vec<Input> {
+        self.files
+            .iter()
+            .map(|f| Input {
+                path: f.path.clone(),
+                id: f.id,
+            })
+            .collect()
+    }
+
+    /// Reads the set as one stream: `f` gets every event with the
+    /// namespace names the live output had at that point.
+    pub fn read(self, mut f: impl FnMut(&Event, &NetnsNames)) -> Result<CaptureInfo, ReadError> {
+        let files = self.files;
+        let mut warnings = Vec::new();
+        let first_seq = files[0].header.seq;
+        if first_seq != 0 {
             warnings.push(format!(
-                "files {expect_seq}..{} of the capture are missing (before {})",
-                h.seq,
-                r.path()
+                "files 0..{first_seq} of the capture are missing: events before {} are not included",
+                files[0].path
             ));
         }
-        expect_seq = h.seq + 1;
-        let mut events = 0u64;
-        let mut ended: Option<&'static str> = None;
-        let mut cut: Option<CutShort> = None;
-        while let Some(rec) = r.next_record()? {
-            if ended.is_some() {
-                cut = Some(CutShort {
-                    offset: r.offset(),
-                    reason: "records after the end of the file's capture".into(),
-                });
-                break;
+        let header = files[0].header.clone();
+        let mut names = NetnsNames::new();
+        let mut trailer = None;
+        let mut infos = Vec::with_capacity(files.len());
+        let mut total = 0u64;
+        let n_files = files.len();
+        let mut expect_seq = first_seq;
+        for (i, of) in files.into_iter().enumerate() {
+            let h = of.header;
+            // The same open file, from its start (it is regular: seekable).
+            let mut file = of.file;
+            file.seek(SeekFrom::Start(0))
+                .map_err(|source| ReadError::Io {
+                    path: of.path.clone(),
+                    source,
+                })?;
+            let mut r = FileReader::new(BufReader::with_capacity(1 << 20, file), of.path)?;
+            read_header(&mut r)?;
+            if h.seq != expect_seq {
+                warnings.push(format!(
+                    "files {expect_seq}..{} of the capture are missing (before {})",
+                    h.seq,
+                    r.path()
+                ));
             }
-            match rec {
-                Record::Event(e) => {
-                    events += 1;
-                    f(&e, &names);
-                }
-                Record::Names(n) => names = n,
-                Record::Trailer(t) => {
-                    trailer = Some(*t);
-                    ended = Some("trailer");
-                }
-                Record::Next(_) => ended = Some("rotated"),
-                Record::Header(_) => {
+            expect_seq = h.seq.saturating_add(1);
+            let mut events = 0u64;
+            let mut ended: Option<&'static str> = None;
+            let mut cut: Option<CutShort> = None;
+            while let Some(rec) = r.next_record()? {
+                if ended.is_some() {
                     cut = Some(CutShort {
                         offset: r.offset(),
-                        reason: "a second header".into(),
+                        reason: "records after the end of the file's capture".into(),
                     });
                     break;
                 }
+                match rec {
+                    Record::Event(e) => {
+                        events += 1;
+                        f(&e, &names);
+                    }
+                    Record::Names(n) => names = n,
+                    Record::Trailer(t) => {
+                        trailer = Some(*t);
+                        ended = Some("trailer");
+                    }
+                    Record::Next(_) => ended = Some("rotated"),
+                    Record::Header(_) => {
+                        cut = Some(CutShort {
+                            offset: r.offset(),
+                            reason: "a second header".into(),
+                        });
+                        break;
+                    }
+                }
             }
-        }
-        if cut.is_none() {
-            cut = r.end().cloned().flatten();
-        }
-        if cut.is_none() && ended.is_none() {
-            cut = Some(CutShort {
-                offset: r.offset(),
-                reason: "no trailer (the tracer was killed or the disk filled)".into(),
+            if cut.is_none() {
+                cut = r.end().cloned().flatten();
+            }
+            if cut.is_none() && ended.is_none() {
+                cut = Some(CutShort {
+                    offset: r.offset(),
+                    reason: "no trailer (the tracer was killed or the disk filled)".into(),
+                });
+            }
+            if ended == Some("rotated") && i + 1 == n_files {
+                warnings.push(format!(
+                    "{} was rotated: file {} of the capture is missing",
+                    r.path(),
+                    u64::from(h.seq) + 1
+                ));
+            }
+            if let Some(c) = &cut {
+                warnings.push(format!("{}: {c}", r.path()));
+            }
+            total = total.saturating_add(events);
+            infos.push(FileInfo {
+                path: r.path().to_owned(),
+                seq: h.seq,
+                bytes: r.offset(),
+                events,
+                ended: match (&cut, ended) {
+                    (Some(c), _) => c.to_string(),
+                    (None, Some(e)) => e.to_owned(),
+                    (None, None) => "end of file".to_owned(),
+                },
+                cut_short: cut,
             });
         }
-        if ended == Some("rotated") && i + 1 == n_files {
+        if let Some(t) = &trailer
+            && t.events_written != total
+            && first_seq == 0
+        {
             warnings.push(format!(
-                "{} was rotated: file {} of the capture is missing",
-                r.path(),
-                h.seq + 1
+                "the trailer counts {} events written, the files hold {total}",
+                t.events_written
             ));
         }
-        if let Some(c) = &cut {
-            warnings.push(format!("{}: {c}", r.path()));
-        }
-        total += events;
-        infos.push(FileInfo {
-            path: r.path().to_owned(),
-            seq: h.seq,
-            bytes: r.offset(),
-            events,
-            ended: match (&cut, ended) {
-                (Some(c), _) => c.to_string(),
-                (None, Some(e)) => e.to_owned(),
-                (None, None) => "end of file".to_owned(),
-            },
-            cut_short: cut,
-        });
+        Ok(CaptureInfo {
+            header,
+            trailer,
+            files: infos,
+            events: total,
+            warnings,
+        })
     }
-    if let Some(t) = &trailer
-        && t.events_written != total
-        && first_seq == 0
-    {
-        warnings.push(format!(
-            "the trailer counts {} events written, the files hold {total}",
-            t.events_written
-        ));
-    }
-    Ok(CaptureInfo {
-        header,
-        trailer,
-        files: infos,
-        events: total,
-        warnings,
-    })
+}
+
+/// Reads the files of one capture (any order; sorted by their sequence
+/// number) as one stream: [`open_set`] then [`OpenSet::read`].
+pub fn read_set(
+    paths: &[PathBuf],
+    f: impl FnMut(&Event, &NetnsNames),
+) -> Result<CaptureInfo, ReadError> {
+    open_set(paths)?.read(f)
 }
 
 /// Reads a whole file from memory, record by record (the fuzz target).

@@ -11,9 +11,8 @@
 //! and whatever reached the file reads back up to its last whole record.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -23,7 +22,11 @@ use std::{
 };
 
 use super::format::{self, Header, MAGIC, Next, Trailer, rtype};
-use crate::{event::Event, output::NetnsNames};
+use crate::{
+    event::Event,
+    outfile::{self, Created, Input, OutError},
+    output::NetnsNames,
+};
 
 /// Smallest accepted `--max-size`: a header, names and some events.
 pub const MIN_MAX_SIZE: u64 = 64 << 10;
@@ -62,6 +65,33 @@ pub enum WriteError {
     },
     #[error("writing capture: {0}")]
     Thread(String),
+    #[error("the capture header would be {0} bytes, more than a reader accepts ({max} bytes)", max = format::MAX_RECORD)]
+    HeaderRecord(u64),
+    #[error(transparent)]
+    Out(OutError),
+}
+
+impl From<OutError> for WriteError {
+    fn from(e: OutError) -> Self {
+        match e {
+            OutError::Exists(p) => WriteError::Exists(p),
+            e => WriteError::Out(e),
+        }
+    }
+}
+
+impl WriteError {
+    /// Refused because of the command line (exit 2), not failed (exit 1).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            WriteError::Exists(_)
+            | WriteError::MaxSize(_)
+            | WriteError::HeaderTooLarge { .. }
+            | WriteError::HeaderRecord(_) => true,
+            WriteError::Out(e) => e.is_refusal(),
+            WriteError::Io { .. } | WriteError::Thread(_) => false,
+        }
+    }
 }
 
 /// The file of index `seq` in a rotated set.
@@ -75,49 +105,62 @@ pub fn rotated_path(base: &Path, seq: u32) -> PathBuf {
     }
 }
 
-/// Creates a capture file: mode 0600 (it holds addresses), refusing to
-/// overwrite unless `force`.
-pub fn create_private(path: &Path, force: bool) -> Result<File, WriteError> {
-    let io = |source| WriteError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut o = OpenOptions::new();
-    o.write(true).mode(0o600);
-    if force {
-        o.create(true).truncate(true);
-    } else {
-        o.create_new(true);
-    }
-    let f = o.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            WriteError::Exists(path.display().to_string())
-        } else {
-            io(e)
-        }
-    })?;
-    // An overwritten file keeps its old mode: tighten it.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io)?;
-    Ok(f)
-}
-
 /// Checks the options and that nothing would be overwritten without
-/// `force` (the file, or a rotated `PATH.N` of an earlier capture).
+/// `force` (the file, or a rotated `PATH.N` of an earlier capture), and
+/// that nothing but regular files would be replaced with it.
 pub fn precheck(opts: &WriteOptions) -> Result<(), WriteError> {
     if let Some(m) = opts.max_size
         && m < MIN_MAX_SIZE
     {
         return Err(WriteError::MaxSize(m));
     }
-    if !opts.force {
-        for p in [opts.path.clone(), rotated_path(&opts.path, 1)] {
-            if p.symlink_metadata().is_ok() {
-                return Err(WriteError::Exists(p.display().to_string()));
-            }
-        }
+    for p in [opts.path.clone(), rotated_path(&opts.path, 1)] {
+        outfile::check(&p, opts.force, &[])?;
     }
     Ok(())
+}
+
+/// The first file of a capture, created (empty, exclusively) before the
+/// tracer loads anything: a path that cannot be written fails the run
+/// before any BPF is loaded, and the file is removed again if the run
+/// fails before [`Writer::start`] wrote the header.
+pub struct Prepared {
+    opts: WriteOptions,
+    file: Created,
+}
+
+impl Prepared {
+    /// The capture file, for outputs that must not overwrite it.
+    pub fn as_input(&self) -> Input {
+        Input {
+            path: self.opts.path.display().to_string(),
+            id: self.file.id(),
+        }
+    }
+}
+
+/// Creates the capture's first file; with `force`, first removes the
+/// rotated files (regular ones only) of an earlier capture at that path.
+pub fn prepare(opts: WriteOptions, inputs: &[Input]) -> Result<Prepared, WriteError> {
+    precheck(&opts)?;
+    if opts.force {
+        // A stale PATH.N from an earlier capture would be read as part of
+        // this one. lstat, not exists(): a dangling symlink is there too,
+        // and is refused rather than written through at rotation. All are
+        // checked before any is removed.
+        let stale: Vec<PathBuf> = (1..)
+            .map(|seq| rotated_path(&opts.path, seq))
+            .take_while(|p| p.symlink_metadata().is_ok())
+            .collect();
+        for p in &stale {
+            outfile::check(p, true, inputs)?;
+        }
+        for p in &stale {
+            outfile::remove_stale(p, inputs)?;
+        }
+    }
+    let file = outfile::create(&opts.path, opts.force, inputs)?;
+    Ok(Prepared { opts, file })
 }
 
 enum Msg {
@@ -175,9 +218,9 @@ fn io_thread(
                     path: path.display().to_string(),
                     source,
                 })
-                .and_then(|_| create_private(&next, force))
+                .and_then(|_| outfile::create(&next, force, &[]).map_err(WriteError::from))
                 .map(|f| {
-                    file = f;
+                    file = f.keep();
                     path = next;
                 }),
         };
@@ -211,68 +254,70 @@ pub struct Writer {
 
 impl Writer {
     /// Creates `opts.path` (and checks no rotated file of an older capture
-    /// is in the way) and writes the header.
-    pub fn create(opts: WriteOptions, mut header: Header) -> Result<Writer, WriteError> {
-        precheck(&opts)?;
-        if opts.force {
-            // A stale PATH.N from an earlier capture would be read as part
-            // of this one.
-            for seq in 1.. {
-                let p = rotated_path(&opts.path, seq);
-                if !p.exists() {
-                    break;
-                }
-                std::fs::remove_file(&p).map_err(|source| WriteError::Io {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-            }
-        }
-        let file = create_private(&opts.path, opts.force)?;
+    /// is in the way) and writes the header: [`prepare`] and
+    /// [`Writer::start`] in one.
+    pub fn create(opts: WriteOptions, header: Header) -> Result<Writer, WriteError> {
+        Writer::start(prepare(opts, &[])?, header, &NetnsNames::new())
+    }
+
+    /// Writes the header (and `names`) to the prepared file at once, so
+    /// that a tracer killed before its first interval still leaves a
+    /// readable capture, then hands the file to the I/O thread.
+    pub fn start(
+        prepared: Prepared,
+        mut header: Header,
+        names: &NetnsNames,
+    ) -> Result<Writer, WriteError> {
+        let Prepared { opts, mut file } = prepared;
         header.seq = 0;
         let (tx, rx) = sync_channel(QUEUE);
         let (free_tx, free) = sync_channel(4);
-        let failed: Failure = Arc::default();
-        let io = {
-            let (path, force, failed) = (opts.path.clone(), opts.force, failed.clone());
-            std::thread::Builder::new()
-                .name("capture-io".into())
-                .spawn(move || io_thread(file, path, force, rx, free_tx, failed))
-                .map_err(|source| WriteError::Io {
-                    path: opts.path.display().to_string(),
-                    source,
-                })?
-        };
         let mut w = Writer {
             opts,
             header,
-            names: NetnsNames::new(),
+            names: names.clone(),
             buf: Vec::with_capacity(CHUNK + 4096),
             file_bytes: 0,
             events_in_file: 0,
             events_written: 0,
-            tx: Some(tx),
+            tx: None,
             free,
-            io: Some(io),
-            failed,
+            io: None,
+            failed: Arc::default(),
         };
-        w.start_file();
+        let header_bytes = w.start_file()?;
         // Every rotated file repeats the header: it must leave room for
         // events, or rotation would make a file per event.
         if let Some(max) = w.opts.max_size
-            && w.file_bytes * 4 > max
+            && header_bytes * 4 > max
         {
-            let e = WriteError::HeaderTooLarge {
+            // Dropping `file` removes it: nothing was recorded, and a
+            // file left behind would block the retry.
+            return Err(WriteError::HeaderTooLarge {
                 max,
-                header: w.file_bytes,
+                header: header_bytes,
                 namespaces: w.header.conntrack.len().max(w.header.kernel_start.len()),
-            };
-            let path = w.opts.path.clone();
-            drop(w);
-            // Nothing was recorded: do not leave a file that blocks the retry.
-            let _ = std::fs::remove_file(path);
-            return Err(e);
+            });
         }
+        let io_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| WriteError::Io { path, source }
+        };
+        file.file()
+            .write_all(&w.buf)
+            .and_then(|()| file.file().sync_data())
+            .map_err(io_err(&w.opts.path))?;
+        w.buf.clear();
+        let file = file.keep();
+        let io = {
+            let (path, force, failed) = (w.opts.path.clone(), w.opts.force, w.failed.clone());
+            std::thread::Builder::new()
+                .name("capture-io".into())
+                .spawn(move || io_thread(file, path, force, rx, free_tx, failed))
+                .map_err(io_err(&w.opts.path))?
+        };
+        w.tx = Some(tx);
+        w.io = Some(io);
         Ok(w)
     }
 
@@ -282,15 +327,51 @@ impl Writer {
         self.file_bytes += (self.buf.len() - before) as u64;
     }
 
-    fn start_file(&mut self) {
+    /// Starts a file with the magic, the header and the current names;
+    /// returns the bytes that takes. A header longer than a reader accepts
+    /// ([`format::MAX_RECORD`]) is refused here, at write time.
+    fn start_file(&mut self) -> Result<u64, WriteError> {
+        let before = self.file_bytes;
         let header = self.header.clone();
+        let mut rec = Vec::new();
+        format::frame_json(&mut rec, rtype::HEADER, &header);
+        let len = (rec.len() - format::FRAME_BYTES) as u64;
+        if len > u64::from(format::MAX_RECORD) {
+            return Err(WriteError::HeaderRecord(len));
+        }
         self.push(|b| {
             b.extend_from_slice(&MAGIC);
-            format::frame_json(b, rtype::HEADER, &header);
+            b.extend_from_slice(&rec);
         });
         if !self.names.is_empty() {
             let names = self.names.clone();
-            self.push(|b| format::frame_json(b, rtype::NAMES, &names));
+            self.push_names(&names);
+        }
+        Ok(self.file_bytes - before)
+    }
+
+    /// A NAMES record, of as many names as fit one record (a reader
+    /// refuses longer ones; beyond ~100 000 namespaces the rest go
+    /// unnamed rather than making the file unreadable).
+    fn push_names(&mut self, names: &NetnsNames) {
+        let mut keep = names.len();
+        loop {
+            let mut rec = Vec::new();
+            if keep == names.len() {
+                format::frame_json(&mut rec, rtype::NAMES, names);
+            } else {
+                let part: NetnsNames = names
+                    .iter()
+                    .take(keep)
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect();
+                format::frame_json(&mut rec, rtype::NAMES, &part);
+            }
+            if rec.len() - format::FRAME_BYTES <= format::MAX_RECORD as usize || keep == 0 {
+                self.push(|b| b.extend_from_slice(&rec));
+                return;
+            }
+            keep /= 2;
         }
     }
 
@@ -324,7 +405,7 @@ impl Writer {
             return;
         }
         self.names = names.clone();
-        self.push(|b| format::frame_json(b, rtype::NAMES, names));
+        self.push_names(names);
     }
 
     pub fn event(&mut self, e: &Event) {
@@ -353,7 +434,8 @@ impl Writer {
         self.send(Msg::Rotate(rotated_path(&self.opts.path, self.header.seq)));
         self.file_bytes = 0;
         self.events_in_file = 0;
-        self.start_file();
+        // The header was accepted for the first file and only `seq` grew.
+        let _ = self.start_file();
     }
 
     /// Makes everything so far durable (called once per live interval).

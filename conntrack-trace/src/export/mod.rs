@@ -5,17 +5,60 @@ pub mod pcapng;
 
 use std::{io::Write, path::Path};
 
-use crate::{capture::writer::create_private, report::ReportError};
+use crate::{
+    outfile::{self, Created, Input},
+    output::pipe::Pipe,
+    report::ReportError,
+};
+
+/// Where an export goes: stdout (a reader who leaves ends it quietly), or
+/// a file created by [`outfile::create`] and removed again unless the
+/// export succeeds ([`Output::keep`]).
+pub enum Output {
+    Stdout(Pipe<std::io::StdoutLock<'static>>),
+    File(Created),
+}
+
+impl Output {
+    pub fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Output::Stdout(p) => p,
+            Output::File(c) => c.file(),
+        }
+    }
+
+    /// The export succeeded: a file stays.
+    pub fn keep(self) {
+        if let Output::File(c) = self {
+            let _ = c.keep();
+        }
+    }
+}
+
+/// An export or SVG never replaces a capture, `--force` or not.
+pub fn refuse_capture(p: &Path) -> Result<(), ReportError> {
+    if crate::capture::is_capture_file(p) {
+        return Err(ReportError::Usage(format!(
+            "{}: is a conntrack-trace capture; refusing to replace it (remove it first if that is really meant)",
+            p.display()
+        )));
+    }
+    Ok(())
+}
 
 /// Opens the export's output: a new file with mode 0600 (it holds
-/// addresses; never overwritten without --force), or stdout for `-`/none.
-pub fn open_output(path: Option<&Path>, force: bool) -> Result<Box<dyn Write>, ReportError> {
+/// addresses; see [`outfile`] for what `force` may replace), never one of
+/// `inputs`; or stdout for `-`/none.
+pub fn open_output(
+    path: Option<&Path>,
+    force: bool,
+    inputs: &[Input],
+) -> Result<Output, ReportError> {
     match path {
-        None => Ok(Box::new(std::io::stdout().lock())),
-        Some(p) if p.as_os_str() == "-" => Ok(Box::new(std::io::stdout().lock())),
-        Some(p) => {
-            let f = create_private(p, force).map_err(|e| ReportError::Usage(e.to_string()))?;
-            Ok(Box::new(f))
+        Some(p) if p.as_os_str() != "-" => {
+            refuse_capture(p)?;
+            Ok(Output::File(outfile::create(p, force, inputs)?))
         }
+        _ => Ok(Output::Stdout(Pipe::new(std::io::stdout().lock()))),
     }
 }

@@ -1,23 +1,24 @@
 //! Export as the live `--format ndjson` stream: the same event lines (same
 //! code, [`crate::output::ndjson::Ndjson`]) and the recomputed summary last.
 
-use std::{io::Write, path::PathBuf};
+use std::io::Write;
 
 use crate::{
+    capture::OpenSet,
     cli::OfflineFilterArgs,
     output::{Sink, ndjson::Ndjson},
     report::{self, Report, ReportError},
 };
 
 pub fn export(
-    paths: &[PathBuf],
+    set: OpenSet,
     filter: &OfflineFilterArgs,
     top: usize,
     out: impl Write,
 ) -> Result<Report, ReportError> {
     let mut sink = Ndjson::new(std::io::BufWriter::with_capacity(1 << 16, out));
     let mut err: Option<std::io::Error> = None;
-    let r = report::build(paths, filter, top, |e, names, matched| {
+    let r = report::build_set(set, filter, top, |e, names, matched| {
         if matched
             && err.is_none()
             && let Err(e) = sink.event(e, names)

@@ -3,7 +3,7 @@
 //! header), nanosecond wall-clock timestamps, the drop kind and namespace
 //! in the packet comment, capture metadata in the section header.
 
-use std::{borrow::Cow, io::Write, path::PathBuf, time::Duration};
+use std::{borrow::Cow, io::Write, time::Duration};
 
 use pcap_file::{
     DataLink,
@@ -20,7 +20,7 @@ use pcap_file::{
 use conntrack_trace_common::PKT_BYTES;
 
 use crate::{
-    capture::Header,
+    capture::{Header, OpenSet},
     cli::OfflineFilterArgs,
     event::Event,
     output::NetnsNames,
@@ -70,7 +70,7 @@ fn comment(e: &Event, names: &NetnsNames) -> String {
 }
 
 pub fn export(
-    paths: &[PathBuf],
+    set: OpenSet,
     filter: &OfflineFilterArgs,
     out: impl Write,
 ) -> Result<(Report, PcapStats), ReportError> {
@@ -82,7 +82,7 @@ pub fn export(
         pcap_file::PcapError::IoError(e) => io(e),
         other => io(std::io::Error::other(other.to_string())),
     };
-    let header = report::first_header(paths)?;
+    let header = set.header().clone();
     let out = std::io::BufWriter::with_capacity(1 << 16, out);
     let mut w = PcapNgWriter::with_section_header(out, section(&header)).map_err(pcap)?;
     w.write_pcapng_block(InterfaceDescriptionBlock {
@@ -103,7 +103,7 @@ pub fn export(
     };
     let mut err = None;
     let (start_unix, start_mono) = (header.start_unix_ns, header.start_mono_ns);
-    let r = report::build(paths, filter, 10, |e, names, matched| {
+    let r = report::build_set(set, filter, 10, |e, names, matched| {
         if !matched || err.is_some() {
             return;
         }

@@ -224,6 +224,9 @@ pub fn render_summary(sum: &Summary) -> String {
         sum.kernel.chaintoolong,
         sum.kernel.invalid
     );
+    if let Some(line) = sum.scope.uncovered_line() {
+        let _ = writeln!(s, "WARNING: {line}");
+    }
     if !sum.per_packet {
         let _ = writeln!(
             s,
@@ -268,6 +271,9 @@ impl<W: Write> Sink for Human<W> {
 
     fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()> {
         let text = render_live(view);
+        // Namespace names are any process's `comm`: no control characters
+        // reach the terminal but our own redraw.
+        let text = super::text::printable(&text);
         if self.redraw {
             // Home + clear screen: redraw in place, no terminal mode change
             // to restore on exit.
@@ -282,7 +288,11 @@ impl<W: Write> Sink for Human<W> {
         if self.redraw {
             write!(self.out, "\x1b[H\x1b[2J")?;
         }
-        write!(self.out, "{}", render_summary(summary))?;
+        write!(
+            self.out,
+            "{}",
+            super::text::printable(&render_summary(summary))
+        )?;
         self.out.flush()
     }
 }
@@ -409,6 +419,7 @@ mod tests {
                 netns: "srv".into(),
                 netns_inode: Some(1),
                 namespaces: 1,
+                uncovered: vec![],
             },
             decode_errors: 0,
             top: top_sources(&a, 3),

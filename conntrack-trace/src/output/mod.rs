@@ -2,6 +2,8 @@
 
 pub mod human;
 pub mod ndjson;
+pub mod pipe;
+pub mod text;
 
 use std::collections::BTreeMap;
 
@@ -71,6 +73,44 @@ pub struct Scope {
     pub netns_inode: Option<u32>,
     /// Namespaces whose counters were summed.
     pub namespaces: usize,
+    /// Namespaces of the scope whose counters are *not* in the sum, and
+    /// why (e.g. no CAP_SYS_ADMIN to enter them): never a silent zero.
+    #[serde(default)]
+    pub uncovered: Vec<Uncovered>,
+}
+
+/// A namespace the kernel counters do not cover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uncovered {
+    pub netns: String,
+    pub inode: u32,
+    pub reason: String,
+}
+
+impl Scope {
+    /// One line about what the kernel counters leave out, if anything.
+    pub fn uncovered_line(&self) -> Option<String> {
+        let first = self.uncovered.first()?;
+        let mut names: Vec<&str> = self
+            .uncovered
+            .iter()
+            .take(3)
+            .map(|u| u.netns.as_str())
+            .collect();
+        let more = self.uncovered.len().saturating_sub(names.len());
+        let extra = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        names.dedup();
+        Some(format!(
+            "kernel counters do not cover {} namespace(s) ({}{extra}): {}",
+            self.uncovered.len(),
+            names.join(", "),
+            first.reason
+        ))
+    }
 }
 
 /// The last ndjson line, and the final human summary.

@@ -233,6 +233,7 @@ mod tests {
                 netns: "all".into(),
                 netns_inode: None,
                 namespaces: 2,
+                uncovered: vec![],
             },
             decode_errors: 0,
             top: vec![],

@@ -86,5 +86,7 @@ pub fn render(r: &Report) -> String {
         }
         s.push('\n');
     }
-    s
+    // Names and the host name come from the capture: no control
+    // characters reach the reader's terminal.
+    crate::output::text::printable(&s).into_owned()
 }

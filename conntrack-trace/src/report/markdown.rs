@@ -52,6 +52,9 @@ pub fn render(r: &Report) -> String {
         kr.chaintoolong,
         kr.invalid
     );
+    if let Some(line) = sum.scope.uncovered_line() {
+        let _ = writeln!(s, "**Warning:** {line}\n");
+    }
     let _ = writeln!(s, "**Check:** {}\n", r.check.verdict);
     let amp = &sum.amplification;
     let _ = writeln!(s, "### Retransmission amplification\n");
@@ -127,5 +130,6 @@ pub fn render(r: &Report) -> String {
             f.path, f.seq, f.bytes, f.events, f.ended
         );
     }
-    s
+    // Names and the host name come from the capture.
+    crate::output::text::printable(&s).into_owned()
 }

@@ -15,7 +15,7 @@ use crate::{
     aggregate::{Aggregator, DEFAULT_MAX_SOURCES, KindCounts},
     amplify::{AmpConfig, Detector},
     capture::{
-        self, CaptureInfo, Header, ReadError,
+        self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
     },
     cli::{OfflineFilterArgs, TimeSpec},
@@ -130,8 +130,12 @@ pub struct Analysis {
     scope_inode: Option<u32>,
     /// The live aggregator, fed the matching events.
     pub agg: Aggregator,
-    /// Matching events per second since the capture started.
+    /// Matching events per `granularity_s` seconds since the capture
+    /// started (keys: bucket start). Bounded while reading: past
+    /// 2 × [`MAX_ROWS`] keys the buckets double (a capture of 3 M distinct
+    /// seconds used to hold 3 M entries).
     pub per_second: BTreeMap<u64, KindCounts>,
+    pub granularity_s: u64,
     pub last_ts_ns: u64,
     /// The live amplification detector, fed the matching events.
     pub amp: Detector,
@@ -148,6 +152,7 @@ impl Analysis {
             scope_inode: header.scope.netns_inode,
             agg: Aggregator::new(DEFAULT_MAX_SOURCES),
             per_second: BTreeMap::new(),
+            granularity_s: 1,
             last_ts_ns: 0,
         }
     }
@@ -165,9 +170,28 @@ impl Analysis {
         self.agg.record(e);
         self.amp.record(e);
         let sec = e.ts_ns.saturating_sub(self.start_mono_ns) / 1_000_000_000;
-        *self.per_second.entry(sec).or_default().get_mut(e.kind) += 1;
+        let key = sec - sec % self.granularity_s;
+        *self.per_second.entry(key).or_default().get_mut(e.kind) += 1;
+        if self.per_second.len() as u64 > 2 * MAX_ROWS {
+            self.coarsen();
+        }
         self.last_ts_ns = self.last_ts_ns.max(e.ts_ns);
         true
+    }
+}
+
+impl Analysis {
+    /// Doubles the timeline's bucket width, merging buckets.
+    fn coarsen(&mut self) {
+        self.granularity_s = self.granularity_s.saturating_mul(2);
+        let g = self.granularity_s;
+        let old = std::mem::take(&mut self.per_second);
+        for (sec, c) in old {
+            let e = self.per_second.entry(sec - sec % g).or_default();
+            for k in Kind::ALL {
+                *e.get_mut(k) = e.get(k).saturating_add(c.get(k));
+            }
+        }
     }
 }
 
@@ -260,10 +284,22 @@ pub struct Report {
 
 pub use crate::clock::utc;
 
+#[cfg(test)]
 fn timeline(per_second: &BTreeMap<u64, KindCounts>, duration_s: f64) -> Timeline {
+    timeline_of(per_second, 1, duration_s)
+}
+
+/// The timeline of buckets of `granularity_s` seconds (see
+/// [`Analysis::per_second`]): rows are a multiple of it wide.
+fn timeline_of(
+    per_second: &BTreeMap<u64, KindCounts>,
+    granularity_s: u64,
+    duration_s: f64,
+) -> Timeline {
+    let g = granularity_s.max(1);
     let last = per_second.keys().next_back().copied().unwrap_or(0);
     let span = last.max(duration_s.ceil() as u64).max(1);
-    let bucket_s = span.div_ceil(MAX_ROWS).max(1);
+    let bucket_s = span.div_ceil(MAX_ROWS).max(1).div_ceil(g).saturating_mul(g);
     let n = span.div_ceil(bucket_s);
     let mut rows: Vec<TimelineRow> = (0..n)
         .map(|i| TimelineRow {
@@ -281,7 +317,8 @@ fn timeline(per_second: &BTreeMap<u64, KindCounts>, duration_s: f64) -> Timeline
             rows[i].t_s = i as u64 * bucket_s;
         }
         for k in Kind::ALL {
-            *rows[i].counts.get_mut(k) += c.get(k);
+            let v = rows[i].counts.get(k).saturating_add(c.get(k));
+            *rows[i].counts.get_mut(k) = v;
         }
     }
     // Rows added past the end by resize have t_s 0: fix them up.
@@ -362,25 +399,27 @@ pub enum ReportError {
         context: String,
         source: std::io::Error,
     },
+    /// An output that may not or could not be created.
+    #[error(transparent)]
+    Out(#[from] crate::outfile::OutError),
+}
+
+impl ReportError {
+    /// The documented exit code (README "Exit codes").
+    pub fn exit_code(&self) -> i32 {
+        use crate::error::exit;
+        match self {
+            ReportError::Usage(_) => exit::USAGE,
+            ReportError::Out(e) if e.is_refusal() => exit::USAGE,
+            _ => exit::FAILURE,
+        }
+    }
 }
 
 /// The header of the set's first file (for filters that need the start
 /// time, and for exports that write metadata before the events).
 pub fn first_header(paths: &[PathBuf]) -> Result<Header, ReadError> {
-    let mut best: Option<Header> = None;
-    for p in paths {
-        let mut r = capture::reader::FileReader::open(p)?;
-        if let Some(capture::format::Record::Header(h)) = r.next_record()?
-            && best.as_ref().is_none_or(|b| h.seq < b.seq)
-        {
-            best = Some(*h);
-        }
-    }
-    // read_set reports a file without a header with its offset.
-    match best {
-        Some(h) => Ok(h),
-        None => capture::read_set(paths, |_, _| {}).map(|i| i.header),
-    }
+    Ok(capture::open_set(paths)?.header().clone())
 }
 
 /// Reads a capture through [`Analysis::feed`]; `each` sees every event,
@@ -389,14 +428,25 @@ pub fn build(
     paths: &[PathBuf],
     args: &OfflineFilterArgs,
     top: usize,
+    each: impl FnMut(&Event, &NetnsNames, bool),
+) -> Result<Report, ReportError> {
+    build_set(capture::open_set(paths)?, args, top, each)
+}
+
+/// [`build`] of a set already opened (and so checked) with
+/// [`capture::open_set`].
+pub fn build_set(
+    set: OpenSet,
+    args: &OfflineFilterArgs,
+    top: usize,
     mut each: impl FnMut(&Event, &NetnsNames, bool),
 ) -> Result<Report, ReportError> {
-    let header = first_header(paths)?;
+    let header = set.header().clone();
     let filter = OfflineFilter::new(args, &header).map_err(ReportError::Usage)?;
     let filters = filter.describe(args);
     let amp = args.amp.config().map_err(ReportError::Usage)?;
     let mut a = Analysis::new(filter, &header, amp);
-    let info = capture::read_set(paths, |e, names| {
+    let info = set.read(|e, names| {
         let m = a.feed(e, names);
         each(e, names, m);
     })?;
@@ -447,6 +497,7 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         unmatched_drop_counts: t.map_or(0, |t| t.unmatched_drop_counts),
         scope: Scope {
             namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
+            uncovered: t.map_or_else(|| h.scope.uncovered.clone(), |t| t.uncovered.clone()),
             ..h.scope.clone()
         },
         decode_errors: t.map_or(0, |t| t.decode_errors),
@@ -490,7 +541,7 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         warnings: info.warnings.clone(),
         filters,
         check: check(&a, &info),
-        timeline: timeline(&a.per_second, duration_s),
+        timeline: timeline_of(&a.per_second, a.granularity_s, duration_s),
         summary,
     }
 }
@@ -668,6 +719,81 @@ mod tests {
             assert!(svg::render(&r).ends_with("</svg>\n"));
             assert!(serde_json::to_string(&r).is_ok());
         }
+    }
+
+    /// Issue 11 item 11: `ESC[2J` in a host or namespace name cleared the
+    /// terminal of whoever ran `report`; control characters made the SVG
+    /// invalid XML.
+    #[test]
+    fn untrusted_names_are_escaped_in_every_renderer() {
+        use crate::capture::{WriteOptions, Writer, tests};
+        let d = TempDir::new("escape");
+        let p = d.0.join("c.ctt");
+        let mut h = tests::header();
+        h.hostname = "evil\x1b[2J\x07<host>&".into();
+        h.conntrack.push(NsFill {
+            netns: "ns\x1b]0;title\x07\u{202e}".into(),
+            inode: 4026532000,
+            fill: Default::default(),
+        });
+        let mut w = Writer::create(
+            WriteOptions {
+                path: p.clone(),
+                force: false,
+                max_size: None,
+            },
+            h,
+        )
+        .unwrap();
+        let mut names = NetnsNames::new();
+        names.insert(4026532000, "srv\x1b[31m".into());
+        w.names(&names);
+        let evs: Vec<Event> = (0..5).map(sample_event).collect();
+        for e in &evs {
+            w.event(e);
+        }
+        w.finish(tests::trailer(&evs)).unwrap();
+        let r = build(&[p], &OfflineFilterArgs::default(), 5, |_, _, _| {}).unwrap();
+        for text in [human::render(&r), markdown::render(&r)] {
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t'),
+                "{text:?}"
+            );
+            assert!(text.contains("evil\\x1b[2J\\x07"), "{text}");
+            assert!(!text.contains('\u{202e}'));
+        }
+        let svg = svg::render(&r);
+        assert!(!svg.chars().any(|c| c.is_control() && c != '\n'), "{svg:?}");
+        assert!(svg.contains("evil\\x1b[2J\\x07&lt;host&gt;&amp;"), "{svg}");
+    }
+
+    /// Issue 11 item 12: memory grew with distinct seconds (3 M seconds →
+    /// 245 MB); the timeline is bucketed while reading.
+    #[test]
+    fn timeline_is_bucketed_while_reading() {
+        let d = TempDir::new("buckets");
+        let p = d.0.join("c.ctt");
+        write_capture(&p, 1, None);
+        let h = first_header(std::slice::from_ref(&p)).unwrap();
+        let mut a = Analysis::new(
+            OfflineFilter::new(&OfflineFilterArgs::default(), &h).unwrap(),
+            &h,
+            AmpConfig::default(),
+        );
+        let n = 100_000u64;
+        for i in 0..n {
+            let mut e = sample_event(i);
+            e.ts_ns = h.start_mono_ns + i * 3 * 1_000_000_000;
+            a.feed(&e, &NetnsNames::new());
+            assert!(a.per_second.len() as u64 <= 2 * MAX_ROWS + 1);
+        }
+        let t = timeline_of(&a.per_second, a.granularity_s, (3 * n) as f64);
+        assert!(t.rows.len() as u64 <= MAX_ROWS, "{}", t.rows.len());
+        assert_eq!(t.bucket_s % a.granularity_s, 0);
+        let total: u64 = t.rows.iter().map(|r| r.counts.total()).sum();
+        assert_eq!(total, n, "every event in some row");
     }
 
     #[test]

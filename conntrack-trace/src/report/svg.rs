@@ -35,10 +35,9 @@ fn nice_ceil(v: f64) -> f64 {
         .unwrap_or(10.0 * p)
 }
 
+/// Text from the capture, as valid XML (see [`crate::output::text::xml`]).
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    crate::output::text::xml(s)
 }
 
 pub fn render(r: &Report) -> String {
