@@ -490,7 +490,7 @@ fn sigkill_right_after_ready_leaves_a_capture_with_a_header() -> Result<()> {
     ensure!(code == 0, "report after SIGKILL: {err}");
     let r: Value = serde_json::from_str(&out)?;
     assert_eq!(r["check"]["trailer"], false);
-    assert_eq!(r["capture"]["format_version"], 1);
+    assert_eq!(r["capture"]["format_version"], 2);
     let ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(
         ended.starts_with("cut short at offset ") && ended.contains("no trailer"),
