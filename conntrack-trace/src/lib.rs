@@ -17,6 +17,7 @@ pub mod error;
 pub mod event;
 pub mod export;
 pub mod filter;
+pub mod forecast;
 pub mod kallsyms;
 pub mod kstats;
 pub mod netns;
