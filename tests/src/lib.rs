@@ -201,7 +201,8 @@ impl CtStats {
             s.drop += get("drop")?;
             s.early_drop += get("early_drop")?;
             s.insert_failed += get("insert_failed")?;
-            s.chaintoolong += get("chaintoolong")?;
+            // 5.15+ print st->chaintoolong under `chainlength`.
+            s.chaintoolong += get("chaintoolong")? + get("chainlength")?;
             s.clashres += get("clashres")?;
         }
         Ok(s)
