@@ -378,7 +378,11 @@ mod tests {
         assert!((eta - 85.0).abs() < 0.01, "{f:?}");
         assert!((f.slope_per_s - 100.0).abs() < 1e-6);
         assert!(f.eta_low_s.unwrap() <= eta && eta <= f.eta_high_s.unwrap());
-        assert!(f.describe().starts_with("full in ~1m25s"), "{}", f.describe());
+        assert!(
+            f.describe().starts_with("full in ~1m25s"),
+            "{}",
+            f.describe()
+        );
     }
 
     #[test]
@@ -400,7 +404,11 @@ mod tests {
         assert!(f.describe().starts_with("relief in ~"), "{}", f.describe());
         // Already below the relief level: draining, no time.
         let mut e = Estimator::default();
-        feed(&mut e, 1000, (0..=16).map(|i| (i as f64, 500.0 - 10.0 * i as f64)));
+        feed(
+            &mut e,
+            1000,
+            (0..=16).map(|i| (i as f64, 500.0 - 10.0 * i as f64)),
+        );
         let f = e.forecast();
         assert_eq!((f.trend, f.eta_s), (Trend::Draining, None));
     }
@@ -440,7 +448,11 @@ mod tests {
         );
         let f = e.forecast();
         assert_eq!(f.trend, Trend::Filling, "{f:?}");
-        let (lo, eta, hi) = (f.eta_low_s.unwrap(), f.eta_s.unwrap(), f.eta_high_s.unwrap());
+        let (lo, eta, hi) = (
+            f.eta_low_s.unwrap(),
+            f.eta_s.unwrap(),
+            f.eta_high_s.unwrap(),
+        );
         assert!(lo <= 30.0 && 30.0 <= hi, "{f:?}");
         assert!((eta - 30.0).abs() / 30.0 < 0.15, "within 15 %: {f:?}");
     }

@@ -271,7 +271,11 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         // 6.18's name for it.
         let six = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop\n\
                    00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000007 00000000 00000000 00000000\n";
-        assert_eq!(parse("x", six).unwrap().chaintoolong, 7, "chainlength is chaintoolong");
+        assert_eq!(
+            parse("x", six).unwrap().chaintoolong,
+            7,
+            "chainlength is chaintoolong"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod btf;
 pub mod capture;
 pub mod cli;
 pub mod clock;
+pub mod doctor;
 pub mod error;
 pub mod event;
 pub mod export;
