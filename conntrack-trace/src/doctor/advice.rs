@@ -181,7 +181,9 @@ fn failures(d: &KindCounts) -> u64 {
 /// The UDP port that dominates the namespace's drops, or failing that its
 /// unassured entries: (port, evidence).
 fn dominant_udp(f: &NsFacts<'_>) -> Option<(u16, String)> {
-    let total = failures(&f.drops);
+    // Events and counters cover nearly the same window; never claim more
+    // than 100 %.
+    let total = failures(&f.drops).max(f.victims.iter().map(|v| v.drops).sum());
     if let Some(v) = f.victims.first()
         && v.proto == "udp"
         && total > 0
@@ -208,7 +210,7 @@ fn dominant_udp(f: &NsFacts<'_>) -> Option<(u16, String)> {
     (g.proto == "udp" && g.state != "assured" && g.share >= DOMINANT).then(|| {
         (
             g.port.unwrap_or(0),
-            format!("{} of {}'s table", super::table::describe(g), f.name),
+            format!("in {}: {}", f.name, super::table::describe(g)),
         )
     })
 }

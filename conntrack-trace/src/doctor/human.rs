@@ -342,6 +342,7 @@ mod tests {
                 per_packet: true,
             },
             duration_s: 5.0,
+            sampled_unix_ns: 1_700_000_000_000_000_000,
             settings: Settings {
                 at_risk_fill_percent: 80.0,
                 at_risk_within_s: 600.0,

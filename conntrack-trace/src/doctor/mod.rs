@@ -275,6 +275,9 @@ pub struct Diagnosis {
     pub kernel_release: String,
     pub backend: BackendReport,
     pub duration_s: f64,
+    /// Wall clock (Unix ns) of the last sample: forecasts count from here
+    /// (for a capture, its end).
+    pub sampled_unix_ns: u128,
     pub settings: Settings,
     pub status: Status,
     pub exit_code: i32,
@@ -447,6 +450,12 @@ impl NsAcc {
     }
 }
 
+fn unix_now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -598,8 +607,16 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
             }
         }
     };
+    // The window starts now that the programs are attached: the kernel's
+    // counters, the events and the samples then cover the same time.
+    for a in accs.iter_mut() {
+        if let Some((_, cols)) = sample(&a.info.path) {
+            a.start_cols = cols;
+        }
+    }
     let started = Instant::now();
     let t0 = monotonic_ns();
+    let mut sampled_unix_ns = 0;
     loop {
         let t_s = (monotonic_ns() - t0) as f64 / 1e9;
         for a in accs.iter_mut() {
@@ -616,6 +633,7 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
                 a.end_cols = cols;
             }
         }
+        sampled_unix_ns = unix_now_ns();
         drain(&mut ring, &mut accs);
         if started.elapsed() >= opts.duration {
             break;
@@ -627,6 +645,12 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
     }
     tp.detach();
     drain(&mut ring, &mut accs);
+    // The counters' window ends after the last event could happen.
+    for a in accs.iter_mut() {
+        if let Some((_, Some(cols))) = sample(&a.info.path) {
+            a.end_cols = Some(cols);
+        }
+    }
     let bpf = tp.counters()?;
     if bpf.lost.total() > 0 {
         warnings.push(format!(
@@ -710,6 +734,7 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
             per_packet: tp.per_packet(),
         },
         duration_s,
+        sampled_unix_ns,
         settings: settings(opts, &fcfg),
         status: Status::Healthy,
         exit_code: 0,
@@ -840,6 +865,9 @@ fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
             per_packet: header.per_packet,
         },
         duration_s: report.summary.duration_s,
+        sampled_unix_ns: header
+            .start_unix_ns
+            .saturating_add((report.summary.duration_s.max(0.0) * 1e9) as u128),
         settings: settings(opts, &fcfg),
         status: Status::Healthy,
         exit_code: 0,

@@ -16,7 +16,14 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 /// What the scenario tests use: conntrack itself, the nft ruleset with
 /// `ct state` (nf_tables, nft_ct) and the veth pairs between namespaces.
-pub const WANTED: [&str; 4] = ["nf_conntrack", "nf_tables", "nft_ct", "veth"];
+// nf_conntrack_netlink: doctor reads which entries hold the table over ctnetlink.
+pub const WANTED: [&str; 5] = [
+    "nf_conntrack",
+    "nf_tables",
+    "nft_ct",
+    "veth",
+    "nf_conntrack_netlink",
+];
 
 /// A module ready for insmod.
 pub struct Module {
