@@ -394,7 +394,7 @@ fn status_of(
     }
     if kernel.early_drop > 0 {
         risk(format!(
-            "{} entries evicted (early_drop)",
+            "{} evictions (early_drop)",
             kernel.early_drop
         ));
     }
