@@ -393,10 +393,7 @@ fn status_of(
         _ => {}
     }
     if kernel.early_drop > 0 {
-        risk(format!(
-            "{} evictions (early_drop)",
-            kernel.early_drop
-        ));
+        risk(format!("{} evictions (early_drop)", kernel.early_drop));
     }
     if kernel.insert_failed > 0 && kernel.drop == 0 {
         risk(format!("{} failed inserts", kernel.insert_failed));
@@ -616,8 +613,10 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
     }
     let started = Instant::now();
     let t0 = monotonic_ns();
-    let mut sampled_unix_ns = 0;
+    let mut sampled_unix_ns;
     loop {
+        // The samples' time (the forecast counts from the last one).
+        sampled_unix_ns = unix_now_ns();
         let t_s = (monotonic_ns() - t0) as f64 / 1e9;
         for a in accs.iter_mut() {
             if let Some((fill, cols)) = sample(&a.info.path) {
@@ -633,7 +632,6 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
                 a.end_cols = cols;
             }
         }
-        sampled_unix_ns = unix_now_ns();
         drain(&mut ring, &mut accs);
         if started.elapsed() >= opts.duration {
             break;
@@ -1014,5 +1012,96 @@ mod tests {
             ("udp/53", 8, 2)
         );
         assert_eq!(v[0].top_src.as_deref(), Some("10.0.0.2"));
+    }
+
+    #[test]
+    fn from_a_capture_uses_its_header_and_events() {
+        use crate::capture::{
+            WriteOptions, Writer,
+            format::{NsFill, tests::sample_event},
+            tests::{TempDir, header, trailer},
+        };
+        let dir = TempDir::new("doctor");
+        let path = dir.0.join("dns.ctt");
+        let mut h = header();
+        let ino = 4026532000;
+        h.conntrack = vec![NsFill {
+            netns: "srv".into(),
+            inode: ino,
+            fill: Fill {
+                count: 64,
+                max: 64,
+                buckets: 1024,
+            },
+        }];
+        h.kernel_start = BTreeMap::from([(ino, CtStats::default())]);
+        let mut w = Writer::create(
+            WriteOptions {
+                path: path.clone(),
+                force: false,
+                max_size: None,
+            },
+            h,
+        )
+        .unwrap();
+        // Every third event is in srv (sample_event spreads over 3 netns).
+        let evs: Vec<Event> = (0..300).map(sample_event).collect();
+        for e in &evs {
+            w.event(e);
+        }
+        let mut t = trailer(&evs);
+        let in_srv = |k: crate::event::Kind| {
+            evs.iter().filter(|e| e.netns == ino && e.kind == k).count() as u64
+        };
+        t.kernel_end = BTreeMap::from([(
+            ino,
+            CtStats {
+                drop: in_srv(crate::event::Kind::TableFull)
+                    + in_srv(crate::event::Kind::InsertFailed),
+                early_drop: in_srv(crate::event::Kind::EarlyDrop),
+                insert_failed: in_srv(crate::event::Kind::InsertFailed),
+                ..Default::default()
+            },
+        )]);
+        w.finish(t).unwrap();
+        let opts = Options {
+            netns: None,
+            duration: Duration::from_secs(1),
+            interval: Duration::from_millis(250),
+            choice: Choice::Auto,
+            backend: backend::Options {
+                btf_path: "/nonexistent".into(),
+                btf_explicit: false,
+                evictions: true,
+                rule_drops: false,
+                ring_bytes: 1 << 20,
+            },
+            at_risk_fill: 80.0,
+            at_risk_within: Duration::from_secs(600),
+            top: 5,
+            files: vec![path],
+        };
+        let d = run(&opts).unwrap();
+        assert_eq!(d.source, "capture");
+        assert_eq!((d.status, d.exit_code), (Status::Dropping, 7));
+        assert_eq!(d.namespaces.len(), 1);
+        let n = &d.namespaces[0];
+        assert_eq!((n.netns.as_str(), n.entries, n.max), ("srv", 64, 64));
+        assert_eq!(n.victims[0].service, "udp/53");
+        assert_eq!(n.forecast.trend, forecast::Trend::Unknown);
+        assert!(n.holders_unavailable.is_some());
+        let ids: Vec<&str> = d.advice.iter().map(|a| a.id.as_str()).collect();
+        assert!(
+            ids.contains(&"notrack") && ids.contains(&"raise_max"),
+            "{ids:?}"
+        );
+        let notrack = d.advice.iter().find(|a| a.id == "notrack").unwrap();
+        assert!(
+            notrack.commands[0].starts_with("ip netns exec srv nft"),
+            "{:?}",
+            notrack.commands
+        );
+        assert!(d.memory.note.is_some(), "the capture is from another host");
+        assert!(human::render(&d).contains("capture "));
     }
 }
