@@ -189,6 +189,12 @@ impl KernelBtf {
             .map_err(|_| BtfError::Other(format!("`{ty}.{path}` offset too large")))
     }
 
+    /// `sizeof(struct ty)` (doctor's memory figures).
+    pub fn size_of(&self, ty: &str) -> Result<usize> {
+        let (btf, t) = self.find(ty, |t| matches!(t, Type::Struct(_) | Type::Union(_)))?;
+        type_size(btf, &t)
+    }
+
     /// Value of an enumerator, e.g. `SKB_DROP_REASON_NETFILTER_DROP`.
     pub fn enum_value(&self, ty: &str, value: &str) -> Result<u32> {
         let (btf, t) = self.find(ty, |t| matches!(t, Type::Enum(_) | Type::Enum64(_)))?;

@@ -26,6 +26,75 @@ pub enum Command {
     Report(ReportArgs),
     /// Convert a capture to ndjson (the live schema) or pcapng.
     Export(ExportArgs),
+    /// Diagnose the table: fill, forecast, what holds it, who is dropped,
+    /// memory, and ranked advice with commands (exit 6 at risk, 7 dropping).
+    Doctor(DoctorArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DoctorFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// Diagnose a capture (`trace --write`) instead of the live host.
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Only this network namespace (live: name, path or inode; capture:
+    /// recorded name or inode). Default: every namespace using conntrack.
+    #[arg(long, value_name = "NAME|PATH|INODE")]
+    pub netns: Option<String>,
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: DoctorFormat,
+    /// How long to sample the live host.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Time between samples of the entry count.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// How to observe conntrack (see README "Backends").
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+    /// At risk at or above this fill (percent).
+    #[arg(long, default_value_t = 80.0, value_name = "PERCENT")]
+    pub at_risk_fill: f64,
+    /// At risk when the forecast says full sooner than this.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub at_risk_within: Duration,
+    /// Dropped services listed per namespace.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+}
+
+impl DoctorArgs {
+    /// The diagnosis's settings.
+    pub fn options(&self) -> crate::doctor::Options {
+        crate::doctor::Options {
+            netns: self.netns.clone(),
+            duration: self.duration,
+            interval: self.interval,
+            choice: self.backend.into(),
+            backend: crate::backend::Options {
+                btf_explicit: self.btf.is_some(),
+                btf_path: self
+                    .btf
+                    .clone()
+                    .unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+                evictions: true,
+                rule_drops: false,
+                ring_bytes: crate::backend::DEFAULT_RING_BYTES,
+            },
+            at_risk_fill: self.at_risk_fill,
+            at_risk_within: self.at_risk_within,
+            top: self.top,
+            files: self.files.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -600,6 +669,36 @@ mod tests {
     }
 
     #[test]
+    fn doctor_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "conntrack-trace",
+            "doctor",
+            "--netns",
+            "srv",
+            "--format",
+            "json",
+            "--duration",
+            "3s",
+        ])
+        .unwrap();
+        let Command::Doctor(d) = cli.command else {
+            panic!("not doctor")
+        };
+        let o = d.options();
+        assert_eq!(o.netns.as_deref(), Some("srv"));
+        assert_eq!(d.format, DoctorFormat::Json);
+        assert_eq!(o.duration, Duration::from_secs(3));
+        assert_eq!(o.interval, Duration::from_millis(250));
+        assert!(o.files.is_empty());
+        let cli = Cli::try_parse_from(["conntrack-trace", "doctor", "a.ctt", "a.ctt.1"]).unwrap();
+        let Command::Doctor(d) = cli.command else {
+            panic!("not doctor")
+        };
+        assert_eq!(d.files.len(), 2);
+        assert_eq!(d.format, DoctorFormat::Human);
+    }
+
+    #[test]
     fn sizes_and_times() {
         assert_eq!(parse_size("64k"), Ok(65536));
         assert_eq!(parse_size("100M"), Ok(100 << 20));
@@ -664,6 +763,8 @@ mod tests {
             vec!["conntrack-trace", "export", "f"],
             vec!["conntrack-trace", "export", "f", "--format", "pcap"],
             vec!["conntrack-trace", "trace", "--backend", "kprobe"],
+            vec!["conntrack-trace", "doctor", "--format", "yaml"],
+            vec!["conntrack-trace", "doctor", "--duration", "soon"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }

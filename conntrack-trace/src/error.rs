@@ -15,6 +15,11 @@ pub mod exit {
     pub const UNSUPPORTED: i32 = 4;
     /// The kernel refused to load or attach a program.
     pub const LOAD: i32 = 5;
+    /// `doctor`: a namespace is at risk (fill or forecast past its
+    /// threshold, evictions, failed inserts).
+    pub const AT_RISK: i32 = 6;
+    /// `doctor`: the kernel is dropping packets for conntrack now.
+    pub const DROPPING: i32 = 7;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -76,7 +76,9 @@ pub fn parse(path: &str, text: &str) -> Result<CtStats, StatsError> {
         col("early_drop"),
         col("insert_failed"),
         col("clashres"),
-        col("chaintoolong"),
+        // Printed as `chainlength` (st->chaintoolong) since 5.15
+        // (ct_cpu_seq_show(), nf_conntrack_standalone.c).
+        col("chaintoolong").or_else(|| col("chainlength")),
         col("invalid"),
     ];
     if cols[0].is_none() {
@@ -228,43 +230,76 @@ pub fn read_stats() -> Result<CtStats, StatsError> {
     parse(path, &text)
 }
 
-/// This netns's `drop` counter per possible CPU (rows in CPU order), from
-/// the calling thread's /proc/thread-self/net/stat/nf_conntrack.
-pub fn read_per_cpu_drop() -> Result<Vec<u64>, StatsError> {
+/// Every column of /proc/net/stat/nf_conntrack, per CPU (for `doctor`,
+/// which shows them all with what each means).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Columns {
+    /// Column names as the kernel prints them.
+    pub names: Vec<String>,
+    /// One row per possible CPU, values in `names` order.
+    pub rows: Vec<Vec<u64>>,
+}
+
+impl Columns {
+    /// The values of one column per CPU (None if this kernel lacks it).
+    pub fn per_cpu(&self, name: &str) -> Option<Vec<u64>> {
+        let i = self.names.iter().position(|n| n == name)?;
+        Some(self.rows.iter().map(|r| r[i]).collect())
+    }
+
+    /// The column summed over CPUs (None if this kernel lacks it).
+    pub fn sum(&self, name: &str) -> Option<u64> {
+        self.per_cpu(name)
+            .map(|v| v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+    }
+}
+
+/// Parses every column (hex) of /proc/net/stat/nf_conntrack.
+pub fn parse_columns(path: &str, text: &str) -> Result<Columns, StatsError> {
+    let mut lines = text.lines();
+    let names: Vec<String> = lines
+        .next()
+        .ok_or_else(|| StatsError::Empty(path.to_owned()))?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.is_empty() {
+            continue;
+        }
+        if fields.len() != names.len() {
+            return Err(StatsError::Bad {
+                path: path.to_owned(),
+                line: i + 2,
+                msg: format!("{} fields, header has {}", fields.len(), names.len()),
+            });
+        }
+        let row = fields
+            .iter()
+            .map(|f| {
+                u64::from_str_radix(f, 16).map_err(|e| StatsError::Bad {
+                    path: path.to_owned(),
+                    line: i + 2,
+                    msg: format!("`{f}`: {e}"),
+                })
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        rows.push(row);
+    }
+    Ok(Columns { names, rows })
+}
+
+/// Reads every column of the calling thread's netns.
+pub fn read_columns() -> Result<Columns, StatsError> {
     let path = "/proc/thread-self/net/stat/nf_conntrack";
     let text = std::fs::read_to_string(path).map_err(|e| StatsError::Bad {
         path: path.to_owned(),
         line: 0,
         msg: e.to_string(),
     })?;
-    per_cpu_column(path, &text, "drop")
-}
-
-/// One column of /proc/net/stat/nf_conntrack, per row (CPU).
-pub fn per_cpu_column(path: &str, text: &str, name: &str) -> Result<Vec<u64>, StatsError> {
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or_else(|| StatsError::Empty(path.to_owned()))?
-        .split_whitespace()
-        .collect();
-    let col = header.iter().position(|h| *h == name).ok_or_else(|| StatsError::Bad {
-        path: path.to_owned(),
-        line: 1,
-        msg: format!("no `{name}` column"),
-    })?;
-    lines
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let f = l.split_whitespace().nth(col).unwrap_or_default();
-            u64::from_str_radix(f, 16).map_err(|e| StatsError::Bad {
-                path: path.to_owned(),
-                line: i + 2,
-                msg: format!("`{f}`: {e}"),
-            })
-        })
-        .collect()
+    parse_columns(path, &text)
 }
 
 #[cfg(test)]
@@ -286,13 +321,22 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         assert_eq!(s.insert_failed, 4);
         assert_eq!(s.clash_resolve, 1);
         assert_eq!(s.invalid, 2);
-        assert_eq!(s.chaintoolong, 0, "absent column reads as zero");
+        assert_eq!(s.chaintoolong, 0, "chainlength column is zero");
+        // 6.18's name for it.
+        let six = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop\n\
+                   00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000007 00000000 00000000 00000000\n";
+        assert_eq!(
+            parse("x", six).unwrap().chaintoolong,
+            7,
+            "chainlength is chaintoolong"
+        );
     }
 
     #[test]
     fn drop_per_cpu_in_row_order() {
-        assert_eq!(per_cpu_column("x", SAMPLE, "drop").unwrap(), vec![0x0a, 0xf0]);
-        assert!(per_cpu_column("x", SAMPLE, "nope").is_err());
+        let c = parse_columns("x", SAMPLE).unwrap();
+        assert_eq!(c.per_cpu("drop"), Some(vec![0x0a, 0xf0]));
+        assert_eq!(c.per_cpu("nope"), None);
     }
 
     #[test]
@@ -379,5 +423,16 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
             50.0
         );
         assert_eq!(Fill::default().percent(), 0.0);
+    }
+
+    #[test]
+    fn every_column_per_cpu() {
+        let c = parse_columns("x", SAMPLE).unwrap();
+        assert_eq!(c.rows.len(), 2);
+        assert_eq!(c.per_cpu("drop"), Some(vec![0x0a, 0xf0]));
+        assert_eq!(c.sum("early_drop"), Some(0x11));
+        assert_eq!(c.sum("search_restart"), Some(0));
+        assert_eq!(c.sum("chaintoolong"), None, "absent column");
+        assert!(parse_columns("x", "entries drop\n1 zz\n").is_err());
     }
 }

@@ -33,6 +33,7 @@ fn main() {
         Command::Trace(args) => trace(args),
         Command::Report(args) => offline(report_cmd(args)),
         Command::Export(args) => offline(export_cmd(args)),
+        Command::Doctor(args) => doctor(&args),
     };
     std::process::exit(code);
 }
@@ -219,4 +220,30 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
     };
     out.keep();
     Ok(warnings)
+}
+
+/// `doctor`: the diagnosis on stdout; its status is the exit code.
+fn doctor(args: &conntrack_trace::cli::DoctorArgs) -> i32 {
+    use conntrack_trace::{cli::DoctorFormat, doctor};
+    let d = match doctor::run(&args.options()) {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let text = match args.format {
+        DoctorFormat::Human => doctor::human::render(&d),
+        DoctorFormat::Json => match serde_json::to_string(&d) {
+            Ok(s) => s + "\n",
+            Err(e) => return fail(&TraceError::Other(format!("encoding the diagnosis: {e}"))),
+        },
+    };
+    for w in &d.warnings {
+        let _ = writeln!(std::io::stderr(), "conntrack-trace: warning: {w}");
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            fail(&TraceError::io("writing the diagnosis")(e))
+        }
+        _ => d.exit_code,
+    }
 }

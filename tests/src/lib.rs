@@ -7,6 +7,7 @@
 //! sysctls and removes leftover `ctt-` namespaces after the run, for the case
 //! where the test process itself is killed.
 
+pub mod dns;
 pub mod json;
 pub mod traffic;
 
@@ -202,7 +203,8 @@ impl CtStats {
             s.drop += get("drop")?;
             s.early_drop += get("early_drop")?;
             s.insert_failed += get("insert_failed")?;
-            s.chaintoolong += get("chaintoolong")?;
+            // 5.15+ print st->chaintoolong under `chainlength`.
+            s.chaintoolong += get("chaintoolong")? + get("chainlength")?;
             s.clashres += get("clashres")?;
             s.invalid += get("invalid")?;
         }
@@ -235,6 +237,18 @@ impl Sysctl {
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         fs::write(&path, value.to_string())
             .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Sysctl {
+            path,
+            old: old.trim().to_owned(),
+        })
+    }
+
+    /// Remembers a sysctl's value and restores it on drop, without
+    /// changing it now (for commands the test runs that may change it).
+    pub fn keep(name: &str) -> Result<Sysctl> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let old =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         Ok(Sysctl {
             path,
             old: old.trim().to_owned(),

@@ -32,6 +32,41 @@ pub fn udp_oneshots(
     })?
 }
 
+/// [`udp_oneshots`] at `rate` datagrams per second (a flood that lasts),
+/// `payload(sport)` as each datagram's bytes; stops early once `stop` is
+/// set.
+#[allow(clippy::too_many_arguments, reason = "a flood's whole shape")]
+pub fn udp_paced(
+    ns: &Path,
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    dport: u16,
+    sports: std::ops::Range<u16>,
+    rate: f64,
+    payload: impl Fn(u16) -> Vec<u8> + Send,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<u64> {
+    let (src, dst) = (src.into(), dst.into());
+    in_netns(ns, move || -> Result<u64> {
+        let start = std::time::Instant::now();
+        let mut sent = 0u64;
+        for sport in sports {
+            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+                break;
+            }
+            let due = start + std::time::Duration::from_secs_f64(sent as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let s = UdpSocket::bind(SocketAddr::new(src, sport))
+                .with_context(|| format!("bind {src}:{sport}"))?;
+            s.send_to(&payload(sport), SocketAddr::new(dst, dport))?;
+            sent += 1;
+        }
+        Ok(sent)
+    })?
+}
+
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in data.chunks(2) {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use conntrack_trace_tests::{
-    Daemon, Sysctl, Topology, binary, in_netns, json, kernel_test, spawn_in, traced, traced_with,
+    Sysctl, Topology, binary, dns, in_netns, json, kernel_test, spawn_in, traced, traced_with,
     wait_bounded,
 };
 
@@ -135,50 +135,7 @@ fn dns_query_retries_are_flagged() -> anyhow::Result<()> {
     };
     let topo = Topology::new("ad", 37)?;
     let server = topo.server_ip.to_string();
-    let _dnsmasq = Daemon(
-        spawn_in(
-            &topo.server,
-            &[
-                "dnsmasq",
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={server}"),
-                "--address=/example.test/192.0.2.53",
-                "--pid-file=",
-                "--user=root",
-            ],
-        )
-        .context("dnsmasq (Debian package dnsmasq-base) is needed")?,
-    );
-    // The server answers before the table fills (over TCP: its entry is
-    // assured, so it cannot be evicted to let a later query through).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let answer = loop {
-        let o = wait_bounded(
-            spawn_in(
-                &topo.client,
-                &[
-                    "dig",
-                    &format!("@{server}"),
-                    "+tcp",
-                    "+short",
-                    "+tries=1",
-                    "+timeout=1",
-                    "probe.example.test",
-                ],
-            )?,
-            Instant::now() + Duration::from_secs(5),
-        )?;
-        let a = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-        if a == "192.0.2.53" || Instant::now() > deadline {
-            break a;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    ensure!(answer == "192.0.2.53", "dnsmasq did not answer: {answer:?}");
+    let _dnsmasq = dns::start_dnsmasq(&topo)?;
 
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
     let filler = topo.fill_assured(MAX)?;

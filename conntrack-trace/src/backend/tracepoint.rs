@@ -235,8 +235,9 @@ impl Tracepoints {
             return;
         };
         for ns in crate::netns::list().values() {
-            let Ok(Ok(per_cpu)) = crate::netns::in_netns(&ns.path, crate::kstats::read_per_cpu_drop)
-            else {
+            let Ok(Some(per_cpu)) = crate::netns::in_netns(&ns.path, || {
+                crate::kstats::read_columns().ok()?.per_cpu("drop")
+            }) else {
                 continue;
             };
             let mut v: Vec<u32> = per_cpu.into_iter().map(|d| d as u32).collect();

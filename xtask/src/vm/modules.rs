@@ -16,8 +16,16 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 /// What the scenario tests use: conntrack itself, the nft ruleset with
 /// `ct state` (nf_tables, nft_ct), `dnat` (nft_nat, which depends on
-/// nf_nat) and the veth pairs between namespaces.
-pub const WANTED: [&str; 5] = ["nf_conntrack", "nf_tables", "nft_ct", "nft_nat", "veth"];
+/// nf_nat), the veth pairs between namespaces, and nf_conntrack_netlink
+/// (doctor reads which entries hold the table over ctnetlink).
+pub const WANTED: [&str; 6] = [
+    "nf_conntrack",
+    "nf_tables",
+    "nft_ct",
+    "nft_nat",
+    "veth",
+    "nf_conntrack_netlink",
+];
 
 /// A module ready for insmod.
 pub struct Module {
