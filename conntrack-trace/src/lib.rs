@@ -24,5 +24,6 @@ pub mod kstats;
 pub mod netns;
 pub mod outfile;
 pub mod output;
+pub mod pipeline;
 pub mod report;
 pub mod trace;

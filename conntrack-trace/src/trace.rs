@@ -15,8 +15,9 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Aggregator, KindCounts},
-    amplify::{AmpConfig, Detector, Finding},
+    pipeline::Pipeline,
+    aggregate::KindCounts,
+    amplify::{AmpConfig, Finding},
     backend::{self, Choice},
     capture::{self, Writer, format::NsFill},
     clock::Clock,
@@ -84,10 +85,8 @@ pub fn ring_pause(ring_bytes: u32) -> Duration {
 
 struct Consumer<'s> {
     sink: &'s mut dyn Sink,
-    filter: Filter,
-    agg: Aggregator,
-    amp: Detector,
-    received: KindCounts,
+    /// Count, select, aggregate, detect: what `report` runs on captures.
+    pipe: Pipeline<Filter>,
     decode_errors: u64,
     names: NetnsNames,
     unknown_netns: bool,
@@ -120,15 +119,12 @@ impl Consumer<'_> {
     }
 
     fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
-        *self.received.get_mut(ev.kind) += 1;
         if let Some(w) = &mut self.writer {
             w.event(ev);
         }
-        if !self.filter.matches(ev) {
+        if !self.pipe.feed(ev, &self.names) {
             return Ok(());
         }
-        self.agg.record(ev);
-        self.amp.record(ev);
         if !self.names.contains_key(&ev.netns) {
             self.unknown_netns = true;
         }
@@ -143,7 +139,7 @@ impl Consumer<'_> {
 impl Consumer<'_> {
     /// Writes findings that are new or changed since the last report.
     fn report_findings(&mut self, clock: &Clock) -> Result<(), TraceError> {
-        let changed: Vec<Finding> = self.amp.take_changed(clock);
+        let changed: Vec<Finding> = self.pipe.amp.take_changed(clock);
         for f in &changed {
             if self.closed {
                 break;
@@ -338,10 +334,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
 
     let mut consumer = Consumer {
         sink,
-        filter: opts.filter.clone(),
-        agg: Aggregator::new(opts.max_sources),
-        amp: Detector::new(opts.amp.clone()),
-        received: KindCounts::default(),
+        pipe: Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone()),
         decode_errors: 0,
         names,
         unknown_netns: false,
@@ -402,11 +395,11 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 if !per_packet {
                     // Totals only: the kernel's counters feed the totals
                     // and rates, no sources.
-                    consumer.agg.record_totals(&counters.seen.sub(&last_seen));
+                    consumer.pipe.agg.record_totals(&counters.seen.sub(&last_seen));
                     last_seen = counters.seen;
                 }
                 let now = Instant::now();
-                consumer.agg.tick(now - last_tick);
+                consumer.pipe.agg.tick(now - last_tick);
                 last_tick = now;
                 if consumer.unknown_netns {
                     consumer.names = names_of(&netns::list());
@@ -423,8 +416,8 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 }
                 let f = fills(&scope);
                 consumer.report_findings(&clock)?;
-                let findings = consumer.amp.findings(&clock);
-                let amp = consumer.amp.summary();
+                let findings = consumer.pipe.amp.findings(&clock);
+                let amp = consumer.pipe.amp.summary();
                 let view = LiveView {
                     backend: &backend_desc,
                     refused: &refused,
@@ -432,7 +425,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                     evictions: &evictions_desc,
                     elapsed_s: started.elapsed().as_secs_f64(),
                     fills: &f,
-                    agg: &consumer.agg,
+                    agg: &consumer.pipe.agg,
                     lost: counters.lost,
                     rule_drops: (tp.name() == backend::Name::Tracepoint)
                         .then_some(counters.seen.rule_drop),
@@ -480,7 +473,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
     let complete = per_packet
         && Kind::ALL
             .iter()
-            .all(|k| consumer.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
+            .all(|k| consumer.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
     let summary = Summary {
         kind: "summary",
         version: env!("CARGO_PKG_VERSION").into(),
@@ -492,9 +485,9 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         duration_s,
         start_unix_ns,
         start_mono_ns,
-        events: consumer.received,
+        events: consumer.pipe.received,
         matched: if per_packet {
-            consumer.agg.totals
+            consumer.pipe.agg.totals
         } else {
             KindCounts::default()
         },
@@ -510,10 +503,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
             ..scope_desc
         },
         decode_errors: consumer.decode_errors,
-        top: top_sources(&consumer.agg, opts.top),
-        untracked_sources: consumer.agg.untracked,
-        amplification: consumer.amp.summary(),
-        findings: consumer.amp.findings(&clock),
+        top: top_sources(&consumer.pipe.agg, opts.top),
+        untracked_sources: consumer.pipe.agg.untracked,
+        amplification: consumer.pipe.amp.summary(),
+        findings: consumer.pipe.amp.findings(&clock),
     };
     let capture_result = consumer.writer.take().map(|w| {
         let files = w.files();

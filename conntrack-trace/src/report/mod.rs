@@ -12,8 +12,9 @@ use std::{collections::BTreeMap, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
-    aggregate::{Aggregator, DEFAULT_MAX_SOURCES, KindCounts},
-    amplify::{AmpConfig, Detector},
+    aggregate::{DEFAULT_MAX_SOURCES, KindCounts},
+    pipeline::{Pipeline, Select},
+    amplify::AmpConfig,
     capture::{
         self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
@@ -76,6 +77,12 @@ impl OfflineFilter {
     }
 
     pub fn matches(&self, e: &Event, names: &NetnsNames) -> bool {
+        self.select(e, names)
+    }
+}
+
+impl Select for OfflineFilter {
+    fn select(&self, e: &Event, names: &NetnsNames) -> bool {
         if !self.recorded.matches(e) || !self.cli.matches(e) {
             return false;
         }
@@ -94,6 +101,9 @@ impl OfflineFilter {
         true
     }
 
+}
+
+impl OfflineFilter {
     /// What the command line added, for the report's metadata.
     fn describe(&self, args: &OfflineFilterArgs) -> Vec<String> {
         let mut v = Vec::new();
@@ -121,15 +131,13 @@ impl OfflineFilter {
 
 /// Everything learned from the event stream.
 pub struct Analysis {
-    filter: OfflineFilter,
+    /// The live pipeline (count, select, aggregate, amplification), fed
+    /// the capture's events.
+    pub pipe: Pipeline<OfflineFilter>,
     start_mono_ns: u64,
-    /// Events per kind before filters (the live `events`).
-    pub received: KindCounts,
     /// Events of the traced scope (what the kernel counters cover).
     pub in_scope: KindCounts,
     scope_inode: Option<u32>,
-    /// The live aggregator, fed the matching events.
-    pub agg: Aggregator,
     /// Matching events per `granularity_s` seconds since the capture
     /// started (keys: bucket start). Bounded while reading: past
     /// 2 × [`MAX_ROWS`] keys the buckets double (a capture of 3 M distinct
@@ -137,20 +145,15 @@ pub struct Analysis {
     pub per_second: BTreeMap<u64, KindCounts>,
     pub granularity_s: u64,
     pub last_ts_ns: u64,
-    /// The live amplification detector, fed the matching events.
-    pub amp: Detector,
 }
 
 impl Analysis {
     pub fn new(filter: OfflineFilter, header: &Header, amp: AmpConfig) -> Analysis {
         Analysis {
-            amp: Detector::new(amp),
-            filter,
+            pipe: Pipeline::new(filter, DEFAULT_MAX_SOURCES, amp),
             start_mono_ns: header.start_mono_ns,
-            received: KindCounts::default(),
             in_scope: KindCounts::default(),
             scope_inode: header.scope.netns_inode,
-            agg: Aggregator::new(DEFAULT_MAX_SOURCES),
             per_second: BTreeMap::new(),
             granularity_s: 1,
             last_ts_ns: 0,
@@ -160,15 +163,12 @@ impl Analysis {
     /// Feeds one event of the capture, in order; returns whether it passed
     /// the filters. Every offline analysis hooks in here.
     pub fn feed(&mut self, e: &Event, names: &NetnsNames) -> bool {
-        *self.received.get_mut(e.kind) += 1;
         if self.scope_inode.is_none_or(|i| i == e.netns) {
             *self.in_scope.get_mut(e.kind) += 1;
         }
-        if !self.filter.matches(e, names) {
+        if !self.pipe.feed(e, names) {
             return false;
         }
-        self.agg.record(e);
-        self.amp.record(e);
         let sec = e.ts_ns.saturating_sub(self.start_mono_ns) / 1_000_000_000;
         let key = sec - sec % self.granularity_s;
         *self.per_second.entry(key).or_default().get_mut(e.kind) += 1;
@@ -460,7 +460,7 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         || a.last_ts_ns.saturating_sub(h.start_mono_ns) as f64 / 1e9,
         |t| t.duration_s,
     );
-    let mut top = top_sources(&a.agg, top);
+    let mut top = top_sources(&a.pipe.agg, top);
     for s in &mut top {
         let span = (s.last_ts_ns.saturating_sub(s.first_ts_ns) as f64 / 1e9).max(1.0);
         s.rate_per_s = s.total as f64 / span;
@@ -487,8 +487,8 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         duration_s,
         start_unix_ns: h.start_unix_ns,
         start_mono_ns: h.start_mono_ns,
-        events: a.received,
-        matched: a.agg.totals,
+        events: a.pipe.received,
+        matched: a.pipe.agg.totals,
         lost: t.map(|t| t.lost).unwrap_or_default(),
         observed: t.map(|t| t.observed).unwrap_or_default(),
         complete: t.is_some_and(|t| t.complete) && info.intact(),
@@ -502,9 +502,9 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         },
         decode_errors: t.map_or(0, |t| t.decode_errors),
         top,
-        untracked_sources: a.agg.untracked,
-        amplification: a.amp.summary(),
-        findings: a.amp.findings(&Clock {
+        untracked_sources: a.pipe.agg.untracked,
+        amplification: a.pipe.amp.summary(),
+        findings: a.pipe.amp.findings(&Clock {
             start_unix_ns: h.start_unix_ns,
             start_mono_ns: h.start_mono_ns,
         }),
@@ -593,7 +593,7 @@ mod tests {
         )
         .unwrap();
         // What the live tracer computes from the same events.
-        let mut live = Aggregator::new(DEFAULT_MAX_SOURCES);
+        let mut live = crate::aggregate::Aggregator::new(DEFAULT_MAX_SOURCES);
         for e in &evs {
             live.record(e);
         }
