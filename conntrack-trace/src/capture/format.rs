@@ -145,10 +145,46 @@ pub struct Header {
     /// False for the counters backend (a capture then holds no events).
     #[serde(default = "yes")]
     pub per_packet: bool,
+    /// The backend's name (`backend` holds it with its hooks). Absent in
+    /// captures written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_name: Option<String>,
 }
 
 fn yes() -> bool {
     true
+}
+
+impl Header {
+    /// The recording session's facts, as the live summary had them.
+    pub fn facts(&self, trailer: Option<&Trailer>) -> crate::output::SessionFacts {
+        // Older captures name the backend only with its hooks
+        // ("tracepoint (tp_btf/...)") and, when finished, in the trailer.
+        let backend = self
+            .backend_name
+            .clone()
+            .or_else(|| trailer.map(|t| t.backend.clone()))
+            .unwrap_or_else(|| {
+                self.backend
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            });
+        crate::output::SessionFacts {
+            version: self.tool_version.clone(),
+            backend,
+            hooks: self.backend.clone(),
+            refused: self.backend_refused.clone(),
+            per_packet: self.per_packet,
+            evictions: self.evictions.clone(),
+            clock: crate::clock::Clock {
+                start_unix_ns: self.start_unix_ns,
+                start_mono_ns: self.start_mono_ns,
+            },
+            scope: self.scope.clone(),
+        }
+    }
 }
 
 /// Last record of a finished capture (SIGINT, SIGTERM, --duration).
@@ -185,6 +221,36 @@ pub struct Trailer {
     /// See [`crate::output::Summary::unmatched_drop_counts`].
     #[serde(default)]
     pub unmatched_drop_counts: u64,
+}
+
+impl Trailer {
+    /// The trailer of a finished capture: the same totals as the live
+    /// summary, plus what only the file needs.
+    pub fn of(
+        s: &crate::output::Summary,
+        end_mono_ns: u64,
+        kernel_end: BTreeMap<u32, CtStats>,
+        events_written: u64,
+    ) -> Trailer {
+        Trailer {
+            backend: s.backend.clone(),
+            duration_s: s.duration_s,
+            end_mono_ns,
+            events: s.events,
+            matched: s.matched,
+            lost: s.lost,
+            observed: s.observed,
+            complete: s.complete,
+            decode_errors: s.decode_errors,
+            kernel_end,
+            kernel: s.kernel,
+            namespaces: s.scope.namespaces,
+            uncovered: s.scope.uncovered.clone(),
+            events_written,
+            unclassified_drops: s.unclassified_drops,
+            unmatched_drop_counts: s.unmatched_drop_counts,
+        }
+    }
 }
 
 /// Marks the end of a rotated file.

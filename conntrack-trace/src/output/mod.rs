@@ -13,9 +13,94 @@ use crate::{
     aggregate::{Aggregator, KindCounts},
     amplify::{AmpSummary, Finding},
     backend::Refusal,
+    clock::Clock,
     event::Event,
     kstats::{CtStats, Fill},
+    pipeline::Pipeline,
 };
+
+/// What a session established at start, said once and borrowed by the
+/// stderr line, the live view, the capture header and the summary (no
+/// string is split later to recover a part of it).
+#[derive(Clone, Debug)]
+pub struct SessionFacts {
+    /// Tool version that ran the session.
+    pub version: String,
+    /// `fexit`, `tracepoint` or `counters` ([`crate::backend::Name::as_str`]).
+    pub backend: String,
+    /// The backend with its hooks, as in the live header.
+    pub hooks: String,
+    pub refused: Vec<Refusal>,
+    pub per_packet: bool,
+    pub evictions: String,
+    pub clock: Clock,
+    pub scope: Scope,
+}
+
+
+/// The counts a summary reports next to the pipeline's analyses: live,
+/// from the programs' counters and the kernel's; offline, from the
+/// capture's trailer.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub events: KindCounts,
+    pub matched: KindCounts,
+    pub lost: KindCounts,
+    pub observed: KindCounts,
+    pub kernel: CtStats,
+    pub unclassified_drops: u64,
+    pub unmatched_drop_counts: u64,
+    pub decode_errors: u64,
+    /// Namespaces whose kernel counters are in `kernel`.
+    pub namespaces: usize,
+    pub uncovered: Vec<Uncovered>,
+    /// `events + lost == observed` for every kind, and (offline) the
+    /// capture holds all of it.
+    pub complete: bool,
+}
+
+impl Summary {
+    /// The one way a summary is made, live and offline: the session's
+    /// facts, the driver's totals, and the pipeline's analyses.
+    pub fn assemble<S>(
+        facts: &SessionFacts,
+        duration_s: f64,
+        t: Totals,
+        top: Vec<TopSource>,
+        pipe: &Pipeline<S>,
+    ) -> Summary {
+        Summary {
+            kind: "summary",
+            version: facts.version.clone(),
+            backend: facts.backend.clone(),
+            hooks: facts.hooks.clone(),
+            backend_refused: facts.refused.clone(),
+            per_packet: facts.per_packet,
+            evictions: facts.evictions.clone(),
+            duration_s,
+            start_unix_ns: facts.clock.start_unix_ns,
+            start_mono_ns: facts.clock.start_mono_ns,
+            events: t.events,
+            matched: t.matched,
+            lost: t.lost,
+            observed: t.observed,
+            complete: t.complete,
+            kernel: t.kernel,
+            unclassified_drops: t.unclassified_drops,
+            unmatched_drop_counts: t.unmatched_drop_counts,
+            scope: Scope {
+                namespaces: t.namespaces,
+                uncovered: t.uncovered,
+                ..facts.scope.clone()
+            },
+            decode_errors: t.decode_errors,
+            top,
+            untracked_sources: pipe.agg.untracked,
+            amplification: pipe.amp.summary(),
+            findings: pipe.amp.findings(&facts.clock),
+        }
+    }
+}
 
 /// Known namespace names by inode.
 pub type NetnsNames = BTreeMap<u32, String>;
