@@ -23,3 +23,4 @@ pub mod netns;
 pub mod output;
 pub mod report;
 pub mod trace;
+pub mod workload;

@@ -3,8 +3,6 @@
 pub mod human;
 pub mod ndjson;
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -15,8 +13,8 @@ use crate::{
     kstats::{CtStats, Fill},
 };
 
-/// Known namespace names by inode.
-pub type NetnsNames = BTreeMap<u32, String>;
+/// Known namespace names by inode (and the containers/pods behind them).
+pub use crate::workload::NetnsNames;
 
 /// What the live header shows at each interval.
 pub struct LiveView<'a> {
