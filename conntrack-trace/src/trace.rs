@@ -177,8 +177,9 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Names (and containers/pods, see [`crate::workload`]) of `list`.
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
-    list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
+    crate::workload::names_of(list)
 }
 
 fn fills(scope: &[NetnsInfo]) -> Vec<(String, Fill)> {
@@ -210,10 +211,10 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         capture::writer::precheck(w).map_err(|e| TraceError::Usage(e.to_string()))?;
     }
 
-    let all = netns::list();
+    let all = crate::workload::named(netns::list());
     let (scope, scope_desc) = match &opts.netns {
         Some(spec) => {
-            let ns = netns::resolve(spec)?;
+            let ns = crate::workload::named_one(netns::resolve(spec)?);
             opts.filter.netns = Some(ns.inode);
             let d = Scope {
                 netns: ns.name.clone(),
@@ -373,7 +374,7 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
                 let now = Instant::now();
                 consumer.agg.tick(now - last_tick);
                 last_tick = now;
-                if consumer.unknown_netns {
+                if consumer.unknown_netns || crate::workload::wants_refresh() {
                     consumer.names = names_of(&netns::list());
                     consumer.unknown_netns = false;
                 }

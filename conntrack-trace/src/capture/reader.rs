@@ -318,6 +318,7 @@ pub fn read_set(
                     f(&e, &names);
                 }
                 Record::Names(n) => names = n,
+                Record::Workloads(w) => names.set_workloads(w),
                 Record::Trailer(t) => {
                     trailer = Some(*t);
                     ended = Some("trailer");

@@ -291,6 +291,7 @@ impl Writer {
         if !self.names.is_empty() {
             let names = self.names.clone();
             self.push(|b| format::frame_json(b, rtype::NAMES, &names));
+            self.push(|b| format::frame_workloads(b, &names));
         }
     }
 
@@ -325,6 +326,7 @@ impl Writer {
         }
         self.names = names.clone();
         self.push(|b| format::frame_json(b, rtype::NAMES, names));
+        self.push(|b| format::frame_workloads(b, names));
     }
 
     pub fn event(&mut self, e: &Event) {

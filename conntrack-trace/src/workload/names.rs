@@ -92,6 +92,74 @@ mod tests {
     use super::*;
     use crate::workload::{Container, Runtime, Source};
 
+    fn docker_web() -> Workload {
+        Workload {
+            container: Some(Container {
+                runtime: Runtime::Docker,
+                id: "bc476804eb2af2157d625626809925a1bfa429e356d96195f836ba4a4dc30f0d".into(),
+                name: Some("web".into()),
+                image: Some("ctt-busybox:test".into()),
+                namespace: None,
+                source: Source::Api,
+            }),
+            pod: None,
+        }
+    }
+
+    #[test]
+    fn capture_records_carry_the_workloads() {
+        use crate::capture::format::{self, FRAME_BYTES, Record, rtype};
+        let mut n = NetnsNames::new();
+        n.insert(7, "docker:web".into());
+        let mut buf = Vec::new();
+        format::frame_workloads(&mut buf, &n);
+        assert!(buf.is_empty(), "no WORKLOADS record without workloads");
+        n.set_workload(7, docker_web());
+        format::frame_json(&mut buf, rtype::NAMES, &n);
+        let names_len = buf.len();
+        format::frame_workloads(&mut buf, &n);
+        let names = format::decode_body(&buf[FRAME_BYTES..names_len]).unwrap();
+        let Record::Names(mut got) = names else {
+            panic!("{names:?}")
+        };
+        let w = format::decode_body(&buf[names_len + FRAME_BYTES..]).unwrap();
+        let Record::Workloads(w) = w else {
+            panic!("{w:?}")
+        };
+        got.set_workloads(w);
+        assert_eq!(got, n);
+    }
+
+    #[test]
+    fn ndjson_events_name_the_container() {
+        use crate::{
+            event::{Event, Kind, Proto},
+            output::{Sink, ndjson::Ndjson},
+        };
+        let mut n = NetnsNames::new();
+        n.insert(7, "docker:web".into());
+        n.set_workload(7, docker_web());
+        let e = Event {
+            kind: Kind::TableFull,
+            ts_ns: 1,
+            cpu: 0,
+            netns: 7,
+            proto: Proto::UDP,
+            src: Some("10.0.0.7".parse().unwrap()),
+            dst: Some("10.0.0.53".parse().unwrap()),
+            sport: 4000,
+            dport: 53,
+            packet: Default::default(),
+        };
+        let mut s = Ndjson::new(Vec::new());
+        s.event(&e, &n).unwrap();
+        let line = String::from_utf8(s.into_inner()).unwrap();
+        assert_eq!(
+            line.trim(),
+            r#"{"type":"event","kind":"table_full","ts_ns":1,"cpu":0,"netns":7,"netns_name":"docker:web","container":{"runtime":"docker","id":"bc476804eb2af2157d625626809925a1bfa429e356d96195f836ba4a4dc30f0d","name":"web","image":"ctt-busybox:test","source":"api"},"family":"ipv4","proto":"udp","src":"10.0.0.7","dst":"10.0.0.53","sport":4000,"dport":53}"#
+        );
+    }
+
     #[test]
     fn serializes_as_the_plain_names_map() {
         let mut n = NetnsNames::new();
