@@ -400,6 +400,38 @@ fn flood_and_check(
     Ok(())
 }
 
+/// A socket that exists but cannot be read (here: mode 000, and the
+/// tracer without CAP_DAC_OVERRIDE) is said in one note, and the container
+/// is still named, by its id from the cgroup — never an empty name.
+fn unreadable_socket_is_said(sock: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(sock)?.permissions().mode();
+    fs::set_permissions(sock, fs::Permissions::from_mode(0o000))?;
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", "-dac_override,-dac_read_search"])
+        .args(["--inh-caps", "-dac_override,-dac_read_search"])
+        .arg(binary())
+        .args(["trace", "--duration", "1s", "--format", "ndjson"])
+        .env("DOCKER_HOST", format!("unix://{}", sock.display()))
+        .output();
+    fs::set_permissions(sock, fs::Permissions::from_mode(mode))?;
+    let out = out.context("running the tracer under setpriv")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "tracer failed: {err}");
+    let notes: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("exists but cannot be read"))
+        .collect();
+    ensure!(notes.len() == 1, "one note about the socket: {err}");
+    ensure!(
+        notes[0].contains("Permission denied") && notes[0].contains("named by id"),
+        "{}",
+        notes[0]
+    );
+    eprintln!("{}", notes[0]);
+    Ok(())
+}
+
 #[test]
 fn docker_containers_are_named() -> Result<()> {
     let test = "docker_containers_are_named";
@@ -498,6 +530,7 @@ fn docker_containers_are_named() -> Result<()> {
         clients.push(c);
     }
     flood_and_check(test, &clients, &wants, &[("DOCKER_HOST", &sock)])?;
+    unreadable_socket_is_said(&sock)?;
     drop(clients);
     drop(rm);
     Ok(())
