@@ -257,8 +257,8 @@ impl Resolver {
     }
 
     fn enrich(&mut self, found: &mut [Found]) {
-        self.from_docker(found);
-        self.from_containerd(found);
+        self.ask_docker(found);
+        self.ask_containerd(found);
         for f in found.iter_mut() {
             if f.workload.is_some() {
                 continue;
@@ -308,7 +308,7 @@ impl Resolver {
         self.note(&key, format!("{u}: {what}"));
     }
 
-    fn from_docker(&mut self, found: &mut [Found]) {
+    fn ask_docker(&mut self, found: &mut [Found]) {
         let wants = found
             .iter()
             .any(|f| matches!(f.hint.container, Some((Runtime::Docker, _))));
@@ -343,7 +343,7 @@ impl Resolver {
         }
     }
 
-    fn from_containerd(&mut self, found: &mut [Found]) {
+    fn ask_containerd(&mut self, found: &mut [Found]) {
         let wants = found.iter().any(|f| {
             f.workload.is_none()
                 && (matches!(f.hint.container, Some((Runtime::Containerd, _)))
