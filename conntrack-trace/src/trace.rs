@@ -177,8 +177,9 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Names (and containers/pods, see [`crate::workload`]) of `list`.
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
-    list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
+    crate::workload::names_of(list)
 }
 
 fn fills(scope: &[netns::Held]) -> Vec<(String, Fill)> {
@@ -276,7 +277,7 @@ fn resolve_scope(
 ) -> Result<(Vec<NetnsInfo>, Scope), TraceError> {
     let (list, netns, inode) = match &opts.netns {
         Some(spec) => {
-            let ns = netns::resolve(spec)?;
+            let ns = crate::workload::named_one(netns::resolve(spec)?);
             opts.filter.netns = Some(ns.inode);
             let (name, inode) = (ns.name.clone(), Some(ns.inode));
             (vec![ns], name, inode)
@@ -311,7 +312,7 @@ impl<'s> Session<'s> {
             .map_err(TraceError::io("reading /proc/self/status"))?;
         crate::error::check_privileges(&status)?;
         let (prepared, ready) = prepare_outputs(&mut opts)?;
-        let all = netns::list();
+        let all = crate::workload::named(netns::list());
         let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
         let scope = netns::hold(&list);
         // The kernel's counters bracket the attach period: read right
@@ -445,7 +446,7 @@ impl<'s> Session<'s> {
         let now = Instant::now();
         c.pipe.agg.tick(now - self.last_tick);
         self.last_tick = now;
-        if c.unknown_netns {
+        if c.unknown_netns || crate::workload::wants_refresh() {
             c.names = names_of(&netns::list());
             c.unknown_netns = false;
         }

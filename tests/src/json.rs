@@ -14,6 +14,9 @@ pub struct Event {
     pub cpu: u32,
     pub netns: u64,
     pub netns_name: Option<String>,
+    /// The container / pod owning the namespace (issue 14).
+    pub container: Option<Container>,
+    pub pod: Option<Pod>,
     pub family: String,
     pub proto: String,
     pub src: Option<String>,
@@ -33,6 +36,29 @@ pub struct Event {
     pub reply_dport: Option<u16>,
     #[serde(default)]
     pub nat: Option<String>,
+}
+
+/// `container` of an event (README "ndjson schema").
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    pub runtime: String,
+    pub id: String,
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub namespace: Option<String>,
+    pub source: String,
+}
+
+/// `pod` of an event.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: String,
+    pub containers: Vec<String>,
+    pub source: String,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

@@ -66,6 +66,11 @@ pub mod rtype {
     pub const EVENT: u8 = 3;
     pub const TRAILER: u8 = 4;
     pub const NEXT: u8 = 5;
+    /// JSON `{inode: workload}`: the containers/pods behind the names of
+    /// the NAMES record just before (see crate::workload). Written only
+    /// when there is one, so captures of hosts without containers stay
+    /// readable by readers older than this record.
+    pub const WORKLOADS: u8 = 6;
 }
 
 /// Conntrack fill of one traced namespace at start.
@@ -268,6 +273,7 @@ pub enum Record {
     Event(Event),
     Trailer(Box<Trailer>),
     Next(Next),
+    Workloads(BTreeMap<u32, crate::workload::Workload>),
 }
 
 /// Appends one framed record with body `rtype || payload` to `out`.
@@ -288,6 +294,19 @@ pub fn frame_json<T: Serialize>(out: &mut Vec<u8>, rtype: u8, v: &T) {
         // Serializing our own plain structs into a Vec cannot fail.
         let _ = serde_json::to_writer(o, v);
     })
+}
+
+/// Appends a WORKLOADS record for `names`' workloads, if it has any (and
+/// they fit one record; the names alone are kept otherwise).
+pub fn frame_workloads(out: &mut Vec<u8>, names: &NetnsNames) {
+    if names.workloads().is_empty() {
+        return;
+    }
+    let mut rec = Vec::new();
+    frame_json(&mut rec, rtype::WORKLOADS, names.workloads());
+    if rec.len() - FRAME_BYTES <= MAX_RECORD as usize {
+        out.extend_from_slice(&rec);
+    }
 }
 
 /// Appends the EVENT payload of `e`.
@@ -433,6 +452,9 @@ pub fn decode_body(body: &[u8]) -> Result<Record, String> {
         rtype::NEXT => {
             Record::Next(serde_json::from_slice(payload).map_err(|e| json_err("next", e))?)
         }
+        rtype::WORKLOADS => Record::Workloads(
+            serde_json::from_slice(payload).map_err(|e| json_err("workloads", e))?,
+        ),
         t => return Err(format!("unknown record type {t}")),
     })
 }

@@ -5,7 +5,6 @@ pub mod ndjson;
 pub mod pipe;
 pub mod text;
 
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -102,8 +101,8 @@ impl Summary {
     }
 }
 
-/// Known namespace names by inode.
-pub type NetnsNames = BTreeMap<u32, String>;
+/// Known namespace names by inode (and the containers/pods behind them).
+pub use crate::workload::NetnsNames;
 
 /// What the live header shows at each interval.
 pub struct LiveView<'a> {

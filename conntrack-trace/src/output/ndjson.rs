@@ -22,6 +22,11 @@ pub struct EventLine<'a> {
     pub netns: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns_name: Option<&'a str>,
+    /// The container / pod owning the namespace (see crate::workload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a crate::workload::Container>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<&'a crate::workload::Pod>,
     /// `ipv4`, `ipv6`, or `unknown` (no parsable IP header).
     pub family: &'static str,
     // Proto and IpAddr serialize as strings without a per-event allocation.
@@ -56,6 +61,7 @@ impl<'a> EventLine<'a> {
     pub fn new(e: &Event, names: &'a NetnsNames) -> Self {
         let ports = e.proto.has_ports();
         let icmp = e.proto.is_icmp();
+        let w = names.workload(e.netns);
         EventLine {
             ty: "event",
             kind: e.kind,
@@ -63,6 +69,8 @@ impl<'a> EventLine<'a> {
             cpu: e.cpu,
             netns: e.netns,
             netns_name: names.get(&e.netns).map(String::as_str),
+            container: w.and_then(|w| w.container.as_ref()),
+            pod: w.and_then(|w| w.pod.as_ref()),
             family: match e.src {
                 Some(IpAddr::V4(_)) => "ipv4",
                 Some(IpAddr::V6(_)) => "ipv6",
