@@ -24,11 +24,12 @@ use crate::{
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
-    kstats::{self, Fill},
+    forecast::{Estimator, Forecast, Sample, Trend},
+    kstats,
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
-        LiveView, NetnsNames, Scope, SessionFacts, Sink, Summary, Totals,
+        LiveView, NetnsNames, NsView, Scope, SessionFacts, Sink, Summary, Totals,
         pipe::{self, diag},
         top_sources,
     },
@@ -167,39 +168,84 @@ impl Consumer<'_> {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Names (and containers/pods, see [`crate::workload`]) of `list`.
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
     crate::workload::names_of(list)
 }
 
-fn fills(scope: &[netns::Held]) -> Vec<(String, Fill)> {
-    let mut v: Vec<(String, Fill)> = scope
+/// Entries / max / buckets of each namespace of the scope, fullest first.
+fn fills(scope: &[netns::Held]) -> Vec<NsView> {
+    let mut v: Vec<NsView> = scope
         .iter()
         .filter_map(|ns| match ns.run(kstats::read_fill) {
-            Ok(Some(f)) => Some((ns.info.name.clone(), f)),
+            Ok(Some(fill)) => Some(NsView {
+                inode: ns.info.inode,
+                name: ns.info.name.clone(),
+                fill,
+                forecast: None,
+            }),
             _ => None,
         })
         .collect();
-    v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
-    if scope.len() > 1 {
-        // Show only namespaces that use conntrack (plus the fullest one).
+    v.sort_by(|a, b| b.fill.count.cmp(&a.fill.count).then(a.name.cmp(&b.name)));
+    v
+}
+
+/// Only the namespaces that use conntrack (or else the fullest one), for
+/// the header of a trace of every namespace.
+fn shown(mut v: Vec<NsView>, all: bool) -> Vec<NsView> {
+    if all {
         let first = v.first().cloned();
-        v.retain(|(_, f)| f.count > 0);
+        v.retain(|ns| ns.fill.count > 0);
         if v.is_empty() {
             v.extend(first);
         }
     }
     v
+}
+
+/// The header's sparkline spans about this long.
+const HISTORY_S: f64 = 60.0;
+
+/// Each namespace's entry count over time, and what was last reported of
+/// it: the live forecast ([`crate::forecast`], the estimator `doctor`
+/// uses).
+#[derive(Default)]
+struct Forecasts {
+    by_ns: std::collections::HashMap<u32, (Estimator, Option<Forecast>)>,
+}
+
+impl Forecasts {
+    /// Feeds this tick's counts; returns the namespaces whose forecast
+    /// changed materially since last reported (and marks them reported).
+    fn update(&mut self, t_s: f64, views: &mut [NsView]) -> Vec<usize> {
+        let mut changed = Vec::new();
+        for (i, ns) in views.iter_mut().enumerate() {
+            let (est, last) = self.by_ns.entry(ns.inode).or_default();
+            est.push(
+                Sample {
+                    t_s,
+                    entries: ns.fill.count,
+                    inserted: None,
+                },
+                ns.fill.max,
+            );
+            let f = est.forecast();
+            // Nothing to say until the estimator has enough samples, nor
+            // of a table that has been steady since the start.
+            let news = match last {
+                None => !matches!(f.trend, Trend::Unknown | Trend::Steady),
+                Some(l) => f.trend != Trend::Unknown && f.differs_materially(l),
+            };
+            if news {
+                *last = Some(f.clone());
+                changed.push(i);
+            }
+            ns.forecast = Some(f);
+        }
+        changed
+    }
 }
 
 /// A live trace in three phases: [`Session::start`] (privileges, outputs,
@@ -221,6 +267,11 @@ struct Session<'s> {
     last_tick: Instant,
     /// The counters backend's totals at the last tick.
     last_seen: KindCounts,
+    forecasts: Forecasts,
+    /// Failures per kind of each of the last intervals (≈ 60 s).
+    history: std::collections::VecDeque<KindCounts>,
+    /// The pipeline's totals at the last tick.
+    last_totals: KindCounts,
 }
 
 pub async fn run(opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
@@ -302,7 +353,7 @@ fn wall_clock_now() -> Clock {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0),
-        start_mono_ns: monotonic_ns(),
+        start_mono_ns: crate::clock::monotonic_ns(),
     }
 }
 
@@ -378,6 +429,9 @@ impl<'s> Session<'s> {
             started: now,
             last_tick: now,
             last_seen: KindCounts::default(),
+            forecasts: Forecasts::default(),
+            history: std::collections::VecDeque::new(),
+            last_totals: KindCounts::default(),
         })
     }
 
@@ -452,7 +506,23 @@ impl<'s> Session<'s> {
         }
         c.flush_capture();
         c.report_findings(&self.facts.clock)?;
-        let f = fills(&self.scope);
+        let totals = c.pipe.agg.totals;
+        self.history.push_back(totals.sub(&self.last_totals));
+        self.last_totals = totals;
+        let keep = (HISTORY_S / self.opts.interval.as_secs_f64()).ceil().clamp(1.0, 60.0) as usize;
+        while self.history.len() > keep {
+            self.history.pop_front();
+        }
+        let mut views = fills(&self.scope);
+        let t_s = self.started.elapsed().as_secs_f64();
+        for i in self.forecasts.update(t_s, &mut views) {
+            if !c.closed {
+                let r = c.sink.forecast(&views[i]);
+                pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
+            }
+        }
+        let f = shown(views, self.opts.netns.is_none());
+        let history: Vec<KindCounts> = self.history.iter().copied().collect();
         let findings = c.pipe.amp.findings(&self.facts.clock);
         let amp = c.pipe.amp.summary();
         let view = LiveView {
@@ -462,6 +532,7 @@ impl<'s> Session<'s> {
             evictions: &self.facts.evictions,
             elapsed_s: self.started.elapsed().as_secs_f64(),
             fills: &f,
+            history: &history,
             agg: &c.pipe.agg,
             lost: counters.lost,
             rule_drops: (self.tp.name() == backend::Name::Tracepoint)
@@ -528,7 +599,7 @@ impl<'s> Session<'s> {
         let capture_result = c.writer.take().map(|w| {
             let files = w.files();
             let written = w.events_written();
-            let trailer = capture::Trailer::of(&summary, monotonic_ns(), end_stats.stats.clone(), written);
+            let trailer = capture::Trailer::of(&summary, crate::clock::monotonic_ns(), end_stats.stats.clone(), written);
             w.finish(trailer).map(|()| (files, written))
         });
         if !c.closed {

@@ -114,8 +114,11 @@ pub struct LiveView<'a> {
     pub per_packet: bool,
     pub evictions: &'a str,
     pub elapsed_s: f64,
-    /// (namespace name, fill) for the traced namespace(s), fullest first.
-    pub fills: &'a [(String, Fill)],
+    /// The traced namespace(s) with conntrack, fullest first.
+    pub fills: &'a [NsView],
+    /// Failures per kind in each of the last intervals (oldest first),
+    /// covering about the last 60 s: the header's sparkline.
+    pub history: &'a [KindCounts],
     pub agg: &'a Aggregator,
     pub lost: KindCounts,
     /// Rule drops counted so far; None when the backend cannot see them
@@ -254,11 +257,26 @@ pub struct Summary {
     pub findings: Vec<Finding>,
 }
 
+/// One namespace's table as the live view shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NsView {
+    pub inode: u32,
+    pub name: String,
+    pub fill: Fill,
+    /// Time to full / relief ([`crate::forecast`]); None until sampled.
+    pub forecast: Option<crate::forecast::Forecast>,
+}
+
 pub trait Sink {
     fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()>;
     fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()>;
     /// A source newly flagged, or whose counts grew since its last report.
     fn finding(&mut self, f: &Finding) -> std::io::Result<()>;
+    /// A namespace's forecast changed materially since it was last
+    /// reported (ndjson streams it; the human header shows it anyway).
+    fn forecast(&mut self, _ns: &NsView) -> std::io::Result<()> {
+        Ok(())
+    }
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
 }
 

@@ -93,6 +93,26 @@ impl<'a> EventLine<'a> {
     }
 }
 
+/// `{"type":"forecast",...}`: a namespace's time to full or to relief,
+/// when it changes materially (another trend, or a time that moved by more
+/// than 25 % and 2 s): `trend` (`unknown`, `full`, `filling`, `draining`,
+/// `steady`), `eta_s` with `eta_low_s`/`eta_high_s` (null = unbounded),
+/// the fitted `slope_per_s` and its `slope_stderr`, the fitted `entries`
+/// and `max`, `samples`, `span_s`, `insert_per_s`/`expire_per_s` (null
+/// when unknown); `count` is the entry count read at this tick, `ts_ns`
+/// when (CLOCK_MONOTONIC, as events).
+#[derive(Serialize)]
+struct ForecastLine<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    ts_ns: u64,
+    netns: u32,
+    netns_name: &'a str,
+    count: u64,
+    #[serde(flatten)]
+    forecast: &'a crate::forecast::Forecast,
+}
+
 pub struct Ndjson<W: Write> {
     out: W,
 }
@@ -114,6 +134,22 @@ impl<W: Write> Sink for Ndjson<W> {
 
     fn finding(&mut self, f: &Finding) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.out, f)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn forecast(&mut self, ns: &super::NsView) -> std::io::Result<()> {
+        let Some(f) = &ns.forecast else {
+            return Ok(());
+        };
+        let line = ForecastLine {
+            ty: "forecast",
+            ts_ns: crate::clock::monotonic_ns(),
+            netns: ns.inode,
+            netns_name: &ns.name,
+            count: ns.fill.count,
+            forecast: f,
+        };
+        serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")
     }
 
