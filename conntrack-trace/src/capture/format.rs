@@ -508,12 +508,12 @@ pub(crate) mod tests {
             // Entries (insert_failed) carry their reply tuple: every other
             // one DNATed to a server.
             reply: (kind == Kind::InsertFailed).then(|| crate::event::Reply {
-                src: if i % 2 == 0 {
+                src: if i.is_multiple_of(2) {
                     if v6 { "fd77:2::9".parse().unwrap() } else { "10.77.2.9".parse().unwrap() }
                 } else {
                     dst
                 },
-                sport: if i % 2 == 0 { 8053 } else { 53 },
+                sport: if i.is_multiple_of(2) { 8053 } else { 53 },
                 dst: src,
                 dport: 20_000 + (i % 1000) as u16,
             }),
