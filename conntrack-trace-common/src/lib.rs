@@ -148,6 +148,32 @@ impl RawEvent {
     }
 }
 
+/// Key of the kernel's exact per-source counts (`SOURCE_COUNTS`): every
+/// emitted event is counted under it before the ring is tried, so the
+/// counts stay exact when the ring overflows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub netns: u32,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// One of [`l3`], or 0.
+    pub l3: u8,
+    pub l4: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+    /// The event's `dport` (ICMP: `type << 8 | code`).
+    pub dport: u16,
+    /// Explicit padding; always zero.
+    pub _pad2: u16,
+    pub src: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SourceKey>() == 28);
+
+/// Entries of `SOURCE_COUNTS` (least recently dropped first out).
+pub const SOURCE_COUNTS_MAX: u32 = 65_536;
+
 /// Byte offsets of kernel struct members, resolved from the running kernel's
 /// BTF by user space and written into the programs' read-only globals (Rust
 /// has no CO-RE relocations). Every field is a plain offset from the start of
@@ -281,4 +307,6 @@ mod pod {
     unsafe impl aya::Pod for super::Offsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceKey {}
 }

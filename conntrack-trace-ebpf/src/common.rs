@@ -5,9 +5,9 @@
 use aya_ebpf::helpers::{
     bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
 };
-use conntrack_trace_common::{PKT_BYTES, RawEvent, counter, l3};
+use conntrack_trace_common::{PKT_BYTES, RawEvent, SourceKey, counter, l3};
 
-use crate::{COUNTERS, EVENTS, SCRATCH};
+use crate::{COUNTERS, EVENTS, SCRATCH, SOURCE_COUNTS};
 
 /// `IP_CT_UNTRACKED` (include/uapi/linux/netfilter/nf_conntrack_common.h):
 /// `_nfct` of a packet exempted from tracking (`notrack`) — not ours.
@@ -61,6 +61,7 @@ pub(crate) fn emit(ev: &mut RawEvent) -> Result<(), i64> {
     ev.cpu = unsafe { bpf_get_smp_processor_id() };
     let k = ev.kind;
     bump(counter::seen(k));
+    count_source(ev);
     // bpf_ringbuf_output copies from the scratch slot. Flags 0 = adaptive
     // wakeup (kernel/bpf/ringbuf.c): user space is woken only when it had
     // consumed everything before this record, so a flood costs no wakeup per
@@ -69,6 +70,30 @@ pub(crate) fn emit(ev: &mut RawEvent) -> Result<(), i64> {
         bump(counter::lost(k));
     }
     Ok(())
+}
+
+/// Counts the event under its source in `SOURCE_COUNTS` (this CPU's value:
+/// no atomics; user space sums the CPUs).
+#[inline(always)]
+fn count_source(ev: &RawEvent) {
+    let key = SourceKey {
+        netns: ev.netns,
+        kind: ev.kind,
+        l3: ev.l3,
+        l4: ev.l4,
+        _pad: 0,
+        dport: ev.dport,
+        _pad2: 0,
+        src: ev.src,
+    };
+    match SOURCE_COUNTS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value of an existing entry; programs do not
+        // nest on a CPU.
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            let _ = SOURCE_COUNTS.insert(&key, &1, 0);
+        }
+    }
 }
 
 /// Netns (`struct net *`, 0 when unknown) of a dropped packet: the device

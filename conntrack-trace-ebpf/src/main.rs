@@ -16,9 +16,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
-use conntrack_trace_common::{Config, Offsets, RawEvent, counter};
+use conntrack_trace_common::{
+    Config, Offsets, RawEvent, SOURCE_COUNTS_MAX, SourceKey, counter,
+};
 
 /// Offsets of kernel struct members (see `Offsets`); zero until user space
 /// fills them, in which case the programs are never attached.
@@ -69,6 +71,12 @@ static CONFIG: Config = Config {
 /// One record per dropped packet / evicted entry. Size is set by user space.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Exact per-source counts, per CPU, of every emitted event (lost or
+/// not): what the top sources come from when the ring overflowed.
+#[map]
+static SOURCE_COUNTS: LruPerCpuHashMap<SourceKey, u64> =
+    LruPerCpuHashMap::with_max_entries(SOURCE_COUNTS_MAX, 0);
 
 /// Exact per-CPU counters, indexed by `counter::*`.
 #[map]

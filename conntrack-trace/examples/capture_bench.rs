@@ -161,6 +161,8 @@ fn main() {
         events_written: written,
         unclassified_drops: 0,
         unmatched_drop_counts: 0,
+        exact_top: None,
+        exact_sources: 0,
     };
 
     // 1. Live pipeline without and with the writer.

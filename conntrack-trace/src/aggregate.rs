@@ -131,6 +131,11 @@ impl Aggregator {
         }
     }
 
+    /// What the events said of one source (timing, DNAT), if any arrived.
+    pub fn source(&self, k: &SourceKey) -> Option<&SourceStats> {
+        self.sources.get(k)
+    }
+
     pub fn record(&mut self, e: &Event) {
         *self.totals.get_mut(e.kind) += 1;
         let key = SourceKey::of(e);

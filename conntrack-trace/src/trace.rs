@@ -31,7 +31,7 @@ use crate::{
     output::{
         LiveView, NetnsNames, NsView, Scope, SessionFacts, Sink, Summary, Totals,
         pipe::{self, diag},
-        top_sources,
+        top_sources, top_sources_exact,
     },
 };
 
@@ -522,6 +522,13 @@ impl<'s> Session<'s> {
             }
         }
         let f = shown(views, self.opts.netns.is_none());
+        let exact_top = if counters.lost.total() > 0 {
+            let exact = self.tp.source_counts()?;
+            let sel = &c.pipe.select;
+            Some(top_sources_exact(&c.pipe.agg, &exact, |e| sel.matches(e), self.opts.top).0)
+        } else {
+            None
+        };
         let history: Vec<KindCounts> = self.history.iter().copied().collect();
         let findings = c.pipe.amp.findings(&self.facts.clock);
         let amp = c.pipe.amp.summary();
@@ -538,6 +545,7 @@ impl<'s> Session<'s> {
             rule_drops: (self.tp.name() == backend::Name::Tracepoint)
                 .then_some(counters.seen.rule_drop),
             top_n: self.opts.top,
+            exact_top: exact_top.as_deref(),
             findings: &findings,
             amp: &amp,
         };
@@ -568,6 +576,16 @@ impl<'s> Session<'s> {
             kstats::window(&self.scope, &self.start_stats, &end_stats);
         self.consumer.report_findings(&self.facts.clock)?;
         let c = &mut self.consumer;
+        // The ring overflowed: the counts of the top sources come from the
+        // programs' exact per-source counts, not from the events.
+        let sampled = counters.lost.total() > 0;
+        let (top, exact_sources) = if sampled {
+            let exact = self.tp.source_counts()?;
+            let f = &c.pipe.select;
+            top_sources_exact(&c.pipe.agg, &exact, |e| f.matches(e), self.opts.top)
+        } else {
+            (top_sources(&c.pipe.agg, self.opts.top), 0)
+        };
         let totals = Totals {
             events: c.pipe.received,
             matched: if self.facts.per_packet {
@@ -588,14 +606,10 @@ impl<'s> Session<'s> {
                 && Kind::ALL.iter().all(|k| {
                     c.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k)
                 }),
+            sampled,
+            exact_sources,
         };
-        let summary = Summary::assemble(
-            &self.facts,
-            duration_s,
-            totals,
-            top_sources(&c.pipe.agg, self.opts.top),
-            &c.pipe,
-        );
+        let summary = Summary::assemble(&self.facts, duration_s, totals, top, &c.pipe);
         let capture_result = c.writer.take().map(|w| {
             let files = w.files();
             let written = w.events_written();

@@ -149,6 +149,8 @@ pub struct Summary {
     pub decode_errors: u64,
     pub top: Vec<TopSource>,
     pub untracked_sources: u64,
+    pub sampled: bool,
+    pub exact_sources: u64,
     pub amplification: Amplification,
     pub findings: Vec<Finding>,
 }

@@ -79,7 +79,8 @@ fn map_fd(name: &str, map: &Map) -> Result<RawFd, TraceError> {
         | Map::PerCpuArray(d)
         | Map::RingBuf(d)
         | Map::HashMap(d)
-        | Map::PerCpuHashMap(d) => d,
+        | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d) => d,
         _ => {
             return Err(TraceError::Other(format!(
                 "map `{name}`: unexpected type for the fexit loader"

@@ -25,7 +25,7 @@ use aya::{
 use conntrack_trace_common::{Config, Offsets, counter, kind};
 use serde::Serialize;
 
-use crate::{aggregate::KindCounts, btf::BtfError, error::TraceError, event::Kind, netns::Held};
+use crate::{aggregate::KindCounts, btf::BtfError, error::TraceError, event::{Event, Kind}, netns::Held};
 
 /// Exact in-kernel counters of a backend since it was loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,6 +184,40 @@ impl Backend {
             Backend::Tracepoint(b) => read_counters(&b.ebpf),
             Backend::Counters(b) => Ok(b.counters()),
         }
+    }
+
+    /// The programs' exact per-source counts (`SOURCE_COUNTS`, summed over
+    /// CPUs), as events: one per (netns, kind, source, protocol, port) with
+    /// its count. Empty for the counters backend.
+    pub fn source_counts(&self) -> Result<Vec<(Event, u64)>, TraceError> {
+        let ebpf = match self {
+            Backend::Fexit(b) => &b.ebpf,
+            Backend::Tracepoint(b) => &b.ebpf,
+            Backend::Counters(_) => return Ok(Vec::new()),
+        };
+        let map = ebpf
+            .map("SOURCE_COUNTS")
+            .ok_or_else(|| TraceError::Other("SOURCE_COUNTS map missing".into()))?;
+        let counts: aya::maps::PerCpuHashMap<&MapData, conntrack_trace_common::SourceKey, u64> =
+            aya::maps::PerCpuHashMap::try_from(map)
+                .map_err(|e| TraceError::Other(format!("SOURCE_COUNTS: {e}")))?;
+        let mut out = Vec::new();
+        for item in counts.iter() {
+            // An entry evicted (LRU) while iterating ends that key; the
+            // rest are still read.
+            let Ok((k, per_cpu)) = item else { continue };
+            let mut raw = conntrack_trace_common::RawEvent::zeroed();
+            raw.netns = k.netns;
+            raw.kind = k.kind;
+            raw.l3 = k.l3;
+            raw.l4 = k.l4;
+            raw.dport = k.dport;
+            raw.src = k.src;
+            if let Ok(e) = Event::from_raw(&raw) {
+                out.push((e, per_cpu.iter().sum()));
+            }
+        }
+        Ok(out)
     }
 
     /// Stops observing; events already in the ring stay readable.

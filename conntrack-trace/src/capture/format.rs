@@ -226,6 +226,12 @@ pub struct Trailer {
     /// See [`crate::output::Summary::unmatched_drop_counts`].
     #[serde(default)]
     pub unmatched_drop_counts: u64,
+    /// Events were lost: the live top sources, from the programs' exact
+    /// per-source counts (the capture holds only the events that arrived).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact_top: Option<Vec<crate::output::TopSource>>,
+    #[serde(default)]
+    pub exact_sources: u64,
 }
 
 impl Trailer {
@@ -254,6 +260,8 @@ impl Trailer {
             events_written,
             unclassified_drops: s.unclassified_drops,
             unmatched_drop_counts: s.unmatched_drop_counts,
+            exact_top: s.sampled.then(|| s.top.clone()),
+            exact_sources: s.exact_sources,
         }
     }
 }

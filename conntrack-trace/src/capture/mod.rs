@@ -133,6 +133,8 @@ pub(crate) mod tests {
             events_written: 0,
             unclassified_drops: 0,
             unmatched_drop_counts: 0,
+            exact_top: None,
+            exact_sources: 0,
         }
     }
 

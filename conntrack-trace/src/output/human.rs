@@ -190,7 +190,13 @@ pub fn render_live(v: &LiveView<'_>) -> String {
     }
     s.push_str(&render_amplification(v.amp, v.findings, 3));
     let _ = writeln!(s);
-    if v.per_packet {
+    if let Some(top) = v.exact_top {
+        let _ = writeln!(
+            s,
+            "(events were lost: counts below are the programs' exact per-source counts)"
+        );
+        s.push_str(&render_top(top, true));
+    } else if v.per_packet {
         s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
     } else {
         s.push_str(NO_ATTRIBUTION);
@@ -333,6 +339,13 @@ pub fn render_summary(sum: &Summary) -> String {
             sum.lost.total()
         );
     }
+    if sum.sampled {
+        let _ = writeln!(
+            s,
+            "SAMPLED: top sources are the programs' exact per-source counts ({} sources); amplification and times saw the events that arrived",
+            sum.exact_sources
+        );
+    }
     s.push_str(&render_amplification(
         &sum.amplification,
         &sum.findings,
@@ -446,6 +459,7 @@ mod tests {
             lost: KindCounts::default(),
             rule_drops: Some(0),
             top_n: 5,
+            exact_top: None,
             findings: &[],
             amp: &AmpSummary {
                 drops: 4,
@@ -520,6 +534,8 @@ mod tests {
             decode_errors: 0,
             top: top_sources(&a, 3),
             untracked_sources: 0,
+            sampled: false,
+            exact_sources: 0,
             amplification: AmpSummary::default(),
             findings: vec![],
         };
@@ -565,6 +581,7 @@ mod tests {
             lost: KindCounts::default(),
             rule_drops: None,
             top_n: 5,
+            exact_top: None,
             findings: &[],
             amp: &AmpSummary::default(),
         };

@@ -56,6 +56,9 @@ pub struct Totals {
     /// `events + lost == observed` for every kind, and (offline) the
     /// capture holds all of it.
     pub complete: bool,
+    /// See [`Summary::sampled`], [`Summary::exact_sources`].
+    pub sampled: bool,
+    pub exact_sources: u64,
 }
 
 impl Summary {
@@ -95,6 +98,8 @@ impl Summary {
             decode_errors: t.decode_errors,
             top,
             untracked_sources: pipe.agg.untracked,
+            sampled: t.sampled,
+            exact_sources: t.exact_sources,
             amplification: pipe.amp.summary(),
             findings: pipe.amp.findings(&facts.clock),
         }
@@ -125,13 +130,16 @@ pub struct LiveView<'a> {
     /// (only the tracepoint backend hooks kfree_skb).
     pub rule_drops: Option<u64>,
     pub top_n: usize,
+    /// The top sources from the programs' exact per-source counts, when
+    /// the ring lost events (None: from the events).
+    pub exact_top: Option<&'a [TopSource]>,
     /// Sources flagged for retransmission amplification, most drops first.
     pub findings: &'a [Finding],
     pub amp: &'a AmpSummary,
 }
 
 /// One row of the top-sources table.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TopSource {
     pub src: Option<String>,
     pub proto: String,
@@ -146,7 +154,7 @@ pub struct TopSource {
     pub rate_per_s: f64,
     /// `ADDR:PORT` behind the service address when the source's entries
     /// were DNATed (the last seen); absent without DNAT.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dnat: Option<String>,
 }
 
@@ -251,6 +259,12 @@ pub struct Summary {
     pub top: Vec<TopSource>,
     /// Events whose source was not tracked (source table at its cap).
     pub untracked_sources: u64,
+    /// Events were lost (the ring overflowed): the per-event analyses
+    /// (amplification, first/last times) saw a sample, and `top`'s counts
+    /// come from the programs' exact per-source counts instead.
+    pub sampled: bool,
+    /// Sources in those exact counts (0 when not sampled).
+    pub exact_sources: u64,
     /// Retransmission figures over the whole trace.
     pub amplification: AmpSummary,
     /// Every source flagged for amplification (status `final`).
@@ -278,6 +292,50 @@ pub trait Sink {
         Ok(())
     }
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
+}
+
+/// The top sources from exact per-source counts (the kernel's
+/// `SOURCE_COUNTS`, used when the ring lost events and the event stream is
+/// only a sample): counts from `exact` (those `select` keeps), first/last
+/// time, rate and DNAT from the events that did arrive. Also returns how
+/// many sources the counts hold.
+pub fn top_sources_exact(
+    agg: &Aggregator,
+    exact: &[(Event, u64)],
+    select: impl Fn(&Event) -> bool,
+    n: usize,
+) -> (Vec<TopSource>, u64) {
+    let mut by: std::collections::BTreeMap<crate::aggregate::SourceKey, KindCounts> =
+        std::collections::BTreeMap::new();
+    for (e, count) in exact.iter().filter(|(e, _)| select(e)) {
+        let c = by.entry(crate::aggregate::SourceKey::of(e)).or_default();
+        *c.get_mut(e.kind) = c.get(e.kind).saturating_add(*count);
+    }
+    let sources = by.len() as u64;
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(&b.0)));
+    let top = v
+        .into_iter()
+        .take(n)
+        .map(|(k, counts)| {
+            let seen = agg.source(&k);
+            TopSource {
+                src: k.src.map(|a| a.to_string()),
+                proto: k.proto.to_string(),
+                port: k.port,
+                service: k.service(),
+                total: counts.total(),
+                counts,
+                first_ts_ns: seen.map_or(0, |s| s.first_ns),
+                last_ts_ns: seen.map_or(0, |s| s.last_ns),
+                rate_per_s: seen.map_or(0.0, |s| s.rate),
+                dnat: seen
+                    .and_then(|s| s.dnat)
+                    .map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
+            }
+        })
+        .collect();
+    (top, sources)
 }
 
 pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {

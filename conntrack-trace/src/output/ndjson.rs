@@ -282,6 +282,8 @@ mod tests {
             decode_errors: 0,
             top: vec![],
             untracked_sources: 0,
+            sampled: false,
+            exact_sources: 0,
             amplification: crate::amplify::AmpSummary::default(),
             findings: vec![],
         };

@@ -103,6 +103,15 @@ impl Select for OfflineFilter {
 }
 
 impl OfflineFilter {
+    /// Only the recorded (live) filter applies: the report's selection is
+    /// the live one.
+    pub fn is_unfiltered(&self) -> bool {
+        self.cli == Filter::default()
+            && self.netns.is_none()
+            && self.since_mono.is_none()
+            && self.until_mono.is_none()
+    }
+
     /// What the command line added, for the report's metadata.
     fn describe(&self, args: &OfflineFilterArgs) -> Vec<String> {
         let mut v = Vec::new();
@@ -476,6 +485,14 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
         uncovered: t.map_or_else(|| h.scope.uncovered.clone(), |t| t.uncovered.clone()),
         complete: t.is_some_and(|t| t.complete) && info.intact(),
+        sampled: t.is_some_and(|t| t.exact_top.is_some()),
+        exact_sources: t.map_or(0, |t| t.exact_sources),
+    };
+    // The live top of a trace that lost events came from exact counts the
+    // capture cannot hold (it has the events that arrived): the trailer's.
+    let top = match t.and_then(|t| t.exact_top.clone()) {
+        Some(exact) if a.pipe.select.is_unfiltered() => exact,
+        _ => top,
     };
     let summary = Summary::assemble(&h.facts(t), duration_s, totals, top, &a.pipe);
     Report {
