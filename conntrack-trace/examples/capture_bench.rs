@@ -17,7 +17,7 @@ use std::{
 use conntrack_trace::{
     aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
     capture::{self, WriteOptions, Writer, format::RecordedFilter},
-    cli::OfflineFilterArgs,
+    filter::OfflineSpec,
     event::Event,
     export,
     filter::Filter,
@@ -185,14 +185,14 @@ fn main() {
     // 3. Reading: report and pcapng export.
     let paths = vec![path.clone()];
     let t = Instant::now();
-    let r = report::build(&paths, &OfflineFilterArgs::default(), 10, |_, _, _| {}).expect("report");
+    let r = report::build(&paths, &OfflineSpec::default(), 10, |_, _, _| {}).expect("report");
     let report_s = t.elapsed().as_secs_f64();
     assert_eq!(r.summary.events.total(), n, "report read every event");
     let t = Instant::now();
     let sink = std::io::BufWriter::new(std::io::sink());
     let (_, stats) = export::pcapng::export(
         conntrack_trace::capture::open_set(&paths).expect("open"),
-        &OfflineFilterArgs::default(),
+        &OfflineSpec::default(),
         sink,
     )
     .expect("pcapng");

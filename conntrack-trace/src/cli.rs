@@ -236,14 +236,7 @@ impl AmpArgs {
     }
 }
 
-/// A point in time given to `--since/--until`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimeSpec {
-    /// This long after the capture started (`90s`, `5m`).
-    Offset(Duration),
-    /// Wall clock, Unix nanoseconds (`@1700000000`, `2026-11-25T14:05:00Z`).
-    Unix(u128),
-}
+pub use crate::filter::TimeSpec;
 
 /// Filters of `report` and `export` (those of `trace`, plus a time window).
 #[derive(Debug, Default, clap::Args)]
@@ -270,6 +263,22 @@ pub struct OfflineFilterArgs {
     /// Amplification settings for the offline analysis (as in `trace`).
     #[command(flatten)]
     pub amp: AmpArgs,
+}
+
+impl OfflineFilterArgs {
+    /// The flags as plain values for the library (the amplification
+    /// settings checked: a bad one is a usage error).
+    pub fn spec(&self) -> Result<crate::filter::OfflineSpec, String> {
+        Ok(crate::filter::OfflineSpec {
+            netns: self.netns.clone(),
+            proto: self.proto,
+            port: self.port,
+            src: self.src,
+            since: self.since,
+            until: self.until,
+            amp: self.amp.config()?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -104,6 +104,30 @@ impl Filter {
     }
 }
 
+/// A point in time given to `--since/--until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSpec {
+    /// This long after the capture started (`90s`, `5m`).
+    Offset(std::time::Duration),
+    /// Wall clock, Unix nanoseconds (`@1700000000`, `2026-11-25T14:05:00Z`).
+    Unix(u128),
+}
+
+/// What `report`, `export` and `doctor FILE` select from a capture: the
+/// live filters, a time window, and the amplification settings — plain
+/// values (the command line's flags become these in `cli.rs`).
+#[derive(Clone, Debug, Default)]
+pub struct OfflineSpec {
+    /// A namespace's recorded name, or its inode.
+    pub netns: Option<String>,
+    pub proto: Option<Proto>,
+    pub port: Option<u16>,
+    pub src: Option<Cidr>,
+    pub since: Option<TimeSpec>,
+    pub until: Option<TimeSpec>,
+    pub amp: crate::amplify::AmpConfig,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

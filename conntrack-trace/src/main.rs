@@ -148,6 +148,7 @@ fn offline(r: Result<Vec<String>, ReportError>) -> i32 {
 }
 
 fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
+    let spec = args.filter.spec().map_err(ReportError::Usage)?;
     // Inputs first: each opened once and checked before any output exists.
     let set = capture::open_set(&args.files)?;
     let inputs = set.inputs();
@@ -157,7 +158,7 @@ fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
         export::refuse_capture(p)?;
         outfile::check(p, args.force, &inputs)?;
     }
-    let r = report::build_set(set, &args.filter, args.top, |_, _, _| {})?;
+    let r = report::build_set(set, &spec, args.top, |_, _, _| {})?;
     let text = match args.format {
         ReportFormat::Human => report::human::render(&r),
         ReportFormat::Markdown => report::markdown::render(&r),
@@ -191,6 +192,7 @@ fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
 }
 
 fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
+    let spec = args.filter.spec().map_err(ReportError::Usage)?;
     let to_stdout = args.output.as_deref().is_none_or(|p| p.as_os_str() == "-");
     if args.format == ExportFormat::Pcapng && to_stdout && std::io::stdout().is_terminal() {
         return Err(ReportError::Usage(
@@ -204,10 +206,10 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
     let mut out = export::open_output(args.output.as_deref(), args.force, &set.inputs())?;
     let warnings = match args.format {
         ExportFormat::Ndjson => {
-            export::ndjson::export(set, &args.filter, args.top, out.writer())?.warnings
+            export::ndjson::export(set, &spec, args.top, out.writer())?.warnings
         }
         ExportFormat::Pcapng => {
-            let (r, stats) = export::pcapng::export(set, &args.filter, out.writer())?;
+            let (r, stats) = export::pcapng::export(set, &spec, out.writer())?;
             let mut w = r.warnings;
             if stats.without_bytes > 0 {
                 w.push(format!(

@@ -52,6 +52,13 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The user's home directory (caches live under it).
+pub fn home() -> std::path::PathBuf {
+    std::env::var_os("HOME")
+        .map(Into::into)
+        .unwrap_or_else(|| "/root".into())
+}
+
 /// Runs a command in the workspace root, failing on a non-zero exit.
 pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
     let status = Command::new(program)

@@ -99,7 +99,7 @@ fn bpf_linker() -> Result<()> {
         }
     }
     eprintln!("xtask setup: building bpf-linker against {name} (a few minutes, once)");
-    let prefix = home().join(".cache/conntrack-trace/llvm");
+    let prefix = crate::home().join(".cache/conntrack-trace/llvm");
     let plib = prefix.join("lib");
     std::fs::create_dir_all(&plib)?;
     for link in ["libLLVM.so".to_owned(), name.clone()] {
@@ -126,11 +126,6 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-pub fn home() -> std::path::PathBuf {
-    std::env::var_os("HOME")
-        .map(Into::into)
-        .unwrap_or_else(|| "/root".into())
-}
 
 fn debian_packages() -> Result<()> {
     let wanted = [

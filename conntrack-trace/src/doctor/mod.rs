@@ -35,7 +35,7 @@ use crate::{
     aggregate::{Aggregator, DEFAULT_MAX_SOURCES, KindCounts},
     backend::{self, Choice, Refusal, counters::kinds_from_stats},
     btf::KernelBtf,
-    cli::OfflineFilterArgs,
+    filter::OfflineSpec,
     error::{TraceError, exit},
     event::Event,
     forecast::{self, Estimator, Forecast, Sample},
@@ -753,7 +753,7 @@ fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
     let usage = |e: crate::report::ReportError| TraceError::Usage(e.to_string());
     let header =
         crate::report::first_header(&opts.files).map_err(|e| TraceError::Usage(e.to_string()))?;
-    let args = OfflineFilterArgs {
+    let args = OfflineSpec {
         netns: opts.netns.clone(),
         ..Default::default()
     };

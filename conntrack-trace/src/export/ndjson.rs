@@ -5,14 +5,14 @@ use std::io::Write;
 
 use crate::{
     capture::OpenSet,
-    cli::OfflineFilterArgs,
+    filter::OfflineSpec,
     output::{Sink, ndjson::Ndjson},
     report::{self, Report, ReportError},
 };
 
 pub fn export(
     set: OpenSet,
-    filter: &OfflineFilterArgs,
+    filter: &OfflineSpec,
     top: usize,
     out: impl Write,
 ) -> Result<Report, ReportError> {

@@ -21,7 +21,7 @@ use conntrack_trace_common::PKT_BYTES;
 
 use crate::{
     capture::{Header, OpenSet},
-    cli::OfflineFilterArgs,
+    filter::OfflineSpec,
     event::Event,
     output::NetnsNames,
     report::{self, Report, ReportError, utc},
@@ -71,7 +71,7 @@ fn comment(e: &Event, names: &NetnsNames) -> String {
 
 pub fn export(
     set: OpenSet,
-    filter: &OfflineFilterArgs,
+    filter: &OfflineSpec,
     out: impl Write,
 ) -> Result<(Report, PcapStats), ReportError> {
     let io = |source: std::io::Error| ReportError::Io {

@@ -19,7 +19,7 @@ use crate::{
         self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
     },
-    cli::{OfflineFilterArgs, TimeSpec},
+    filter::{OfflineSpec, TimeSpec},
     event::{Event, Kind},
     filter::Filter,
     kstats::CtStats,
@@ -57,7 +57,7 @@ fn to_mono(t: TimeSpec, h: &Header) -> u64 {
 }
 
 impl OfflineFilter {
-    pub fn new(args: &OfflineFilterArgs, header: &Header) -> Result<OfflineFilter, String> {
+    pub fn new(args: &OfflineSpec, header: &Header) -> Result<OfflineFilter, String> {
         Ok(OfflineFilter {
             recorded: header
                 .filter
@@ -113,7 +113,7 @@ impl OfflineFilter {
     }
 
     /// What the command line added, for the report's metadata.
-    fn describe(&self, args: &OfflineFilterArgs) -> Vec<String> {
+    fn describe(&self, args: &OfflineSpec) -> Vec<String> {
         let mut v = Vec::new();
         if let Some(n) = &self.netns {
             v.push(format!("netns {n}"));
@@ -434,7 +434,7 @@ pub fn first_header(paths: &[PathBuf]) -> Result<Header, ReadError> {
 /// whether it matched the filters, and the names in effect.
 pub fn build(
     paths: &[PathBuf],
-    args: &OfflineFilterArgs,
+    args: &OfflineSpec,
     top: usize,
     each: impl FnMut(&Event, &NetnsNames, bool),
 ) -> Result<Report, ReportError> {
@@ -445,14 +445,14 @@ pub fn build(
 /// [`capture::open_set`].
 pub fn build_set(
     set: OpenSet,
-    args: &OfflineFilterArgs,
+    args: &OfflineSpec,
     top: usize,
     mut each: impl FnMut(&Event, &NetnsNames, bool),
 ) -> Result<Report, ReportError> {
     let header = set.header().clone();
     let filter = OfflineFilter::new(args, &header).map_err(ReportError::Usage)?;
     let filters = filter.describe(args);
-    let amp = args.amp.config().map_err(ReportError::Usage)?;
+    let amp = args.amp.clone();
     let mut a = Analysis::new(filter, &header, amp);
     let info = set.read(|e, names| {
         let m = a.feed(e, names);
@@ -543,7 +543,7 @@ pub fn fuzz_report(data: &[u8], path: &std::path::Path) {
         return;
     }
     let paths = [path.to_owned()];
-    if let Ok(r) = build(&paths, &OfflineFilterArgs::default(), 10, |_, _, _| {}) {
+    if let Ok(r) = build(&paths, &OfflineSpec::default(), 10, |_, _, _| {}) {
         let _ = human::render(&r);
         let _ = markdown::render(&r);
         let _ = svg::render(&r);
@@ -573,7 +573,7 @@ mod tests {
         let evs = write_capture(&p, 3000, None);
         let r = build(
             std::slice::from_ref(&p),
-            &OfflineFilterArgs::default(),
+            &OfflineSpec::default(),
             5,
             |_, _, _| {},
         )
@@ -607,7 +607,7 @@ mod tests {
         let d = TempDir::new("filt");
         let p = d.0.join("c.ctt");
         let evs = write_capture(&p, 300, None);
-        let args = OfflineFilterArgs {
+        let args = OfflineSpec {
             netns: Some("srv".into()),
             ..Default::default()
         };
@@ -617,7 +617,7 @@ mod tests {
         assert_eq!(r.summary.events.total(), 300, "events count before filters");
         // Sample event i is at start + i µs: the window [100 µs, 200 µs)
         // holds events 100..200.
-        let args = OfflineFilterArgs {
+        let args = OfflineSpec {
             since: Some(TimeSpec::Offset(std::time::Duration::from_micros(100))),
             until: Some(TimeSpec::Offset(std::time::Duration::from_micros(200))),
             ..Default::default()
@@ -646,7 +646,7 @@ mod tests {
         std::fs::write(&p, &full[..full.len() - 10]).unwrap();
         let r = build(
             std::slice::from_ref(&p),
-            &OfflineFilterArgs::default(),
+            &OfflineSpec::default(),
             5,
             |_, _, _| {},
         )
@@ -690,14 +690,14 @@ mod tests {
             evs.push(e);
         }
         w.finish(tests::trailer(&evs)).unwrap();
-        let args = OfflineFilterArgs {
+        let args = OfflineSpec {
             since: Some(TimeSpec::Unix(0)),
             until: Some(TimeSpec::Offset(std::time::Duration::from_secs(
                 u64::MAX / 4,
             ))),
             ..Default::default()
         };
-        for a in [OfflineFilterArgs::default(), args] {
+        for a in [OfflineSpec::default(), args] {
             let r = build(std::slice::from_ref(&p), &a, 5, |_, _, _| {}).unwrap();
             assert!(r.timeline.rows.len() <= MAX_ROWS as usize + 1);
             assert!(!human::render(&r).is_empty());
@@ -739,7 +739,7 @@ mod tests {
             w.event(e);
         }
         w.finish(tests::trailer(&evs)).unwrap();
-        let r = build(&[p], &OfflineFilterArgs::default(), 5, |_, _, _| {}).unwrap();
+        let r = build(&[p], &OfflineSpec::default(), 5, |_, _, _| {}).unwrap();
         for text in [human::render(&r), markdown::render(&r)] {
             assert!(
                 !text
@@ -764,7 +764,7 @@ mod tests {
         write_capture(&p, 1, None);
         let h = first_header(std::slice::from_ref(&p)).unwrap();
         let mut a = Analysis::new(
-            OfflineFilter::new(&OfflineFilterArgs::default(), &h).unwrap(),
+            OfflineFilter::new(&OfflineSpec::default(), &h).unwrap(),
             &h,
             AmpConfig::default(),
         );

@@ -83,7 +83,7 @@ impl Default for Args {
 }
 
 pub fn cache_dir() -> PathBuf {
-    crate::setup::home().join(".cache/conntrack-trace/vm")
+    crate::home().join(".cache/conntrack-trace/vm")
 }
 
 fn split(list: &str) -> Vec<String> {
