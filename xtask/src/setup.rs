@@ -5,7 +5,8 @@
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
-//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables);
+//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables, strace);
+//! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries.
 
@@ -170,6 +171,16 @@ fn debian_packages() -> Result<()> {
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());
     crate::cmd("apt-get", &args)
+}
+
+/// What `cargo xtask fuzz` needs: cargo-fuzz (run as `cargo +nightly fuzz`;
+/// the nightly itself comes from [`run`]).
+pub fn fuzz() -> Result<()> {
+    if output("cargo", &["+nightly", "fuzz", "--version"]).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz (a few minutes, once)");
+    crate::cmd("cargo", &["install", "--locked", "cargo-fuzz"])
 }
 
 fn is_root() -> bool {
