@@ -146,6 +146,8 @@ fn debian_packages() -> Result<()> {
         ("bpftool", "bpftool"),
         // Legacy iptables rulesets in the rule-drop scenarios.
         ("iptables-legacy", "iptables"),
+        // The tracer's own system calls: when the start snapshot is taken.
+        ("strace", "strace"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
