@@ -412,6 +412,17 @@ fn trace_outputs_leave_planted_targets_untouched() -> Result<()> {
     refused(&args, 2, &dir.path("r.ctt.2"), "is a symbolic link")?;
     assert!(stale.exists(), "nothing removed before the refusal");
     assert!(!base.exists(), "no capture left behind");
+    // Without --force, any FILE.N a rotation could write is refused at
+    // start, not only FILE.1 (a FILE.5 alone once stopped the recording at
+    // its fifth rotation, with a warning).
+    let base2 = dir.path("g.ctt");
+    let later = dir.path("g.ctt.5");
+    std::fs::write(&later, "someone else's")?;
+    let args = trace(&["--write", s(&base2), "--max-size", "64k"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    refused(&args, 2, &later, "file exists (use --force to overwrite)")?;
+    assert_eq!(std::fs::read(&later)?, b"someone else's");
+    assert!(!base2.exists(), "no capture left behind");
     assert_eq!(snapshot(&planted)?, before, "planted targets unchanged");
     assert!(
         !dir.path("nothing-here").exists(),
