@@ -560,5 +560,37 @@ fn missing_capabilities_are_never_a_silent_zero() -> Result<()> {
         summary["scope"]["namespaces"].as_u64() >= Some(1),
         "{summary}"
     );
+
+    // `--netns` needs no CAP_SYS_ADMIN either (the privilege error once
+    // said it did): it traces, and says its counters are not covered.
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set=-all,+bpf,+perfmon",
+            "--inh-caps=-all,+bpf,+perfmon",
+        ])
+        .arg(binary())
+        .args(["trace", "--duration", "1s", "--format", "ndjson"])
+        .args(["--backend", "auto", "--netns", ns.name.as_str()])
+        .output()
+        .context("setpriv (util-linux)")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "--netns without CAP_SYS_ADMIN: {err}"
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let summary: Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
+    assert_eq!(summary["scope"]["netns"], ns.name.as_str(), "{summary}");
+    assert_eq!(summary["scope"]["namespaces"], 0, "{summary}");
+    assert_eq!(
+        summary["scope"]["uncovered"][0]["netns"],
+        ns.name.as_str(),
+        "{summary}"
+    );
+    assert!(
+        err.contains("kernel counters do not cover") && err.contains(ns.name.as_str()),
+        "warned on stderr: {err}"
+    );
     Ok(())
 }
