@@ -98,6 +98,7 @@ fn header() -> capture::Header {
         kernel_start: Default::default(),
         backend_refused: vec![],
         per_packet: true,
+        backend_name: None,
     }
 }
 

@@ -27,3 +27,4 @@ pub mod output;
 pub mod pipeline;
 pub mod report;
 pub mod trace;
+pub mod workload;

@@ -24,11 +24,12 @@ use crate::{
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
-    kstats::{self, Fill},
+    forecast::{Estimator, Forecast, Sample, Trend},
+    kstats,
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
-        LiveView, NetnsNames, Scope, Sink, Summary,
+        LiveView, NetnsNames, NsView, Scope, SessionFacts, Sink, Summary, Totals,
         pipe::{self, diag},
         top_sources,
     },
@@ -137,6 +138,22 @@ impl Consumer<'_> {
 }
 
 impl Consumer<'_> {
+    /// Hands the capture what it has (and any new names) once per
+    /// interval; a failing disk stops the recording, not the trace.
+    fn flush_capture(&mut self) {
+        let Some(w) = &mut self.writer else { return };
+        w.names(&self.names);
+        w.flush();
+        if !self.write_warned
+            && let Some(e) = w.failed()
+        {
+            diag(format_args!(
+                "conntrack-trace: warning: {e}; recording stopped, live output continues"
+            ));
+            self.write_warned = true;
+        }
+    }
+
     /// Writes findings that are new or changed since the last report.
     fn report_findings(&mut self, clock: &Clock) -> Result<(), TraceError> {
         let changed: Vec<Finding> = self.pipe.amp.take_changed(clock);
@@ -151,33 +168,36 @@ impl Consumer<'_> {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
+/// Names (and containers/pods, see [`crate::workload`]) of `list`.
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
-    list.iter().map(|(k, v)| (*k, v.name.clone())).collect()
+    crate::workload::names_of(list)
 }
 
-fn fills(scope: &[netns::Held]) -> Vec<(String, Fill)> {
-    let mut v: Vec<(String, Fill)> = scope
+/// Entries / max / buckets of each namespace of the scope, fullest first.
+fn fills(scope: &[netns::Held]) -> Vec<NsView> {
+    let mut v: Vec<NsView> = scope
         .iter()
         .filter_map(|ns| match ns.run(kstats::read_fill) {
-            Ok(Some(f)) => Some((ns.info.name.clone(), f)),
+            Ok(Some(fill)) => Some(NsView {
+                inode: ns.info.inode,
+                name: ns.info.name.clone(),
+                fill,
+                forecast: None,
+            }),
             _ => None,
         })
         .collect();
-    v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
-    if scope.len() > 1 {
-        // Show only namespaces that use conntrack (plus the fullest one).
+    v.sort_by(|a, b| b.fill.count.cmp(&a.fill.count).then(a.name.cmp(&b.name)));
+    v
+}
+
+/// Only the namespaces that use conntrack (or else the fullest one), for
+/// the header of a trace of every namespace.
+fn shown(mut v: Vec<NsView>, all: bool) -> Vec<NsView> {
+    if all {
         let first = v.first().cloned();
-        v.retain(|(_, f)| f.count > 0);
+        v.retain(|ns| ns.fill.count > 0);
         if v.is_empty() {
             v.extend(first);
         }
@@ -185,13 +205,87 @@ fn fills(scope: &[netns::Held]) -> Vec<(String, Fill)> {
     v
 }
 
-pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(TraceError::io("reading /proc/self/status"))?;
-    crate::error::check_privileges(&status)?;
-    // Every output is created before anything is loaded (a path we may
-    // not or cannot write fails the run first), and removed again if the
-    // run fails before it holds a result.
+/// The header's sparkline spans about this long.
+const HISTORY_S: f64 = 60.0;
+
+/// Each namespace's entry count over time, and what was last reported of
+/// it: the live forecast ([`crate::forecast`], the estimator `doctor`
+/// uses).
+#[derive(Default)]
+struct Forecasts {
+    by_ns: std::collections::HashMap<u32, (Estimator, Option<Forecast>)>,
+}
+
+impl Forecasts {
+    /// Feeds this tick's counts; returns the namespaces whose forecast
+    /// changed materially since last reported (and marks them reported).
+    fn update(&mut self, t_s: f64, views: &mut [NsView]) -> Vec<usize> {
+        let mut changed = Vec::new();
+        for (i, ns) in views.iter_mut().enumerate() {
+            let (est, last) = self.by_ns.entry(ns.inode).or_default();
+            est.push(
+                Sample {
+                    t_s,
+                    entries: ns.fill.count,
+                    inserted: None,
+                },
+                ns.fill.max,
+            );
+            let f = est.forecast();
+            // Nothing to say until the estimator has enough samples, nor
+            // of a table that has been steady since the start.
+            let news = match last {
+                None => !matches!(f.trend, Trend::Unknown | Trend::Steady),
+                Some(l) => f.trend != Trend::Unknown && f.differs_materially(l),
+            };
+            if news {
+                *last = Some(f.clone());
+                changed.push(i);
+            }
+            ns.forecast = Some(f);
+        }
+        changed
+    }
+}
+
+/// A live trace in three phases: [`Session::start`] (privileges, outputs,
+/// scope, backend, start counters, clock, writer), [`Session::run`] (the
+/// event loop) and [`Session::finish`] (detach, end counters, summary,
+/// trailer).
+struct Session<'s> {
+    opts: TraceOptions,
+    facts: SessionFacts,
+    tp: backend::Backend,
+    /// Every namespace of the scope, held open so that both snapshots read
+    /// the same ones.
+    scope: Vec<netns::Held>,
+    start_stats: kstats::Snapshot,
+    ready: Option<ReadyFile>,
+    consumer: Consumer<'s>,
+    ring: Option<AsyncFd<RingBuf<MapData>>>,
+    started: Instant,
+    last_tick: Instant,
+    /// The counters backend's totals at the last tick.
+    last_seen: KindCounts,
+    forecasts: Forecasts,
+    /// Failures per kind of each of the last intervals (≈ 60 s).
+    history: std::collections::VecDeque<KindCounts>,
+    /// The pipeline's totals at the last tick.
+    last_totals: KindCounts,
+}
+
+pub async fn run(opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
+    let mut s = Session::start(opts, sink)?;
+    s.run().await?;
+    s.finish()
+}
+
+/// The outputs of a session, created before anything is loaded (a path we
+/// may not or cannot write fails the run first) and removed again if the
+/// run fails before it holds a result.
+fn prepare_outputs(
+    opts: &mut TraceOptions,
+) -> Result<(Option<capture::writer::Prepared>, Option<ReadyFile>), TraceError> {
     let inputs: Vec<Input> = opts
         .backend
         .btf_path
@@ -208,14 +302,13 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         Some(w) => Some(capture::writer::prepare(w, &inputs).map_err(write_error)?),
         None => None,
     };
-    let mut ready = match &opts.ready_file {
+    let ready = match &opts.ready_file {
         Some(path) => {
             let mut protect = inputs.clone();
             protect.extend(prepared.as_ref().map(|p| p.as_input()));
             Some(ReadyFile::prepare(path, &protect).map_err(|e| {
-                let refusal = e.is_refusal();
                 let msg = format!("--ready-file: {e}");
-                if refusal {
+                if e.is_refusal() {
                     TraceError::Usage(msg)
                 } else {
                     TraceError::Other(msg)
@@ -224,325 +317,361 @@ pub async fn run(mut opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary,
         }
         None => None,
     };
+    Ok((prepared, ready))
+}
 
-    let all = netns::list();
-    let (scope, scope_desc) = match &opts.netns {
+/// The namespaces to trace (`--netns` or all) and how the summary names
+/// them; `--netns` also becomes the live filter.
+fn resolve_scope(
+    opts: &mut TraceOptions,
+    all: &BTreeMap<u32, NetnsInfo>,
+) -> Result<(Vec<NetnsInfo>, Scope), TraceError> {
+    let (list, netns, inode) = match &opts.netns {
         Some(spec) => {
-            let ns = netns::resolve(spec)?;
+            let ns = crate::workload::named_one(netns::resolve(spec)?);
             opts.filter.netns = Some(ns.inode);
-            let d = Scope {
-                netns: ns.name.clone(),
-                netns_inode: Some(ns.inode),
-                namespaces: 1,
-                uncovered: Vec::new(),
-            };
-            (vec![ns], d)
+            let (name, inode) = (ns.name.clone(), Some(ns.inode));
+            (vec![ns], name, inode)
         }
-        None => {
-            let v: Vec<NetnsInfo> = all.values().cloned().collect();
-            let n = v.len();
-            (
-                v,
-                Scope {
-                    netns: "all".into(),
-                    netns_inode: None,
-                    namespaces: n,
-                    uncovered: Vec::new(),
-                },
-            )
-        }
+        None => (all.values().cloned().collect(), "all".to_owned(), None),
     };
+    let namespaces = list.len();
+    Ok((
+        list,
+        Scope {
+            netns,
+            netns_inode: inode,
+            namespaces,
+            uncovered: Vec::new(),
+        },
+    ))
+}
 
-    // Every namespace of the scope is held open for the session, so the
-    // end snapshot reads the same namespaces as the start one.
-    let scope = netns::hold(&scope);
-    // The kernel's counters bracket the attach period: read right before
-    // the first attach (after the load, which can take seconds) and right
-    // after the detach, so their delta and our counters cover one window.
-    let start_cell = std::cell::RefCell::new(kstats::Snapshot::default());
-    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope, &|| {
-        *start_cell.borrow_mut() = kstats::snapshot(&scope);
-    })?;
-    let start_stats = start_cell.into_inner();
-    let scope_desc = Scope {
-        uncovered: start_stats.missing.clone(),
-        ..scope_desc
-    };
-    let backend_desc = tp.describe();
-    let evictions_desc = tp.evictions().describe();
-    let per_packet = tp.per_packet();
-    diag(selection_line(&backend_desc, &refused));
-    if let Some(line) = scope_desc.uncovered_line() {
+fn wall_clock_now() -> Clock {
+    Clock {
+        start_unix_ns: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+        start_mono_ns: crate::clock::monotonic_ns(),
+    }
+}
+
+impl<'s> Session<'s> {
+    fn start(mut opts: TraceOptions, sink: &'s mut dyn Sink) -> Result<Session<'s>, TraceError> {
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(TraceError::io("reading /proc/self/status"))?;
+        crate::error::check_privileges(&status)?;
+        let (prepared, ready) = prepare_outputs(&mut opts)?;
+        let all = crate::workload::named(netns::list());
+        let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
+        let scope = netns::hold(&list);
+        // The kernel's counters bracket the attach period: read right
+        // before the first attach (after the load, which can take seconds)
+        // and right after the detach, so their delta and our counters
+        // cover one window.
+        let start_cell = std::cell::RefCell::new(kstats::Snapshot::default());
+        let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope, &|| {
+            *start_cell.borrow_mut() = kstats::snapshot(&scope);
+        })?;
+        let start_stats = start_cell.into_inner();
+        let facts = SessionFacts {
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: tp.name().as_str().into(),
+            hooks: tp.describe(),
+            refused,
+            per_packet: tp.per_packet(),
+            evictions: tp.evictions().describe(),
+            clock: wall_clock_now(),
+            scope: Scope {
+                uncovered: start_stats.missing.clone(),
+                ..scope_desc
+            },
+        };
+        announce(&facts, &opts.filter);
+        let ring = match tp.take_ring()? {
+            // SAFETY: the AsyncFd owns the ring (and so its fd) until
+            // into_inner() in finish(); nothing else closes the fd.
+            Some(r) => Some(
+                unsafe { AsyncFd::register_with_interest(r, Interest::READABLE) }
+                    .map_err(|e| TraceError::io("polling the ring buffer")(e.into()))?,
+            ),
+            None => None,
+        };
+        let names = names_of(&all);
+        let writer = match prepared {
+            None => None,
+            Some(w) => {
+                let header = capture_header(&facts, &opts.filter, &scope, &start_stats);
+                Some(Writer::start(w, header, &names).map_err(write_error)?)
+            }
+        };
+        let consumer = Consumer {
+            sink,
+            pipe: Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone()),
+            decode_errors: 0,
+            names,
+            unknown_netns: false,
+            closed: false,
+            writer,
+            write_warned: false,
+        };
+        let now = Instant::now();
+        Ok(Session {
+            opts,
+            facts,
+            tp,
+            scope,
+            start_stats,
+            ready,
+            consumer,
+            ring,
+            started: now,
+            last_tick: now,
+            last_seen: KindCounts::default(),
+            forecasts: Forecasts::default(),
+            history: std::collections::VecDeque::new(),
+            last_totals: KindCounts::default(),
+        })
+    }
+
+    /// Until Ctrl-C, SIGTERM, `--duration` or a reader who left: drains
+    /// the ring as it fills and redraws at every `--interval`.
+    async fn run(&mut self) -> Result<(), TraceError> {
+        let mut sigint =
+            signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+        let mut sigterm = signal(SignalKind::terminate())
+            .map_err(TraceError::io("installing SIGTERM handler"))?;
+        // Ready only once SIGINT/SIGTERM are handled and the capture file
+        // is open: a script that signals right after the file appears must
+        // get a summary (and a finished capture), not a dead process.
+        if let Some(r) = &mut self.ready {
+            r.publish()
+                .map_err(|e| TraceError::Other(format!("--ready-file: {e}")))?;
+        }
+        let duration = self.opts.duration;
+        let deadline = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let interval = self.opts.interval;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pause = ring_pause(self.opts.backend.ring_bytes);
+        while !self.consumer.closed {
+            tokio::select! {
+                biased;
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = &mut deadline => break,
+                _ = ticker.tick() => self.tick()?,
+                guard = async { self.ring.as_mut().expect("guarded by the precondition").readable_mut().await }, if self.ring.is_some() => {
+                    let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
+                    let n = self.consumer.drain(guard.get_inner_mut(), DRAIN_BATCH)?;
+                    if n < DRAIN_BATCH {
+                        guard.clear_ready();
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `--interval`: drain, close the rates' interval, refresh names,
+    /// flush the capture, report findings, redraw.
+    fn tick(&mut self) -> Result<(), TraceError> {
+        if let Some(afd) = self.ring.as_mut() {
+            self.consumer.drain(afd.get_mut(), usize::MAX)?;
+        }
+        let counters = self.tp.counters()?;
+        let c = &mut self.consumer;
+        if !self.facts.per_packet {
+            // Totals only: the kernel's counters feed the totals and
+            // rates, no sources.
+            c.pipe.agg.record_totals(&counters.seen.sub(&self.last_seen));
+            self.last_seen = counters.seen;
+        }
+        let now = Instant::now();
+        c.pipe.agg.tick(now - self.last_tick);
+        self.last_tick = now;
+        if c.unknown_netns || crate::workload::wants_refresh() {
+            c.names = names_of(&netns::list());
+            c.unknown_netns = false;
+        }
+        c.flush_capture();
+        c.report_findings(&self.facts.clock)?;
+        let totals = c.pipe.agg.totals;
+        self.history.push_back(totals.sub(&self.last_totals));
+        self.last_totals = totals;
+        let keep = (HISTORY_S / self.opts.interval.as_secs_f64()).ceil().clamp(1.0, 60.0) as usize;
+        while self.history.len() > keep {
+            self.history.pop_front();
+        }
+        let mut views = fills(&self.scope);
+        let t_s = self.started.elapsed().as_secs_f64();
+        for i in self.forecasts.update(t_s, &mut views) {
+            if !c.closed {
+                let r = c.sink.forecast(&views[i]);
+                pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
+            }
+        }
+        let f = shown(views, self.opts.netns.is_none());
+        let history: Vec<KindCounts> = self.history.iter().copied().collect();
+        let findings = c.pipe.amp.findings(&self.facts.clock);
+        let amp = c.pipe.amp.summary();
+        let view = LiveView {
+            backend: &self.facts.hooks,
+            refused: &self.facts.refused,
+            per_packet: self.facts.per_packet,
+            evictions: &self.facts.evictions,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            fills: &f,
+            history: &history,
+            agg: &c.pipe.agg,
+            lost: counters.lost,
+            rule_drops: (self.tp.name() == backend::Name::Tracepoint)
+                .then_some(counters.seen.rule_drop),
+            top_n: self.opts.top,
+            findings: &findings,
+            amp: &amp,
+        };
+        if !c.closed {
+            let r = c.sink.tick(&view);
+            pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the producers, then takes everything they left behind (so
+    /// that events + lost == observed holds exactly), reads the kernel's
+    /// counters again, and writes the summary and the capture's trailer.
+    fn finish(mut self) -> Result<Summary, TraceError> {
+        let mut ring = self.ring.take().map(AsyncFd::into_inner);
+        self.tp.detach();
+        let end_stats = kstats::snapshot(&self.scope);
+        // Nothing is attached any more: a script must not read "ready".
+        if let Some(r) = &mut self.ready {
+            r.withdraw();
+        }
+        let duration_s = self.started.elapsed().as_secs_f64();
+        if let Some(ring) = ring.as_mut() {
+            self.consumer.drain(ring, usize::MAX)?;
+        }
+        let counters = self.tp.counters()?;
+        let (kernel, covered, uncovered) =
+            kstats::window(&self.scope, &self.start_stats, &end_stats);
+        self.consumer.report_findings(&self.facts.clock)?;
+        let c = &mut self.consumer;
+        let totals = Totals {
+            events: c.pipe.received,
+            matched: if self.facts.per_packet {
+                c.pipe.agg.totals
+            } else {
+                KindCounts::default()
+            },
+            lost: counters.lost,
+            observed: counters.seen,
+            kernel,
+            unclassified_drops: counters.unclassified,
+            unmatched_drop_counts: counters.drop_unmatched,
+            decode_errors: c.decode_errors,
+            namespaces: covered,
+            uncovered,
+            // Without events (counters backend) nothing is complete.
+            complete: self.facts.per_packet
+                && Kind::ALL.iter().all(|k| {
+                    c.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k)
+                }),
+        };
+        let summary = Summary::assemble(
+            &self.facts,
+            duration_s,
+            totals,
+            top_sources(&c.pipe.agg, self.opts.top),
+            &c.pipe,
+        );
+        let capture_result = c.writer.take().map(|w| {
+            let files = w.files();
+            let written = w.events_written();
+            let trailer = capture::Trailer::of(&summary, crate::clock::monotonic_ns(), end_stats.stats.clone(), written);
+            w.finish(trailer).map(|()| (files, written))
+        });
+        if !c.closed {
+            let r = c.sink.finish(&summary);
+            pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
+        }
+        match capture_result {
+            None => {}
+            Some(Ok((files, written))) => diag(format_args!(
+                "conntrack-trace: recorded {written} events in {files} file(s)"
+            )),
+            Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
+        }
+        Ok(summary)
+    }
+}
+
+/// The stderr lines at start: the backend and why `auto` passed over
+/// others, namespaces whose counters cannot be read, filters that do not
+/// apply.
+fn announce(facts: &SessionFacts, filter: &Filter) {
+    diag(selection_line(&facts.hooks, &facts.refused));
+    if let Some(line) = facts.scope.uncovered_line() {
         diag(format_args!(
             "conntrack-trace: warning: {line}; the summary lists them"
         ));
     }
-    if !per_packet
-        && (opts.filter.proto.is_some() || opts.filter.port.is_some() || opts.filter.src.is_some())
+    if !facts.per_packet && (filter.proto.is_some() || filter.port.is_some() || filter.src.is_some())
     {
         diag(
             "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)",
         );
     }
-    let ring = tp.take_ring()?;
-    let start_unix_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let start_mono_ns = monotonic_ns();
-    let clock = Clock {
-        start_unix_ns,
-        start_mono_ns,
-    };
-    let started = Instant::now();
+}
 
-    let names = names_of(&all);
-    let writer = match prepared {
-        None => None,
-        Some(w) => {
-            let header = capture::Header {
-                format_version: capture::format::FORMAT_VERSION,
-                tool_version: env!("CARGO_PKG_VERSION").into(),
-                hostname: capture::hostname(),
-                kernel_release: capture::kernel_release(),
-                backend: backend_desc.clone(),
-                evictions: evictions_desc.clone(),
-                start_unix_ns,
-                start_mono_ns,
-                capture_id: start_unix_ns as u64 ^ (u64::from(std::process::id()) << 40),
-                seq: 0,
-                scope: scope_desc.clone(),
-                filter: capture::format::RecordedFilter::of(&opts.filter),
-                conntrack: scope
-                    .iter()
-                    .filter_map(|ns| match ns.run(kstats::read_fill) {
-                        Ok(Some(fill)) => Some(NsFill {
-                            netns: ns.info.name.clone(),
-                            inode: ns.info.inode,
-                            fill,
-                        }),
-                        _ => None,
-                    })
-                    .collect(),
-                kernel_start: start_stats.stats.clone(),
-                backend_refused: refused.clone(),
-                per_packet,
-            };
-            Some(Writer::start(w, header, &names).map_err(write_error)?)
-        }
-    };
-
-    let mut consumer = Consumer {
-        sink,
-        pipe: Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone()),
-        decode_errors: 0,
-        names,
-        unknown_netns: false,
-        closed: false,
-        writer,
-        write_warned: false,
-    };
-
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
-    // Ready only once SIGINT/SIGTERM are handled and the capture file is
-    // open: a script that signals right after the file appears must get a
-    // summary (and a finished capture), not a dead process.
-    if let Some(r) = &mut ready {
-        r.publish()
-            .map_err(|e| TraceError::Other(format!("--ready-file: {e}")))?;
-    }
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
-    let mut ticker =
-        tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_tick = Instant::now();
-
-    let mut last_seen = KindCounts::default();
-    let pause = ring_pause(opts.backend.ring_bytes);
-    let mut afd = match ring {
-        Some(ring) => Some(
-            // SAFETY: the AsyncFd owns the ring (and so its fd) until
-            // into_inner() below; nothing else closes the fd meanwhile.
-            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
-                TraceError::Io {
-                    context: "polling the ring buffer".into(),
-                    source: e.into(),
-                }
-            })?,
-        ),
-        None => None,
-    };
-    loop {
-        tokio::select! {
-            biased;
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut deadline => break,
-            _ = ticker.tick() => {
-                if let Some(afd) = afd.as_mut() {
-                    consumer.drain(afd.get_mut(), usize::MAX)?;
-                }
-                let counters = tp.counters()?;
-                if !per_packet {
-                    // Totals only: the kernel's counters feed the totals
-                    // and rates, no sources.
-                    consumer.pipe.agg.record_totals(&counters.seen.sub(&last_seen));
-                    last_seen = counters.seen;
-                }
-                let now = Instant::now();
-                consumer.pipe.agg.tick(now - last_tick);
-                last_tick = now;
-                if consumer.unknown_netns {
-                    consumer.names = names_of(&netns::list());
-                    consumer.unknown_netns = false;
-                }
-                if let Some(w) = &mut consumer.writer {
-                    w.names(&consumer.names);
-                    w.flush();
-                    if !consumer.write_warned && let Some(e) = w.failed() {
-                        // Keep tracing live; the file keeps what it has.
-                        diag(format_args!("conntrack-trace: warning: {e}; recording stopped, live output continues"));
-                        consumer.write_warned = true;
-                    }
-                }
-                let f = fills(&scope);
-                consumer.report_findings(&clock)?;
-                let findings = consumer.pipe.amp.findings(&clock);
-                let amp = consumer.pipe.amp.summary();
-                let view = LiveView {
-                    backend: &backend_desc,
-                    refused: &refused,
-                    per_packet,
-                    evictions: &evictions_desc,
-                    elapsed_s: started.elapsed().as_secs_f64(),
-                    fills: &f,
-                    agg: &consumer.pipe.agg,
-                    lost: counters.lost,
-                    rule_drops: (tp.name() == backend::Name::Tracepoint)
-                        .then_some(counters.seen.rule_drop),
-                    top_n: opts.top,
-                    findings: &findings,
-                    amp: &amp,
-                };
-                if !consumer.closed {
-                    let r = consumer.sink.tick(&view);
-                    pipe::quiet(r, &mut consumer.closed).map_err(TraceError::io("writing output"))?;
-                }
-                if consumer.closed { break; }
-            }
-            guard = async { afd.as_mut().expect("guarded by the precondition").readable_mut().await }, if afd.is_some() => {
-                let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
-                let n = consumer.drain(guard.get_inner_mut(), DRAIN_BATCH)?;
-                if n < DRAIN_BATCH {
-                    guard.clear_ready();
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
-                if consumer.closed { break; }
-            }
-        }
-    }
-    let mut ring = afd.map(AsyncFd::into_inner);
-
-    // Stop the producers first, then take everything they left behind, so
-    // that events + lost == observed holds exactly.
-    tp.detach();
-    let end_stats = kstats::snapshot(&scope);
-    // Nothing is attached any more: a script must not read "ready" now.
-    if let Some(r) = &mut ready {
-        r.withdraw();
-    }
-    let duration_s = started.elapsed().as_secs_f64();
-    if let Some(ring) = ring.as_mut() {
-        consumer.drain(ring, usize::MAX)?;
-    }
-    let counters = tp.counters()?;
-    let (kernel, covered, uncovered) = kstats::window(&scope, &start_stats, &end_stats);
-    consumer.report_findings(&clock)?;
-    // Without events (counters backend) nothing is complete.
-    let complete = per_packet
-        && Kind::ALL
+/// The capture's first record: the session's facts and the kernel's state
+/// at start.
+fn capture_header(
+    facts: &SessionFacts,
+    filter: &Filter,
+    scope: &[netns::Held],
+    start: &kstats::Snapshot,
+) -> capture::Header {
+    capture::Header {
+        format_version: capture::format::FORMAT_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        hostname: capture::hostname(),
+        kernel_release: capture::kernel_release(),
+        backend: facts.hooks.clone(),
+        evictions: facts.evictions.clone(),
+        start_unix_ns: facts.clock.start_unix_ns,
+        start_mono_ns: facts.clock.start_mono_ns,
+        capture_id: facts.clock.start_unix_ns as u64 ^ (u64::from(std::process::id()) << 40),
+        seq: 0,
+        scope: facts.scope.clone(),
+        filter: capture::format::RecordedFilter::of(filter),
+        conntrack: scope
             .iter()
-            .all(|k| consumer.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
-    let summary = Summary {
-        kind: "summary",
-        version: env!("CARGO_PKG_VERSION").into(),
-        backend: tp.name().as_str().into(),
-        hooks: backend_desc,
-        backend_refused: refused,
-        per_packet,
-        evictions: evictions_desc,
-        duration_s,
-        start_unix_ns,
-        start_mono_ns,
-        events: consumer.pipe.received,
-        matched: if per_packet {
-            consumer.pipe.agg.totals
-        } else {
-            KindCounts::default()
-        },
-        lost: counters.lost,
-        observed: counters.seen,
-        complete,
-        kernel,
-        unclassified_drops: counters.unclassified,
-        unmatched_drop_counts: counters.drop_unmatched,
-        scope: Scope {
-            namespaces: covered,
-            uncovered,
-            ..scope_desc
-        },
-        decode_errors: consumer.decode_errors,
-        top: top_sources(&consumer.pipe.agg, opts.top),
-        untracked_sources: consumer.pipe.agg.untracked,
-        amplification: consumer.pipe.amp.summary(),
-        findings: consumer.pipe.amp.findings(&clock),
-    };
-    let capture_result = consumer.writer.take().map(|w| {
-        let files = w.files();
-        let written = w.events_written();
-        let trailer = capture::Trailer {
-            backend: summary.backend.clone(),
-            duration_s,
-            end_mono_ns: monotonic_ns(),
-            events: summary.events,
-            matched: summary.matched,
-            lost: summary.lost,
-            observed: summary.observed,
-            complete: summary.complete,
-            decode_errors: summary.decode_errors,
-            kernel_end: end_stats.stats.clone(),
-            kernel: summary.kernel,
-            namespaces: summary.scope.namespaces,
-            uncovered: summary.scope.uncovered.clone(),
-            events_written: written,
-            unclassified_drops: summary.unclassified_drops,
-            unmatched_drop_counts: summary.unmatched_drop_counts,
-        };
-        w.finish(trailer).map(|()| (files, written))
-    });
-    if !consumer.closed {
-        let r = consumer.sink.finish(&summary);
-        pipe::quiet(r, &mut consumer.closed).map_err(TraceError::io("writing output"))?;
+            .filter_map(|ns| match ns.run(kstats::read_fill) {
+                Ok(Some(fill)) => Some(NsFill {
+                    netns: ns.info.name.clone(),
+                    inode: ns.info.inode,
+                    fill,
+                }),
+                _ => None,
+            })
+            .collect(),
+        kernel_start: start.stats.clone(),
+        backend_refused: facts.refused.clone(),
+        per_packet: facts.per_packet,
+        backend_name: Some(facts.backend.clone()),
     }
-    match capture_result {
-        None => {}
-        Some(Ok((files, written))) => diag(format_args!(
-            "conntrack-trace: recorded {written} events in {files} file(s)"
-        )),
-        Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
-    }
-    Ok(summary)
 }
 
 /// A capture file that may not be written is a usage error (exit 2); one

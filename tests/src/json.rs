@@ -14,6 +14,9 @@ pub struct Event {
     pub cpu: u32,
     pub netns: u64,
     pub netns_name: Option<String>,
+    /// The container / pod owning the namespace (issue 14).
+    pub container: Option<Container>,
+    pub pod: Option<Pod>,
     pub family: String,
     pub proto: String,
     pub src: Option<String>,
@@ -33,6 +36,29 @@ pub struct Event {
     pub reply_dport: Option<u16>,
     #[serde(default)]
     pub nat: Option<String>,
+}
+
+/// `container` of an event (README "ndjson schema").
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    pub runtime: String,
+    pub id: String,
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub namespace: Option<String>,
+    pub source: String,
+}
+
+/// `pod` of an event.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: String,
+    pub containers: Vec<String>,
+    pub source: String,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -166,11 +192,37 @@ pub struct Finding {
     pub message: String,
 }
 
+/// `{"type":"forecast",...}`: a namespace's time to full or relief.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastLine {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub ts_ns: u64,
+    pub netns: u64,
+    pub netns_name: String,
+    pub count: u64,
+    pub trend: String,
+    pub eta_s: Option<f64>,
+    pub eta_low_s: Option<f64>,
+    pub eta_high_s: Option<f64>,
+    pub slope_per_s: f64,
+    pub slope_stderr: f64,
+    pub entries: f64,
+    pub max: u64,
+    pub samples: usize,
+    pub span_s: f64,
+    pub insert_per_s: Option<f64>,
+    pub expire_per_s: Option<f64>,
+}
+
 #[derive(Debug)]
 pub struct Output {
     pub events: Vec<Event>,
     /// Finding lines of the stream, in order (not the summary's list).
     pub findings: Vec<Finding>,
+    /// Forecast lines, in order.
+    pub forecasts: Vec<ForecastLine>,
     pub summary: Summary,
     /// The stream as printed (for byte-for-byte comparisons).
     pub text: String,
@@ -181,6 +233,7 @@ impl Output {
     pub fn parse(text: &str) -> Result<Output> {
         let mut events = Vec::new();
         let mut findings = Vec::new();
+        let mut forecasts = Vec::new();
         let mut summary = None;
         for (i, line) in text.lines().enumerate() {
             if summary.is_some() {
@@ -193,6 +246,8 @@ impl Output {
                     .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
                 Some("finding") => findings
                     .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                Some("forecast") => forecasts
+                    .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
                 Some("summary") => {
                     summary =
                         Some(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?)
@@ -203,6 +258,7 @@ impl Output {
         Ok(Output {
             events,
             findings,
+            forecasts,
             summary: summary.context("no summary line")?,
             text: text.to_owned(),
         })

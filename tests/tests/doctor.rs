@@ -62,6 +62,26 @@ fn advice<'a>(d: &'a Value, id: &str) -> Result<&'a Value> {
 }
 
 /// Runs each command exactly as printed, with sh, as an operator would.
+/// `cmd` with its program named by the path PATH finds. The same command
+/// for every shell but busybox's, whose `sh` prefers its own applets to
+/// PATH (the VM images: its `ip` applet has no `netns exec`); a program
+/// that is busybox itself is left to the applet.
+fn path_resolved(cmd: &str) -> String {
+    let (prog, rest) = cmd.split_once(' ').unwrap_or((cmd, ""));
+    if prog.contains('/') {
+        return cmd.to_owned();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(prog);
+        let real = std::fs::canonicalize(&p).ok();
+        if p.is_file() && real.as_ref().is_some_and(|r| !r.ends_with("busybox")) {
+            return format!("{} {rest}", p.display());
+        }
+    }
+    cmd.to_owned()
+}
+
 fn apply(a: &Value) -> Result<Vec<String>> {
     let cmds: Vec<String> = a["commands"]
         .as_array()
@@ -75,7 +95,7 @@ fn apply(a: &Value) -> Result<Vec<String>> {
         .collect::<Result<_>>()?;
     ensure!(!cmds.is_empty(), "advice without commands: {a:#}");
     for c in &cmds {
-        let o = Command::new("sh").arg("-c").arg(c).output()?;
+        let o = Command::new("sh").arg("-c").arg(path_resolved(c)).output()?;
         ensure!(
             o.status.success(),
             "`{c}` failed: {}",

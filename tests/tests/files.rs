@@ -551,8 +551,10 @@ fn missing_capabilities_are_never_a_silent_zero() -> Result<()> {
         .with_context(|| format!("{} not listed as uncovered: {summary}", ns.name))?;
     let why = ours["reason"].as_str().unwrap_or_default();
     assert!(why.contains("CAP_SYS_ADMIN"), "{why}");
+    // The stderr line names the first few only (a VM's kernel threads can
+    // be listed before ours); the summary above names every one.
     assert!(
-        err.contains("kernel counters do not cover") && err.contains(ns.name.as_str()),
+        err.contains("kernel counters do not cover"),
         "warned on stderr: {err}"
     );
     // What is covered is still summed: our own (init) namespace.

@@ -5,7 +5,8 @@
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
-//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables, strace);
+//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables, docker.io,
+//!   containerd, busybox-static, strace);
 //! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries.
@@ -146,6 +147,12 @@ fn debian_packages() -> Result<()> {
         ("bpftool", "bpftool"),
         // Legacy iptables rulesets in the rule-drop scenarios.
         ("iptables-legacy", "iptables"),
+        // Real container runtimes for the workload-naming tests (their
+        // daemons are started by the tests, on private sockets), and the
+        // static busybox their image is made of.
+        ("dockerd", "docker.io"),
+        ("containerd", "containerd"),
+        ("busybox", "busybox-static"),
         // The tracer's own system calls: when the start snapshot is taken.
         ("strace", "strace"),
     ];

@@ -107,8 +107,8 @@ impl Tracepoints {
         let kbtf = KernelBtf::load(&opts.btf_path)?;
         let offsets: Offsets = kbtf.offsets()?;
         let mut config = Config {
-            netfilter_drop_reason: kbtf
-                .enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?,
+            // Set below, with the kfree_skb variant that reads it.
+            netfilter_drop_reason: 0,
             early_drop_start: 0,
             early_drop_end: 0,
             confirmed_bit: kbtf.enum_value("ip_conntrack_status", "IPS_CONFIRMED_BIT")?,
@@ -131,7 +131,14 @@ impl Tracepoints {
             config.nf_hook_slow_start = r.start;
             config.nf_hook_slow_end = r.end;
         }
-        let kfree = kfree_skb_variant(&kbtf, hook_slow.as_ref().map(|_| ()).map_err(|e| e.to_string()))?;
+        let kfree = kfree_skb_variant(
+            &kbtf,
+            hook_slow.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+        )?;
+        if kfree == KFREE_SKB_REASON {
+            config.netfilter_drop_reason =
+                kbtf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?;
+        }
         let mut kmem = KMEM_BY_CACHE;
         let mut evictions = if opts.evictions {
             Evictions::On

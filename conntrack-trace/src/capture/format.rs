@@ -66,6 +66,11 @@ pub mod rtype {
     pub const EVENT: u8 = 3;
     pub const TRAILER: u8 = 4;
     pub const NEXT: u8 = 5;
+    /// JSON `{inode: workload}`: the containers/pods behind the names of
+    /// the NAMES record just before (see crate::workload). Written only
+    /// when there is one, so captures of hosts without containers stay
+    /// readable by readers older than this record.
+    pub const WORKLOADS: u8 = 6;
 }
 
 /// Conntrack fill of one traced namespace at start.
@@ -145,10 +150,46 @@ pub struct Header {
     /// False for the counters backend (a capture then holds no events).
     #[serde(default = "yes")]
     pub per_packet: bool,
+    /// The backend's name (`backend` holds it with its hooks). Absent in
+    /// captures written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_name: Option<String>,
 }
 
 fn yes() -> bool {
     true
+}
+
+impl Header {
+    /// The recording session's facts, as the live summary had them.
+    pub fn facts(&self, trailer: Option<&Trailer>) -> crate::output::SessionFacts {
+        // Older captures name the backend only with its hooks
+        // ("tracepoint (tp_btf/...)") and, when finished, in the trailer.
+        let backend = self
+            .backend_name
+            .clone()
+            .or_else(|| trailer.map(|t| t.backend.clone()))
+            .unwrap_or_else(|| {
+                self.backend
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            });
+        crate::output::SessionFacts {
+            version: self.tool_version.clone(),
+            backend,
+            hooks: self.backend.clone(),
+            refused: self.backend_refused.clone(),
+            per_packet: self.per_packet,
+            evictions: self.evictions.clone(),
+            clock: crate::clock::Clock {
+                start_unix_ns: self.start_unix_ns,
+                start_mono_ns: self.start_mono_ns,
+            },
+            scope: self.scope.clone(),
+        }
+    }
 }
 
 /// Last record of a finished capture (SIGINT, SIGTERM, --duration).
@@ -187,6 +228,36 @@ pub struct Trailer {
     pub unmatched_drop_counts: u64,
 }
 
+impl Trailer {
+    /// The trailer of a finished capture: the same totals as the live
+    /// summary, plus what only the file needs.
+    pub fn of(
+        s: &crate::output::Summary,
+        end_mono_ns: u64,
+        kernel_end: BTreeMap<u32, CtStats>,
+        events_written: u64,
+    ) -> Trailer {
+        Trailer {
+            backend: s.backend.clone(),
+            duration_s: s.duration_s,
+            end_mono_ns,
+            events: s.events,
+            matched: s.matched,
+            lost: s.lost,
+            observed: s.observed,
+            complete: s.complete,
+            decode_errors: s.decode_errors,
+            kernel_end,
+            kernel: s.kernel,
+            namespaces: s.scope.namespaces,
+            uncovered: s.scope.uncovered.clone(),
+            events_written,
+            unclassified_drops: s.unclassified_drops,
+            unmatched_drop_counts: s.unmatched_drop_counts,
+        }
+    }
+}
+
 /// Marks the end of a rotated file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Next {
@@ -202,6 +273,7 @@ pub enum Record {
     Event(Event),
     Trailer(Box<Trailer>),
     Next(Next),
+    Workloads(BTreeMap<u32, crate::workload::Workload>),
 }
 
 /// Appends one framed record with body `rtype || payload` to `out`.
@@ -222,6 +294,19 @@ pub fn frame_json<T: Serialize>(out: &mut Vec<u8>, rtype: u8, v: &T) {
         // Serializing our own plain structs into a Vec cannot fail.
         let _ = serde_json::to_writer(o, v);
     })
+}
+
+/// Appends a WORKLOADS record for `names`' workloads, if it has any (and
+/// they fit one record; the names alone are kept otherwise).
+pub fn frame_workloads(out: &mut Vec<u8>, names: &NetnsNames) {
+    if names.workloads().is_empty() {
+        return;
+    }
+    let mut rec = Vec::new();
+    frame_json(&mut rec, rtype::WORKLOADS, names.workloads());
+    if rec.len() - FRAME_BYTES <= MAX_RECORD as usize {
+        out.extend_from_slice(&rec);
+    }
 }
 
 /// Appends the EVENT payload of `e`.
@@ -367,6 +452,9 @@ pub fn decode_body(body: &[u8]) -> Result<Record, String> {
         rtype::NEXT => {
             Record::Next(serde_json::from_slice(payload).map_err(|e| json_err("next", e))?)
         }
+        rtype::WORKLOADS => Record::Workloads(
+            serde_json::from_slice(payload).map_err(|e| json_err("workloads", e))?,
+        ),
         t => return Err(format!("unknown record type {t}")),
     })
 }
@@ -420,12 +508,12 @@ pub(crate) mod tests {
             // Entries (insert_failed) carry their reply tuple: every other
             // one DNATed to a server.
             reply: (kind == Kind::InsertFailed).then(|| crate::event::Reply {
-                src: if i % 2 == 0 {
+                src: if i.is_multiple_of(2) {
                     if v6 { "fd77:2::9".parse().unwrap() } else { "10.77.2.9".parse().unwrap() }
                 } else {
                     dst
                 },
-                sport: if i % 2 == 0 { 8053 } else { 53 },
+                sport: if i.is_multiple_of(2) { 8053 } else { 53 },
                 dst: src,
                 dport: 20_000 + (i % 1000) as u16,
             }),

@@ -102,6 +102,7 @@ pub(crate) mod tests {
             kernel_start: BTreeMap::from([(1, CtStats::default())]),
             backend_refused: vec![],
             per_packet: true,
+            backend_name: None,
         }
     }
 

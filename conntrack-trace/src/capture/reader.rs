@@ -432,6 +432,7 @@ impl OpenSet {
                         f(&e, &names);
                     }
                     Record::Names(n) => names = n,
+                Record::Workloads(w) => names.set_workloads(w),
                     Record::Trailer(t) => {
                         trailer = Some(*t);
                         ended = Some("trailer");

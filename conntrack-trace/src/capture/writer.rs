@@ -414,6 +414,7 @@ impl Writer {
             }
             if rec.len() - format::FRAME_BYTES <= format::MAX_RECORD as usize || keep == 0 {
                 self.push(|b| b.extend_from_slice(&rec));
+                self.push(|b| format::frame_workloads(b, names));
                 return;
             }
             keep /= 2;

@@ -14,14 +14,35 @@ pub struct Human<W: Write> {
     out: W,
     /// Redraw in place (a terminal) instead of appending blocks.
     redraw: bool,
+    /// Colour the sparkline (a terminal, and NO_COLOR unset).
+    colour: bool,
 }
 
 impl<W: Write> Human<W> {
     pub fn new(out: W, redraw: bool) -> Self {
-        Human { out, redraw }
+        // https://no-color.org: any non-empty NO_COLOR turns colour off.
+        let no_colour = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Human {
+            out,
+            redraw,
+            colour: redraw && !no_colour,
+        }
     }
     pub fn into_inner(self) -> W {
         self.out
+    }
+}
+
+/// `, full in ~42 s (30 s–1m10s) at +12.0/s` after a table line, or
+/// nothing while there is no forecast (too few samples, steady).
+fn forecast_note(ns: &super::NsView) -> String {
+    use crate::forecast::Trend;
+    match &ns.forecast {
+        Some(f) if matches!(f.trend, Trend::Filling | Trend::Draining | Trend::Full) => {
+            format!(", {}", f.describe())
+        }
+        Some(f) if f.trend == Trend::Steady => ", steady".into(),
+        _ => String::new(),
     }
 }
 
@@ -34,6 +55,66 @@ fn fmt_rate(r: f64) -> String {
 }
 
 /// Renders the live header and top table.
+/// Eight levels of a sparkline, lowest first (readable without colour).
+const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// One character per interval, scaled to the busiest interval of the
+/// window; a blank where nothing failed.
+pub fn sparkline(counts: impl Iterator<Item = u64> + Clone) -> String {
+    let max = counts.clone().max().unwrap_or(0);
+    counts
+        .map(|n| {
+            if n == 0 || max == 0 {
+                ' '
+            } else {
+                // 1..=max onto 0..=7, the busiest always full height.
+                SPARKS[((n * 8).div_ceil(max) - 1).min(7) as usize]
+            }
+        })
+        .collect()
+}
+
+/// Prefix of a sparkline line in the header.
+const HISTORY: &str = "  last 60s ";
+
+/// The last ~60 s of failures per kind that had any, one line each.
+fn render_history(s: &mut String, history: &[crate::aggregate::KindCounts]) {
+    for k in Kind::FAILURES {
+        if history.iter().all(|c| c.get(k) == 0) {
+            continue;
+        }
+        let line = sparkline(history.iter().map(|c| c.get(k)));
+        let _ = writeln!(s, "{HISTORY}{:<13} |{line}|", k.as_str());
+    }
+}
+
+/// The sparklines coloured by kind (after the text was made printable, so
+/// these are the only escape sequences besides the redraw).
+fn colour_history(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
+        let colour = line.strip_prefix(HISTORY).and_then(|rest| {
+            let kind = rest.split_whitespace().next()?;
+            Some(match kind {
+                "table_full" => "\x1b[31m",
+                "early_drop" => "\x1b[33m",
+                _ => "\x1b[35m",
+            })
+        });
+        match (colour, line.find('|'), line.rfind('|')) {
+            (Some(c), Some(a), Some(b)) if b > a => {
+                out.push_str(&line[..=a]);
+                out.push_str(c);
+                out.push_str(&line[a + 1..b]);
+                out.push_str("\x1b[0m");
+                out.push_str(&line[b..]);
+            }
+            _ => out.push_str(line),
+        }
+    }
+    out
+}
+
 pub fn render_live(v: &LiveView<'_>) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -51,28 +132,33 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         None => {
             let _ = writeln!(s, "conntrack table: (no namespace with conntrack found)");
         }
-        Some((name, f)) => {
+        Some(ns) => {
+            let f = &ns.fill;
             let _ = writeln!(
                 s,
-                "conntrack table [{}]: {} / {} entries ({:.1}% full), {} buckets",
-                field(name),
+                "conntrack table [{}]: {} / {} entries ({:.1}% full), {} buckets{}",
+                field(&ns.name),
                 f.count,
                 f.max,
                 f.percent(),
-                f.buckets
+                f.buckets,
+                forecast_note(ns)
             );
-            for (name, f) in v.fills.iter().skip(1).take(2) {
+            for ns in v.fills.iter().skip(1).take(2) {
+                let f = &ns.fill;
                 let _ = writeln!(
                     s,
-                    "              [{}]: {} / {} ({:.1}%)",
-                    field(name),
+                    "              [{}]: {} / {} ({:.1}%){}",
+                    field(&ns.name),
                     f.count,
                     f.max,
-                    f.percent()
+                    f.percent(),
+                    forecast_note(ns)
                 );
             }
         }
     }
+    render_history(&mut s, v.history);
     let _ = writeln!(
         s,
         "{:<15} {:>12} {:>10} {:>8}",
@@ -280,6 +366,11 @@ impl<W: Write> Sink for Human<W> {
         // Namespace names are any process's `comm`: no control characters
         // reach the terminal but our own redraw.
         let text = super::text::printable(&text);
+        let text = if self.colour {
+            colour_history(&text).into()
+        } else {
+            text
+        };
         if self.redraw {
             // Home + clear screen: redraw in place, no terminal mode change
             // to restore on exit.
@@ -337,14 +428,16 @@ mod tests {
     #[test]
     fn live_header_snapshot() {
         let a = agg();
-        let fills = vec![(
-            "srv".to_owned(),
-            Fill {
+        let fills = vec![crate::output::NsView {
+            inode: 1,
+            name: "srv".to_owned(),
+            fill: Fill {
                 count: 512,
                 max: 1024,
                 buckets: 64,
             },
-        )];
+            forecast: None,
+        }];
         let v = LiveView {
             backend: "tracepoint",
             refused: &[],
@@ -352,6 +445,7 @@ mod tests {
             evictions: "on",
             elapsed_s: 2.0,
             fills: &fills,
+            history: &[],
             agg: &a,
             lost: KindCounts::default(),
             rule_drops: Some(0),
@@ -398,10 +492,13 @@ mod tests {
             max: 2,
             buckets: 4,
         };
-        let fills = vec![
-            ("srv\nWARNING: forged".to_owned(), fill),
-            ("b\n".to_owned(), fill),
-        ];
+        let ns = |inode, name: &str| crate::output::NsView {
+            inode,
+            name: name.to_owned(),
+            fill,
+            forecast: None,
+        };
+        let fills = vec![ns(1, "srv\nWARNING: forged"), ns(2, "b\n")];
         let v = LiveView {
             backend: "tracepoint",
             refused: &[],
@@ -409,6 +506,7 @@ mod tests {
             evictions: "on",
             elapsed_s: 2.0,
             fills: &fills,
+            history: &[],
             agg: &a,
             lost: KindCounts::default(),
             rule_drops: Some(0),
@@ -512,6 +610,7 @@ mod tests {
             evictions: "on",
             elapsed_s: 3.0,
             fills: &[],
+            history: &[],
             agg: &a,
             lost: KindCounts::default(),
             rule_drops: None,
@@ -535,5 +634,54 @@ mod tests {
     #[test]
     fn empty_top_says_so() {
         assert_eq!(render_top(&[], true), "no drops from any source yet\n");
+    }
+
+    #[test]
+    fn sparkline_scales_to_the_busiest_interval() {
+        assert_eq!(sparkline([0u64, 1, 4, 8, 0].into_iter()), " ▁▄█ ");
+        assert_eq!(sparkline([0u64, 0].into_iter()), "  ");
+        assert_eq!(sparkline([5u64].into_iter()), "█");
+    }
+
+    #[test]
+    fn history_lines_only_for_kinds_that_failed_and_colour_only_inside_bars() {
+        let mut h = vec![KindCounts::default(); 3];
+        h[1].table_full = 10;
+        h[2].table_full = 5;
+        let mut s = String::new();
+        render_history(&mut s, &h);
+        assert_eq!(s, "  last 60s table_full    | █▄|\n");
+        assert_eq!(
+            colour_history(&format!("conntrack table [x]\n{s}")),
+            "conntrack table [x]\n  last 60s table_full    |\x1b[31m █▄\x1b[0m|\n"
+        );
+    }
+
+    #[test]
+    fn table_line_carries_the_forecast() {
+        use crate::forecast::{Estimator, Sample};
+        let mut e = Estimator::default();
+        for t in 0..10 {
+            e.push(
+                Sample {
+                    t_s: t as f64,
+                    entries: 100 + 10 * t,
+                    inserted: None,
+                },
+                1000,
+            );
+        }
+        let ns = crate::output::NsView {
+            inode: 1,
+            name: "srv".into(),
+            fill: Fill {
+                count: 190,
+                max: 1000,
+                buckets: 64,
+            },
+            forecast: Some(e.forecast()),
+        };
+        let note = forecast_note(&ns);
+        assert!(note.starts_with(", full in ~1m21s"), "{note}");
     }
 }

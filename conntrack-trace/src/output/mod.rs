@@ -5,7 +5,6 @@ pub mod ndjson;
 pub mod pipe;
 pub mod text;
 
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,12 +12,97 @@ use crate::{
     aggregate::{Aggregator, KindCounts},
     amplify::{AmpSummary, Finding},
     backend::Refusal,
+    clock::Clock,
     event::Event,
     kstats::{CtStats, Fill},
+    pipeline::Pipeline,
 };
 
-/// Known namespace names by inode.
-pub type NetnsNames = BTreeMap<u32, String>;
+/// What a session established at start, said once and borrowed by the
+/// stderr line, the live view, the capture header and the summary (no
+/// string is split later to recover a part of it).
+#[derive(Clone, Debug)]
+pub struct SessionFacts {
+    /// Tool version that ran the session.
+    pub version: String,
+    /// `fexit`, `tracepoint` or `counters` ([`crate::backend::Name::as_str`]).
+    pub backend: String,
+    /// The backend with its hooks, as in the live header.
+    pub hooks: String,
+    pub refused: Vec<Refusal>,
+    pub per_packet: bool,
+    pub evictions: String,
+    pub clock: Clock,
+    pub scope: Scope,
+}
+
+
+/// The counts a summary reports next to the pipeline's analyses: live,
+/// from the programs' counters and the kernel's; offline, from the
+/// capture's trailer.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub events: KindCounts,
+    pub matched: KindCounts,
+    pub lost: KindCounts,
+    pub observed: KindCounts,
+    pub kernel: CtStats,
+    pub unclassified_drops: u64,
+    pub unmatched_drop_counts: u64,
+    pub decode_errors: u64,
+    /// Namespaces whose kernel counters are in `kernel`.
+    pub namespaces: usize,
+    pub uncovered: Vec<Uncovered>,
+    /// `events + lost == observed` for every kind, and (offline) the
+    /// capture holds all of it.
+    pub complete: bool,
+}
+
+impl Summary {
+    /// The one way a summary is made, live and offline: the session's
+    /// facts, the driver's totals, and the pipeline's analyses.
+    pub fn assemble<S>(
+        facts: &SessionFacts,
+        duration_s: f64,
+        t: Totals,
+        top: Vec<TopSource>,
+        pipe: &Pipeline<S>,
+    ) -> Summary {
+        Summary {
+            kind: "summary",
+            version: facts.version.clone(),
+            backend: facts.backend.clone(),
+            hooks: facts.hooks.clone(),
+            backend_refused: facts.refused.clone(),
+            per_packet: facts.per_packet,
+            evictions: facts.evictions.clone(),
+            duration_s,
+            start_unix_ns: facts.clock.start_unix_ns,
+            start_mono_ns: facts.clock.start_mono_ns,
+            events: t.events,
+            matched: t.matched,
+            lost: t.lost,
+            observed: t.observed,
+            complete: t.complete,
+            kernel: t.kernel,
+            unclassified_drops: t.unclassified_drops,
+            unmatched_drop_counts: t.unmatched_drop_counts,
+            scope: Scope {
+                namespaces: t.namespaces,
+                uncovered: t.uncovered,
+                ..facts.scope.clone()
+            },
+            decode_errors: t.decode_errors,
+            top,
+            untracked_sources: pipe.agg.untracked,
+            amplification: pipe.amp.summary(),
+            findings: pipe.amp.findings(&facts.clock),
+        }
+    }
+}
+
+/// Known namespace names by inode (and the containers/pods behind them).
+pub use crate::workload::NetnsNames;
 
 /// What the live header shows at each interval.
 pub struct LiveView<'a> {
@@ -30,8 +114,11 @@ pub struct LiveView<'a> {
     pub per_packet: bool,
     pub evictions: &'a str,
     pub elapsed_s: f64,
-    /// (namespace name, fill) for the traced namespace(s), fullest first.
-    pub fills: &'a [(String, Fill)],
+    /// The traced namespace(s) with conntrack, fullest first.
+    pub fills: &'a [NsView],
+    /// Failures per kind in each of the last intervals (oldest first),
+    /// covering about the last 60 s: the header's sparkline.
+    pub history: &'a [KindCounts],
     pub agg: &'a Aggregator,
     pub lost: KindCounts,
     /// Rule drops counted so far; None when the backend cannot see them
@@ -171,11 +258,26 @@ pub struct Summary {
     pub findings: Vec<Finding>,
 }
 
+/// One namespace's table as the live view shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NsView {
+    pub inode: u32,
+    pub name: String,
+    pub fill: Fill,
+    /// Time to full / relief ([`crate::forecast`]); None until sampled.
+    pub forecast: Option<crate::forecast::Forecast>,
+}
+
 pub trait Sink {
     fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()>;
     fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()>;
     /// A source newly flagged, or whose counts grew since its last report.
     fn finding(&mut self, f: &Finding) -> std::io::Result<()>;
+    /// A namespace's forecast changed materially since it was last
+    /// reported (ndjson streams it; the human header shows it anyway).
+    fn forecast(&mut self, _ns: &NsView) -> std::io::Result<()> {
+        Ok(())
+    }
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
 }
 

@@ -22,6 +22,11 @@ pub struct EventLine<'a> {
     pub netns: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns_name: Option<&'a str>,
+    /// The container / pod owning the namespace (see crate::workload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a crate::workload::Container>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<&'a crate::workload::Pod>,
     /// `ipv4`, `ipv6`, or `unknown` (no parsable IP header).
     pub family: &'static str,
     // Proto and IpAddr serialize as strings without a per-event allocation.
@@ -56,6 +61,7 @@ impl<'a> EventLine<'a> {
     pub fn new(e: &Event, names: &'a NetnsNames) -> Self {
         let ports = e.proto.has_ports();
         let icmp = e.proto.is_icmp();
+        let w = names.workload(e.netns);
         EventLine {
             ty: "event",
             kind: e.kind,
@@ -63,6 +69,8 @@ impl<'a> EventLine<'a> {
             cpu: e.cpu,
             netns: e.netns,
             netns_name: names.get(&e.netns).map(String::as_str),
+            container: w.and_then(|w| w.container.as_ref()),
+            pod: w.and_then(|w| w.pod.as_ref()),
             family: match e.src {
                 Some(IpAddr::V4(_)) => "ipv4",
                 Some(IpAddr::V6(_)) => "ipv6",
@@ -83,6 +91,26 @@ impl<'a> EventLine<'a> {
             nat: e.nat().map(|n| n.as_str()),
         }
     }
+}
+
+/// `{"type":"forecast",...}`: a namespace's time to full or to relief,
+/// when it changes materially (another trend, or a time that moved by more
+/// than 25 % and 2 s): `trend` (`unknown`, `full`, `filling`, `draining`,
+/// `steady`), `eta_s` with `eta_low_s`/`eta_high_s` (null = unbounded),
+/// the fitted `slope_per_s` and its `slope_stderr`, the fitted `entries`
+/// and `max`, `samples`, `span_s`, `insert_per_s`/`expire_per_s` (null
+/// when unknown); `count` is the entry count read at this tick, `ts_ns`
+/// when (CLOCK_MONOTONIC, as events).
+#[derive(Serialize)]
+struct ForecastLine<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    ts_ns: u64,
+    netns: u32,
+    netns_name: &'a str,
+    count: u64,
+    #[serde(flatten)]
+    forecast: &'a crate::forecast::Forecast,
 }
 
 pub struct Ndjson<W: Write> {
@@ -106,6 +134,22 @@ impl<W: Write> Sink for Ndjson<W> {
 
     fn finding(&mut self, f: &Finding) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.out, f)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn forecast(&mut self, ns: &super::NsView) -> std::io::Result<()> {
+        let Some(f) = &ns.forecast else {
+            return Ok(());
+        };
+        let line = ForecastLine {
+            ty: "forecast",
+            ts_ns: crate::clock::monotonic_ns(),
+            netns: ns.inode,
+            netns_name: &ns.name,
+            count: ns.fill.count,
+            forecast: f,
+        };
+        serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")
     }
 

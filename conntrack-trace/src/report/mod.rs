@@ -20,11 +20,10 @@ use crate::{
         format::{NsFill, RecordedFilter},
     },
     cli::{OfflineFilterArgs, TimeSpec},
-    clock::Clock,
     event::{Event, Kind},
     filter::Filter,
     kstats::CtStats,
-    output::{NetnsNames, Scope, Summary, top_sources},
+    output::{NetnsNames, Summary, Totals, top_sources},
 };
 
 /// The filters of `report` and `export`: the filter the capture was
@@ -465,50 +464,20 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         let span = (s.last_ts_ns.saturating_sub(s.first_ts_ns) as f64 / 1e9).max(1.0);
         s.rate_per_s = s.total as f64 / span;
     }
-    let summary = Summary {
-        kind: "summary",
-        version: h.tool_version.clone(),
-        // The header names the hooks ("tracepoint (tp_btf/...)"); the
-        // trailer, when the capture was finished, the backend itself.
-        backend: t.map_or_else(
-            || {
-                h.backend
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            },
-            |t| t.backend.clone(),
-        ),
-        hooks: h.backend.clone(),
-        backend_refused: h.backend_refused.clone(),
-        per_packet: h.per_packet,
-        evictions: h.evictions.clone(),
-        duration_s,
-        start_unix_ns: h.start_unix_ns,
-        start_mono_ns: h.start_mono_ns,
+    let totals = Totals {
         events: a.pipe.received,
         matched: a.pipe.agg.totals,
         lost: t.map(|t| t.lost).unwrap_or_default(),
         observed: t.map(|t| t.observed).unwrap_or_default(),
-        complete: t.is_some_and(|t| t.complete) && info.intact(),
         kernel: t.map(|t| t.kernel).unwrap_or_default(),
         unclassified_drops: t.map_or(0, |t| t.unclassified_drops),
         unmatched_drop_counts: t.map_or(0, |t| t.unmatched_drop_counts),
-        scope: Scope {
-            namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
-            uncovered: t.map_or_else(|| h.scope.uncovered.clone(), |t| t.uncovered.clone()),
-            ..h.scope.clone()
-        },
         decode_errors: t.map_or(0, |t| t.decode_errors),
-        top,
-        untracked_sources: a.pipe.agg.untracked,
-        amplification: a.pipe.amp.summary(),
-        findings: a.pipe.amp.findings(&Clock {
-            start_unix_ns: h.start_unix_ns,
-            start_mono_ns: h.start_mono_ns,
-        }),
+        namespaces: t.map_or(h.scope.namespaces, |t| t.namespaces),
+        uncovered: t.map_or_else(|| h.scope.uncovered.clone(), |t| t.uncovered.clone()),
+        complete: t.is_some_and(|t| t.complete) && info.intact(),
     };
+    let summary = Summary::assemble(&h.facts(t), duration_s, totals, top, &a.pipe);
     Report {
         ty: "report",
         capture: CaptureMeta {

@@ -21,6 +21,7 @@ pub struct Known {
 const SCENARIOS: &[&str] = &[
     "amplification",
     "capture",
+    "doctor",
     "early_drop",
     "insert_failed",
     "rule_drops",
@@ -28,14 +29,6 @@ const SCENARIOS: &[&str] = &[
 ];
 
 pub const KNOWN: &[Known] = &[
-    Known {
-        kernels: &["5.10"],
-        backend: "tracepoint",
-        tests: SCENARIOS,
-        signature: "kernel BTF has no type `skb_drop_reason`",
-        why: "kfree_skb has no drop reason before 5.17: the tracepoint backend cannot \
-              classify drops there and says so (exit 4)",
-    },
     // Measured with branch fexit merged (its --backend flag): Debian's 5.10
     // cloud kernel is built without CONFIG_DEBUG_INFO_BTF_MODULES.
     Known {

@@ -16,13 +16,15 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 /// What the scenario tests use: conntrack itself, the nft ruleset with
 /// `ct state` (nf_tables, nft_ct), `dnat` (nft_nat, which depends on
-/// nf_nat), the veth pairs between namespaces, and nf_conntrack_netlink
+/// nf_nat, in a `type nat` chain: nft_chain_nat), the veth pairs between
+/// namespaces, and nf_conntrack_netlink
 /// (doctor reads which entries hold the table over ctnetlink).
-pub const WANTED: [&str; 6] = [
+pub const WANTED: [&str; 7] = [
     "nf_conntrack",
     "nf_tables",
     "nft_ct",
     "nft_nat",
+    "nft_chain_nat",
     "veth",
     "nf_conntrack_netlink",
 ];
