@@ -122,6 +122,11 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         log.display()
     );
     let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    // report_file writes its input to a scratch file in the temporary
+    // directory; keep it under fuzz/target rather than leaving one in /tmp
+    // per run.
+    let tmp = logs.join("tmp");
+    fs::create_dir_all(&tmp)?;
     // The first corpus directory receives new inputs; seeds and
     // regressions are only read (so every regression is replayed first).
     let status = cargo_fuzz()
@@ -133,6 +138,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_S}"))
         .arg("-print_final_stats=1")
+        .env("TMPDIR", &tmp)
         .stdout(Stdio::null())
         .stderr(out)
         .status()
