@@ -211,15 +211,27 @@ impl CtStats {
         Ok(s)
     }
 
-    pub fn since(&self, before: &CtStats) -> CtStats {
-        CtStats {
-            drop: self.drop - before.drop,
-            early_drop: self.early_drop - before.early_drop,
-            insert_failed: self.insert_failed - before.insert_failed,
-            chaintoolong: self.chaintoolong - before.chaintoolong,
-            clashres: self.clashres - before.clashres,
-            invalid: self.invalid - before.invalid,
-        }
+    /// `self - before`, counter by counter. A counter that went backwards
+    /// (the two readings are of different namespaces, or the namespace was
+    /// recreated in between) is an error naming it, not a panic in a debug
+    /// build or a delta near 2^64 in a release one.
+    pub fn since(&self, before: &CtStats) -> Result<CtStats> {
+        let sub = |name: &str, now: u64, then: u64| -> Result<u64> {
+            now.checked_sub(then).with_context(|| {
+                format!(
+                    "kernel counter `{name}` went backwards ({then} before, {now} after): \
+                     the readings are not of the same namespace"
+                )
+            })
+        };
+        Ok(CtStats {
+            drop: sub("drop", self.drop, before.drop)?,
+            early_drop: sub("early_drop", self.early_drop, before.early_drop)?,
+            insert_failed: sub("insert_failed", self.insert_failed, before.insert_failed)?,
+            chaintoolong: sub("chaintoolong", self.chaintoolong, before.chaintoolong)?,
+            clashres: sub("clashres", self.clashres, before.clashres)?,
+            invalid: sub("invalid", self.invalid, before.invalid)?,
+        })
     }
 }
 
@@ -643,7 +655,7 @@ pub fn traced_with<T>(
     let r = traffic()?;
     let after = topo.server.ct_stats()?;
     let out = tracer.stop()?;
-    Ok((r, out, after.since(&before)))
+    Ok((r, out, after.since(&before)?))
 }
 
 /// The preamble of every kernel test: skip (with the reason) without root,
@@ -764,5 +776,36 @@ pub fn wait_bounded(mut child: Child, deadline: Instant) -> Result<std::process:
             return Ok(child.wait_with_output()?);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CtStats;
+
+    /// Review of issue 11: `since` subtracted unchecked, so two readings of
+    /// different namespaces panicked (debug) with "attempt to subtract with
+    /// overflow" instead of saying what went wrong.
+    #[test]
+    fn since_names_a_counter_that_went_backwards() {
+        let before = CtStats {
+            drop: 10,
+            early_drop: 3,
+            ..Default::default()
+        };
+        let after = CtStats {
+            drop: 25,
+            early_drop: 3,
+            invalid: 1,
+            ..Default::default()
+        };
+        let d = after.since(&before).unwrap();
+        assert_eq!((d.drop, d.early_drop, d.invalid), (15, 0, 1));
+        let back = CtStats { drop: 4, ..after };
+        let e = back.since(&before).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "kernel counter `drop` went backwards (10 before, 4 after): the readings are not of the same namespace"
+        );
     }
 }

@@ -312,7 +312,7 @@ fn capture_survives_sigkill() -> Result<()> {
     // Wait until what the first flood produced is on disk (the tracer
     // hands data to the disk once per --interval): a fact read back from
     // the file, not a sleep that a loaded machine (TCG) can outrun.
-    let first = topo.server.ct_stats()?.since(&before).drop;
+    let first = topo.server.ct_stats()?.since(&before)?.drop;
     let flushed = wait_for_events(&file, first, Duration::from_secs(20))?;
     ensure!(
         flushed >= first,
@@ -320,7 +320,7 @@ fn capture_survives_sigkill() -> Result<()> {
     );
     tracer.kill()?;
     let sent_bg = bg.join().map_err(|_| anyhow::anyhow!("flood thread"))??;
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
 
     let (code, out, err) = ctt(&["report", s(&file), "--format", "json"])?;
     ensure!(code == 0, "report of a killed capture: {err}");
@@ -594,7 +594,7 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
             .map_err(|_| anyhow::anyhow!("generator panicked"))??;
     }
     let secs = started.elapsed().as_secs_f64();
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     let out = tracer.stop()?;
     let sum = &out.summary;
     eprintln!(

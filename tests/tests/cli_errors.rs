@@ -107,6 +107,12 @@ fn unprivileged_exit_3() {
         err.contains("insufficient privileges") && err.contains("sudo"),
         "{err}"
     );
+    // What is needed: CAP_BPF + CAP_PERFMON; `--netns` works without
+    // CAP_SYS_ADMIN (it warns), so the line must not say otherwise.
+    assert!(
+        err.contains("CAP_BPF and CAP_PERFMON") && !err.contains("--netns"),
+        "{err}"
+    );
 }
 
 /// Issue 11 item 5: durations out of range (`--interval 1e-12` panicked

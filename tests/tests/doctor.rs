@@ -154,7 +154,7 @@ fn doctor_advice_applied_as_printed_stops_a_dns_flood() -> Result<()> {
         let sent = h.join().map_err(|_| anyhow::anyhow!("flood panicked"))??;
         Ok((sent, d?, human?))
     })?;
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     let (code, d) = diag;
     eprintln!(
         "doctor --format human during the flood (exit {}):\n{}",
@@ -221,7 +221,7 @@ fn doctor_advice_applied_as_printed_stops_a_dns_flood() -> Result<()> {
     let new_max = Sysctl::read(MAX_KEY)?;
     let before = topo.server.ct_stats()?;
     let sent = flood(20_000)?;
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     let count = topo.server.ct_count()?;
     eprintln!(
         "raise_max {cmds:?}: max {new_max}; replay sent {sent}, kernel drop +{}, early_drop +{}, entries now {count}",
@@ -241,7 +241,7 @@ fn doctor_advice_applied_as_printed_stops_a_dns_flood() -> Result<()> {
     let cmds = apply(notrack)?;
     let before = topo.server.ct_stats()?;
     let sent = flood(23_000)?;
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     eprintln!(
         "notrack ({} commands); replay sent {sent}, kernel drop +{}, early_drop +{}",
         cmds.len(),

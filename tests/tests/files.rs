@@ -412,6 +412,17 @@ fn trace_outputs_leave_planted_targets_untouched() -> Result<()> {
     refused(&args, 2, &dir.path("r.ctt.2"), "is a symbolic link")?;
     assert!(stale.exists(), "nothing removed before the refusal");
     assert!(!base.exists(), "no capture left behind");
+    // Without --force, any FILE.N a rotation could write is refused at
+    // start, not only FILE.1 (a FILE.5 alone once stopped the recording at
+    // its fifth rotation, with a warning).
+    let base2 = dir.path("g.ctt");
+    let later = dir.path("g.ctt.5");
+    std::fs::write(&later, "someone else's")?;
+    let args = trace(&["--write", s(&base2), "--max-size", "64k"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    refused(&args, 2, &later, "file exists (use --force to overwrite)")?;
+    assert_eq!(std::fs::read(&later)?, b"someone else's");
+    assert!(!base2.exists(), "no capture left behind");
     assert_eq!(snapshot(&planted)?, before, "planted targets unchanged");
     assert!(
         !dir.path("nothing-here").exists(),
@@ -550,6 +561,38 @@ fn missing_capabilities_are_never_a_silent_zero() -> Result<()> {
     assert!(
         summary["scope"]["namespaces"].as_u64() >= Some(1),
         "{summary}"
+    );
+
+    // `--netns` needs no CAP_SYS_ADMIN either (the privilege error once
+    // said it did): it traces, and says its counters are not covered.
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set=-all,+bpf,+perfmon",
+            "--inh-caps=-all,+bpf,+perfmon",
+        ])
+        .arg(binary())
+        .args(["trace", "--duration", "1s", "--format", "ndjson"])
+        .args(["--backend", "auto", "--netns", ns.name.as_str()])
+        .output()
+        .context("setpriv (util-linux)")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "--netns without CAP_SYS_ADMIN: {err}"
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let summary: Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
+    assert_eq!(summary["scope"]["netns"], ns.name.as_str(), "{summary}");
+    assert_eq!(summary["scope"]["namespaces"], 0, "{summary}");
+    assert_eq!(
+        summary["scope"]["uncovered"][0]["netns"],
+        ns.name.as_str(),
+        "{summary}"
+    );
+    assert!(
+        err.contains("kernel counters do not cover") && err.contains(ns.name.as_str()),
+        "warned on stderr: {err}"
     );
     Ok(())
 }

@@ -27,7 +27,7 @@ fn race(
         for batch in 1..=5 {
             traffic::syn_race(&topo.client.path(), topo.client_ip, dst, 80, end..end + BATCH)?;
             end += BATCH;
-            if topo.server.ct_stats()?.since(&start).insert_failed > 0 {
+            if topo.server.ct_stats()?.since(&start)?.insert_failed > 0 {
                 eprintln!("race: first clash in batch {batch} of at most 5");
                 break;
             }

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask <setup|build|run|test|vm-test|bench>`.
+//! Project tasks: `cargo xtask <setup|build|run|test|vm-test|bench|fuzz>`.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -43,6 +44,10 @@ enum Cmd {
     /// (`bench capture`: capture write/read throughput; `bench amplify`:
     /// the amplification detector).
     Bench(bench::Args),
+    /// Run each cargo-fuzz target in fuzz/ for a bounded time (installs
+    /// cargo-fuzz if missing); inputs that break a target are kept in
+    /// fuzz/regressions/ and fail the run. Not part of `test` (slow).
+    Fuzz(fuzz::Args),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -115,6 +120,9 @@ fn main() {
             .and_then(|_| setup::vm())
             .and_then(|_| vm::run(&a)),
         Cmd::Bench(a) => setup::run().and_then(|_| bench::run(a)),
+        Cmd::Fuzz(a) => setup::run()
+            .and_then(|_| setup::fuzz())
+            .and_then(|_| fuzz::run(&a)),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");

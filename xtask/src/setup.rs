@@ -6,7 +6,8 @@
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
 //!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables, docker.io,
-//!   containerd, busybox-static);
+//!   containerd, busybox-static, strace);
+//! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries.
 
@@ -147,6 +148,8 @@ fn debian_packages() -> Result<()> {
         ("dockerd", "docker.io"),
         ("containerd", "containerd"),
         ("busybox", "busybox-static"),
+        // The tracer's own system calls: when the start snapshot is taken.
+        ("strace", "strace"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -172,6 +175,16 @@ fn debian_packages() -> Result<()> {
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());
     crate::cmd("apt-get", &args)
+}
+
+/// What `cargo xtask fuzz` needs: cargo-fuzz (run as `cargo +nightly fuzz`;
+/// the nightly itself comes from [`run`]).
+pub fn fuzz() -> Result<()> {
+    if output("cargo", &["+nightly", "fuzz", "--version"]).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz (a few minutes, once)");
+    crate::cmd("cargo", &["install", "--locked", "cargo-fuzz"])
 }
 
 fn is_root() -> bool {

@@ -171,7 +171,10 @@ impl Backend {
     pub fn attach(&mut self) -> Result<(), TraceError> {
         match self {
             Backend::Fexit(b) => b.attach(),
-            Backend::Tracepoint(b) => b.attach(),
+            Backend::Tracepoint(b) => {
+                b.prepare_attach();
+                b.attach()
+            }
             Backend::Counters(b) => b.start(),
         }
     }
@@ -235,10 +238,13 @@ impl Backend {
 /// refused. Attaching is part of the probe (fentry/fexit are often refused
 /// only at attach), so the returned backend is already attached.
 ///
-/// `before_attach` runs after a backend loaded, right before it attaches
-/// (again for the next backend if that one is refused): the tracer takes
-/// its start snapshot of the kernel counters there, so that the window
-/// they cover does not include the load (issue 11 item 9).
+/// `before_attach` runs after a backend loaded and readied its attach
+/// (the tracepoint backend's drop baselines), right before its first
+/// attach call (again for the next backend if that one is refused): the
+/// tracer takes its start snapshot of the kernel counters there, so that
+/// the window they cover includes neither the load nor the preparation
+/// (issue 11 item 9; pinned by `start_snapshot_is_taken_between_load_and_attach`
+/// in tests/tests/backend.rs).
 pub fn open(
     choice: Choice,
     opts: &Options,
@@ -253,6 +259,7 @@ pub fn open(
     };
     let tracepoint = || -> Result<Backend, TraceError> {
         let mut b = tracepoint::Tracepoints::load(opts)?;
+        b.prepare_attach();
         before_attach();
         b.attach()?;
         Ok(Backend::Tracepoint(b))

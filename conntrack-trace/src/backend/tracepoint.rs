@@ -211,8 +211,17 @@ impl Tracepoints {
     }
 
     /// Attaches every loaded program (events start flowing).
-    pub fn attach(&mut self) -> Result<(), TraceError> {
+    /// Readies the programs for [`Tracepoints::attach`]: seeds the drop
+    /// baselines, which walks every namespace (a scan of /proc). Separate
+    /// from `attach` so that the tracer's start snapshot of the kernel
+    /// counters can come after it: the window between that snapshot and
+    /// the attach then holds only the attach calls (issue 11 item 9).
+    pub fn prepare_attach(&mut self) {
         self.seed_drop_baselines();
+    }
+
+    /// Attaches every hook ([`Tracepoints::prepare_attach`] first).
+    pub fn attach(&mut self) -> Result<(), TraceError> {
         for h in self.hooks.clone() {
             let prog = program(&mut self.ebpf, h.prog)?;
             let id = prog.attach().map_err(|e| TraceError::Attach {

@@ -365,6 +365,71 @@ pub(crate) mod tests {
         );
     }
 
+    /// Review of issue 11: only `FILE.1` was checked at start, so without
+    /// `--force` a `FILE.2` (or any later one) already there stopped the
+    /// recording at the rotation that met it, with a warning. Every
+    /// `FILE.N` a rotation could write is checked at start now, gaps too.
+    #[test]
+    fn every_rotation_target_is_checked_at_start() {
+        let d = TempDir::new("targets");
+        let p = d.0.join("c.ctt");
+        let opts = |force| WriteOptions {
+            path: p.clone(),
+            force,
+            max_size: Some(writer::MIN_MAX_SIZE),
+        };
+        // Not rotation targets: left alone, never refused.
+        const OTHERS: [&str; 6] = [
+            "c.ctt.01",
+            "c.ctt.0",
+            "c.ctt.x",
+            "c.ctt.4294967296",
+            "c.ctt.1.tmp",
+            "d.ctt.2",
+        ];
+        for other in OTHERS {
+            std::fs::write(d.0.join(other), b"other").unwrap();
+        }
+        assert_eq!(writer::rotation_targets(&p).unwrap(), vec![]);
+        std::fs::write(writer::rotated_path(&p, 7), b"old").unwrap();
+        std::fs::write(writer::rotated_path(&p, u32::MAX), b"old").unwrap();
+        assert_eq!(
+            writer::rotation_targets(&p).unwrap(),
+            vec![
+                (7, writer::rotated_path(&p, 7)),
+                (u32::MAX, writer::rotated_path(&p, u32::MAX))
+            ]
+        );
+        match Writer::create(opts(false), header()) {
+            Err(WriteError::Exists(s)) => assert!(s.ends_with("c.ctt.7"), "{s}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(!p.exists(), "refused before anything is created");
+        // A planted symlink behind a gap is refused even with --force, and
+        // nothing is removed first.
+        let link = writer::rotated_path(&p, 9);
+        std::os::unix::fs::symlink(d.0.join("victim"), &link).unwrap();
+        let e = Writer::create(opts(true), header()).err().unwrap();
+        assert!(e.to_string().contains("c.ctt.9: is a symbolic link"), "{e}");
+        assert!(writer::rotated_path(&p, 7).exists());
+        std::fs::remove_file(&link).unwrap();
+        // --force removes every stale one, and only those.
+        Writer::create(opts(true), header())
+            .unwrap()
+            .finish(trailer(&[]))
+            .unwrap();
+        assert_eq!(writer::rotation_targets(&p).unwrap(), vec![]);
+        for other in OTHERS {
+            assert!(d.0.join(other).exists(), "{other} left alone");
+        }
+        // A relative path lists the current directory (and finds nothing
+        // for a name that is not there).
+        assert_eq!(
+            writer::rotation_targets(Path::new("no-such-capture-ctt")).unwrap(),
+            vec![]
+        );
+    }
+
     #[test]
     fn stale_rotated_files_are_refused_or_removed() {
         let d = TempDir::new("stale");

@@ -105,16 +105,64 @@ pub fn rotated_path(base: &Path, seq: u32) -> PathBuf {
     }
 }
 
+/// Every `PATH.N` in `PATH`'s directory that a rotation of this capture
+/// could write (`N` as [`rotated_path`] spells it: 1 to `u32::MAX`, no
+/// leading zero), in order. The directory is listed rather than probing
+/// `PATH.1`, `PATH.2`, ... so that a gap (only `PATH.7` there) is found too.
+pub fn rotation_targets(base: &Path) -> Result<Vec<(u32, PathBuf)>, WriteError> {
+    let Some(name) = base.file_name() else {
+        return Ok(Vec::new());
+    };
+    let dir = match base.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let io = |source| WriteError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        // Creating the file itself will say what is wrong with the path.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut prefix = name.as_encoded_bytes().to_vec();
+    prefix.push(b'.');
+    let mut found = Vec::new();
+    for e in entries {
+        let e = e.map_err(io)?;
+        let n = e.file_name();
+        let Some(digits) = n.as_encoded_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let Some(seq) = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse::<u32>().ok())
+            .filter(|&seq| seq > 0 && seq.to_string().as_bytes() == digits)
+        else {
+            continue;
+        };
+        found.push((seq, rotated_path(base, seq)));
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Checks the options and that nothing would be overwritten without
-/// `force` (the file, or a rotated `PATH.N` of an earlier capture), and
-/// that nothing but regular files would be replaced with it.
+/// `force`: the file, and every `PATH.N` a rotation could write (an
+/// earlier capture's, or one planted to make the rotation fail), so that
+/// such a file is refused at start rather than stopping the recording at
+/// the rotation that meets it; and that nothing but regular files would be
+/// replaced with `force`.
 pub fn precheck(opts: &WriteOptions) -> Result<(), WriteError> {
     if let Some(m) = opts.max_size
         && m < MIN_MAX_SIZE
     {
         return Err(WriteError::MaxSize(m));
     }
-    for p in [opts.path.clone(), rotated_path(&opts.path, 1)] {
+    outfile::check(&opts.path, opts.force, &[])?;
+    for (_, p) in rotation_targets(&opts.path)? {
         outfile::check(&p, opts.force, &[])?;
     }
     Ok(())
@@ -145,17 +193,14 @@ pub fn prepare(opts: WriteOptions, inputs: &[Input]) -> Result<Prepared, WriteEr
     precheck(&opts)?;
     if opts.force {
         // A stale PATH.N from an earlier capture would be read as part of
-        // this one. lstat, not exists(): a dangling symlink is there too,
-        // and is refused rather than written through at rotation. All are
-        // checked before any is removed.
-        let stale: Vec<PathBuf> = (1..)
-            .map(|seq| rotated_path(&opts.path, seq))
-            .take_while(|p| p.symlink_metadata().is_ok())
-            .collect();
-        for p in &stale {
+        // this one. Listed, not probed with exists(): a dangling symlink is
+        // there too, and is refused rather than written through at
+        // rotation. All are checked before any is removed.
+        let stale = rotation_targets(&opts.path)?;
+        for (_, p) in &stale {
             outfile::check(p, true, inputs)?;
         }
-        for p in &stale {
+        for (_, p) in &stale {
             outfile::remove_stale(p, inputs)?;
         }
     }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Diagnosis, NsReport};
-use crate::{doctor::memory::fmt_bytes, forecast::Trend};
+use crate::{doctor::memory::fmt_bytes, forecast::Trend, output::text::field};
 
 /// CPUs listed per counter before `…`.
 const CPUS_SHOWN: usize = 8;
@@ -20,12 +20,12 @@ fn namespace(s: &mut String, n: &NsReport, duration_s: f64) {
     let _ = writeln!(
         s,
         "\nnamespace {} (inode {}): {}",
-        n.netns,
+        field(&n.netns),
         n.inode,
         super::Status::describe(n.status)
     );
     for r in &n.reasons {
-        let _ = writeln!(s, "  - {r}");
+        let _ = writeln!(s, "  - {}", field(r));
     }
     let _ = writeln!(
         s,
@@ -103,7 +103,7 @@ fn namespace(s: &mut String, n: &NsReport, duration_s: f64) {
             }
         }
         (None, Some(why)) => {
-            let _ = writeln!(s, "  what holds the table: unknown ({why})");
+            let _ = writeln!(s, "  what holds the table: unknown ({})", field(why));
         }
         _ => {}
     }
@@ -143,16 +143,16 @@ pub fn render(d: &Diagnosis) -> String {
         if d.source == "live" {
             "live".to_owned()
         } else {
-            format!("capture {}", d.files.join(" "))
+            format!("capture {}", field(&d.files.join(" ")))
         },
-        d.hostname,
-        d.kernel_release,
+        field(&d.hostname),
+        field(&d.kernel_release),
         d.duration_s
     );
     let _ = writeln!(s, "status: {} (exit {})", d.status.describe(), d.exit_code);
-    let _ = writeln!(s, "backend: {}", d.backend.hooks);
+    let _ = writeln!(s, "backend: {}", field(&d.backend.hooks));
     for r in &d.backend.refused {
-        let _ = writeln!(s, "  refused {r}");
+        let _ = writeln!(s, "  refused {}", field(&r.to_string()));
     }
     if !d.backend.not_tried.is_empty() {
         let _ = writeln!(
@@ -179,7 +179,7 @@ pub fn render(d: &Diagnosis) -> String {
         fmt_bytes(m.current_bytes)
     );
     if let Some(note) = &m.note {
-        let _ = writeln!(s, "  ({note})");
+        let _ = writeln!(s, "  ({})", field(note));
     }
     if d.advice.is_empty() {
         let _ = writeln!(s, "\nadvice: none — nothing to change");
@@ -187,27 +187,29 @@ pub fn render(d: &Diagnosis) -> String {
         let _ = writeln!(s, "\nadvice:");
     }
     for a in &d.advice {
-        let _ = writeln!(s, "{}. [{}] {}", a.rank, a.id, a.title);
-        let _ = writeln!(s, "   why:  {}", a.why);
+        // Advice names namespaces (any process's `comm`, or names from a
+        // capture): each line stays one line.
+        let _ = writeln!(s, "{}. [{}] {}", a.rank, a.id, field(&a.title));
+        let _ = writeln!(s, "   why:  {}", field(&a.why));
         if !a.cost.is_empty() {
-            let _ = writeln!(s, "   cost: {}", a.cost);
+            let _ = writeln!(s, "   cost: {}", field(&a.cost));
         }
-        let _ = writeln!(s, "   risk: {}", a.risk);
+        let _ = writeln!(s, "   risk: {}", field(&a.risk));
         if !a.commands.is_empty() {
             let _ = writeln!(s, "   run:");
             for c in &a.commands {
-                let _ = writeln!(s, "     {c}");
+                let _ = writeln!(s, "     {}", field(c));
             }
         }
         for p in &a.persist {
-            let _ = writeln!(s, "   persist in {}:", p.file);
+            let _ = writeln!(s, "   persist in {}:", field(&p.file));
             for l in p.content.lines() {
-                let _ = writeln!(s, "     | {l}");
+                let _ = writeln!(s, "     | {}", field(l));
             }
         }
     }
     for w in &d.warnings {
-        let _ = writeln!(s, "\nnote: {w}");
+        let _ = writeln!(s, "\nnote: {}", field(w));
     }
     s
 }
@@ -414,6 +416,26 @@ mod tests {
         assert_eq!(v["advice"][1]["sizing"]["max"], 16384);
         assert_eq!(v["memory"]["object_bytes"], 256);
         assert!(v["memory"]["per_entry_bytes"].is_u64());
+    }
+
+    /// Review of issue 11: names (any process's `comm`, a `/run/netns`
+    /// file name, a capture's strings) reach the advice and headings; one
+    /// with a newline must not print a line of its own.
+    #[test]
+    fn a_newline_in_a_name_adds_no_line() {
+        const FORGED: &str = "\nWARNING: forged";
+        let mut d = dns_flood();
+        d.hostname = format!("host{FORGED}");
+        d.namespaces[0].netns = format!("srv{FORGED}");
+        d.advice[0].title = format!("exempt DNS in srv{FORGED}");
+        d.advice[0].commands[0] = format!("ip netns exec 'srv{FORGED}' nft add table inet x");
+        d.warnings.push(format!("srv{FORGED}"));
+        let text = render(&d);
+        let forged: Vec<&str> = text.lines().filter(|l| l.contains("forged")).collect();
+        assert_eq!(forged.len(), 5, "{text}");
+        for l in forged {
+            assert!(l.contains("\\x0aWARNING: forged"), "{l:?} in\n{text}");
+        }
     }
 
     #[test]

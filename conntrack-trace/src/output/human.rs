@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io::Write};
 
-use super::{LiveView, NetnsNames, Sink, Summary, top_sources};
+use super::{LiveView, NetnsNames, Sink, Summary, text::field, top_sources};
 use crate::{
     amplify::{AmpSummary, Finding},
     backend::Name,
@@ -137,7 +137,7 @@ pub fn render_live(v: &LiveView<'_>) -> String {
             let _ = writeln!(
                 s,
                 "conntrack table [{}]: {} / {} entries ({:.1}% full), {} buckets{}",
-                ns.name,
+                field(&ns.name),
                 f.count,
                 f.max,
                 f.percent(),
@@ -149,7 +149,7 @@ pub fn render_live(v: &LiveView<'_>) -> String {
                 let _ = writeln!(
                     s,
                     "              [{}]: {} / {} ({:.1}%){}",
-                    ns.name,
+                    field(&ns.name),
                     f.count,
                     f.max,
                     f.percent(),
@@ -266,10 +266,14 @@ pub fn render_summary(sum: &Summary) -> String {
     let _ = writeln!(
         s,
         "== conntrack-trace summary: {:.1}s, backend {}, evictions {}, namespace {} ==",
-        sum.duration_s, sum.hooks, sum.evictions, sum.scope.netns
+        sum.duration_s,
+        // From the capture's header, for `report`.
+        field(&sum.hooks),
+        field(&sum.evictions),
+        field(&sum.scope.netns)
     );
     for r in &sum.backend_refused {
-        let _ = writeln!(s, "  (auto: {r})");
+        let _ = writeln!(s, "  (auto: {})", field(&r.to_string()));
     }
     let _ = writeln!(
         s,
@@ -489,6 +493,52 @@ mod tests {
         ]
         .join("\n");
         assert_eq!(text, expected);
+    }
+
+    /// Review of issue 11: a namespace name is any process's `comm` or a
+    /// `/run/netns` file name, and may hold a newline; it must not add a
+    /// line to the header (output/text.rs `field`).
+    #[test]
+    fn a_newline_in_a_namespace_name_stays_on_its_line() {
+        let a = agg();
+        let fill = Fill {
+            count: 1,
+            max: 2,
+            buckets: 4,
+        };
+        let ns = |inode, name: &str| crate::output::NsView {
+            inode,
+            name: name.to_owned(),
+            fill,
+            forecast: None,
+        };
+        let fills = vec![ns(1, "srv\nWARNING: forged"), ns(2, "b\n")];
+        let v = LiveView {
+            backend: "tracepoint",
+            refused: &[],
+            per_packet: true,
+            evictions: "on",
+            elapsed_s: 2.0,
+            fills: &fills,
+            history: &[],
+            agg: &a,
+            lost: KindCounts::default(),
+            rule_drops: Some(0),
+            top_n: 5,
+            findings: &[],
+            amp: &AmpSummary::default(),
+        };
+        let text = render_live(&v);
+        assert!(
+            text.lines().any(|l| l
+                == "conntrack table [srv\\x0aWARNING: forged]: 1 / 2 entries (50.0% full), 4 buckets"),
+            "{text}"
+        );
+        assert!(
+            text.contains("              [b\\x0a]: 1 / 2 (50.0%)\n"),
+            "{text}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("WARNING")), "{text}");
     }
 
     #[test]

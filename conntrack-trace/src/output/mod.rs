@@ -186,11 +186,12 @@ impl Scope {
     /// One line about what the kernel counters leave out, if anything.
     pub fn uncovered_line(&self) -> Option<String> {
         let first = self.uncovered.first()?;
-        let mut names: Vec<&str> = self
+        // Names and reasons stay on this one line (see text::field).
+        let mut names: Vec<std::borrow::Cow<'_, str>> = self
             .uncovered
             .iter()
             .take(3)
-            .map(|u| u.netns.as_str())
+            .map(|u| text::field(&u.netns))
             .collect();
         let more = self.uncovered.len().saturating_sub(names.len());
         let extra = if more > 0 {
@@ -203,7 +204,7 @@ impl Scope {
             "kernel counters do not cover {} namespace(s) ({}{extra}): {}",
             self.uncovered.len(),
             names.join(", "),
-            first.reason
+            text::field(&first.reason)
         ))
     }
 }

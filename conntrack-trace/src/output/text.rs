@@ -5,7 +5,11 @@
 //! from whoever wrote the file. Printed raw, `ESC[2J` in a name clears the
 //! terminal of whoever runs `report`, and control characters make an SVG
 //! invalid XML. Human and markdown output pass through [`printable`], SVG
-//! text through [`xml`].
+//! text through [`xml`]. `printable` keeps newlines (it is applied to whole
+//! multi-line renderings), so every value from outside that is put on a
+//! line — a namespace or host name, a path, a recorded message — goes
+//! through [`field`] as well: a name with a newline in it would otherwise
+//! print a line of its own (a fake `WARNING:` or table row).
 
 use std::borrow::Cow;
 
@@ -26,15 +30,47 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if !unsafe_char(c) {
-            out.push(c);
-        } else if (c as u32) < 0x100 {
-            out.push_str(&format!("\\x{:02x}", c as u32));
+        if unsafe_char(c) {
+            escape(&mut out, c);
         } else {
-            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            out.push(c);
         }
     }
     Cow::Owned(out)
+}
+
+/// Line breaks a value must not bring into a line of output: newline and
+/// tab (kept by [`printable`]), and the Unicode line and paragraph
+/// separators (NEL is a C1 control, already unsafe).
+fn breaks_line(c: char) -> bool {
+    matches!(c, '\n' | '\t' | '\u{2028}' | '\u{2029}')
+}
+
+/// One value on a line of human or markdown output: [`printable`], with
+/// newlines, tabs and Unicode line separators escaped too (`\x0a`), so it
+/// stays on its line.
+pub fn field(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| unsafe_char(c) || breaks_line(c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) || breaks_line(c) {
+            escape(&mut out, c);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A visible escape for `c`: `\x1b` below U+0100, `\u{202e}` above.
+fn escape(out: &mut String, c: char) {
+    if (c as u32) < 0x100 {
+        out.push_str(&format!("\\x{:02x}", c as u32));
+    } else {
+        out.push_str(&format!("\\u{{{:x}}}", c as u32));
+    }
 }
 
 /// `s` as XML character data or an attribute value: markup characters
@@ -69,6 +105,19 @@ mod tests {
         assert_eq!(printable("\u{9b}31m"), "\\x9b31m");
         assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
         assert_eq!(printable("\r"), "\\x0d");
+    }
+
+    /// Review of issue 11: `printable` keeps newlines (whole renderings are
+    /// multi-line), so a namespace name with one printed a line of its own.
+    #[test]
+    fn a_field_stays_on_its_line() {
+        assert!(matches!(field("ctt-srv pid 7 (dnsmasq)"), Cow::Borrowed(_)));
+        assert_eq!(
+            field("srv\nWARNING: all clear\r\t\u{2028}x\x1b"),
+            "srv\\x0aWARNING: all clear\\x0d\\x09\\u{2028}x\\x1b"
+        );
+        assert_eq!(field(&printable("a\nb")), "a\\x0ab");
+        assert!(!field("a\u{2029}b\u{85}").contains(['\u{2029}', '\u{85}']));
     }
 
     #[test]

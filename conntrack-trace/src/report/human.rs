@@ -4,7 +4,10 @@
 use std::fmt::Write as _;
 
 use super::{Report, utc};
-use crate::{event::Kind, output::human::render_summary};
+use crate::{
+    event::Kind,
+    output::{human::render_summary, text::field},
+};
 
 /// Seconds listed in the timeline excerpt (the busiest ones, in order).
 const BUSIEST: usize = 10;
@@ -15,20 +18,27 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(
         s,
         "capture of {} (kernel {}), conntrack-trace {}, started {}",
-        c.hostname, c.kernel_release, c.tool_version, c.start_utc
+        field(&c.hostname),
+        field(&c.kernel_release),
+        field(&c.tool_version),
+        c.start_utc
     );
     for f in &r.files {
         let _ = writeln!(
             s,
             "  file {} #{}: {} bytes, {} events, {}",
-            f.path, f.seq, f.bytes, f.events, f.ended
+            field(&f.path),
+            f.seq,
+            f.bytes,
+            f.events,
+            field(&f.ended)
         );
     }
     for n in &c.conntrack {
         let _ = writeln!(
             s,
             "  conntrack [{}] at start: {} / {} entries ({:.1}% full), {} buckets",
-            n.netns,
+            field(&n.netns),
             n.fill.count,
             n.fill.max,
             n.fill.percent(),
@@ -36,10 +46,10 @@ pub fn render(r: &Report) -> String {
         );
     }
     if !r.filters.is_empty() {
-        let _ = writeln!(s, "  report filters: {}", r.filters.join(", "));
+        let _ = writeln!(s, "  report filters: {}", field(&r.filters.join(", ")));
     }
     for w in &r.warnings {
-        let _ = writeln!(s, "WARNING: {w}");
+        let _ = writeln!(s, "WARNING: {}", field(w));
     }
     let _ = writeln!(s);
     s.push_str(&render_summary(&r.summary));

@@ -3,29 +3,29 @@
 use std::fmt::Write as _;
 
 use super::Report;
-use crate::event::Kind;
+use crate::{event::Kind, output::text::field};
 
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
     let c = &r.capture;
     let sum = &r.summary;
-    let _ = writeln!(s, "## conntrack drops on {}\n", c.hostname);
+    let _ = writeln!(s, "## conntrack drops on {}\n", field(&c.hostname));
     let _ = writeln!(
         s,
         "Recorded by conntrack-trace {} (backend {}, evictions {}) on kernel {}, from {} for {:.1} s, namespace scope `{}`.\n",
-        c.tool_version,
-        c.backend,
-        c.evictions,
-        c.kernel_release,
+        field(&c.tool_version),
+        field(&c.backend),
+        field(&c.evictions),
+        field(&c.kernel_release),
         c.start_utc,
         sum.duration_s,
-        sum.scope.netns
+        field(&sum.scope.netns)
     );
     if !r.filters.is_empty() {
-        let _ = writeln!(s, "Report filters: {}.\n", r.filters.join(", "));
+        let _ = writeln!(s, "Report filters: {}.\n", field(&r.filters.join(", ")));
     }
     for w in &r.warnings {
-        let _ = writeln!(s, "> **Warning:** {w}\n");
+        let _ = writeln!(s, "> **Warning:** {}\n", field(w));
     }
     let _ = writeln!(s, "| kind | events | matching | lost | observed |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|");
@@ -127,7 +127,11 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             s,
             "| `{}` | {} | {} | {} | {} |",
-            f.path, f.seq, f.bytes, f.events, f.ended
+            field(&f.path),
+            f.seq,
+            f.bytes,
+            f.events,
+            field(&f.ended)
         );
     }
     // Names and the host name come from the capture.

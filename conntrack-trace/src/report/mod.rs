@@ -755,6 +755,66 @@ mod tests {
         assert!(svg.contains("evil\\x1b[2J\\x07&lt;host&gt;&amp;"), "{svg}");
     }
 
+    /// Review of issue 11: `printable` keeps newlines, so a namespace name
+    /// (or any string of the capture) with one printed a line of its own —
+    /// here a forged `WARNING:` — in human and markdown output.
+    #[test]
+    fn a_newline_in_a_name_adds_no_line() {
+        use crate::capture::{WriteOptions, Writer, tests};
+        use crate::output::Uncovered;
+        const FORGED: &str = "\nWARNING: forged";
+        let d = TempDir::new("newline");
+        let p = d.0.join("c.ctt");
+        let mut h = tests::header();
+        h.hostname = format!("host{FORGED}");
+        h.kernel_release = format!("6.18{FORGED}");
+        h.backend = format!("tracepoint{FORGED}");
+        h.evictions = format!("on{FORGED}");
+        h.scope.netns = format!("srv{FORGED}");
+        h.backend_refused.push(crate::backend::Refusal {
+            backend: crate::backend::Name::Fexit,
+            reason: format!("refused{FORGED}"),
+        });
+        h.conntrack.push(NsFill {
+            netns: format!("ns{FORGED}"),
+            inode: 4026532000,
+            fill: Default::default(),
+        });
+        let mut w = Writer::create(
+            WriteOptions {
+                path: p.clone(),
+                force: false,
+                max_size: None,
+            },
+            h,
+        )
+        .unwrap();
+        let evs: Vec<Event> = (0..5).map(sample_event).collect();
+        for e in &evs {
+            w.event(e);
+        }
+        let mut t = tests::trailer(&evs);
+        t.uncovered.push(Uncovered {
+            netns: format!("other{FORGED}"),
+            inode: 4026532001,
+            reason: format!("setns{FORGED}"),
+        });
+        w.finish(t).unwrap();
+        let r = build(&[p], &OfflineFilterArgs::default(), 5, |_, _, _| {}).unwrap();
+        for text in [human::render(&r), markdown::render(&r)] {
+            let forged: Vec<&str> = text.lines().filter(|l| l.contains("forged")).collect();
+            assert!(forged.len() >= 3, "the planted values are shown: {text}");
+            for l in forged {
+                assert!(
+                    !l.trim_start_matches(['>', ' ', '*'])
+                        .starts_with("WARNING: forged"),
+                    "a forged line: {l:?}\n{text}"
+                );
+                assert!(l.contains("\\x0aWARNING: forged"), "{l:?}");
+            }
+        }
+    }
+
     /// Issue 11 item 12: memory grew with distinct seconds (3 M seconds →
     /// 245 MB); the timeline is bucketed while reading.
     #[test]
