@@ -525,6 +525,7 @@ mod tests {
             lost: KindCounts::default(),
             rule_drops: Some(0),
             top_n: 5,
+            exact_top: None,
             findings: &[],
             amp: &AmpSummary::default(),
         };

@@ -800,7 +800,7 @@ mod tests {
             reason: format!("setns{FORGED}"),
         });
         w.finish(t).unwrap();
-        let r = build(&[p], &OfflineFilterArgs::default(), 5, |_, _, _| {}).unwrap();
+        let r = build(&[p], &OfflineSpec::default(), 5, |_, _, _| {}).unwrap();
         for text in [human::render(&r), markdown::render(&r)] {
             let forged: Vec<&str> = text.lines().filter(|l| l.contains("forged")).collect();
             assert!(forged.len() >= 3, "the planted values are shown: {text}");
