@@ -311,9 +311,34 @@ impl Recorder {
     fn enforce(&mut self) {
         // An incident's files are linked before any can be deleted.
         self.link_incident();
-        let current = rotated_path(&self.base, self.files.saturating_sub(1));
+        let current_seq = self.files.saturating_sub(1);
+        let current = rotated_path(&self.base, current_seq);
         let files = rolling_files(&self.rolling);
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        let file_size = Self::file_size(&self.opts);
+        // The writer's thread may lag behind: this run's earlier files are
+        // counted at their final size (at most one file each), and files
+        // it has not created yet too, so that once it catches up the
+        // directory is still within the bound plus the file being written.
+        let ours: Vec<u32> = (0..current_seq)
+            .filter(|seq| files.iter().any(|f| f.0 == rotated_path(&self.base, *seq)))
+            .collect();
+        let newest_on_disk = ours.last().copied();
+        let not_yet = match newest_on_disk {
+            Some(n) => current_seq.saturating_sub(n + 1),
+            None => current_seq.min(self.files),
+        };
+        let mut total: u64 = files
+            .iter()
+            .filter(|f| f.0 != current)
+            .map(|f| {
+                if ours.iter().any(|seq| f.0 == rotated_path(&self.base, *seq)) {
+                    file_size.max(f.1)
+                } else {
+                    f.1
+                }
+            })
+            .sum::<u64>()
+            + u64::from(not_yet) * file_size;
         let now = SystemTime::now();
         for (p, n, mtime) in files {
             if p == current {
@@ -331,8 +356,13 @@ impl Recorder {
                 }
                 continue;
             }
+            let counted = if ours.iter().any(|seq| p == rotated_path(&self.base, *seq)) {
+                file_size.max(n)
+            } else {
+                n
+            };
             if fs::remove_file(&p).is_ok() {
-                total = total.saturating_sub(n);
+                total = total.saturating_sub(counted);
             }
         }
     }
