@@ -85,11 +85,15 @@ struct Agent {
 
 impl Agent {
     fn start(extra: &[&str]) -> Result<Agent> {
+        Agent::start_bin(&binary(), extra)
+    }
+
+    fn start_bin(bin: &Path, extra: &[&str]) -> Result<Agent> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let ready = std::env::temp_dir().join(format!("ctt-agent-ready-{}-{port}", std::process::id()));
         let _ = fs::remove_file(&ready);
-        let mut child = Command::new(binary())
+        let mut child = Command::new(bin)
             .arg("agent")
             .args(["--metrics-addr", &addr.to_string(), "--ready-file"])
             .arg(&ready)
@@ -575,5 +579,91 @@ fn recorder_size_bound_holds_under_flood() -> Result<()> {
     assert!(peak <= MAX + FILE, "peak {peak} > {MAX} + {FILE}");
     assert!(end <= MAX + FILE, "end {end}");
     let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// CPU seconds (user + system) and resident bytes of `pid`.
+fn cost_of(pid: i32) -> Result<(f64, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok((ticks as f64 / hz, rss_kb * 1024))
+}
+
+/// The agent's steady cost with no drops and at 10 000 drops/s (the
+/// release build when there is one; the numbers are printed for the
+/// README, the bounds are the DaemonSet's limits).
+#[test]
+fn agent_cost_idle_and_under_flood() -> Result<()> {
+    let Some(_lock) = kernel_test("agent_cost_idle_and_under_flood")? else {
+        return Ok(());
+    };
+    let topo = Topology::new("ao", 85)?;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
+    let bin = conntrack_trace_tests::release_binary().unwrap_or_else(binary);
+    let agent = Agent::start_bin(&bin, &[])?;
+    let pid = agent.pid();
+    std::thread::sleep(Duration::from_secs(2));
+    const IDLE: Duration = Duration::from_secs(10);
+    let (c0, _) = cost_of(pid)?;
+    // Scraped once a second, like the Prometheus test does.
+    let t0 = Instant::now();
+    while t0.elapsed() < IDLE {
+        agent.metrics()?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (c1, rss_idle) = cost_of(pid)?;
+    let idle_cpu = (c1 - c0) / t0.elapsed().as_secs_f64();
+    let before = topo.server.ct_stats()?;
+    let t1 = Instant::now();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut rss_flood = 0;
+    let (c3, sent) = std::thread::scope(|s| -> Result<(f64, u64)> {
+        let flood = s.spawn(|| {
+            traffic::udp_paced(
+                &topo.client.path(),
+                topo.client_ip,
+                topo.server_ip,
+                53,
+                1025..61_025,
+                10_000.0,
+                |_| b"ctt".to_vec(),
+                Some(&stop),
+            )
+        });
+        while !flood.is_finished() {
+            agent.metrics()?;
+            rss_flood = rss_flood.max(cost_of(pid)?.1);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let sent = flood.join().map_err(|_| anyhow::anyhow!("flood panicked"))??;
+        Ok((cost_of(pid)?.0, sent))
+    })?;
+    let secs = t1.elapsed().as_secs_f64();
+    let delta = topo.server.ct_stats()?.since(&before);
+    let flood_cpu = (c3 - c1) / secs;
+    let rate = delta.drop as f64 / secs;
+    eprintln!(
+        "agent cost ({}): idle {:.2} % CPU, RSS {:.1} MiB; flood {sent} sent, {} drops in {secs:.1} s ({rate:.0}/s): {:.1} % CPU, peak RSS {:.1} MiB",
+        bin.display(),
+        idle_cpu * 100.0,
+        rss_idle as f64 / (1 << 20) as f64,
+        delta.drop,
+        flood_cpu * 100.0,
+        rss_flood as f64 / (1 << 20) as f64
+    );
+    agent.stop()?;
+    assert!(rate > 5000.0, "a flood of thousands of drops/s: {rate}");
+    assert!(rss_flood < 256 << 20, "within the DaemonSet's memory limit");
+    assert!(idle_cpu < 0.05, "idle costs little: {idle_cpu}");
     Ok(())
 }

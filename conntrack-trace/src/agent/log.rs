@@ -15,6 +15,8 @@ pub enum State {
         namespaces: usize,
         uncovered: Vec<String>,
     },
+    /// `--backend auto` passed over a backend (each refusal, why).
+    BackendFellBack { backend: String, refused: Vec<String> },
     /// Capabilities left after attaching.
     CapabilitiesDropped { kept: Vec<String> },
     /// A namespace's table went above 90 % of its limit.

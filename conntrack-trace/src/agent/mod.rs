@@ -192,6 +192,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     let backend_desc = tp.describe();
     let per_packet = tp.per_packet();
     crate::output::pipe::diag(selection_line(&backend_desc, &refused));
+    if !refused.is_empty() {
+        log::emit(&State::BackendFellBack {
+            backend: tp.name().as_str().into(),
+            refused: refused
+                .iter()
+                .map(|r| format!("{}: {}", r.backend.as_str(), r.reason))
+                .collect(),
+        });
+    }
 
     // Every namespace's files, opened while we may still enter them.
     let mut uncovered = Vec::new();
@@ -221,6 +230,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
         }),
     }
 
+    // Loading parsed the kernel's BTF (tens of MiB of heap, freed by now);
+    // give it back to the system instead of keeping it resident for the
+    // agent's lifetime (glibc keeps freed memory otherwise).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let ring = tp.take_ring()?;
     let start_unix_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
