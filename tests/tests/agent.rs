@@ -604,6 +604,10 @@ fn cost_of(pid: i32) -> Result<(f64, u64)> {
 /// README, the bounds are the DaemonSet's limits).
 #[test]
 fn agent_cost_idle_and_under_flood() -> Result<()> {
+    if std::env::var_os("CONNTRACK_TRACE_VM").is_some() {
+        eprintln!("SKIPPED agent_cost_idle_and_under_flood: a cost measured under TCG emulation says nothing about the agent's (it runs on the host)");
+        return Ok(());
+    }
     let Some(_lock) = kernel_test("agent_cost_idle_and_under_flood")? else {
         return Ok(());
     };

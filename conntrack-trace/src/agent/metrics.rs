@@ -372,7 +372,8 @@ impl Collector for Metrics {
             Gauge,
             ns(&|st| Some(st.fill.buckets)).into_iter().map(|(l, v)| (l, gauge_i(v))),
         )?;
-        let kernel: [(&str, &str, fn(&CtStats) -> u64); 6] = [
+        type KernelCounter = (&'static str, &'static str, fn(&CtStats) -> u64);
+        let kernel: [KernelCounter; 6] = [
             ("kernel_drop", "Kernel counter `drop` (/proc/net/stat/nf_conntrack, summed over CPUs): packets dropped because no entry could be allocated or a clash was unresolvable.", |c| c.drop),
             ("kernel_early_drop", "Kernel counter `early_drop`: entries evicted to make room.", |c| c.early_drop),
             ("kernel_insert_failed", "Kernel counter `insert_failed`: confirm-time insertion failures.", |c| c.insert_failed),

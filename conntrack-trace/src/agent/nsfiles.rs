@@ -100,9 +100,11 @@ mod tests {
             eprintln!("skipped: no nf_conntrack here");
             return;
         };
-        if let (Some(a), Some(b)) = (f.fill(), f.fill()) {
-            assert_eq!(a.max, b.max, "pread from offset 0 each time");
+        // pread from offset 0: every read is whole (values may change
+        // meanwhile: other tests set nf_conntrack_max).
+        for _ in 0..3 {
+            assert!(f.fill().is_some_and(|x| x.max > 0));
+            assert!(f.stats().is_some());
         }
-        assert_eq!(f.stats().is_some(), f.stats().is_some());
     }
 }

@@ -240,15 +240,15 @@ impl Recorder {
             }
         }
         self.link_incident();
-        if let Some(inc) = &self.incident {
-            if SystemTime::now() > inc.until {
-                let files = fs::read_dir(&inc.dir).map(|d| d.count()).unwrap_or(0);
-                log::emit(&State::IncidentClosed {
-                    dir: inc.dir.display().to_string(),
-                    files,
-                });
-                self.incident = None;
-            }
+        if let Some(inc) = &self.incident
+            && SystemTime::now() > inc.until
+        {
+            let files = fs::read_dir(&inc.dir).map(|d| d.count()).unwrap_or(0);
+            log::emit(&State::IncidentClosed {
+                dir: inc.dir.display().to_string(),
+                files,
+            });
+            self.incident = None;
         }
         self.enforce();
     }
