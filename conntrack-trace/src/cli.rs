@@ -29,6 +29,102 @@ pub enum Command {
     /// Diagnose the table: fill, forecast, what holds it, who is dropped,
     /// memory, and ranked advice with commands (exit 6 at risk, 7 dropping).
     Doctor(DoctorArgs),
+    /// Run always-on: Prometheus metrics, JSON state changes on stderr, and
+    /// an optional flight recorder (needs root or CAP_BPF+CAP_PERFMON).
+    Agent(AgentArgs),
+}
+
+/// `agent` (see README "Agent").
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// How to observe conntrack (see README "Backends").
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long, default_value = "127.0.0.1:9637", value_name = "ADDR:PORT")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Per-source series of conntrack_trace_source_drops_total; later
+    /// sources are summed into src="other".
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub max_series: usize,
+    /// How often the kernel is read and the metrics refreshed.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// Drops count as stopped after this long without one.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub quiet: Duration,
+    /// Flight recorder: keep a rolling capture and incident captures here.
+    #[arg(long, value_name = "DIR")]
+    pub record_dir: Option<PathBuf>,
+    /// Bound on the rolling capture's files (e.g. 256M; at least 512k).
+    #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE", requires = "record_dir")]
+    pub record_max_size: u64,
+    /// Delete rolling files older than this.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", requires = "record_dir")]
+    pub record_max_age: Option<Duration>,
+    /// An incident capture keeps this long before the trigger...
+    #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "DURATION")]
+    pub incident_before: Duration,
+    /// ... and this long after it.
+    #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "DURATION")]
+    pub incident_after: Duration,
+    /// Incident captures kept (the oldest is removed first).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub max_incidents: usize,
+    /// Create this file once attached and serving (for scripts).
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+    /// Track evictions (early_drop).
+    #[arg(long, value_enum, default_value = "on")]
+    pub evictions: OnOff,
+    /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+    /// Ring buffer size in bytes (power of two, >= page size).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
+    #[command(flatten)]
+    pub amp: AmpArgs,
+}
+
+impl AgentArgs {
+    /// The agent's settings, or a one-line usage error.
+    pub fn options(&self) -> Result<crate::agent::AgentOptions, String> {
+        const MIN_RECORD: u64 = 512 << 10;
+        if self.record_dir.is_some() && self.record_max_size < MIN_RECORD {
+            return Err(format!(
+                "--record-max-size {} is below the minimum of {MIN_RECORD} bytes",
+                self.record_max_size
+            ));
+        }
+        if self.max_series == 0 {
+            return Err("--max-series must be at least 1".into());
+        }
+        Ok(crate::agent::AgentOptions {
+            choice: self.backend.into(),
+            backend: crate::backend::Options {
+                btf_explicit: self.btf.is_some(),
+                btf_path: self.btf.clone().unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+                evictions: self.evictions == OnOff::On,
+                rule_drops: false,
+                ring_bytes: self.ring_size.unwrap_or(crate::backend::DEFAULT_RING_BYTES),
+            },
+            metrics_addr: self.metrics_addr,
+            max_series: self.max_series,
+            amp: self.amp.config()?,
+            interval: self.interval,
+            record: self.record_dir.as_ref().map(|dir| crate::agent::recorder::RecordOptions {
+                dir: dir.clone(),
+                max_size: self.record_max_size,
+                max_age: self.record_max_age,
+                before: self.incident_before,
+                after: self.incident_after,
+                max_incidents: self.max_incidents.max(1),
+            }),
+            ready_file: self.ready_file.clone(),
+            quiet: self.quiet,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

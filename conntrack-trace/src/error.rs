@@ -94,9 +94,17 @@ pub fn check_privileges(status: &str) -> Result<(), TraceError> {
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         Ok(())
     } else {
-        Err(TraceError::Privileges(
-            "tracing needs root, or CAP_BPF and CAP_PERFMON (without CAP_SYS_ADMIN the kernel counters of other namespaces are not covered, and the summary says which); run with sudo".into(),
-        ))
+        // Name what is missing: a container granted one of the two must
+        // learn which one to add.
+        let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+            .into_iter()
+            .filter(|(c, _)| !has(*c))
+            .map(|(_, n)| n)
+            .collect();
+        Err(TraceError::Privileges(format!(
+            "missing {}: tracing needs root, or CAP_BPF and CAP_PERFMON (without CAP_SYS_ADMIN the kernel counters of other namespaces are not covered, and the summary says which); run with sudo",
+            missing.join(" and ")
+        )))
     }
 }
 

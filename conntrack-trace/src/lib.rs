@@ -6,6 +6,7 @@
 //! [`output`] formats; [`trace`] runs a live session; [`cli`]
 //! parses the command line.
 
+pub mod agent;
 pub mod aggregate;
 pub mod amplify;
 pub mod backend;

@@ -34,6 +34,7 @@ fn main() {
         Command::Report(args) => offline(report_cmd(args)),
         Command::Export(args) => offline(export_cmd(args)),
         Command::Doctor(args) => doctor(&args),
+        Command::Agent(args) => agent(&args),
     };
     std::process::exit(code);
 }
@@ -222,6 +223,27 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
     };
     out.keep();
     Ok(warnings)
+}
+
+/// `agent`: runs until SIGTERM/SIGINT.
+fn agent(args: &conntrack_trace::cli::AgentArgs) -> i32 {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(msg) => {
+            diag(format_args!("conntrack-trace: error: {msg}"));
+            return exit::USAGE;
+        }
+    };
+    // Current-thread: capabilities are per thread, and the agent drops
+    // them on this one before it starts any other (see agent::caps).
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&TraceError::io("starting the runtime")(e)),
+    };
+    match rt.block_on(conntrack_trace::agent::run(opts)) {
+        Ok(()) => exit::OK,
+        Err(e) => fail(&e),
+    }
 }
 
 /// `doctor`: the diagnosis on stdout; its status is the exit code.

@@ -6,7 +6,8 @@
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
 //!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables, docker.io,
-//!   containerd, busybox-static, strace);
+//!   containerd, busybox-static, strace, prometheus, runc, python3-pip)
+//!   and PyPI's kubernetes-validate;
 //! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries.
@@ -33,7 +34,24 @@ pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_tools()?;
     Ok(())
+}
+
+/// kubernetes-validate (PyPI; its Kubernetes schemas ship inside it, so
+/// the manifest check needs no network): deploy/kubernetes/ is validated
+/// by tests/tests/deploy.rs.
+fn python_tools() -> Result<()> {
+    if have("kubernetes-validate") {
+        return Ok(());
+    }
+    eprintln!("xtask setup: pip3 install kubernetes-validate");
+    let base = ["install", "--quiet", "kubernetes-validate"];
+    if crate::cmd("pip3", &base).is_ok() {
+        return Ok(());
+    }
+    // Debian's own python refuses pip outside a venv (PEP 668).
+    crate::cmd("pip3", &["install", "--quiet", "--break-system-packages", "kubernetes-validate"])
 }
 
 fn nightly_rust_src() -> Result<()> {
@@ -150,6 +168,14 @@ fn debian_packages() -> Result<()> {
         ("busybox", "busybox-static"),
         // The tracer's own system calls: when the start snapshot is taken.
         ("strace", "strace"),
+        // The agent's tests: a real Prometheus scrapes it; promtool checks
+        // and unit-tests deploy/prometheus/ (both in Debian's package).
+        ("prometheus", "prometheus"),
+        ("promtool", "prometheus"),
+        // The OCI runtime the container tests run the image under.
+        ("runc", "runc"),
+        // pip, for kubernetes-validate (below).
+        ("pip3", "python3-pip"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
