@@ -300,7 +300,7 @@ fn prometheus_sees_exactly_the_kernels_drops() -> Result<()> {
     );
     let before = topo.server.ct_stats()?;
     let sent = traffic::udp_oneshots(&topo.client.path(), topo.client_ip, topo.server_ip, 53, 30_000..30_500)?;
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     ensure!(delta.drop > 100, "the table overflowed: sent {sent}, {delta:?}");
     let src = topo.client_ip.to_string();
     let q = format!(
@@ -376,7 +376,7 @@ fn cardinality_cap_holds_with_thousands_of_sources() -> Result<()> {
     );
     let before = topo.server.ct_stats()?;
     let sent = udp_many_ports(&topo, 2000..6000)?;
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     ensure!(delta.drop > 3000, "thousands of sources dropped: sent {sent}, {delta:?}");
     let sum = format!(
         "sum(conntrack_trace_source_drops_total{{kind=\"table_full\",netns=\"{}\"}})",
@@ -653,7 +653,7 @@ fn agent_cost_idle_and_under_flood() -> Result<()> {
         Ok((cost_of(pid)?.0, sent))
     })?;
     let secs = t1.elapsed().as_secs_f64();
-    let delta = topo.server.ct_stats()?.since(&before);
+    let delta = topo.server.ct_stats()?.since(&before)?;
     let flood_cpu = (c3 - c1) / secs;
     let rate = delta.drop as f64 / secs;
     eprintln!(

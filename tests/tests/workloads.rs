@@ -309,7 +309,7 @@ fn flood_and_check(
     let drops: Vec<u64> = clients
         .iter()
         .zip(&before)
-        .map(|(c, b)| Ok(ct_stats(&c.ns)?.since(b).drop))
+        .map(|(c, b)| Ok(ct_stats(&c.ns)?.since(b)?.drop))
         .collect::<Result<_>>()?;
     let out = tracer.stop()?;
     for (k, _) in env {
