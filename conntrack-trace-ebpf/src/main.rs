@@ -18,9 +18,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
-use conntrack_trace_common::{
-    Config, Offsets, RawEvent, SOURCE_COUNTS_MAX, SourceKey, counter,
-};
+use conntrack_trace_common::{Config, Offsets, RawEvent, SOURCE_COUNTS_MAX, SourceKey, counter};
 
 /// Offsets of kernel struct members (see `Offsets`); zero until user space
 /// fills them, in which case the programs are never attached.

@@ -17,10 +17,10 @@ use std::{
 use conntrack_trace::{
     aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
     capture::{self, WriteOptions, Writer, format::RecordedFilter},
-    filter::OfflineSpec,
     event::Event,
     export,
     filter::Filter,
+    filter::OfflineSpec,
     kstats::CtStats,
     output::{NetnsNames, Scope, Sink, ndjson::Ndjson},
     report,

@@ -104,7 +104,10 @@ impl AgentArgs {
             choice: self.backend.into(),
             backend: crate::backend::Options {
                 btf_explicit: self.btf.is_some(),
-                btf_path: self.btf.clone().unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+                btf_path: self
+                    .btf
+                    .clone()
+                    .unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
                 evictions: self.evictions == OnOff::On,
                 rule_drops: false,
                 ring_bytes: self.ring_size.unwrap_or(crate::backend::DEFAULT_RING_BYTES),
@@ -113,14 +116,17 @@ impl AgentArgs {
             max_series: self.max_series,
             amp: self.amp.config()?,
             interval: self.interval,
-            record: self.record_dir.as_ref().map(|dir| crate::agent::recorder::RecordOptions {
-                dir: dir.clone(),
-                max_size: self.record_max_size,
-                max_age: self.record_max_age,
-                before: self.incident_before,
-                after: self.incident_after,
-                max_incidents: self.max_incidents.max(1),
-            }),
+            record: self
+                .record_dir
+                .as_ref()
+                .map(|dir| crate::agent::recorder::RecordOptions {
+                    dir: dir.clone(),
+                    max_size: self.record_max_size,
+                    max_age: self.record_max_age,
+                    before: self.incident_before,
+                    after: self.incident_after,
+                    max_incidents: self.max_incidents.max(1),
+                }),
             ready_file: self.ready_file.clone(),
             quiet: self.quiet,
         })

@@ -395,7 +395,15 @@ pub(crate) mod tests {
 
     #[test]
     fn nat_is_derived_from_the_two_tuples() {
-        let mut e = Event::from_raw(&raw_v4(kind::INSERT_FAILED, [10, 0, 0, 7], 40001, [10, 96, 0, 10], 80, 6)).unwrap();
+        let mut e = Event::from_raw(&raw_v4(
+            kind::INSERT_FAILED,
+            [10, 0, 0, 7],
+            40001,
+            [10, 96, 0, 10],
+            80,
+            6,
+        ))
+        .unwrap();
         assert_eq!(e.reply, None);
         assert_eq!(e.nat(), None, "no entry, no NAT to speak of");
         let reply = |src: &str, sport, dst: &str, dport| Reply {

@@ -236,7 +236,10 @@ fn agent(args: &conntrack_trace::cli::AgentArgs) -> i32 {
     };
     // Current-thread: capabilities are per thread, and the agent drops
     // them on this one before it starts any other (see agent::caps).
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&TraceError::io("starting the runtime")(e)),
     };

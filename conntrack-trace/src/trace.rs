@@ -15,7 +15,6 @@ use tokio::{
 };
 
 use crate::{
-    pipeline::Pipeline,
     aggregate::KindCounts,
     amplify::{AmpConfig, Finding},
     backend::{self, Choice},
@@ -33,6 +32,7 @@ use crate::{
         pipe::{self, diag},
         top_sources, top_sources_exact,
     },
+    pipeline::Pipeline,
 };
 
 pub struct TraceOptions {
@@ -73,7 +73,8 @@ const DRAIN_BATCH: usize = 65_536;
 /// the reader at once). Small rings (`--ring-size`) get no wait.
 pub fn ring_pause(ring_bytes: u32) -> Duration {
     // A record is the event plus the ring's 8-byte header, rounded to 8.
-    const RECORD: u64 = (std::mem::size_of::<conntrack_trace_common::RawEvent>() as u64 + 8 + 7) & !7;
+    const RECORD: u64 =
+        (std::mem::size_of::<conntrack_trace_common::RawEvent>() as u64 + 8 + 7) & !7;
     const FAST_EVENTS_PER_S: u64 = 2_000_000;
     let fill_ns = u64::from(ring_bytes) / RECORD * 1_000_000_000 / FAST_EVENTS_PER_S;
     let pause = Duration::from_nanos(fill_ns / 4).min(Duration::from_millis(5));
@@ -167,7 +168,6 @@ impl Consumer<'_> {
         Ok(())
     }
 }
-
 
 /// Names (and containers/pods, see [`crate::workload`]) of `list`.
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
@@ -494,7 +494,9 @@ impl<'s> Session<'s> {
         if !self.facts.per_packet {
             // Totals only: the kernel's counters feed the totals and
             // rates, no sources.
-            c.pipe.agg.record_totals(&counters.seen.sub(&self.last_seen));
+            c.pipe
+                .agg
+                .record_totals(&counters.seen.sub(&self.last_seen));
             self.last_seen = counters.seen;
         }
         let now = Instant::now();
@@ -509,7 +511,9 @@ impl<'s> Session<'s> {
         let totals = c.pipe.agg.totals;
         self.history.push_back(totals.sub(&self.last_totals));
         self.last_totals = totals;
-        let keep = (HISTORY_S / self.opts.interval.as_secs_f64()).ceil().clamp(1.0, 60.0) as usize;
+        let keep = (HISTORY_S / self.opts.interval.as_secs_f64())
+            .ceil()
+            .clamp(1.0, 60.0) as usize;
         while self.history.len() > keep {
             self.history.pop_front();
         }
@@ -613,7 +617,12 @@ impl<'s> Session<'s> {
         let capture_result = c.writer.take().map(|w| {
             let files = w.files();
             let written = w.events_written();
-            let trailer = capture::Trailer::of(&summary, crate::clock::monotonic_ns(), end_stats.stats.clone(), written);
+            let trailer = capture::Trailer::of(
+                &summary,
+                crate::clock::monotonic_ns(),
+                end_stats.stats.clone(),
+                written,
+            );
             w.finish(trailer).map(|()| (files, written))
         });
         if !c.closed {
@@ -641,7 +650,8 @@ fn announce(facts: &SessionFacts, filter: &Filter) {
             "conntrack-trace: warning: {line}; the summary lists them"
         ));
     }
-    if !facts.per_packet && (filter.proto.is_some() || filter.port.is_some() || filter.src.is_some())
+    if !facts.per_packet
+        && (filter.proto.is_some() || filter.port.is_some() || filter.src.is_some())
     {
         diag(
             "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)",

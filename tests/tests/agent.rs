@@ -91,7 +91,8 @@ impl Agent {
     fn start_bin(bin: &Path, extra: &[&str]) -> Result<Agent> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let ready = std::env::temp_dir().join(format!("ctt-agent-ready-{}-{port}", std::process::id()));
+        let ready =
+            std::env::temp_dir().join(format!("ctt-agent-ready-{}-{port}", std::process::id()));
         let _ = fs::remove_file(&ready);
         let mut child = Command::new(bin)
             .arg("agent")
@@ -299,9 +300,18 @@ fn prometheus_sees_exactly_the_kernels_drops() -> Result<()> {
         "prometheus never scraped the agent"
     );
     let before = topo.server.ct_stats()?;
-    let sent = traffic::udp_oneshots(&topo.client.path(), topo.client_ip, topo.server_ip, 53, 30_000..30_500)?;
+    let sent = traffic::udp_oneshots(
+        &topo.client.path(),
+        topo.client_ip,
+        topo.server_ip,
+        53,
+        30_000..30_500,
+    )?;
     let delta = topo.server.ct_stats()?.since(&before)?;
-    ensure!(delta.drop > 100, "the table overflowed: sent {sent}, {delta:?}");
+    ensure!(
+        delta.drop > 100,
+        "the table overflowed: sent {sent}, {delta:?}"
+    );
     let src = topo.client_ip.to_string();
     let q = format!(
         "conntrack_trace_source_drops_total{{kind=\"table_full\",src=\"{src}\",proto=\"udp\",port=\"53\",netns=\"{}\"}}",
@@ -312,7 +322,11 @@ fn prometheus_sees_exactly_the_kernels_drops() -> Result<()> {
         "PromQL {q} = {got:?}; kernel drop delta {} (sent {sent})",
         delta.drop
     );
-    assert_eq!(got, Some(delta.drop as f64), "PromQL equals the kernel's drop delta");
+    assert_eq!(
+        got,
+        Some(delta.drop as f64),
+        "PromQL equals the kernel's drop delta"
+    );
     let per_ns = format!(
         "conntrack_trace_drops_total{{kind=\"table_full\",netns=\"{}\"}}",
         topo.server.name
@@ -328,12 +342,19 @@ fn prometheus_sees_exactly_the_kernels_drops() -> Result<()> {
     );
     let k = prom.query(&kq)?;
     assert_eq!(k.len(), 1, "{kq}: {k:?}");
-    assert_eq!(k[0].1 as u64, topo.server.ct_stats()?.drop, "absolute kernel counter");
+    assert_eq!(
+        k[0].1 as u64,
+        topo.server.ct_stats()?.drop,
+        "absolute kernel counter"
+    );
     let fill = prom.query(&format!(
         "conntrack_trace_entries{{netns=\"{}\"}} / conntrack_trace_max_entries{{netns=\"{}\"}}",
         topo.server.name, topo.server.name
     ))?;
-    assert!(fill.first().is_some_and(|f| f.1 >= 0.9), "table full: {fill:?}");
+    assert!(
+        fill.first().is_some_and(|f| f.1 >= 0.9),
+        "table full: {fill:?}"
+    );
     let err = agent.stop()?;
     assert!(err.contains("\"event\":\"drops_started\""), "{err}");
     assert!(err.contains("\"event\":\"table_high\""), "{err}");
@@ -359,7 +380,10 @@ fn udp_many_ports(topo: &Topology, dports: std::ops::Range<u16>) -> Result<u64> 
 /// drop lost from the sum, and the folded series counted.
 #[test]
 fn cardinality_cap_holds_with_thousands_of_sources() -> Result<()> {
-    if !needs("prometheus", "cardinality_cap_holds_with_thousands_of_sources") {
+    if !needs(
+        "prometheus",
+        "cardinality_cap_holds_with_thousands_of_sources",
+    ) {
         return Ok(());
     }
     let Some(_lock) = kernel_test("cardinality_cap_holds_with_thousands_of_sources")? else {
@@ -377,7 +401,10 @@ fn cardinality_cap_holds_with_thousands_of_sources() -> Result<()> {
     let before = topo.server.ct_stats()?;
     let sent = udp_many_ports(&topo, 2000..6000)?;
     let delta = topo.server.ct_stats()?.since(&before)?;
-    ensure!(delta.drop > 3000, "thousands of sources dropped: sent {sent}, {delta:?}");
+    ensure!(
+        delta.drop > 3000,
+        "thousands of sources dropped: sent {sent}, {delta:?}"
+    );
     let sum = format!(
         "sum(conntrack_trace_source_drops_total{{kind=\"table_full\",netns=\"{}\"}})",
         topo.server.name
@@ -401,7 +428,11 @@ fn cardinality_cap_holds_with_thousands_of_sources() -> Result<()> {
     assert_eq!(other.len(), 1, "{other:?}");
     let f = folded.first().map_or(0.0, |x| x.1) as u64;
     // Every dropped port is its own series; those past the cap are folded.
-    assert!(f >= delta.drop - CAP as u64, "folded {f} of {} sources", delta.drop);
+    assert!(
+        f >= delta.drop - CAP as u64,
+        "folded {f} of {} sources",
+        delta.drop
+    );
     // The exposition itself is bounded too.
     let text = agent.metrics()?;
     let lines = text
@@ -451,7 +482,11 @@ fn incident_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
 fn run_files(dir: &Path) -> Result<std::collections::BTreeMap<String, Vec<PathBuf>>> {
     let mut runs = std::collections::BTreeMap::<String, Vec<PathBuf>>::new();
     for p in files_in(&dir.join("rolling"))? {
-        let name = p.file_name().context("name")?.to_string_lossy().into_owned();
+        let name = p
+            .file_name()
+            .context("name")?
+            .to_string_lossy()
+            .into_owned();
         let run = name.split(".ctt").next().unwrap_or_default().to_owned();
         runs.entry(run).or_default().push(p);
     }
@@ -470,7 +505,14 @@ fn recorder_survives_sigkill_and_restart() -> Result<()> {
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
     let dir = temp_dir("rec")?;
     let d = dir.to_string_lossy().into_owned();
-    let args = ["--record-dir", &d, "--record-max-size", "4M", "--interval", "200ms"];
+    let args = [
+        "--record-dir",
+        &d,
+        "--record-max-size",
+        "4M",
+        "--interval",
+        "200ms",
+    ];
     let agent = Agent::start(&args)?;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (sent, killed_at) = std::thread::scope(|s| -> Result<(u64, Instant)> {
@@ -493,7 +535,9 @@ fn recorder_survives_sigkill_and_restart() -> Result<()> {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let sent = flood.join().map_err(|_| anyhow::anyhow!("flood panicked"))??;
+        let sent = flood
+            .join()
+            .map_err(|_| anyhow::anyhow!("flood panicked"))??;
         Ok((sent, at))
     })?;
     let _ = killed_at;
@@ -502,9 +546,18 @@ fn recorder_survives_sigkill_and_restart() -> Result<()> {
     ensure!(runs.len() == 1, "one run: {runs:?}");
     let files: Vec<PathBuf> = runs.values().next().cloned().unwrap_or_default();
     let (r, warn) = report_json(&files)?;
-    let events = r["events"].as_u64().or_else(|| r["totals"]["events"].as_u64());
-    eprintln!("after SIGKILL ({sent} sent): {} files, report warnings: {}", files.len(), warn.trim());
-    assert!(warn.contains("no trailer"), "a killed run has no trailer: {warn}");
+    let events = r["events"]
+        .as_u64()
+        .or_else(|| r["totals"]["events"].as_u64());
+    eprintln!(
+        "after SIGKILL ({sent} sent): {} files, report warnings: {}",
+        files.len(),
+        warn.trim()
+    );
+    assert!(
+        warn.contains("no trailer"),
+        "a killed run has no trailer: {warn}"
+    );
     let incidents = incident_dirs(&dir)?;
     assert_eq!(incidents.len(), 1, "drops started an incident: {err}");
     let inc_files = files_in(&incidents[0])?;
@@ -519,8 +572,16 @@ fn recorder_survives_sigkill_and_restart() -> Result<()> {
     assert!(err2.contains("\"reason\":\"SIGUSR1\""), "{err2}");
     let runs = run_files(&dir)?;
     assert_eq!(runs.len(), 2, "the first run's files are kept: {runs:?}");
-    assert_eq!(files_in(&incidents[0])?, inc_files, "the first incident is untouched");
-    assert_eq!(incident_dirs(&dir)?.len(), 2, "SIGUSR1 kept a second incident");
+    assert_eq!(
+        files_in(&incidents[0])?,
+        inc_files,
+        "the first incident is untouched"
+    );
+    assert_eq!(
+        incident_dirs(&dir)?.len(),
+        2,
+        "SIGUSR1 kept a second incident"
+    );
     // The clean run ends with a trailer.
     let second: Vec<PathBuf> = runs.values().nth(1).cloned().unwrap_or_default();
     let (_, warn2) = report_json(&second)?;
@@ -548,7 +609,13 @@ fn recorder_size_bound_holds_under_flood() -> Result<()> {
     let mut samples = 0;
     let sent = std::thread::scope(|s| -> Result<u64> {
         let flood = s.spawn(|| {
-            traffic::udp_oneshots(&topo.client.path(), topo.client_ip, topo.server_ip, 53, 1025..60_000)
+            traffic::udp_oneshots(
+                &topo.client.path(),
+                topo.client_ip,
+                topo.server_ip,
+                53,
+                1025..60_000,
+            )
         });
         while !flood.is_finished() {
             let bytes: u64 = files_in(&dir.join("rolling"))?
@@ -561,11 +628,20 @@ fn recorder_size_bound_holds_under_flood() -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        flood.join().map_err(|_| anyhow::anyhow!("flood panicked"))?
+        flood
+            .join()
+            .map_err(|_| anyhow::anyhow!("flood panicked"))?
     })?;
     std::thread::sleep(Duration::from_millis(1500));
     let text = agent.metrics()?;
-    let recorded = sample(&text, &format!("conntrack_trace_drops_total{{kind=\"table_full\",netns=\"{}\"}}", topo.server.name)).unwrap_or(0.0);
+    let recorded = sample(
+        &text,
+        &format!(
+            "conntrack_trace_drops_total{{kind=\"table_full\",netns=\"{}\"}}",
+            topo.server.name
+        ),
+    )
+    .unwrap_or(0.0);
     agent.stop()?;
     let end: u64 = files_in(&dir.join("rolling"))?
         .iter()
@@ -605,7 +681,9 @@ fn cost_of(pid: i32) -> Result<(f64, u64)> {
 #[test]
 fn agent_cost_idle_and_under_flood() -> Result<()> {
     if std::env::var_os("CONNTRACK_TRACE_VM").is_some() {
-        eprintln!("SKIPPED agent_cost_idle_and_under_flood: a cost measured under TCG emulation says nothing about the agent's (it runs on the host)");
+        eprintln!(
+            "SKIPPED agent_cost_idle_and_under_flood: a cost measured under TCG emulation says nothing about the agent's (it runs on the host)"
+        );
         return Ok(());
     }
     let Some(_lock) = kernel_test("agent_cost_idle_and_under_flood")? else {
@@ -649,7 +727,9 @@ fn agent_cost_idle_and_under_flood() -> Result<()> {
             rss_flood = rss_flood.max(cost_of(pid)?.1);
             std::thread::sleep(Duration::from_secs(1));
         }
-        let sent = flood.join().map_err(|_| anyhow::anyhow!("flood panicked"))??;
+        let sent = flood
+            .join()
+            .map_err(|_| anyhow::anyhow!("flood panicked"))??;
         Ok((cost_of(pid)?.0, sent))
     })?;
     let secs = t1.elapsed().as_secs_f64();

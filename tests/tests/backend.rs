@@ -91,7 +91,8 @@ fn auto_says_which_backend_and_why() -> Result<()> {
     // This host: the kernel's answer and the hook; Debian 5.10 (no module
     // BTF): the function that BTF lacks.
     assert!(
-        (r.reason.contains("refused") && (r.reason.contains("fexit") || r.reason.contains("fentry")))
+        (r.reason.contains("refused")
+            && (r.reason.contains("fexit") || r.reason.contains("fentry")))
             || r.reason.contains("kernel BTF has no function"),
         "the reason names the hook and the kernel's answer, or what BTF lacks: {}",
         r.reason

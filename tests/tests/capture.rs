@@ -382,7 +382,11 @@ fn capture_survives_sigkill() -> Result<()> {
     );
     // The record type is the byte after the frame (len u32, crc u32).
     if bytes[off + 8] == 3 {
-        assert_eq!(whole_events - torn_events, 1, "the torn record was an event");
+        assert_eq!(
+            whole_events - torn_events,
+            1,
+            "the torn record was an event"
+        );
     } else {
         assert_eq!(whole_events, torn_events, "the torn record was no event");
     }

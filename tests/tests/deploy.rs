@@ -50,33 +50,56 @@ fn alerting_rules_check_and_unit_tests() -> Result<()> {
         return Ok(());
     }
     let dir = deploy().join("prometheus");
-    let (ok, out) = run("promtool", &["check", "rules", "conntrack-trace.rules.yml"], &dir)?;
+    let (ok, out) = run(
+        "promtool",
+        &["check", "rules", "conntrack-trace.rules.yml"],
+        &dir,
+    )?;
     ensure!(ok, "promtool check rules: {out}");
     assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
-    let (ok, out) = run("promtool", &["test", "rules", "conntrack-trace.test.yml"], &dir)?;
+    let (ok, out) = run(
+        "promtool",
+        &["test", "rules", "conntrack-trace.test.yml"],
+        &dir,
+    )?;
     ensure!(ok, "promtool test rules: {out}");
     // Every alert is exercised by the unit tests.
     let rules = fs::read_to_string(dir.join("conntrack-trace.rules.yml"))?;
     let tests = fs::read_to_string(dir.join("conntrack-trace.test.yml"))?;
-    for alert in rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")) {
-        assert!(tests.contains(&format!("alertname: {alert}")), "{alert} untested");
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "{alert} untested"
+        );
     }
     Ok(())
 }
 
 #[test]
 fn daemonset_passes_the_kubernetes_schemas() -> Result<()> {
-    if !host_only("daemonset_passes_the_kubernetes_schemas", "kubernetes-validate") {
+    if !host_only(
+        "daemonset_passes_the_kubernetes_schemas",
+        "kubernetes-validate",
+    ) {
         return Ok(());
     }
     let dir = deploy().join("kubernetes");
     let (ok, out) = run("kubernetes-validate", &["--strict", "daemonset.yaml"], &dir)?;
     ensure!(ok, "kubernetes-validate: {out}");
-    assert!(out.contains("passed for resource daemonset/conntrack-trace"), "{out}");
+    assert!(
+        out.contains("passed for resource daemonset/conntrack-trace"),
+        "{out}"
+    );
     // The check is not vacuous: a misspelt field fails it.
     let text = fs::read_to_string(dir.join("daemonset.yaml"))?;
     let bad = std::env::temp_dir().join(format!("ctt-bad-ds-{}.yaml", std::process::id()));
-    fs::write(&bad, text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"))?;
+    fs::write(
+        &bad,
+        text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+    )?;
     let (ok, out) = run(
         "kubernetes-validate",
         &["--strict", &bad.to_string_lossy()],
@@ -117,7 +140,9 @@ fn manifest_caps() -> Result<Vec<String>> {
 /// container granted them gets), until ready or exit; returns (ready,
 /// stderr, metrics).
 fn agent_with(caps: &[String]) -> Result<(bool, String, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let ready = std::env::temp_dir().join(format!("ctt-caps-ready-{}-{port}", std::process::id()));
     let bounding = std::iter::once("-all".to_owned())
         .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
@@ -128,7 +153,12 @@ fn agent_with(caps: &[String]) -> Result<(bool, String, String)> {
         .arg(format!("--bounding-set={bounding}"))
         .arg("--no-new-privs")
         .arg(binary())
-        .args(["agent", "--metrics-addr", &format!("127.0.0.1:{port}"), "--ready-file"])
+        .args([
+            "agent",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--ready-file",
+        ])
         .arg(&ready)
         .args(backend_args())
         .stdout(Stdio::null())
@@ -170,7 +200,10 @@ fn http_metrics(port: u16) -> Result<String> {
 
 #[test]
 fn manifest_capabilities_suffice_and_each_is_needed() -> Result<()> {
-    if !host_only("manifest_capabilities_suffice_and_each_is_needed", "setpriv") {
+    if !host_only(
+        "manifest_capabilities_suffice_and_each_is_needed",
+        "setpriv",
+    ) {
         return Ok(());
     }
     let Some(_lock) = kernel_test("manifest_capabilities_suffice_and_each_is_needed")? else {
@@ -179,26 +212,41 @@ fn manifest_capabilities_suffice_and_each_is_needed() -> Result<()> {
     let caps = manifest_caps()?;
     assert_eq!(caps, ["BPF", "PERFMON", "SYSLOG"]);
     let (ok, err, metrics) = agent_with(&caps)?;
-    eprintln!("with {caps:?}: ready {ok}; {}", err.lines().take(3).collect::<Vec<_>>().join(" | "));
+    eprintln!(
+        "with {caps:?}: ready {ok}; {}",
+        err.lines().take(3).collect::<Vec<_>>().join(" | ")
+    );
     assert!(ok, "the agent runs with the manifest's capabilities: {err}");
     assert!(metrics.contains("conntrack_trace_info{"), "{metrics}");
-    assert!(err.contains("\"kept\":[\"CAP_BPF\"]"), "drops all but CAP_BPF: {err}");
+    assert!(
+        err.contains("\"kept\":[\"CAP_BPF\"]"),
+        "drops all but CAP_BPF: {err}"
+    );
     let tracepoint = err.contains("backend tracepoint");
     if tracepoint {
-        assert!(err.contains("tp_btf/kmem_cache_free"), "SYSLOG gives the eviction hook: {err}");
+        assert!(
+            err.contains("tp_btf/kmem_cache_free"),
+            "SYSLOG gives the eviction hook: {err}"
+        );
     }
     for missing in ["BPF", "PERFMON"] {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
         let (ok, err, _) = agent_with(&fewer)?;
         eprintln!("without {missing}: {}", err.trim());
         assert!(!ok, "must fail without CAP_{missing}");
-        assert!(err.contains(&format!("missing CAP_{missing}")), "names CAP_{missing}: {err}");
+        assert!(
+            err.contains(&format!("missing CAP_{missing}")),
+            "names CAP_{missing}: {err}"
+        );
     }
     // Without SYSLOG the tracepoint backend cannot read kallsyms: it runs,
     // and says what it lost (fexit does not need it).
     let fewer: Vec<String> = caps.iter().filter(|c| *c != "SYSLOG").cloned().collect();
     let (ok, err, _) = agent_with(&fewer)?;
-    eprintln!("without SYSLOG: ready {ok}; {}", err.lines().next().unwrap_or(""));
+    eprintln!(
+        "without SYSLOG: ready {ok}; {}",
+        err.lines().next().unwrap_or("")
+    );
     assert!(ok, "{err}");
     if tracepoint {
         assert!(!err.contains("tp_btf/kmem_cache_free"), "{err}");

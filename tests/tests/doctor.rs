@@ -95,7 +95,10 @@ fn apply(a: &Value) -> Result<Vec<String>> {
         .collect::<Result<_>>()?;
     ensure!(!cmds.is_empty(), "advice without commands: {a:#}");
     for c in &cmds {
-        let o = Command::new("sh").arg("-c").arg(path_resolved(c)).output()?;
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(path_resolved(c))
+            .output()?;
         ensure!(
             o.status.success(),
             "`{c}` failed: {}",

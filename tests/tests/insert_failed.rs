@@ -25,7 +25,13 @@ fn race(
         let start = topo.server.ct_stats()?;
         let mut end = first;
         for batch in 1..=5 {
-            traffic::syn_race(&topo.client.path(), topo.client_ip, dst, 80, end..end + BATCH)?;
+            traffic::syn_race(
+                &topo.client.path(),
+                topo.client_ip,
+                dst,
+                80,
+                end..end + BATCH,
+            )?;
             end += BATCH;
             if topo.server.ct_stats()?.since(&start)?.insert_failed > 0 {
                 eprintln!("race: first clash in batch {batch} of at most 5");
@@ -104,8 +110,13 @@ fn syn_race_behind_dnat_names_the_server() -> anyhow::Result<()> {
     ))?;
     // The client reaches the service address through the server (a route,
     // as to a cluster's service range).
-    topo.client
-        .ip(&["route", "add", &format!("{service}/32"), "via", &topo.server_ip.to_string()])?;
+    topo.client.ip(&[
+        "route",
+        "add",
+        &format!("{service}/32"),
+        "via",
+        &topo.server_ip.to_string(),
+    ])?;
     let (sports, out, delta) = race(&topo, service)?;
     let failed = out.of_kind("insert_failed");
     eprintln!(
@@ -116,14 +127,24 @@ fn syn_race_behind_dnat_names_the_server() -> anyhow::Result<()> {
         delta.drop,
         delta.clashres
     );
-    ensure!(delta.insert_failed > 0, "no clash in {} races: {delta:?}", sports.len());
-    ensure!(failed.len() as u64 == delta.insert_failed, "one event per insert failure");
+    ensure!(
+        delta.insert_failed > 0,
+        "no clash in {} races: {delta:?}",
+        sports.len()
+    );
+    ensure!(
+        failed.len() as u64 == delta.insert_failed,
+        "one event per insert failure"
+    );
     let client = topo.client_ip.to_string();
     let server = topo.server_ip.to_string();
     let svc = service.to_string();
     for e in &failed {
         ensure!(e.src.as_deref() == Some(client.as_str()), "client: {e:?}");
-        ensure!(e.dst.as_deref() == Some(svc.as_str()) && e.dport == Some(80), "service: {e:?}");
+        ensure!(
+            e.dst.as_deref() == Some(svc.as_str()) && e.dport == Some(80),
+            "service: {e:?}"
+        );
         ensure!(
             e.reply_src.as_deref() == Some(server.as_str()) && e.reply_sport == Some(8080),
             "the chosen server in the reply tuple: {e:?}"
@@ -143,6 +164,9 @@ fn syn_race_behind_dnat_names_the_server() -> anyhow::Result<()> {
         .iter()
         .find(|t| t.src.as_deref() == Some(client.as_str()))
         .ok_or_else(|| anyhow::anyhow!("client not in top: {:?}", s.top))?;
-    ensure!(top.dnat.as_deref() == Some(format!("{server}:8080").as_str()), "{top:?}");
+    ensure!(
+        top.dnat.as_deref() == Some(format!("{server}:8080").as_str()),
+        "{top:?}"
+    );
     Ok(())
 }

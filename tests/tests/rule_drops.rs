@@ -36,10 +36,48 @@ table inet ctt {
 /// The same ruleset in legacy iptables (`iptables-legacy`, Debian's
 /// iptables package).
 const IPTABLES_RULES: &[&[&str]] = &[
-    &["-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "9999", "-j", "DROP"],
-    &["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
-    &["-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-    &["-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"],
+    &[
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "udp",
+        "--dport",
+        "9999",
+        "-j",
+        "DROP",
+    ],
+    &[
+        "-A",
+        "INPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "INVALID",
+        "-j",
+        "DROP",
+    ],
+    &[
+        "-A",
+        "INPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ],
+    &[
+        "-A",
+        "INPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-j",
+        "ACCEPT",
+    ],
 ];
 
 const ACKS: u64 = 300;
@@ -97,7 +135,10 @@ fn scenario(topo: &Topology, label: &str) -> Result<()> {
         s.unclassified_drops,
         s.unmatched_drop_counts
     );
-    ensure!(delta.invalid >= ACKS, "the ACKs were invalid to conntrack: {delta:?}");
+    ensure!(
+        delta.invalid >= ACKS,
+        "the ACKs were invalid to conntrack: {delta:?}"
+    );
     // The heart of it: every table_full event is a real one.
     ensure!(
         full.len() as u64 == delta.drop,
@@ -107,7 +148,10 @@ fn scenario(topo: &Topology, label: &str) -> Result<()> {
     );
     ensure!(delta.drop > 0, "the flood met a full table: {delta:?}");
     assert_events_from(&full, topo, "udp", 53, flood_ports)?;
-    ensure!(s.unclassified_drops == 0 && s.unmatched_drop_counts == 0, "{s:?}");
+    ensure!(
+        s.unclassified_drops == 0 && s.unmatched_drop_counts == 0,
+        "{s:?}"
+    );
     if s.backend == "fexit" {
         // The fexit backend hooks conntrack's own failure points; it does
         // not see rule drops at all.
@@ -150,13 +194,20 @@ fn iptables_legacy_rule_drops_are_not_table_full() -> Result<()> {
             std::env::var_os("CONNTRACK_TRACE_VM").is_some(),
             "iptables-legacy is missing (cargo xtask setup installs Debian's iptables)"
         );
-        eprintln!("iptables_legacy_rule_drops_are_not_table_full: SKIPPED: no iptables-legacy in this VM image");
+        eprintln!(
+            "iptables_legacy_rule_drops_are_not_table_full: SKIPPED: no iptables-legacy in this VM image"
+        );
         return Ok(());
     }
     let topo = Topology::new("ri", 39)?;
     topo.server.nft("flush ruleset\n")?;
     for rule in IPTABLES_RULES {
-        let mut args = vec!["netns", "exec", topo.server.name.as_str(), "iptables-legacy"];
+        let mut args = vec![
+            "netns",
+            "exec",
+            topo.server.name.as_str(),
+            "iptables-legacy",
+        ];
         args.extend_from_slice(rule);
         run("ip", &args)?;
     }

@@ -51,7 +51,15 @@ fn python_tools() -> Result<()> {
         return Ok(());
     }
     // Debian's own python refuses pip outside a venv (PEP 668).
-    crate::cmd("pip3", &["install", "--quiet", "--break-system-packages", "kubernetes-validate"])
+    crate::cmd(
+        "pip3",
+        &[
+            "install",
+            "--quiet",
+            "--break-system-packages",
+            "kubernetes-validate",
+        ],
+    )
 }
 
 fn nightly_rust_src() -> Result<()> {
@@ -144,7 +152,6 @@ fn bpf_linker() -> Result<()> {
     }
     Ok(())
 }
-
 
 fn debian_packages() -> Result<()> {
     let wanted = [

@@ -52,7 +52,10 @@ struct Data {
 const VERSION_3: u32 = 0x2008_0522;
 
 fn get() -> std::io::Result<u64> {
-    let mut h = Header { version: VERSION_3, pid: 0 };
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
     let mut d = [Data::default(); 2];
     // SAFETY: capget with a valid header and two data structs (v3 ABI).
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
@@ -79,10 +82,19 @@ pub fn drop_all_but(keep: &[u32]) -> std::io::Result<Vec<u32>> {
     }
     // SAFETY: prctl with integer arguments.
     unsafe {
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0);
     }
-    let mut h = Header { version: VERSION_3, pid: 0 };
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
     let d = [
         Data {
             effective: keep_mask as u32,

@@ -16,25 +16,64 @@ pub enum State {
         uncovered: Vec<String>,
     },
     /// `--backend auto` passed over a backend (each refusal, why).
-    BackendFellBack { backend: String, refused: Vec<String> },
+    BackendFellBack {
+        backend: String,
+        refused: Vec<String>,
+    },
     /// Capabilities left after attaching.
-    CapabilitiesDropped { kept: Vec<String> },
+    CapabilitiesDropped {
+        kept: Vec<String>,
+    },
     /// A namespace's table went above 90 % of its limit.
-    TableHigh { netns: String, entries: u64, max: u64, fill_percent: f64 },
+    TableHigh {
+        netns: String,
+        entries: u64,
+        max: u64,
+        fill_percent: f64,
+    },
     /// ... and back below 85 %.
-    TableNormal { netns: String, entries: u64, max: u64, fill_percent: f64 },
+    TableNormal {
+        netns: String,
+        entries: u64,
+        max: u64,
+        fill_percent: f64,
+    },
     /// Packets are being dropped (table_full or insert_failed).
-    DropsStarted { drops: u64 },
+    DropsStarted {
+        drops: u64,
+    },
     /// No drop for the quiet period.
-    DropsStopped { drops: u64, quiet_s: f64 },
-    AmplificationOpened { src: String, service: String, factor: f64, message: String },
-    AmplificationClosed { src: String, service: String, attempts: u64 },
+    DropsStopped {
+        drops: u64,
+        quiet_s: f64,
+    },
+    AmplificationOpened {
+        src: String,
+        service: String,
+        factor: f64,
+        message: String,
+    },
+    AmplificationClosed {
+        src: String,
+        service: String,
+        attempts: u64,
+    },
     /// The flight recorder kept an incident capture.
-    IncidentStarted { dir: String, reason: String },
-    IncidentClosed { dir: String, files: usize },
+    IncidentStarted {
+        dir: String,
+        reason: String,
+    },
+    IncidentClosed {
+        dir: String,
+        files: usize,
+    },
     /// Something went wrong but the agent goes on.
-    Warning { message: String },
-    Stopping { signal: String },
+    Warning {
+        message: String,
+    },
+    Stopping {
+        signal: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -51,7 +90,11 @@ pub fn emit(state: &State) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    if let Ok(s) = serde_json::to_string(&Line { ty: "state", ts_unix_ms, state }) {
+    if let Ok(s) = serde_json::to_string(&Line {
+        ty: "state",
+        ts_unix_ms,
+        state,
+    }) {
         crate::output::pipe::diag(s);
     }
 }

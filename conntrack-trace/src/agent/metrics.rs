@@ -14,11 +14,7 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        MetricType,
-        counter::ConstCounter,
-        gauge::ConstGauge,
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
@@ -273,9 +269,12 @@ impl Collector for Metrics {
                 "Conntrack failures per kind and network namespace, from per-packet events.",
                 None,
                 Counter,
-                s.drops
-                    .iter()
-                    .map(|((k, ns), n)| (vec![("kind", k.as_str()), ("netns", ns.as_str())], counter(*n))),
+                s.drops.iter().map(|((k, ns), n)| {
+                    (
+                        vec![("kind", k.as_str()), ("netns", ns.as_str())],
+                        counter(*n),
+                    )
+                }),
             )?;
         } else {
             family(
@@ -284,9 +283,12 @@ impl Collector for Metrics {
                 "Conntrack failures per kind (counters backend: totals of every traced namespace, netns=\"all\").",
                 None,
                 Counter,
-                Kind::ALL
-                    .iter()
-                    .map(|k| (vec![("kind", k.as_str()), ("netns", "all")], counter(s.drops_total_only.get(*k)))),
+                Kind::ALL.iter().map(|k| {
+                    (
+                        vec![("kind", k.as_str()), ("netns", "all")],
+                        counter(s.drops_total_only.get(*k)),
+                    )
+                }),
             )?;
         }
         family(
@@ -354,7 +356,9 @@ impl Collector for Metrics {
             "Conntrack entries in the namespace's table (nf_conntrack_count).",
             None,
             Gauge,
-            ns(&|st| Some(st.fill.count)).into_iter().map(|(l, v)| (l, gauge_i(v))),
+            ns(&|st| Some(st.fill.count))
+                .into_iter()
+                .map(|(l, v)| (l, gauge_i(v))),
         )?;
         family(
             &mut enc,
@@ -362,7 +366,9 @@ impl Collector for Metrics {
             "The table's limit (nf_conntrack_max).",
             None,
             Gauge,
-            ns(&|st| Some(st.fill.max)).into_iter().map(|(l, v)| (l, gauge_i(v))),
+            ns(&|st| Some(st.fill.max))
+                .into_iter()
+                .map(|(l, v)| (l, gauge_i(v))),
         )?;
         family(
             &mut enc,
@@ -370,16 +376,42 @@ impl Collector for Metrics {
             "Hash buckets of the table (nf_conntrack_buckets).",
             None,
             Gauge,
-            ns(&|st| Some(st.fill.buckets)).into_iter().map(|(l, v)| (l, gauge_i(v))),
+            ns(&|st| Some(st.fill.buckets))
+                .into_iter()
+                .map(|(l, v)| (l, gauge_i(v))),
         )?;
         type KernelCounter = (&'static str, &'static str, fn(&CtStats) -> u64);
         let kernel: [KernelCounter; 6] = [
-            ("kernel_drop", "Kernel counter `drop` (/proc/net/stat/nf_conntrack, summed over CPUs): packets dropped because no entry could be allocated or a clash was unresolvable.", |c| c.drop),
-            ("kernel_early_drop", "Kernel counter `early_drop`: entries evicted to make room.", |c| c.early_drop),
-            ("kernel_insert_failed", "Kernel counter `insert_failed`: confirm-time insertion failures.", |c| c.insert_failed),
-            ("kernel_clash_resolve", "Kernel counter `clashres`: clashes resolved without a drop.", |c| c.clash_resolve),
-            ("kernel_chaintoolong", "Kernel counter `chaintoolong`: hash chains over the limit.", |c| c.chaintoolong),
-            ("kernel_invalid", "Kernel counter `invalid`: packets conntrack considered invalid.", |c| c.invalid),
+            (
+                "kernel_drop",
+                "Kernel counter `drop` (/proc/net/stat/nf_conntrack, summed over CPUs): packets dropped because no entry could be allocated or a clash was unresolvable.",
+                |c| c.drop,
+            ),
+            (
+                "kernel_early_drop",
+                "Kernel counter `early_drop`: entries evicted to make room.",
+                |c| c.early_drop,
+            ),
+            (
+                "kernel_insert_failed",
+                "Kernel counter `insert_failed`: confirm-time insertion failures.",
+                |c| c.insert_failed,
+            ),
+            (
+                "kernel_clash_resolve",
+                "Kernel counter `clashres`: clashes resolved without a drop.",
+                |c| c.clash_resolve,
+            ),
+            (
+                "kernel_chaintoolong",
+                "Kernel counter `chaintoolong`: hash chains over the limit.",
+                |c| c.chaintoolong,
+            ),
+            (
+                "kernel_invalid",
+                "Kernel counter `invalid`: packets conntrack considered invalid.",
+                |c| c.invalid,
+            ),
         ];
         for (name, help, get) in kernel {
             family(
@@ -388,7 +420,9 @@ impl Collector for Metrics {
                 help,
                 None,
                 Counter,
-                ns(&|st| st.stats.as_ref().map(get)).into_iter().map(|(l, v)| (l, counter(v))),
+                ns(&|st| st.stats.as_ref().map(get))
+                    .into_iter()
+                    .map(|(l, v)| (l, counter(v))),
             )?;
         }
         family(
@@ -397,13 +431,18 @@ impl Collector for Metrics {
             "Forecast time until the table is full (linear fit over the last 30 s); 0 when full now, absent when not filling.",
             Some(&Unit::Seconds),
             Gauge,
-            s.namespaces
-                .iter()
-                .filter_map(|(name, st)| st.eta_s.map(|e| (vec![("netns", name.as_str())], gauge_f(e)))),
+            s.namespaces.iter().filter_map(|(name, st)| {
+                st.eta_s
+                    .map(|e| (vec![("netns", name.as_str())], gauge_f(e)))
+            }),
         )?;
         let port_labels: Vec<String> = s.amp.iter().map(|a| a.port.to_string()).collect();
         fn amp_labels<'a>(port: &'a str, a: &'a AmpGauge) -> Labels<'a> {
-            vec![("src", a.src.as_str()), ("proto", a.proto.as_str()), ("port", port)]
+            vec![
+                ("src", a.src.as_str()),
+                ("proto", a.proto.as_str()),
+                ("port", port),
+            ]
         }
         family(
             &mut enc,
@@ -411,7 +450,10 @@ impl Collector for Metrics {
             "Drops / distinct flows of a source flagged for retransmission amplification, while its finding is open.",
             None,
             Gauge,
-            s.amp.iter().zip(&port_labels).map(|(a, p)| (amp_labels(p, a), gauge_f(a.factor))),
+            s.amp
+                .iter()
+                .zip(&port_labels)
+                .map(|(a, p)| (amp_labels(p, a), gauge_f(a.factor))),
         )?;
         family(
             &mut enc,
@@ -496,7 +538,14 @@ mod tests {
         assert_eq!(sum, 2000, "nothing lost by folding");
         // A kept series keeps counting.
         t.record(&ev("10.1.0.0", 53));
-        assert_eq!(t.kept[&SeriesKey { kind: Kind::TableFull, netns: 7, source: SourceKey::of(&ev("10.1.0.0", 53)) }], 3);
+        assert_eq!(
+            t.kept[&SeriesKey {
+                kind: Kind::TableFull,
+                netns: 7,
+                source: SourceKey::of(&ev("10.1.0.0", 53))
+            }],
+            3
+        );
     }
 
     #[test]
@@ -516,8 +565,15 @@ mod tests {
             s.namespaces.insert(
                 "init".into(),
                 NsState {
-                    fill: Fill { count: 90, max: 100, buckets: 64 },
-                    stats: Some(CtStats { drop: 5, ..CtStats::default() }),
+                    fill: Fill {
+                        count: 90,
+                        max: 100,
+                        buckets: 64,
+                    },
+                    stats: Some(CtStats {
+                        drop: 5,
+                        ..CtStats::default()
+                    }),
                     eta_s: Some(42.5),
                 },
             );
@@ -536,8 +592,14 @@ mod tests {
             "conntrack_trace_table_full_eta_seconds{netns=\"init\"} 42.5",
             "# TYPE conntrack_trace_process_cpu_seconds_total counter",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
         }
-        assert!(!text.contains("amplification_factor"), "absent when none is open");
+        assert!(
+            !text.contains("amplification_factor"),
+            "absent when none is open"
+        );
     }
 }

@@ -176,7 +176,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     };
     let mut ready_file = match &opts.ready_file {
         Some(p) => Some(
-            ReadyFile::prepare(p, &[]).map_err(|e| TraceError::Usage(format!("--ready-file: {e}")))?,
+            ReadyFile::prepare(p, &[])
+                .map_err(|e| TraceError::Usage(format!("--ready-file: {e}")))?,
         ),
         None => None,
     };
@@ -286,7 +287,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
                 per_packet,
                 backend_name: Some(tp.name().as_str().into()),
             };
-            rec.start(prepared, header, &names).map_err(|e| TraceError::Other(e.to_string()))?;
+            rec.start(prepared, header, &names)
+                .map_err(|e| TraceError::Other(e.to_string()))?;
             Some(rec)
         }
         None => None,
@@ -309,7 +311,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     let server = tokio::spawn(http::serve(listener, shared.clone()));
 
     let mut consumer = Consumer {
-        pipe: Pipeline::new(Filter::default(), crate::aggregate::DEFAULT_MAX_SOURCES, opts.amp.clone()),
+        pipe: Pipeline::new(
+            Filter::default(),
+            crate::aggregate::DEFAULT_MAX_SOURCES,
+            opts.amp.clone(),
+        ),
         series: SeriesTable::new(opts.max_series),
         per_netns: BTreeMap::new(),
         decode_errors: 0,
@@ -320,19 +326,24 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     let mut estimators: HashMap<u32, Estimator> = HashMap::new();
     let mut watch = Watch::default();
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
-    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(TraceError::io("installing SIGUSR1 handler"))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())
+        .map_err(TraceError::io("installing SIGUSR1 handler"))?;
 
     let mut afd = match ring {
         // SAFETY: the AsyncFd owns the ring (and its fd) until into_inner()
         // below; nothing else closes the fd meanwhile.
-        Some(ring) => Some(unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(
-            |e| TraceError::Io {
-                context: "polling the ring buffer".into(),
-                source: e.into(),
-            },
-        )?),
+        Some(ring) => Some(
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                TraceError::Io {
+                    context: "polling the ring buffer".into(),
+                    source: e.into(),
+                }
+            })?,
+        ),
         None => None,
     };
     let pause = ring_pause(opts.backend.ring_bytes);
@@ -498,7 +509,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
             }
         }
     };
-    log::emit(&State::Stopping { signal: signal_name.into() });
+    log::emit(&State::Stopping {
+        signal: signal_name.into(),
+    });
     shared.ready.store(false, Ordering::Relaxed);
     server.abort();
     let mut ring = afd.map(AsyncFd::into_inner);
@@ -506,7 +519,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     // The namespaces' counters through the files opened at start (setns is
     // no longer allowed).
     let end_stats = kstats::Snapshot {
-        stats: ns_files.iter().filter_map(|f| Some((f.inode, f.stats()?))).collect(),
+        stats: ns_files
+            .iter()
+            .filter_map(|f| Some((f.inode, f.stats()?)))
+            .collect(),
         missing: Vec::new(),
     };
     if let Some(r) = &mut ready_file {
@@ -519,9 +535,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     let (kernel, covered, uncovered_end) = kstats::window(&held, &start_stats, &end_stats);
     let duration_s = started.elapsed().as_secs_f64();
     let complete = per_packet
-        && Kind::ALL
-            .iter()
-            .all(|k| consumer.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k));
+        && Kind::ALL.iter().all(|k| {
+            consumer.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k)
+        });
     if let Some(mut rec) = consumer.recorder.take() {
         let written = rec.events_written();
         let trailer = capture::Trailer {
@@ -547,7 +563,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
             exact_top: None,
             exact_sources: 0,
         };
-        rec.finish(trailer).map_err(|e| TraceError::Other(e.to_string()))?;
+        rec.finish(trailer)
+            .map_err(|e| TraceError::Other(e.to_string()))?;
     }
     crate::output::pipe::diag(format_args!(
         "conntrack-trace: agent stopped ({signal_name}) after {duration_s:.1} s: {} events, kernel drop +{}, lost {}",

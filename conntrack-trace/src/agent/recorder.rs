@@ -86,7 +86,9 @@ fn ensure_dir(dir: &Path) -> Result<(), RecordError> {
     let err = |e: String| RecordError::Dir(dir.display().to_string(), e);
     match fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_dir() => Ok(()),
-        Ok(m) if m.file_type().is_symlink() => Err(err("is a symbolic link; refusing to follow it".into())),
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(err("is a symbolic link; refusing to follow it".into()))
+        }
         Ok(_) => Err(err("not a directory".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::DirBuilder::new()
             .mode(0o700)
@@ -97,7 +99,10 @@ fn ensure_dir(dir: &Path) -> Result<(), RecordError> {
 }
 
 fn stamp(t: SystemTime) -> String {
-    let ns = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let ns = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     crate::clock::utc(ns).replace(':', "")
 }
 
@@ -155,11 +160,17 @@ fn remove_incident(dir: &Path) {
 impl Recorder {
     /// Checks the directory and creates this run's first file (before
     /// anything is loaded: an unusable directory fails the start).
-    pub fn prepare(opts: RecordOptions) -> Result<(Recorder, capture::writer::Prepared), RecordError> {
+    pub fn prepare(
+        opts: RecordOptions,
+    ) -> Result<(Recorder, capture::writer::Prepared), RecordError> {
         ensure_dir(&opts.dir)?;
         let rolling = opts.dir.join(ROLLING);
         ensure_dir(&rolling)?;
-        let base = rolling.join(format!("{}-{}.ctt", stamp(SystemTime::now()), std::process::id()));
+        let base = rolling.join(format!(
+            "{}-{}.ctt",
+            stamp(SystemTime::now()),
+            std::process::id()
+        ));
         let prepared = capture::writer::prepare(
             WriteOptions {
                 path: base.clone(),
@@ -232,7 +243,9 @@ impl Recorder {
         if let Some(w) = &mut self.writer {
             w.names(names);
             w.flush();
-            if !self.warned && let Some(e) = w.failed() {
+            if !self.warned
+                && let Some(e) = w.failed()
+            {
                 log::emit(&State::Warning {
                     message: format!("flight recorder: {e}; recording stopped"),
                 });
@@ -261,10 +274,16 @@ impl Recorder {
             inc.until = now + self.opts.after;
             return;
         }
-        let mut dir = self.opts.dir.join(format!("{INCIDENT_PREFIX}{}", stamp(now)));
+        let mut dir = self
+            .opts
+            .dir
+            .join(format!("{INCIDENT_PREFIX}{}", stamp(now)));
         let mut n = 1;
         while dir.symlink_metadata().is_ok() {
-            dir = self.opts.dir.join(format!("{INCIDENT_PREFIX}{}-{n}", stamp(now)));
+            dir = self
+                .opts
+                .dir
+                .join(format!("{INCIDENT_PREFIX}{}-{n}", stamp(now)));
             n += 1;
         }
         if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -384,7 +403,9 @@ impl Recorder {
 /// AT_SYMLINK_FOLLOW never follows a symlink at `file`, and fails if the
 /// name exists in `dir` (which we created): nothing is overwritten.
 fn link_into(file: &Path, dir: &Path) -> std::io::Result<()> {
-    let name = file.file_name().ok_or_else(|| std::io::Error::other("no file name"))?;
+    let name = file
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?;
     match fs::hard_link(file, dir.join(name)) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         r => r,
@@ -394,7 +415,10 @@ fn link_into(file: &Path, dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{format::tests::sample_event, tests::{TempDir, header}};
+    use crate::capture::{
+        format::tests::sample_event,
+        tests::{TempDir, header},
+    };
 
     fn opts(dir: &Path, max: u64) -> RecordOptions {
         RecordOptions {
@@ -435,7 +459,11 @@ mod tests {
         assert!(b <= o.max_size + file, "{b} bytes after a tick");
         let inc = incidents(&t.0);
         assert_eq!(inc.len(), 1);
-        let files: Vec<PathBuf> = fs::read_dir(&inc[0]).unwrap().flatten().map(|e| e.path()).collect();
+        let files: Vec<PathBuf> = fs::read_dir(&inc[0])
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         assert!(!files.is_empty());
         // The first rolling file is gone, its incident link is not.
         assert!(!r.base.exists());

@@ -23,6 +23,9 @@ mod tests {
     fn reads_own_process() {
         let (cpu, rss) = super::read().unwrap();
         assert!(cpu >= 0.0);
-        assert!(rss > 1 << 20, "a test binary has more than 1 MiB resident: {rss}");
+        assert!(
+            rss > 1 << 20,
+            "a test binary has more than 1 MiB resident: {rss}"
+        );
     }
 }

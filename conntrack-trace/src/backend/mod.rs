@@ -25,7 +25,13 @@ use aya::{
 use conntrack_trace_common::{Config, Offsets, counter, kind};
 use serde::Serialize;
 
-use crate::{aggregate::KindCounts, btf::BtfError, error::TraceError, event::{Event, Kind}, netns::Held};
+use crate::{
+    aggregate::KindCounts,
+    btf::BtfError,
+    error::TraceError,
+    event::{Event, Kind},
+    netns::Held,
+};
 
 /// Exact in-kernel counters of a backend since it was loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -293,10 +293,7 @@ impl Tracepoints {
 
 /// The kfree_skb program this kernel's tracepoint fits: with a drop reason
 /// (5.17+), or without one when nf_hook_slow()'s range is known.
-fn kfree_skb_variant(
-    kbtf: &KernelBtf,
-    hook_slow: Result<(), String>,
-) -> Result<Hook, TraceError> {
+fn kfree_skb_variant(kbtf: &KernelBtf, hook_slow: Result<(), String>) -> Result<Hook, TraceError> {
     // The programs read these arguments at fixed positions.
     if kbtf.tracepoint_arg(KFREE_SKB, TpArg::PtrTo("sk_buff"))? != 0 {
         return Err(TraceError::Unsupported(
@@ -346,7 +343,12 @@ mod tests {
     #[test]
     fn every_hook_is_a_program_of_the_object() {
         let obj = aya_obj::Object::parse(crate::backend::EBPF_OBJECT).expect("object parses");
-        for h in [KFREE_SKB_REASON, KFREE_SKB_NO_REASON, KMEM_BY_CACHE, KMEM_BY_SITE] {
+        for h in [
+            KFREE_SKB_REASON,
+            KFREE_SKB_NO_REASON,
+            KMEM_BY_CACHE,
+            KMEM_BY_SITE,
+        ] {
             assert!(obj.programs.contains_key(h.prog), "{} missing", h.prog);
         }
     }

@@ -474,7 +474,11 @@ pub fn event_record_len(e: &Event) -> usize {
         Some(IpAddr::V6(_)) => 32,
         None => 0,
     };
-    let reply = if e.reply.is_some() && alen > 0 { alen + 4 } else { 0 };
+    let reply = if e.reply.is_some() && alen > 0 {
+        alen + 4
+    } else {
+        0
+    };
     FRAME_BYTES + 1 + 24 + alen + reply + 6 + e.packet.bytes().len()
 }
 
@@ -517,7 +521,11 @@ pub(crate) mod tests {
             // one DNATed to a server.
             reply: (kind == Kind::InsertFailed).then(|| crate::event::Reply {
                 src: if i.is_multiple_of(2) {
-                    if v6 { "fd77:2::9".parse().unwrap() } else { "10.77.2.9".parse().unwrap() }
+                    if v6 {
+                        "fd77:2::9".parse().unwrap()
+                    } else {
+                        "10.77.2.9".parse().unwrap()
+                    }
                 } else {
                     dst
                 },

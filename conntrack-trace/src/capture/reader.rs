@@ -258,8 +258,7 @@ impl CaptureInfo {
 fn read_header<R: Read>(r: &mut FileReader<R>) -> Result<Header, ReadError> {
     match r.next_record()? {
         Some(Record::Header(h)) => {
-            if !(format::OLDEST_FORMAT_VERSION..=format::FORMAT_VERSION)
-                .contains(&h.format_version)
+            if !(format::OLDEST_FORMAT_VERSION..=format::FORMAT_VERSION).contains(&h.format_version)
             {
                 return Err(ReadError::Version {
                     path: r.path().to_owned(),
@@ -432,7 +431,7 @@ impl OpenSet {
                         f(&e, &names);
                     }
                     Record::Names(n) => names = n,
-                Record::Workloads(w) => names.set_workloads(w),
+                    Record::Workloads(w) => names.set_workloads(w),
                     Record::Trailer(t) => {
                         trailer = Some(*t);
                         ended = Some("trailer");

@@ -21,8 +21,8 @@ use conntrack_trace_common::PKT_BYTES;
 
 use crate::{
     capture::{Header, OpenSet},
-    filter::OfflineSpec,
     event::Event,
+    filter::OfflineSpec,
     output::NetnsNames,
     report::{self, Report, ReportError, utc},
 };

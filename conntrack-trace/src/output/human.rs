@@ -176,16 +176,10 @@ pub fn render_live(v: &LiveView<'_>) -> String {
     }
     match v.rule_drops {
         Some(n) => {
-            let _ = writeln!(
-                s,
-                "rule drops (not conntrack failures): {n}"
-            );
+            let _ = writeln!(s, "rule drops (not conntrack failures): {n}");
         }
         None => {
-            let _ = writeln!(
-                s,
-                "rule drops: not observed by this backend"
-            );
+            let _ = writeln!(s, "rule drops: not observed by this backend");
         }
     }
     s.push_str(&render_amplification(v.amp, v.findings, 3));
@@ -643,10 +637,7 @@ mod tests {
         );
         assert!(text.contains("no per-packet attribution"), "{text}");
         assert!(!text.contains("SOURCE"), "{text}");
-        assert!(
-            text.contains("rule drops: not observed"),
-            "{text}"
-        );
+        assert!(text.contains("rule drops: not observed"), "{text}");
     }
 
     #[test]

@@ -5,7 +5,6 @@ pub mod ndjson;
 pub mod pipe;
 pub mod text;
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -35,7 +34,6 @@ pub struct SessionFacts {
     pub clock: Clock,
     pub scope: Scope,
 }
-
 
 /// The counts a summary reports next to the pipeline's analyses: live,
 /// from the programs' counters and the kernel's; offline, from the
@@ -352,7 +350,9 @@ pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {
             first_ts_ns: s.first_ns,
             last_ts_ns: s.last_ns,
             rate_per_s: s.rate,
-            dnat: s.dnat.map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
+            dnat: s
+                .dnat
+                .map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
         })
         .collect()
 }

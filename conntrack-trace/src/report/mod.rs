@@ -13,17 +13,17 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{DEFAULT_MAX_SOURCES, KindCounts},
-    pipeline::{Pipeline, Select},
     amplify::AmpConfig,
     capture::{
         self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
     },
-    filter::{OfflineSpec, TimeSpec},
     event::{Event, Kind},
     filter::Filter,
+    filter::{OfflineSpec, TimeSpec},
     kstats::CtStats,
     output::{NetnsNames, Summary, Totals, top_sources},
+    pipeline::{Pipeline, Select},
 };
 
 /// The filters of `report` and `export`: the filter the capture was
@@ -99,7 +99,6 @@ impl Select for OfflineFilter {
         }
         true
     }
-
 }
 
 impl OfflineFilter {

@@ -68,7 +68,12 @@ const BATCH: usize = 256;
 
 /// Sends datagrams from one socket to `dst`, cycling the destination port
 /// through `ports` (a new conntrack tuple each time), until `until`.
-fn generate(src: Ipv4Addr, dst: Ipv4Addr, ports: std::ops::Range<u16>, until: Instant) -> Result<u64> {
+fn generate(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ports: std::ops::Range<u16>,
+    until: Instant,
+) -> Result<u64> {
     let sock = std::net::UdpSocket::bind(SocketAddrV4::new(src, 0)).context("bind")?;
     let payload = *b"conntrack-trace bench\0";
     let mut addrs: Vec<libc::sockaddr_in> = Vec::with_capacity(BATCH);
@@ -88,7 +93,11 @@ fn generate(src: Ipv4Addr, dst: Ipv4Addr, ports: std::ops::Range<u16>, until: In
             a.sin_port = port.to_be();
             a.sin_addr.s_addr = u32::from(dst).to_be();
             addrs.push(a);
-            port = if port + 1 >= ports.end { ports.start } else { port + 1 };
+            port = if port + 1 >= ports.end {
+                ports.start
+            } else {
+                port + 1
+            };
         }
         let mut msgs: Vec<libc::mmsghdr> = addrs
             .iter_mut()
@@ -103,9 +112,7 @@ fn generate(src: Ipv4Addr, dst: Ipv4Addr, ports: std::ops::Range<u16>, until: In
             })
             .collect();
         // SAFETY: msgs, addrs, iov and payload outlive the call.
-        let n = unsafe {
-            libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0)
-        };
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             // A full socket buffer or a neighbour not yet resolved: retry.
@@ -123,7 +130,14 @@ fn start_tracer(bin: &Path, server_ns: &str, out: &Path) -> Result<Child> {
     let ready = std::env::temp_dir().join(format!("ctt-bench-flood-ready-{}", std::process::id()));
     let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(bin)
-        .args(["trace", "--format", "ndjson", "--netns", server_ns, "--ready-file"])
+        .args([
+            "trace",
+            "--format",
+            "ndjson",
+            "--netns",
+            server_ns,
+            "--ready-file",
+        ])
         .arg(&ready)
         .stdout(std::fs::File::create(out).context("tracer output file")?)
         .stderr(Stdio::null())
@@ -164,7 +178,10 @@ fn prog_stats() -> Result<Vec<(String, u64, u64)>> {
         .output()
         .context("running bpftool (Debian package bpftool; cargo xtask setup installs it)")?;
     if !out.status.success() {
-        bail!("bpftool prog show failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bpftool prog show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
     Ok(v.as_array()
@@ -222,7 +239,9 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
             .collect();
         let mut sent = 0;
         for h in handles {
-            sent += h.join().map_err(|_| anyhow::anyhow!("generator panicked"))???;
+            sent += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("generator panicked"))???;
         }
         Ok(sent)
     })?;
@@ -252,7 +271,9 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
         let (t0, c0) = sum(&progs_before);
         let (t1, c1) = sum(&progs_after);
         if c1 > c0 {
-            sample.ns_per_run.push((name.to_owned(), (t1 - t0) as f64 / (c1 - c0) as f64));
+            sample
+                .ns_per_run
+                .push((name.to_owned(), (t1 - t0) as f64 / (c1 - c0) as f64));
         }
     }
     if let Some(mut t) = tracer {
@@ -294,16 +315,28 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
     const MAX: u64 = 64;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
     let _filler = topo.fill_assured(MAX)?;
-    let mut configs = vec![Config { label: "no tracer".into(), bin: None, stats: false }];
+    let mut configs = vec![Config {
+        label: "no tracer".into(),
+        bin: None,
+        stats: false,
+    }];
     let mut bins = vec![("tracer".to_owned(), bin.to_path_buf())];
     if let Some(c) = &args.compare {
         bins.push((format!("tracer ({})", c.display()), c.clone()));
     }
     for (label, b) in &bins {
-        configs.push(Config { label: label.clone(), bin: Some(b.clone()), stats: false });
+        configs.push(Config {
+            label: label.clone(),
+            bin: Some(b.clone()),
+            stats: false,
+        });
     }
     for (label, b) in &bins {
-        configs.push(Config { label: format!("{label}, bpf_stats"), bin: Some(b.clone()), stats: true });
+        configs.push(Config {
+            label: format!("{label}, bpf_stats"),
+            bin: Some(b.clone()),
+            stats: true,
+        });
     }
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 0..args.rounds {
@@ -312,7 +345,11 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
                 .with_context(|| format!("round {round}, {}", cfg.label))?;
             eprintln!(
                 "round {round}: {:<40} {:>9.0} drops/s lost {:?} ctx/s {:?} {:?}",
-                cfg.label, s.drops_per_s, s.lost, s.ctx_switches_per_s.map(|c| c as u64), s.ns_per_run
+                cfg.label,
+                s.drops_per_s,
+                s.lost,
+                s.ctx_switches_per_s.map(|c| c as u64),
+                s.ns_per_run
             );
             results[i].push(s);
         }
@@ -336,17 +373,35 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
         let ns = |name: &str| -> Vec<f64> {
             samples
                 .iter()
-                .filter_map(|s| s.ns_per_run.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
+                .filter_map(|s| {
+                    s.ns_per_run
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| *v)
+                })
                 .collect()
         };
-        let lost: Vec<f64> = samples.iter().filter_map(|s| s.lost.map(|l| l as f64)).collect();
+        let lost: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.lost.map(|l| l as f64))
+            .collect();
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             cfg.label,
             fmt_spread(samples.iter().map(|s| s.drops_per_s).collect(), 0),
-            if cfg.bin.is_none() { "1".into() } else { fmt_spread(ratio, 2) },
+            if cfg.bin.is_none() {
+                "1".into()
+            } else {
+                fmt_spread(ratio, 2)
+            },
             fmt_spread(lost, 0),
-            fmt_spread(samples.iter().filter_map(|s| s.ctx_switches_per_s).collect(), 0),
+            fmt_spread(
+                samples
+                    .iter()
+                    .filter_map(|s| s.ctx_switches_per_s)
+                    .collect(),
+                0
+            ),
             fmt_spread(samples.iter().filter_map(|s| s.cpu_pct).collect(), 0),
             fmt_spread(ns("kfree_skb"), 0),
             fmt_spread(ns("kmem_cache_free"), 0),

@@ -220,7 +220,10 @@ pub fn run(args: Args) -> Result<()> {
             "on-cold" => "evictions on, not learned",
             _ => "evictions on, learned",
         };
-        md.push_str(&format!("| {label} | {m:.0} | {:+.1} % |\n", (m / base - 1.0) * 100.0));
+        md.push_str(&format!(
+            "| {label} | {m:.0} | {:+.1} % |\n",
+            (m / base - 1.0) * 100.0
+        ));
     }
     println!("{md}");
     let flood_args = flood::Args {
@@ -237,10 +240,16 @@ pub fn run(args: Args) -> Result<()> {
          ## Eviction hook\n\n{md}\n## Table-full flood\n\n{flood_md}",
         command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         command_line("uname", &["-r"]),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().next().map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")))
+            .and_then(|m| m.lines().next().map(|l| l
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")))
             .map(|m| format!("MemTotal {m}"))
             .unwrap_or_default(),
         command_line(bin.to_str().unwrap_or("conntrack-trace"), &["--version"]),
