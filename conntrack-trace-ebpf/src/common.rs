@@ -113,68 +113,75 @@ pub(crate) fn skb_net(skb: u64) -> u64 {
     }
 }
 
-/// Addresses and ports from the packet's own headers (a table-full packet has
-/// no conntrack entry to read them from).
+/// The packet's bytes, and its addresses and ports parsed from those bytes
+/// (a table-full packet has no conntrack entry to read them from). One
+/// copy of the first [`PKT_BYTES`] instead of a probe read per field: the
+/// drop path pays for every helper call (issue 15). A transport header
+/// past the linear part (rare: netfilter runs after ip_rcv() pulled the IP
+/// header) is read from memory instead.
 #[inline(always)]
 pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
-    let Ok(head) = read::<u64>(skb + off!(skb_head)) else {
+    fill_packet(ev, skb);
+    let n = ev.caplen as usize;
+    let Some(&b0) = ev.pkt.first().filter(|_| n >= 1) else {
         return;
     };
-    let Ok(nh) = read::<u16>(skb + off!(skb_network_header)) else {
-        return;
-    };
-    let ip = head + nh as u64;
-    let Ok(b0) = read::<u8>(ip) else { return };
     let (l4, l4proto) = match b0 >> 4 {
-        4 => {
+        4 if n >= 20 => {
             ev.l3 = l3::IPV4;
-            let Ok(proto) = read::<u8>(ip + 9) else {
-                return;
-            };
+            let proto = ev.pkt[9];
             ev.l4 = proto;
-            if let Ok(a) = read::<[u8; 4]>(ip + 12) {
-                ev.src[..4].copy_from_slice(&a);
-            }
-            if let Ok(a) = read::<[u8; 4]>(ip + 16) {
-                ev.dst[..4].copy_from_slice(&a);
-            }
+            ev.src[..4].copy_from_slice(&ev.pkt[12..16]);
+            let dst = [ev.pkt[16], ev.pkt[17], ev.pkt[18], ev.pkt[19]];
+            ev.dst[..4].copy_from_slice(&dst);
             // Only the first fragment carries the L4 header.
-            let frag = read::<[u8; 2]>(ip + 6).map(u16::from_be_bytes).unwrap_or(0);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes([ev.pkt[6], ev.pkt[7]]) & 0x1fff != 0 {
                 return;
             }
-            (ip + ((b0 & 0x0f) as u64) * 4, proto)
+            (((b0 & 0x0f) as usize) * 4, proto)
         }
-        6 => {
+        6 if n >= 40 => {
             ev.l3 = l3::IPV6;
-            let Ok(next) = read::<u8>(ip + 6) else { return };
+            let next = ev.pkt[6];
             ev.l4 = next;
-            if let Ok(a) = read::<[u8; 16]>(ip + 8) {
-                ev.src = a;
-            }
-            if let Ok(a) = read::<[u8; 16]>(ip + 24) {
-                ev.dst = a;
-            }
-            (ip + 40, next)
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&ev.pkt[8..24]);
+            ev.src = a;
+            a.copy_from_slice(&ev.pkt[24..40]);
+            ev.dst = a;
+            (40, next)
         }
         _ => return,
     };
-    match l4proto {
-        // tcp, udp, dccp, sctp, udplite: ports are the first two u16s.
-        6 | 17 | 33 | 132 | 136 => {
-            if let Ok(p) = read::<[u8; 4]>(l4) {
-                ev.sport = u16::from_be_bytes([p[0], p[1]]);
-                ev.dport = u16::from_be_bytes([p[2], p[3]]);
+    // tcp, udp, dccp, sctp, udplite: ports are the first two u16s; icmp,
+    // icmpv6: type/code, then the echo identifier at 4.
+    let want = match l4proto {
+        6 | 17 | 33 | 132 | 136 => 4,
+        1 | 58 => 6,
+        _ => return,
+    };
+    let mut h = [0u8; 6];
+    match ev.pkt.get(l4..l4 + want).filter(|_| l4 + want <= n) {
+        Some(b) => h[..want].copy_from_slice(b),
+        None => {
+            let (Ok(head), Ok(nh)) = (
+                read::<u64>(skb + off!(skb_head)),
+                read::<u16>(skb + off!(skb_network_header)),
+            ) else {
+                return;
+            };
+            match read::<[u8; 6]>(head + nh as u64 + l4 as u64) {
+                Ok(b) => h = b,
+                Err(_) => return,
             }
         }
-        // icmp, icmpv6: type/code and the echo identifier.
-        1 | 58 => {
-            if let Ok(p) = read::<[u8; 6]>(l4) {
-                ev.dport = u16::from_be_bytes([p[0], p[1]]);
-                ev.sport = u16::from_be_bytes([p[4], p[5]]);
-            }
-        }
-        _ => {}
+    }
+    if want == 4 {
+        ev.sport = u16::from_be_bytes([h[0], h[1]]);
+        ev.dport = u16::from_be_bytes([h[2], h[3]]);
+    } else {
+        ev.dport = u16::from_be_bytes([h[0], h[1]]);
+        ev.sport = u16::from_be_bytes([h[4], h[5]]);
     }
 }
 

@@ -129,13 +129,11 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
             }
             let ev = scratch(kind::RULE_DROP)?;
             fill_from_skb(ev, skb);
-            fill_packet(ev, skb);
             ev.netns = net_inum(net);
             return emit(ev);
         }
         let ev = scratch(kind::TABLE_FULL)?;
         fill_from_skb(ev, skb);
-        fill_packet(ev, skb);
         ev.netns = net_inum(net);
         return emit(ev);
     }
