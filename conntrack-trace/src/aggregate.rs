@@ -108,8 +108,6 @@ pub struct SourceStats {
 pub struct Aggregator {
     pub totals: KindCounts,
     interval_start: KindCounts,
-    /// Per-kind events/s over the last completed interval.
-    pub rates: KindCounts,
     rates_f: [f64; 4],
     sources: HashMap<SourceKey, SourceStats>,
     max_sources: usize,
@@ -123,7 +121,6 @@ impl Aggregator {
         Aggregator {
             totals: KindCounts::default(),
             interval_start: KindCounts::default(),
-            rates: KindCounts::default(),
             rates_f: [0.0; 4],
             sources: HashMap::new(),
             max_sources,

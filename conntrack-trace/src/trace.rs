@@ -178,15 +178,18 @@ fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
 fn fills(scope: &[netns::Held]) -> Vec<NsView> {
     let mut v: Vec<NsView> = scope
         .iter()
-        .filter_map(|ns| match ns.run(kstats::read_fill) {
-            Ok(Some(fill)) => Some(NsView {
-                inode: ns.info.inode,
-                name: ns.info.name.clone(),
-                fill,
-                forecast: None,
-            }),
-            _ => None,
-        })
+        .filter_map(
+            |ns| match ns.run(|| (kstats::read_fill(), kstats::read_stats().ok())) {
+                Ok((Some(fill), stats)) => Some(NsView {
+                    inode: ns.info.inode,
+                    name: ns.info.name.clone(),
+                    fill,
+                    forecast: None,
+                    stats,
+                }),
+                _ => None,
+            },
+        )
         .collect();
     v.sort_by(|a, b| b.fill.count.cmp(&a.fill.count).then(a.name.cmp(&b.name)));
     v
@@ -525,6 +528,17 @@ impl<'s> Session<'s> {
                 pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
             }
         }
+        // The kernel's counters since the start, live: a rising
+        // clash_resolve is the warning sign of the DNS-over-NAT race
+        // (kubernetes/kubernetes#56903), resolved, not yet dropped.
+        let mut kernel = kstats::CtStats::default();
+        for ns in &views {
+            if let (Some(now), Some(start)) = (&ns.stats, self.start_stats.stats.get(&ns.inode))
+                && let Some(d) = now.delta(start)
+            {
+                kernel.add(&d);
+            }
+        }
         let f = shown(views, self.opts.netns.is_none());
         let exact_top = if counters.lost.total() > 0 {
             let exact = self.tp.source_counts()?;
@@ -548,6 +562,7 @@ impl<'s> Session<'s> {
             lost: counters.lost,
             rule_drops: (self.tp.name() == backend::Name::Tracepoint)
                 .then_some(counters.seen.rule_drop),
+            kernel: Some(kernel),
             top_n: self.opts.top,
             exact_top: exact_top.as_deref(),
             findings: &findings,

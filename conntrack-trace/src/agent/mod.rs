@@ -80,15 +80,7 @@ const NORMAL_FILL: f64 = 85.0;
 /// Events drained per wakeup before the loop looks at its timers.
 const DRAIN_BATCH: usize = 65_536;
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use crate::clock::monotonic_ns;
 
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
     crate::workload::names_of(list)

@@ -173,18 +173,6 @@ impl Backend {
         }
     }
 
-    /// Starts observing.
-    pub fn attach(&mut self) -> Result<(), TraceError> {
-        match self {
-            Backend::Fexit(b) => b.attach(),
-            Backend::Tracepoint(b) => {
-                b.prepare_attach();
-                b.attach()
-            }
-            Backend::Counters(b) => b.start(),
-        }
-    }
-
     /// Totals since attach: the programs' per-CPU counters, or for
     /// `counters` the kernel's own, per kind.
     pub fn counters(&self) -> Result<BpfCounters, TraceError> {

@@ -174,6 +174,13 @@ pub fn render_live(v: &LiveView<'_>) -> String {
             v.lost.get(k)
         );
     }
+    if let Some(k) = &v.kernel {
+        let _ = writeln!(
+            s,
+            "kernel since start: drop +{}, early_drop +{}, insert_failed +{}, clash_resolve +{}, invalid +{}",
+            k.drop, k.early_drop, k.insert_failed, k.clash_resolve, k.invalid
+        );
+    }
     match v.rule_drops {
         Some(n) => {
             let _ = writeln!(s, "rule drops (not conntrack failures): {n}");
@@ -444,6 +451,7 @@ mod tests {
                 buckets: 64,
             },
             forecast: None,
+            stats: None,
         }];
         let v = LiveView {
             backend: "tracepoint",
@@ -456,6 +464,7 @@ mod tests {
             agg: &a,
             lost: KindCounts::default(),
             rule_drops: Some(0),
+            kernel: None,
             top_n: 5,
             exact_top: None,
             findings: &[],
@@ -505,6 +514,7 @@ mod tests {
             name: name.to_owned(),
             fill,
             forecast: None,
+            stats: None,
         };
         let fills = vec![ns(1, "srv\nWARNING: forged"), ns(2, "b\n")];
         let v = LiveView {
@@ -518,6 +528,7 @@ mod tests {
             agg: &a,
             lost: KindCounts::default(),
             rule_drops: Some(0),
+            kernel: None,
             top_n: 5,
             exact_top: None,
             findings: &[],
@@ -625,6 +636,7 @@ mod tests {
             agg: &a,
             lost: KindCounts::default(),
             rule_drops: None,
+            kernel: None,
             top_n: 5,
             exact_top: None,
             findings: &[],
@@ -689,8 +701,43 @@ mod tests {
                 buckets: 64,
             },
             forecast: Some(e.forecast()),
+            stats: None,
         };
         let note = forecast_note(&ns);
         assert!(note.starts_with(", full in ~1m21s"), "{note}");
+    }
+
+    #[test]
+    fn live_header_shows_the_kernel_counters_since_start() {
+        let a = agg();
+        let k = CtStats {
+            drop: 7,
+            clash_resolve: 3,
+            ..Default::default()
+        };
+        let v = LiveView {
+            backend: "tracepoint",
+            refused: &[],
+            per_packet: true,
+            evictions: "on",
+            elapsed_s: 2.0,
+            fills: &[],
+            history: &[],
+            agg: &a,
+            lost: KindCounts::default(),
+            rule_drops: Some(0),
+            kernel: Some(k),
+            top_n: 5,
+            exact_top: None,
+            findings: &[],
+            amp: &AmpSummary::default(),
+        };
+        let text = render_live(&v);
+        assert!(
+            text.contains(
+                "kernel since start: drop +7, early_drop +0, insert_failed +0, clash_resolve +3, invalid +0"
+            ),
+            "{text}"
+        );
     }
 }

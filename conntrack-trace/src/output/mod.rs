@@ -127,6 +127,9 @@ pub struct LiveView<'a> {
     /// Rule drops counted so far; None when the backend cannot see them
     /// (only the tracepoint backend hooks kfree_skb).
     pub rule_drops: Option<u64>,
+    /// The kernel's counters since the start, summed over the namespaces
+    /// shown (None: not read).
+    pub kernel: Option<CtStats>,
     pub top_n: usize,
     /// The top sources from the programs' exact per-source counts, when
     /// the ring lost events (None: from the events).
@@ -278,6 +281,8 @@ pub struct NsView {
     pub fill: Fill,
     /// Time to full / relief ([`crate::forecast`]); None until sampled.
     pub forecast: Option<crate::forecast::Forecast>,
+    /// The kernel's counters now (None: unreadable).
+    pub stats: Option<CtStats>,
 }
 
 pub trait Sink {
