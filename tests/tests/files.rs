@@ -576,6 +576,18 @@ fn missing_capabilities_are_never_a_silent_zero() -> Result<()> {
         .output()
         .context("setpriv (util-linux)")?;
     let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(4) && err.contains("nf_hook_slow() cannot be located") {
+        // A kernel whose kfree_skb has no drop reason (5.10): the
+        // tracepoint backend needs nf_hook_slow's address, which kallsyms
+        // hides without CAP_SYSLOG, and the counters of another namespace
+        // need setns (CAP_SYS_ADMIN). One line says so for every backend.
+        assert!(
+            err.contains("no backend works here") && err.contains("kallsyms"),
+            "{err}"
+        );
+        eprintln!("--netns with CAP_BPF+CAP_PERFMON only, no drop reason: exit 4, {err}");
+        return Ok(());
+    }
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -294,7 +294,19 @@ pub fn open(
                     }),
                 }
             }
-            Ok((counters()?, refused))
+            match counters() {
+                Ok(b) => Ok((b, refused)),
+                // Nothing works here: say why for every backend, not only
+                // the last one tried.
+                Err(TraceError::Unsupported(last)) => {
+                    let mut msg = format!("no backend works here: counters: {last}");
+                    for r in &refused {
+                        msg.push_str(&format!("; {} refused: {}", r.backend.as_str(), r.reason));
+                    }
+                    Err(TraceError::Unsupported(msg))
+                }
+                Err(e) => Err(e),
+            }
         }
     }
 }
