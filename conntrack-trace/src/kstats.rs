@@ -64,61 +64,27 @@ impl CtStats {
 /// because their set changed across kernels (e.g. `clashres`,
 /// `chaintoolong`); a column this kernel lacks reads as zero.
 pub fn parse(path: &str, text: &str) -> Result<CtStats, StatsError> {
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or_else(|| StatsError::Empty(path.to_owned()))?
-        .split_whitespace()
-        .collect();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let cols = [
-        col("drop"),
-        col("early_drop"),
-        col("insert_failed"),
-        col("clashres"),
-        // Printed as `chainlength` (st->chaintoolong) since 5.15
-        // (ct_cpu_seq_show(), nf_conntrack_standalone.c).
-        col("chaintoolong").or_else(|| col("chainlength")),
-        col("invalid"),
-    ];
-    if cols[0].is_none() {
+    let c = parse_columns(path, text)?;
+    if c.per_cpu("drop").is_none() {
         return Err(StatsError::Bad {
             path: path.to_owned(),
             line: 1,
             msg: "no `drop` column".into(),
         });
     }
-    let mut sums = [0u64; 6];
-    for (i, line) in lines.enumerate() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.is_empty() {
-            continue;
-        }
-        if fields.len() != header.len() {
-            return Err(StatsError::Bad {
-                path: path.to_owned(),
-                line: i + 2,
-                msg: format!("{} fields, header has {}", fields.len(), header.len()),
-            });
-        }
-        for (sum, c) in sums.iter_mut().zip(cols) {
-            if let Some(c) = c {
-                let v = u64::from_str_radix(fields[c], 16).map_err(|e| StatsError::Bad {
-                    path: path.to_owned(),
-                    line: i + 2,
-                    msg: format!("`{}`: {e}", fields[c]),
-                })?;
-                *sum = sum.saturating_add(v);
-            }
-        }
-    }
+    let sum = |name: &str| c.sum(name).unwrap_or(0);
     Ok(CtStats {
-        drop: sums[0],
-        early_drop: sums[1],
-        insert_failed: sums[2],
-        clash_resolve: sums[3],
-        chaintoolong: sums[4],
-        invalid: sums[5],
+        drop: sum("drop"),
+        early_drop: sum("early_drop"),
+        insert_failed: sum("insert_failed"),
+        clash_resolve: sum("clashres"),
+        // Printed as `chainlength` (st->chaintoolong) since 5.15
+        // (ct_cpu_seq_show(), nf_conntrack_standalone.c).
+        chaintoolong: c
+            .sum("chaintoolong")
+            .or_else(|| c.sum("chainlength"))
+            .unwrap_or(0),
+        invalid: sum("invalid"),
     })
 }
 
@@ -250,7 +216,7 @@ impl Columns {
     /// The column summed over CPUs (None if this kernel lacks it).
     pub fn sum(&self, name: &str) -> Option<u64> {
         self.per_cpu(name)
-            .map(|v| v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+            .map(|v| v.iter().fold(0u64, |a, b| a.saturating_add(*b)))
     }
 }
 
