@@ -809,3 +809,55 @@ mod tests {
         );
     }
 }
+
+/// A scratch directory under the temp dir (`ctt-GROUP-TAG-PID`), removed
+/// on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(group: &str, tag: &str) -> Result<Scratch> {
+        let p = std::env::temp_dir().join(format!("ctt-{group}-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p)?;
+        Ok(Scratch(p))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Names in the directory, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = fs::read_dir(&self.0)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A path as the `&str` a command line takes.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// Runs `conntrack-trace ARGS` to the end (both pipes read as they fill);
+/// returns (exit code, stdout, stderr).
+pub fn ctt(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .context("running conntrack-trace")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}

@@ -5,51 +5,17 @@
 
 use std::{
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use conntrack_trace_tests::{
-    Sysctl, Topology, Tracer, assert_events_from, binary, json, kernel_test, release_binary,
-    traffic,
+    Scratch, Sysctl, Topology, Tracer, assert_events_from, ctt, json, kernel_test, path_str as s,
+    release_binary, traffic,
 };
 use serde_json::Value;
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Scratch> {
-        let p = std::env::temp_dir().join(format!("ctt-capture-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Scratch(p))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `conntrack-trace ARGS`; returns (exit code, stdout, stderr).
-fn ctt(args: &[&str]) -> Result<(i32, String, String)> {
-    let out = Command::new(binary())
-        .args(args)
-        .output()
-        .context("running conntrack-trace")?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout)?,
-        String::from_utf8(out.stderr)?,
-    ))
-}
 
 /// Like [`ctt`], but the command must succeed.
 fn ctt_ok(args: &[&str]) -> Result<String> {
@@ -83,16 +49,12 @@ fn last_line(text: &str) -> Result<Value> {
     )?)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
 #[test]
 fn capture_round_trip_equals_live_output() -> Result<()> {
     let Some(_lock) = kernel_test("capture_round_trip_equals_live_output")? else {
         return Ok(());
     };
-    let dir = Scratch::new("rt")?;
+    let dir = Scratch::new("capture", "rt")?;
     let file = dir.path("flood.ctt");
     let topo = Topology::new("cr", 60)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
@@ -285,7 +247,7 @@ fn capture_survives_sigkill() -> Result<()> {
     let Some(_lock) = kernel_test("capture_survives_sigkill")? else {
         return Ok(());
     };
-    let dir = Scratch::new("kill")?;
+    let dir = Scratch::new("capture", "kill")?;
     let file = dir.path("killed.ctt");
     let topo = Topology::new("ck", 61)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 32)?;
@@ -458,7 +420,7 @@ fn rotated_capture_reads_as_one() -> Result<()> {
     let Some(_lock) = kernel_test("rotated_capture_reads_as_one")? else {
         return Ok(());
     };
-    let dir = Scratch::new("rot")?;
+    let dir = Scratch::new("capture", "rot")?;
     let one = dir.path("one.ctt");
     let rot = dir.path("rot.ctt");
     let topo = Topology::new("co", 62)?;
@@ -566,7 +528,7 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
         );
         return Ok(());
     };
-    let dir = Scratch::new("rate")?;
+    let dir = Scratch::new("capture", "rate")?;
     let file = dir.path("rate.ctt");
     let topo = Topology::new("cf", 63)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
@@ -622,7 +584,7 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
 /// and a non-zero exit; never a panic. (No root needed.)
 #[test]
 fn offline_errors_name_the_file() -> Result<()> {
-    let dir = Scratch::new("err")?;
+    let dir = Scratch::new("capture", "err")?;
     let text = dir.path("notes.txt");
     std::fs::write(&text, "not a capture\n")?;
     let missing = dir.path("missing.ctt");

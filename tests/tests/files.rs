@@ -20,7 +20,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use conntrack_trace_tests::{Netns, Tracer, binary, kernel_test, root_or_skip, wait_bounded};
+use conntrack_trace_tests::{
+    Netns, Scratch, Tracer, binary, kernel_test, path_str as s, root_or_skip, wait_bounded,
+};
 use serde_json::Value;
 
 /// A small capture (3 events, header, names, trailer): the fuzz seed
@@ -31,42 +33,9 @@ fn capture_bytes() -> &'static [u8] {
     &CAPTURE[1..]
 }
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Scratch> {
-        let p = std::env::temp_dir().join(format!("ctt-files-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Scratch(p))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    /// Names in the directory, sorted.
-    fn names(&self) -> Result<Vec<String>> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        Ok(v)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
-/// Runs `conntrack-trace ARGS` (bounded: 60 s); returns (exit code, stdout,
-/// stderr).
+/// Runs `conntrack-trace ARGS` (bounded: 60 s, for the FIFO and pipe
+/// cases that could hang); returns (exit code, stdout, stderr). Outputs
+/// here are small: they fit the pipes until the exit.
 fn ctt(args: &[&str]) -> Result<(i32, String, String)> {
     let child = Command::new(binary())
         .args(args)
@@ -175,7 +144,7 @@ fn closed_pipe() -> Result<Stdio> {
 /// without --force, never write through what was planted at the path.
 #[test]
 fn offline_outputs_leave_planted_targets_untouched() -> Result<()> {
-    let dir = Scratch::new("plant-offline")?;
+    let dir = Scratch::new("files", "plant-offline")?;
     let planted = plant(&dir)?;
     let before = snapshot(&planted)?;
     let cap = dir.path("c.ctt");
@@ -227,7 +196,7 @@ fn offline_outputs_leave_planted_targets_untouched() -> Result<()> {
 /// before anything is written; a failed export leaves no file behind.
 #[test]
 fn inputs_are_never_outputs() -> Result<()> {
-    let dir = Scratch::new("swap")?;
+    let dir = Scratch::new("files", "swap")?;
     let a = dir.path("a.ctt");
     let b = dir.path("b.ctt");
     std::fs::write(&a, capture_bytes())?;
@@ -297,7 +266,7 @@ fn inputs_are_never_outputs() -> Result<()> {
 /// to hang `report`, which opened each file three times).
 #[test]
 fn readers_refuse_fifos_without_blocking() -> Result<()> {
-    let dir = Scratch::new("fifo")?;
+    let dir = Scratch::new("files", "fifo")?;
     plant(&dir)?;
     let fifo = dir.path("fifo");
     let started = Instant::now();
@@ -315,7 +284,7 @@ fn readers_refuse_fifos_without_blocking() -> Result<()> {
 /// every subcommand, on stdout and on stderr.
 #[test]
 fn closed_pipes_exit_0() -> Result<()> {
-    let dir = Scratch::new("pipe")?;
+    let dir = Scratch::new("files", "pipe")?;
     let cap = dir.path("c.ctt");
     std::fs::write(&cap, capture_bytes())?;
     let mut runs: Vec<Vec<String>> = [
@@ -374,7 +343,7 @@ fn trace_outputs_leave_planted_targets_untouched() -> Result<()> {
     let Some(_lock) = kernel_test("trace_outputs_leave_planted_targets_untouched")? else {
         return Ok(());
     };
-    let dir = Scratch::new("plant-trace")?;
+    let dir = Scratch::new("files", "plant-trace")?;
     let planted = plant(&dir)?;
     let before = snapshot(&planted)?;
     let trace = |extra: &[&str]| -> Vec<String> {
@@ -439,7 +408,7 @@ fn ready_file_is_atomic_and_removed() -> Result<()> {
     let Some(_lock) = kernel_test("ready_file_is_atomic_and_removed")? else {
         return Ok(());
     };
-    let dir = Scratch::new("ready")?;
+    let dir = Scratch::new("files", "ready")?;
     let ready = dir.path("ready");
     std::fs::write(&ready, "stale\n")?;
     let mut child = Command::new(binary())
@@ -493,7 +462,7 @@ fn sigkill_right_after_ready_leaves_a_capture_with_a_header() -> Result<()> {
     else {
         return Ok(());
     };
-    let dir = Scratch::new("kill")?;
+    let dir = Scratch::new("files", "kill")?;
     let file = dir.path("k.ctt");
     let tracer = Tracer::start(&["--backend", "auto", "--interval", "1h", "--write", s(&file)])?;
     tracer.kill()?;
