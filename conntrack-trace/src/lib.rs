@@ -22,6 +22,7 @@ pub mod filter;
 pub mod forecast;
 pub mod kallsyms;
 pub mod kstats;
+pub mod live;
 pub mod netns;
 pub mod outfile;
 pub mod output;

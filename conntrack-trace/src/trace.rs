@@ -5,30 +5,27 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     aggregate::KindCounts,
     amplify::{AmpConfig, Finding},
-    backend::{self, Choice},
+    backend::{self, BpfCounters, Choice},
     capture::{self, Writer, format::NsFill},
     clock::Clock,
     error::TraceError,
-    event::{Event, Kind},
+    event::Event,
     filter::Filter,
     forecast::{Estimator, Forecast, Sample, Trend},
     kstats,
+    live::{self, Ring, selection_line},
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
-        LiveView, NetnsNames, NsView, Scope, SessionFacts, Sink, Summary, Totals,
+        LiveView, NetnsNames, NsView, Scope, SessionFacts, Sink, Summary, TopSource, Totals,
         pipe::{self, diag},
         top_sources, top_sources_exact,
     },
@@ -52,48 +49,33 @@ pub struct TraceOptions {
     pub write: Option<capture::WriteOptions>,
 }
 
-/// Events drained from the ring per wakeup before the loop looks at its
-/// timers again (keeps Ctrl-C and the header responsive under a flood).
-const DRAIN_BATCH: usize = 65_536;
+/// The sink, minus a reader who left: EPIPE ends output quietly (the one
+/// place the live trace handles it; see [`pipe`]).
+struct Out<'s> {
+    sink: &'s mut dyn Sink,
+    closed: bool,
+}
 
-/// How long the consumer waits after draining the ring before it polls
-/// again, for a ring of `ring_bytes`.
-///
-/// The programs submit with adaptive wakeup (kernel/bpf/ringbuf.c,
-/// `bpf_ringbuf_commit()`): a record wakes the reader only when the reader
-/// had consumed everything before it. A reader that keeps up and goes
-/// straight back to epoll is therefore woken once per record, and each
-/// wakeup costs the dropping CPU an irq_work (a self-IPI, which exits to
-/// the hypervisor on a VM) — measured 4–5 µs per emitting run in a flood
-/// instead of ~1 µs (issue 15). Waiting a little after each drain lets a
-/// flood batch up: one wakeup per wait, whatever the rate. The wait is
-/// bounded so that the ring cannot fill meanwhile: a quarter of the time
-/// the ring takes to fill at 2 M events/s (beyond any rate measured here),
-/// at most 5 ms (the latency of a lone event is unchanged: it still wakes
-/// the reader at once). Small rings (`--ring-size`) get no wait.
-pub fn ring_pause(ring_bytes: u32) -> Duration {
-    // A record is the event plus the ring's 8-byte header, rounded to 8.
-    const RECORD: u64 =
-        (std::mem::size_of::<conntrack_trace_common::RawEvent>() as u64 + 8 + 7) & !7;
-    const FAST_EVENTS_PER_S: u64 = 2_000_000;
-    let fill_ns = u64::from(ring_bytes) / RECORD * 1_000_000_000 / FAST_EVENTS_PER_S;
-    let pause = Duration::from_nanos(fill_ns / 4).min(Duration::from_millis(5));
-    if pause < Duration::from_micros(500) {
-        Duration::ZERO
-    } else {
-        pause
+impl Out<'_> {
+    fn send(
+        &mut self,
+        w: impl FnOnce(&mut dyn Sink) -> std::io::Result<()>,
+    ) -> Result<(), TraceError> {
+        if self.closed {
+            return Ok(());
+        }
+        pipe::quiet(w(&mut *self.sink), &mut self.closed).map_err(TraceError::io("writing output"))
     }
 }
 
+/// Where the ring's events go: the capture (every event), the pipeline,
+/// and the output (selected events).
 struct Consumer<'s> {
-    sink: &'s mut dyn Sink,
+    out: Out<'s>,
     /// Count, select, aggregate, detect: what `report` runs on captures.
     pipe: Pipeline<Filter>,
-    decode_errors: u64,
     names: NetnsNames,
     unknown_netns: bool,
-    /// stdout went away (EPIPE): stop quietly.
-    closed: bool,
     /// `--write`: every event read from the ring, before filters.
     writer: Option<Writer>,
     /// The writer's I/O error was reported.
@@ -101,25 +83,6 @@ struct Consumer<'s> {
 }
 
 impl Consumer<'_> {
-    /// Reads up to `limit` records; returns how many were read.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> Result<usize, TraceError> {
-        let mut n = 0;
-        while n < limit {
-            let Some(item) = ring.next() else { break };
-            n += 1;
-            let ev = match Event::decode(&item) {
-                Ok(ev) => ev,
-                Err(_) => {
-                    self.decode_errors += 1;
-                    continue;
-                }
-            };
-            drop(item);
-            self.handle(&ev)?;
-        }
-        Ok(n)
-    }
-
     fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
         if let Some(w) = &mut self.writer {
             w.event(ev);
@@ -130,15 +93,18 @@ impl Consumer<'_> {
         if !self.names.contains_key(&ev.netns) {
             self.unknown_netns = true;
         }
-        if self.closed {
-            return Ok(());
-        }
-        let r = self.sink.event(ev, &self.names);
-        pipe::quiet(r, &mut self.closed).map_err(TraceError::io("writing output"))
+        let names = &self.names;
+        self.out.send(|s| s.event(ev, names))
     }
-}
 
-impl Consumer<'_> {
+    /// New namespaces (or containers) since the names were last read.
+    fn refresh_names(&mut self) {
+        if self.unknown_netns || crate::workload::wants_refresh() {
+            self.names = names_of(&netns::list());
+            self.unknown_netns = false;
+        }
+    }
+
     /// Hands the capture what it has (and any new names) once per
     /// interval; a failing disk stops the recording, not the trace.
     fn flush_capture(&mut self) {
@@ -159,11 +125,7 @@ impl Consumer<'_> {
     fn report_findings(&mut self, clock: &Clock) -> Result<(), TraceError> {
         let changed: Vec<Finding> = self.pipe.amp.take_changed(clock);
         for f in &changed {
-            if self.closed {
-                break;
-            }
-            let r = self.sink.finding(f);
-            pipe::quiet(r, &mut self.closed).map_err(TraceError::io("writing output"))?;
+            self.out.send(|s| s.finding(f))?;
         }
         Ok(())
     }
@@ -265,7 +227,7 @@ struct Session<'s> {
     start_stats: kstats::Snapshot,
     ready: Option<ReadyFile>,
     consumer: Consumer<'s>,
-    ring: Option<AsyncFd<RingBuf<MapData>>>,
+    ring: Option<Ring>,
     started: Instant,
     last_tick: Instant,
     /// The counters backend's totals at the last tick.
@@ -350,16 +312,6 @@ fn resolve_scope(
     ))
 }
 
-fn wall_clock_now() -> Clock {
-    Clock {
-        start_unix_ns: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-        start_mono_ns: crate::clock::monotonic_ns(),
-    }
-}
-
 impl<'s> Session<'s> {
     fn start(mut opts: TraceOptions, sink: &'s mut dyn Sink) -> Result<Session<'s>, TraceError> {
         let status = std::fs::read_to_string("/proc/self/status")
@@ -369,53 +321,32 @@ impl<'s> Session<'s> {
         let all = crate::workload::named(netns::list());
         let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
         let scope = netns::hold(&list);
-        // The kernel's counters bracket the attach period: read right
-        // before the first attach (after the load, which can take seconds)
-        // and right after the detach, so their delta and our counters
-        // cover one window.
-        let start_cell = std::cell::RefCell::new(kstats::Snapshot::default());
-        let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &scope, &|| {
-            *start_cell.borrow_mut() = kstats::snapshot(&scope);
-        })?;
-        let start_stats = start_cell.into_inner();
-        let facts = SessionFacts {
-            version: env!("CARGO_PKG_VERSION").into(),
-            backend: tp.name().as_str().into(),
-            hooks: tp.describe(),
-            refused,
-            per_packet: tp.per_packet(),
-            evictions: tp.evictions().describe(),
-            clock: wall_clock_now(),
-            scope: Scope {
-                uncovered: start_stats.missing.clone(),
-                ..scope_desc
-            },
-        };
+        let opened = live::open(opts.choice, &opts.backend, &scope)?;
+        let facts = opened.facts(scope_desc);
         announce(&facts, &opts.filter);
-        let ring = match tp.take_ring()? {
-            // SAFETY: the AsyncFd owns the ring (and so its fd) until
-            // into_inner() in finish(); nothing else closes the fd.
-            Some(r) => Some(
-                unsafe { AsyncFd::register_with_interest(r, Interest::READABLE) }
-                    .map_err(|e| TraceError::io("polling the ring buffer")(e.into()))?,
-            ),
-            None => None,
-        };
+        let live::Opened {
+            mut tp,
+            start: start_stats,
+            ..
+        } = opened;
+        let ring = Ring::take(&mut tp, opts.backend.ring_bytes)?;
         let names = names_of(&all);
         let writer = match prepared {
             None => None,
             Some(w) => {
-                let header = capture_header(&facts, &opts.filter, &scope, &start_stats);
+                let header =
+                    live::capture_header(&facts, &opts.filter, ns_fills(&scope), &start_stats);
                 Some(Writer::start(w, header, &names).map_err(write_error)?)
             }
         };
         let consumer = Consumer {
-            sink,
+            out: Out {
+                sink,
+                closed: false,
+            },
             pipe: Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone()),
-            decode_errors: 0,
             names,
             unknown_netns: false,
-            closed: false,
             writer,
             write_warned: false,
         };
@@ -463,55 +394,54 @@ impl<'s> Session<'s> {
         let interval = self.opts.interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let pause = ring_pause(self.opts.backend.ring_bytes);
-        while !self.consumer.closed {
+        while !self.consumer.out.closed {
+            let c = &mut self.consumer;
             tokio::select! {
                 biased;
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut deadline => break,
                 _ = ticker.tick() => self.tick()?,
-                guard = async { self.ring.as_mut().expect("guarded by the precondition").readable_mut().await }, if self.ring.is_some() => {
-                    let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
-                    let n = self.consumer.drain(guard.get_inner_mut(), DRAIN_BATCH)?;
-                    if n < DRAIN_BATCH {
-                        guard.clear_ready();
-                        if !pause.is_zero() {
-                            tokio::time::sleep(pause).await;
-                        }
-                    }
-                }
+                r = Ring::next_batch(&mut self.ring, |ev| c.handle(ev)) => r?,
             }
         }
         Ok(())
     }
 
     /// Every `--interval`: drain, close the rates' interval, refresh names,
-    /// flush the capture, report findings, redraw.
+    /// flush the capture, report findings and forecasts, redraw.
     fn tick(&mut self) -> Result<(), TraceError> {
-        if let Some(afd) = self.ring.as_mut() {
-            self.consumer.drain(afd.get_mut(), usize::MAX)?;
+        if let Some(ring) = self.ring.as_mut() {
+            let c = &mut self.consumer;
+            ring.drain(usize::MAX, |ev| c.handle(ev))?;
         }
         let counters = self.tp.counters()?;
-        let c = &mut self.consumer;
+        self.close_interval(&counters);
+        self.consumer.refresh_names();
+        self.consumer.flush_capture();
+        self.consumer.report_findings(&self.facts.clock)?;
+        let mut views = fills(&self.scope);
+        let t_s = self.started.elapsed().as_secs_f64();
+        for i in self.forecasts.update(t_s, &mut views) {
+            self.consumer.out.send(|s| s.forecast(&views[i]))?;
+        }
+        let kernel = self.kernel_since_start(&views);
+        self.draw(&counters, views, kernel)
+    }
+
+    /// Ends the rates' interval and the sparkline's; the counters backend
+    /// (totals only, no events) feeds the totals from the programs'
+    /// counters.
+    fn close_interval(&mut self, counters: &BpfCounters) {
+        let agg = &mut self.consumer.pipe.agg;
         if !self.facts.per_packet {
-            // Totals only: the kernel's counters feed the totals and
-            // rates, no sources.
-            c.pipe
-                .agg
-                .record_totals(&counters.seen.sub(&self.last_seen));
+            agg.record_totals(&counters.seen.sub(&self.last_seen));
             self.last_seen = counters.seen;
         }
         let now = Instant::now();
-        c.pipe.agg.tick(now - self.last_tick);
+        agg.tick(now - self.last_tick);
         self.last_tick = now;
-        if c.unknown_netns || crate::workload::wants_refresh() {
-            c.names = names_of(&netns::list());
-            c.unknown_netns = false;
-        }
-        c.flush_capture();
-        c.report_findings(&self.facts.clock)?;
-        let totals = c.pipe.agg.totals;
+        let totals = agg.totals;
         self.history.push_back(totals.sub(&self.last_totals));
         self.last_totals = totals;
         let keep = (HISTORY_S / self.opts.interval.as_secs_f64())
@@ -520,34 +450,50 @@ impl<'s> Session<'s> {
         while self.history.len() > keep {
             self.history.pop_front();
         }
-        let mut views = fills(&self.scope);
-        let t_s = self.started.elapsed().as_secs_f64();
-        for i in self.forecasts.update(t_s, &mut views) {
-            if !c.closed {
-                let r = c.sink.forecast(&views[i]);
-                pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
-            }
-        }
-        // The kernel's counters since the start, live: a rising
-        // clash_resolve is the warning sign of the DNS-over-NAT race
-        // (kubernetes/kubernetes#56903), resolved, not yet dropped.
+    }
+
+    /// The kernel's counters since the start, live: a rising
+    /// clash_resolve is the warning sign of the DNS-over-NAT race
+    /// (kubernetes/kubernetes#56903), resolved, not yet dropped.
+    fn kernel_since_start(&self, views: &[NsView]) -> kstats::CtStats {
         let mut kernel = kstats::CtStats::default();
-        for ns in &views {
+        for ns in views {
             if let (Some(now), Some(start)) = (&ns.stats, self.start_stats.stats.get(&ns.inode))
                 && let Some(d) = now.delta(start)
             {
                 kernel.add(&d);
             }
         }
+        kernel
+    }
+
+    /// The top sources from the programs' exact per-source counts (used
+    /// once the ring lost events), and how many sources those hold.
+    fn exact_top(&self) -> Result<(Vec<TopSource>, u64), TraceError> {
+        let exact = self.tp.source_counts()?;
+        let p = &self.consumer.pipe;
+        Ok(top_sources_exact(
+            &p.agg,
+            &exact,
+            |e| p.select.matches(e),
+            self.opts.top,
+        ))
+    }
+
+    /// Redraws the live view.
+    fn draw(
+        &mut self,
+        counters: &BpfCounters,
+        views: Vec<NsView>,
+        kernel: kstats::CtStats,
+    ) -> Result<(), TraceError> {
         let f = shown(views, self.opts.netns.is_none());
-        let exact_top = if counters.lost.total() > 0 {
-            let exact = self.tp.source_counts()?;
-            let sel = &c.pipe.select;
-            Some(top_sources_exact(&c.pipe.agg, &exact, |e| sel.matches(e), self.opts.top).0)
-        } else {
-            None
+        let exact_top = match counters.lost.total() {
+            0 => None,
+            _ => Some(self.exact_top()?.0),
         };
         let history: Vec<KindCounts> = self.history.iter().copied().collect();
+        let c = &mut self.consumer;
         let findings = c.pipe.amp.findings(&self.facts.clock);
         let amp = c.pipe.amp.summary();
         let view = LiveView {
@@ -568,83 +514,50 @@ impl<'s> Session<'s> {
             findings: &findings,
             amp: &amp,
         };
-        if !c.closed {
-            let r = c.sink.tick(&view);
-            pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
-        }
-        Ok(())
+        c.out.send(|s| s.tick(&view))
     }
 
-    /// Stops the producers, then takes everything they left behind (so
-    /// that events + lost == observed holds exactly), reads the kernel's
-    /// counters again, and writes the summary and the capture's trailer.
+    /// Stops the producers and takes everything they left behind (see
+    /// [`live::end`]), then writes the summary and the capture's trailer.
     fn finish(mut self) -> Result<Summary, TraceError> {
-        let mut ring = self.ring.take().map(AsyncFd::into_inner);
-        self.tp.detach();
-        let end_stats = kstats::snapshot(&self.scope);
-        // Nothing is attached any more: a script must not read "ready".
-        if let Some(r) = &mut self.ready {
-            r.withdraw();
-        }
-        let duration_s = self.started.elapsed().as_secs_f64();
-        if let Some(ring) = ring.as_mut() {
-            self.consumer.drain(ring, usize::MAX)?;
-        }
-        let counters = self.tp.counters()?;
-        let (kernel, covered, uncovered) =
-            kstats::window(&self.scope, &self.start_stats, &end_stats);
-        self.consumer.report_findings(&self.facts.clock)?;
+        let (scope, started, ready) = (&self.scope, self.started, &mut self.ready);
+        let mut duration_s = 0.0;
         let c = &mut self.consumer;
+        let (end, decode_errors) = live::end(
+            &mut self.tp,
+            self.ring.take(),
+            scope,
+            &self.start_stats,
+            || kstats::snapshot(scope),
+            || {
+                // Nothing is attached any more: a script must not read
+                // "ready".
+                if let Some(r) = ready {
+                    r.withdraw();
+                }
+                duration_s = started.elapsed().as_secs_f64();
+            },
+            |ev| c.handle(ev),
+        )?;
+        self.consumer.report_findings(&self.facts.clock)?;
         // The ring overflowed: the counts of the top sources come from the
         // programs' exact per-source counts, not from the events.
-        let sampled = counters.lost.total() > 0;
-        let (top, exact_sources) = if sampled {
-            let exact = self.tp.source_counts()?;
-            let f = &c.pipe.select;
-            top_sources_exact(&c.pipe.agg, &exact, |e| f.matches(e), self.opts.top)
-        } else {
-            (top_sources(&c.pipe.agg, self.opts.top), 0)
+        let sampled = end.counters.lost.total() > 0;
+        let (top, exact_sources) = match sampled {
+            true => self.exact_top()?,
+            false => (top_sources(&self.consumer.pipe.agg, self.opts.top), 0),
         };
-        let totals = Totals {
-            events: c.pipe.received,
-            matched: if self.facts.per_packet {
-                c.pipe.agg.totals
-            } else {
-                KindCounts::default()
-            },
-            lost: counters.lost,
-            observed: counters.seen,
-            kernel,
-            unclassified_drops: counters.unclassified,
-            unmatched_drop_counts: counters.drop_unmatched,
-            decode_errors: c.decode_errors,
-            namespaces: covered,
-            uncovered,
-            // Without events (counters backend) nothing is complete.
-            complete: self.facts.per_packet
-                && Kind::ALL.iter().all(|k| {
-                    c.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k)
-                }),
-            sampled,
-            exact_sources,
-        };
+        let totals = self.totals(&end, decode_errors, sampled, exact_sources);
+        let c = &mut self.consumer;
         let summary = Summary::assemble(&self.facts, duration_s, totals, top, &c.pipe);
-        let capture_result = c.writer.take().map(|w| {
-            let files = w.files();
-            let written = w.events_written();
-            let trailer = capture::Trailer::of(
-                &summary,
-                crate::clock::monotonic_ns(),
-                end_stats.stats.clone(),
-                written,
-            );
+        let recorded = c.writer.take().map(|w| {
+            let (files, written) = (w.files(), w.events_written());
+            let now = crate::clock::monotonic_ns();
+            let trailer = capture::Trailer::of(&summary, now, end.end.stats.clone(), written);
             w.finish(trailer).map(|()| (files, written))
         });
-        if !c.closed {
-            let r = c.sink.finish(&summary);
-            pipe::quiet(r, &mut c.closed).map_err(TraceError::io("writing output"))?;
-        }
-        match capture_result {
+        c.out.send(|s| s.finish(&summary))?;
+        match recorded {
             None => {}
             Some(Ok((files, written))) => diag(format_args!(
                 "conntrack-trace: recorded {written} events in {files} file(s)"
@@ -652,6 +565,30 @@ impl<'s> Session<'s> {
             Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
         }
         Ok(summary)
+    }
+
+    /// The summary's counts: the pipeline's, the programs' and the
+    /// kernel's over the attach window.
+    fn totals(&self, end: &live::Ending, decode_errors: u64, sampled: bool, exact: u64) -> Totals {
+        let (p, c) = (&self.consumer.pipe, &end.counters);
+        Totals {
+            events: p.received,
+            matched: match self.facts.per_packet {
+                true => p.agg.totals,
+                false => KindCounts::default(),
+            },
+            lost: c.lost,
+            observed: c.seen,
+            kernel: end.kernel,
+            unclassified_drops: c.unclassified,
+            unmatched_drop_counts: c.drop_unmatched,
+            decode_errors,
+            namespaces: end.covered,
+            uncovered: end.uncovered.clone(),
+            complete: live::complete(self.facts.per_packet, &p.received, c),
+            sampled,
+            exact_sources: exact,
+        }
     }
 }
 
@@ -674,43 +611,19 @@ fn announce(facts: &SessionFacts, filter: &Filter) {
     }
 }
 
-/// The capture's first record: the session's facts and the kernel's state
-/// at start.
-fn capture_header(
-    facts: &SessionFacts,
-    filter: &Filter,
-    scope: &[netns::Held],
-    start: &kstats::Snapshot,
-) -> capture::Header {
-    capture::Header {
-        format_version: capture::format::FORMAT_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        hostname: capture::hostname(),
-        kernel_release: capture::kernel_release(),
-        backend: facts.hooks.clone(),
-        evictions: facts.evictions.clone(),
-        start_unix_ns: facts.clock.start_unix_ns,
-        start_mono_ns: facts.clock.start_mono_ns,
-        capture_id: facts.clock.start_unix_ns as u64 ^ (u64::from(std::process::id()) << 40),
-        seq: 0,
-        scope: facts.scope.clone(),
-        filter: capture::format::RecordedFilter::of(filter),
-        conntrack: scope
-            .iter()
-            .filter_map(|ns| match ns.run(kstats::read_fill) {
-                Ok(Some(fill)) => Some(NsFill {
-                    netns: ns.info.name.clone(),
-                    inode: ns.info.inode,
-                    fill,
-                }),
-                _ => None,
-            })
-            .collect(),
-        kernel_start: start.stats.clone(),
-        backend_refused: facts.refused.clone(),
-        per_packet: facts.per_packet,
-        backend_name: Some(facts.backend.clone()),
-    }
+/// Each namespace's table at start, for the capture header.
+fn ns_fills(scope: &[netns::Held]) -> Vec<NsFill> {
+    scope
+        .iter()
+        .filter_map(|ns| match ns.run(kstats::read_fill) {
+            Ok(Some(fill)) => Some(NsFill {
+                netns: ns.info.name.clone(),
+                inode: ns.info.inode,
+                fill,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A capture file that may not be written is a usage error (exit 2); one
@@ -723,46 +636,3 @@ fn write_error(e: capture::WriteError) -> TraceError {
     }
 }
 
-/// The stderr line that says which backend runs and why `auto` passed over
-/// the ones before it.
-pub fn selection_line(desc: &str, refused: &[backend::Refusal]) -> String {
-    let mut s = format!("conntrack-trace: backend {desc}");
-    for r in refused {
-        s.push_str(&format!("; {} refused: {}", r.backend.as_str(), r.reason));
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::{Name, Refusal};
-
-    #[test]
-    fn selection_line_names_every_refusal() {
-        let refused = [Refusal {
-            backend: Name::Fexit,
-            reason: "kernel refused to attach program `ct_confirm_enter` to fentry/__nf_conntrack_confirm: Operation not permitted (os error 1)".into(),
-        }];
-        assert_eq!(
-            selection_line("tracepoint (tp_btf/kfree_skb)", &refused),
-            "conntrack-trace: backend tracepoint (tp_btf/kfree_skb); fexit refused: kernel refused to attach program `ct_confirm_enter` to fentry/__nf_conntrack_confirm: Operation not permitted (os error 1)"
-        );
-        assert_eq!(
-            selection_line("fexit (fexit/nf_ct_delete)", &[]),
-            "conntrack-trace: backend fexit (fexit/nf_ct_delete)"
-        );
-    }
-
-    #[test]
-    fn ring_pause_never_lets_the_ring_fill() {
-        // The default 8 MiB ring holds ~40 000 records (208 bytes each):
-        // 20 ms at 2 M/s.
-        assert_eq!(ring_pause(8 << 20), Duration::from_millis(5));
-        // 1 MiB: 5041 records, 2.5 ms to fill at 2 M/s, a quarter of it.
-        assert_eq!(ring_pause(1 << 20), Duration::from_nanos(630_125));
-        // A page (the tiny-ring test): 19 records, no wait at all.
-        assert_eq!(ring_pause(4096), Duration::ZERO);
-        assert_eq!(ring_pause(64 << 10), Duration::ZERO);
-    }
-}

@@ -48,7 +48,7 @@ use crate::{
     outfile::ReadyFile,
     output::{NetnsNames, Scope},
     pipeline::Pipeline,
-    trace::{ring_pause, selection_line},
+    live::{ring_pause, selection_line},
 };
 
 use self::{
