@@ -635,4 +635,3 @@ fn write_error(e: capture::WriteError) -> TraceError {
         TraceError::Other(e.to_string())
     }
 }
-

@@ -44,11 +44,11 @@ use crate::{
     filter::Filter,
     forecast::{self, Estimator, Trend},
     kstats,
+    live::{ring_pause, selection_line},
     netns::{self, NetnsInfo},
     outfile::ReadyFile,
     output::{NetnsNames, Scope},
     pipeline::Pipeline,
-    live::{ring_pause, selection_line},
 };
 
 use self::{
@@ -223,14 +223,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
         }),
     }
 
-    // Loading parsed the kernel's BTF (tens of MiB of heap, freed by now);
-    // give it back to the system instead of keeping it resident for the
-    // agent's lifetime (glibc keeps freed memory otherwise).
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
     let ring = tp.take_ring()?;
     let start_unix_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -19,11 +19,11 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
 };
 
-use aya::{Btf, Ebpf, Endianness, maps::Map};
+use aya::{Ebpf, maps::Map};
 use conntrack_trace_common::{Config, Offsets};
 
 use super::{
-    Evictions, Options,
+    Evictions, KernelTypes, Options,
     trampoline::{self, Kind},
 };
 use crate::{
@@ -31,11 +31,108 @@ use crate::{
     error::TraceError,
 };
 
-/// One program of the object and the kernel function it hooks.
+/// What a hook is for: which feature is lost when its function is not
+/// there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serves {
+    /// The three failure kinds: required.
+    Kinds,
+    /// The bytes of a packet whose allocation fails: optional (without it
+    /// table_full events carry no packet).
+    PacketBytes,
+    /// Evictions (`early_drop`): optional, and off with `--evictions off`.
+    Evictions,
+}
+
+/// One program of conntrack-trace-ebpf/src/fexit.rs and the kernel
+/// function it hooks, with the parameters the program reads at fixed
+/// positions (checked against BTF: a type name is a pointer to that
+/// struct, an empty name an integer of that many bytes).
+struct HookSpec {
+    prog: &'static str,
+    kind: Kind,
+    func: &'static str,
+    params: &'static [(&'static str, usize)],
+    serves: Serves,
+}
+
+// Prototypes (net/netfilter/nf_conntrack_core.c, 6.1 and 6.12 alike).
+/// `__nf_conntrack_alloc(net, zone, orig, repl, gfp_t gfp, u32 hash)`
+const ALLOC: &[(&str, usize)] = &[
+    ("net", 0),
+    ("nf_conntrack_zone", 0),
+    ("nf_conntrack_tuple", 0),
+    ("nf_conntrack_tuple", 0),
+    ("", 4),
+    ("", 4),
+];
+/// `__nf_conntrack_confirm(skb) -> int`
+const CONFIRM: &[(&str, usize)] = &[("sk_buff", 0)];
+/// `nf_conntrack_in(skb, state) -> unsigned int` (exported)
+const CT_IN: &[(&str, usize)] = &[("sk_buff", 0), ("nf_hook_state", 0)];
+/// `early_drop(net, unsigned int hash) -> int` (static noinline)
+const EARLY_DROP: &[(&str, usize)] = &[("net", 0), ("", 4)];
+/// `nf_ct_delete(ct, u32 portid, int report) -> bool`
+const DELETE: &[(&str, usize)] = &[("nf_conn", 0), ("", 4), ("", 4)];
+
+/// Every hook, in attach order: within a scope (`early_drop`,
+/// `nf_conntrack_in`) the exit hook comes before the entry hook — a scope
+/// opened without its closer would attribute unrelated events.
+#[rustfmt::skip]
+const HOOKS: &[HookSpec] = &[
+    HookSpec { prog: "ct_delete_exit", kind: Kind::FExit, func: "nf_ct_delete", params: DELETE, serves: Serves::Evictions },
+    HookSpec { prog: "early_drop_exit", kind: Kind::FExit, func: "early_drop", params: EARLY_DROP, serves: Serves::Evictions },
+    HookSpec { prog: "early_drop_enter", kind: Kind::FEntry, func: "early_drop", params: EARLY_DROP, serves: Serves::Evictions },
+    HookSpec { prog: "ct_confirm_enter", kind: Kind::FEntry, func: "__nf_conntrack_confirm", params: CONFIRM, serves: Serves::Kinds },
+    HookSpec { prog: "ct_confirm_exit", kind: Kind::FExit, func: "__nf_conntrack_confirm", params: CONFIRM, serves: Serves::Kinds },
+    HookSpec { prog: "ct_alloc_exit", kind: Kind::FExit, func: "__nf_conntrack_alloc", params: ALLOC, serves: Serves::Kinds },
+    HookSpec { prog: "ct_in_exit", kind: Kind::FExit, func: "nf_conntrack_in", params: CT_IN, serves: Serves::PacketBytes },
+    HookSpec { prog: "ct_in_enter", kind: Kind::FEntry, func: "nf_conntrack_in", params: CT_IN, serves: Serves::PacketBytes },
+];
+
+/// A hook whose function was found with the expected prototype.
 struct Hook {
     prog: &'static str,
     kind: Kind,
     func: Function,
+}
+
+/// The hooks this kernel has: every required one (or the first error),
+/// each optional feature whole or not at all; and whether evictions are
+/// on (or why not).
+fn resolve(kbtf: &KernelBtf, evictions: bool) -> Result<(Vec<Hook>, Evictions), TraceError> {
+    let mut lost: Vec<(Serves, String)> = Vec::new();
+    if !evictions {
+        lost.push((Serves::Evictions, "--evictions off".into()));
+    }
+    let mut found = Vec::new();
+    for h in HOOKS {
+        if lost.iter().any(|(s, _)| *s == h.serves) {
+            continue;
+        }
+        match function(kbtf, h.func, h.params) {
+            Ok(func) => found.push((
+                h.serves,
+                Hook {
+                    prog: h.prog,
+                    kind: h.kind,
+                    func,
+                },
+            )),
+            Err(e) if h.serves == Serves::Kinds => return Err(e),
+            Err(e) => lost.push((h.serves, e.to_string())),
+        }
+    }
+    let hooks = found
+        .into_iter()
+        .filter(|(s, _)| !lost.iter().any(|(l, _)| l == s))
+        .map(|(_, h)| h)
+        .collect();
+    let evictions = match lost.into_iter().find(|(s, _)| *s == Serves::Evictions) {
+        Some((_, why)) => Evictions::Off(why),
+        None => Evictions::On,
+    };
+    Ok((hooks, evictions))
 }
 
 pub struct Fexit {
@@ -92,112 +189,15 @@ fn map_fd(name: &str, map: &Map) -> Result<RawFd, TraceError> {
 
 impl Fexit {
     /// Finds the functions in BTF and loads the programs (not attached).
-    pub fn load(opts: &Options) -> Result<Fexit, TraceError> {
-        let kbtf = KernelBtf::load(&opts.btf_path)?;
+    pub(crate) fn load(opts: &Options, types: &KernelTypes) -> Result<Fexit, TraceError> {
+        let kbtf = &types.kbtf;
         let offsets: Offsets = kbtf.offsets()?;
         let config = Config {
             confirmed_bit: kbtf.enum_value("ip_conntrack_status", "IPS_CONFIRMED_BIT")?,
             ..Config::default()
         };
-        // Argument positions the programs read (net/netfilter/nf_conntrack_core.c,
-        // 6.1 and 6.12 alike):
-        //   __nf_conntrack_alloc(net, zone, orig, repl, gfp_t gfp, u32 hash)
-        //   __nf_conntrack_confirm(skb) -> int
-        //   early_drop(net, unsigned int hash) -> int   (static noinline)
-        //   nf_ct_delete(ct, u32 portid, int report) -> bool
-        let alloc = function(
-            &kbtf,
-            "__nf_conntrack_alloc",
-            &[
-                ("net", 0),
-                ("nf_conntrack_zone", 0),
-                ("nf_conntrack_tuple", 0),
-                ("nf_conntrack_tuple", 0),
-                ("", 4),
-                ("", 4),
-            ],
-        )?;
-        let confirm = function(&kbtf, "__nf_conntrack_confirm", &[("sk_buff", 0)])?;
-        //   nf_conntrack_in(skb, state) -> unsigned int (exported): only for
-        //   the bytes of a packet whose allocation fails; without it
-        //   table_full events carry no packet.
-        let ct_in = function(
-            &kbtf,
-            "nf_conntrack_in",
-            &[("sk_buff", 0), ("nf_hook_state", 0)],
-        )
-        .ok();
-        let mut hooks = vec![
-            Hook {
-                prog: "ct_confirm_enter",
-                kind: Kind::FEntry,
-                func: confirm.clone(),
-            },
-            Hook {
-                prog: "ct_confirm_exit",
-                kind: Kind::FExit,
-                func: confirm,
-            },
-            Hook {
-                prog: "ct_alloc_exit",
-                kind: Kind::FExit,
-                func: alloc,
-            },
-        ];
-        if let Some(f) = ct_in {
-            // Exit before entry, as for early_drop below.
-            hooks.extend([
-                Hook {
-                    prog: "ct_in_exit",
-                    kind: Kind::FExit,
-                    func: f.clone(),
-                },
-                Hook {
-                    prog: "ct_in_enter",
-                    kind: Kind::FEntry,
-                    func: f,
-                },
-            ]);
-        }
-        let evictions = if !opts.evictions {
-            Evictions::Off("--evictions off".into())
-        } else {
-            match (
-                function(&kbtf, "early_drop", &[("net", 0), ("", 4)]),
-                function(&kbtf, "nf_ct_delete", &[("nf_conn", 0), ("", 4), ("", 4)]),
-            ) {
-                (Ok(ed), Ok(del)) => {
-                    // Exit hooks before the entry hook: a scope opened
-                    // without its closer would attribute unrelated deletes.
-                    hooks.splice(
-                        0..0,
-                        [
-                            Hook {
-                                prog: "ct_delete_exit",
-                                kind: Kind::FExit,
-                                func: del,
-                            },
-                            Hook {
-                                prog: "early_drop_exit",
-                                kind: Kind::FExit,
-                                func: ed.clone(),
-                            },
-                            Hook {
-                                prog: "early_drop_enter",
-                                kind: Kind::FEntry,
-                                func: ed,
-                            },
-                        ],
-                    );
-                    Evictions::On
-                }
-                (Err(e), _) | (_, Err(e)) => Evictions::Off(e.to_string()),
-            }
-        };
-
-        let aya_btf = Btf::parse_file(&opts.btf_path, Endianness::default())
-            .map_err(|e| TraceError::Unsupported(format!("{}: {e}", opts.btf_path.display())))?;
-        let ebpf = super::load_object(&aya_btf, &offsets, &config, opts.ring_bytes)?;
+        let (hooks, evictions) = resolve(kbtf, opts.evictions)?;
+        let ebpf = super::load_object(&types.aya, &offsets, &config, opts.ring_bytes)?;
         let mut fds = HashMap::new();
         for (name, map) in ebpf.maps() {
             fds.insert(name.to_owned(), map_fd(name, map)?);

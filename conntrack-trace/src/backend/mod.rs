@@ -245,14 +245,41 @@ pub fn open(
     scope: &[Held],
     before_attach: &dyn Fn(),
 ) -> Result<(Backend, Vec<Refusal>), TraceError> {
+    let opened = open_one(choice, opts, scope, before_attach);
+    // Loading parsed the kernel's BTF (tens of MiB of heap, freed by
+    // now): give it back to the system instead of keeping it resident for
+    // the session (glibc keeps freed memory otherwise).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    opened
+}
+
+fn open_one(
+    choice: Choice,
+    opts: &Options,
+    scope: &[Held],
+    before_attach: &dyn Fn(),
+) -> Result<(Backend, Vec<Refusal>), TraceError> {
+    // Parsed at most once, whichever backends are tried.
+    let parsed = std::cell::OnceCell::new();
+    let types = || -> Result<&KernelTypes, TraceError> {
+        if let Some(t) = parsed.get() {
+            return Ok(t);
+        }
+        let t = KernelTypes::load(&opts.btf_path)?;
+        Ok(parsed.get_or_init(|| t))
+    };
     let fexit = || -> Result<Backend, TraceError> {
-        let mut b = fexit::Fexit::load(opts)?;
+        let mut b = fexit::Fexit::load(opts, types()?)?;
         before_attach();
         b.attach()?;
         Ok(Backend::Fexit(b))
     };
     let tracepoint = || -> Result<Backend, TraceError> {
-        let mut b = tracepoint::Tracepoints::load(opts)?;
+        let mut b = tracepoint::Tracepoints::load(opts, types()?)?;
         b.prepare_attach();
         before_attach();
         b.attach()?;
@@ -308,6 +335,24 @@ pub fn open(
                 Err(e) => Err(e),
             }
         }
+    }
+}
+
+/// The kernel's BTF, parsed once per [`open`] and shared by the backends it
+/// tries: btf-rs reads layouts, prototypes and the `nf_conntrack` module's
+/// split BTF; aya's own parser is what aya needs to load tracing programs.
+/// Dropped once a backend is loaded (the programs keep nothing of it).
+pub(crate) struct KernelTypes {
+    pub kbtf: crate::btf::KernelBtf,
+    pub aya: aya::Btf,
+}
+
+impl KernelTypes {
+    fn load(path: &std::path::Path) -> Result<KernelTypes, TraceError> {
+        let kbtf = crate::btf::KernelBtf::load(path)?;
+        let aya = aya::Btf::parse_file(path, aya::Endianness::default())
+            .map_err(|e| TraceError::Unsupported(format!("{}: {e}", path.display())))?;
+        Ok(KernelTypes { kbtf, aya })
     }
 }
 

@@ -3,12 +3,12 @@
 //! have BTF and BPF ring buffers (5.8+).
 
 use aya::{
-    Btf, Ebpf, Endianness,
+    Ebpf,
     programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
 };
 use conntrack_trace_common::{Config, MAX_STACK_DEPTH, Offsets, flags};
 
-use super::{Evictions, Options};
+use super::{Evictions, KernelTypes, Options};
 use crate::{
     btf::{KernelBtf, TpArg},
     error::TraceError,
@@ -103,8 +103,8 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, 
 
 impl Tracepoints {
     /// Resolves layouts from BTF and loads the programs (not yet attached).
-    pub fn load(opts: &Options) -> Result<Tracepoints, TraceError> {
-        let kbtf = KernelBtf::load(&opts.btf_path)?;
+    pub(crate) fn load(opts: &Options, types: &KernelTypes) -> Result<Tracepoints, TraceError> {
+        let kbtf = &types.kbtf;
         let offsets: Offsets = kbtf.offsets()?;
         let mut config = Config {
             // Set below, with the kfree_skb variant that reads it.
@@ -132,7 +132,7 @@ impl Tracepoints {
             config.nf_hook_slow_end = r.end;
         }
         let kfree = kfree_skb_variant(
-            &kbtf,
+            kbtf,
             hook_slow.as_ref().map(|_| ()).map_err(|e| e.to_string()),
         )?;
         if kfree == KFREE_SKB_REASON {
@@ -188,10 +188,8 @@ impl Tracepoints {
                 _ => evictions = Evictions::Off("unexpected kmem_cache_free arguments".into()),
             }
         }
-        let aya_btf = Btf::parse_file(&opts.btf_path, Endianness::default())
-            .map_err(|e| TraceError::Unsupported(format!("{}: {e}", opts.btf_path.display())))?;
-
-        let mut ebpf = super::load_object(&aya_btf, &offsets, &config, opts.ring_bytes)?;
+        let aya_btf = &types.aya;
+        let mut ebpf = super::load_object(aya_btf, &offsets, &config, opts.ring_bytes)?;
 
         let mut hooks = vec![kfree];
         if evictions.is_on() {
@@ -199,7 +197,7 @@ impl Tracepoints {
         }
         for h in &hooks {
             let prog = program(&mut ebpf, h.prog)?;
-            prog.load(h.tracepoint, &aya_btf)
+            prog.load(h.tracepoint, aya_btf)
                 .map_err(|e| load_error(h.prog, e))?;
         }
         Ok(Tracepoints {
