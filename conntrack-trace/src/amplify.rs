@@ -267,16 +267,25 @@ fn gap_ratio(prev_us: u32, gap_us: u32) -> Option<Backoff> {
     })
 }
 
-/// A flagged source. Also the ndjson line `{"type":"finding",...}`.
+/// Where a finding stands in the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingStatus {
+    /// First flagged.
+    New,
+    /// Its counts grew since the last report.
+    Update,
+    /// In the summary.
+    Final,
+}
+
+/// A flagged source. Also the ndjson line `{"type":"finding",...}`
+/// ([`crate::output::ndjson::Line::Finding`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
-    #[serde(rename = "type")]
-    pub ty: &'static str,
     /// Always `amplification` (room for other findings).
     pub finding: &'static str,
-    /// `new` when first flagged, `update` when its counts grew since the last
-    /// report, `final` in the summary.
-    pub status: &'static str,
+    pub status: FindingStatus,
     pub src: Option<String>,
     pub proto: String,
     /// Destination port (ICMP: type).
@@ -423,9 +432,9 @@ impl Detector {
                 continue;
             };
             let status = if s.reported_attempts == 0 {
-                "new"
+                FindingStatus::New
             } else {
-                "update"
+                FindingStatus::Update
             };
             s.reported_attempts = s.attempts;
             out.push(finding(&k, s, status, clock));
@@ -442,7 +451,7 @@ impl Detector {
             .collect();
         v.sort_by(|a, b| b.1.attempts.cmp(&a.1.attempts).then(a.0.cmp(b.0)));
         v.into_iter()
-            .map(|(k, s)| finding(k, s, "final", clock))
+            .map(|(k, s)| finding(k, s, FindingStatus::Final, clock))
             .collect()
     }
 
@@ -465,7 +474,7 @@ impl Detector {
     }
 }
 
-fn finding(k: &SourceKey, s: &SourceAmp, status: &'static str, clock: &Clock) -> Finding {
+fn finding(k: &SourceKey, s: &SourceAmp, status: FindingStatus, clock: &Clock) -> Finding {
     let backoff = if s.pairs == 0 {
         Backoff::Unknown
     } else if s.doubling * 2 > s.pairs {
@@ -497,7 +506,6 @@ fn finding(k: &SourceKey, s: &SourceAmp, status: &'static str, clock: &Clock) ->
         clock.hms(s.first_ns)
     );
     Finding {
-        ty: "finding",
         finding: "amplification",
         status,
         src,
@@ -811,11 +819,14 @@ mod tests {
         let c = clock();
         let first = d.take_changed(&c);
         assert_eq!(first.len(), 1);
-        assert_eq!(first[0].status, "new");
+        assert_eq!(first[0].status, FindingStatus::New);
         assert!(d.take_changed(&c).is_empty());
         d.record(&syn(7 * S, "10.0.0.7", 1));
         let again = d.take_changed(&c);
-        assert_eq!((again[0].status, again[0].attempts), ("update", 7));
+        assert_eq!(
+            (again[0].status, again[0].attempts),
+            (FindingStatus::Update, 7)
+        );
     }
 
     #[test]

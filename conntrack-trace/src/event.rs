@@ -179,6 +179,7 @@ pub enum Nat {
     Dnat,
     /// The source was translated (masquerade).
     Snat,
+    #[serde(rename = "snat+dnat")]
     Both,
 }
 

@@ -551,7 +551,6 @@ mod tests {
     fn summary_warns_when_incomplete() {
         let a = agg();
         let sum = Summary {
-            kind: "summary",
             version: "x".into(),
             backend: "tracepoint".into(),
             hooks: "tracepoint (tp_btf/kfree_skb)".into(),

@@ -70,7 +70,6 @@ impl Summary {
         pipe: &Pipeline<S>,
     ) -> Summary {
         Summary {
-            kind: "summary",
             version: facts.version.clone(),
             backend: facts.backend.clone(),
             hooks: facts.hooks.clone(),
@@ -213,8 +212,6 @@ impl Scope {
 /// The last ndjson line, and the final human summary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
     pub version: String,
     /// `fexit`, `tracepoint` or `counters` (a [`crate::backend::Name`]).
     pub backend: String,
@@ -270,6 +267,7 @@ pub struct Summary {
     /// Retransmission figures over the whole trace.
     pub amplification: AmpSummary,
     /// Every source flagged for amplification (status `final`).
+    #[serde(serialize_with = "ndjson::tagged_findings")]
     pub findings: Vec<Finding>,
 }
 

@@ -1,21 +1,53 @@
-//! Newline-delimited JSON: one `{"type":"event",...}` per event, then one
-//! `{"type":"summary",...}`. The schema is documented in README.md.
+//! Newline-delimited JSON: one `{"type":"event",...}` per event, findings
+//! and forecasts as they change, then one `{"type":"summary",...}`. Every
+//! line is a [`Line`]; the schema is documented in README.md and pinned by
+//! `every_line_type_is_pinned` below.
 
 use std::{io::Write, net::IpAddr};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use super::{LiveView, NetnsNames, Sink, Summary};
 use crate::{
     amplify::Finding,
-    event::{Event, Kind, Proto},
+    event::{Event, Kind, Nat, Proto},
+    forecast::Forecast,
 };
+
+/// One ndjson line: the wire schema of `trace --format ndjson` and
+/// `export --format ndjson`, tagged by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Line<'a> {
+    Event(EventLine<'a>),
+    Finding(&'a Finding),
+    Forecast(ForecastLine<'a>),
+    Summary(&'a Summary),
+}
+
+/// Findings nested in a summary are tagged as their own lines are.
+pub fn tagged_findings<S: Serializer>(v: &[Finding], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(Line::Finding))
+}
+
+/// A summary nested in a report is tagged as its line is.
+pub fn tagged_summary<S: Serializer>(v: &Summary, s: S) -> Result<S::Ok, S::Error> {
+    Line::Summary(v).serialize(s)
+}
+
+/// An event's address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+    /// No parsable IP header.
+    Unknown,
+}
 
 /// The JSON shape of one event.
 #[derive(Debug, Serialize)]
 pub struct EventLine<'a> {
-    #[serde(rename = "type")]
-    pub ty: &'static str,
     pub kind: Kind,
     pub ts_ns: u64,
     pub cpu: u32,
@@ -27,8 +59,7 @@ pub struct EventLine<'a> {
     pub container: Option<&'a crate::workload::Container>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<&'a crate::workload::Pod>,
-    /// `ipv4`, `ipv6`, or `unknown` (no parsable IP header).
-    pub family: &'static str,
+    pub family: Family,
     // Proto and IpAddr serialize as strings without a per-event allocation.
     pub proto: Proto,
     pub src: Option<IpAddr>,
@@ -54,7 +85,7 @@ pub struct EventLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_dport: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub nat: Option<&'static str>,
+    pub nat: Option<Nat>,
 }
 
 impl<'a> EventLine<'a> {
@@ -63,7 +94,6 @@ impl<'a> EventLine<'a> {
         let icmp = e.proto.is_icmp();
         let w = names.workload(e.netns);
         EventLine {
-            ty: "event",
             kind: e.kind,
             ts_ns: e.ts_ns,
             cpu: e.cpu,
@@ -72,9 +102,9 @@ impl<'a> EventLine<'a> {
             container: w.and_then(|w| w.container.as_ref()),
             pod: w.and_then(|w| w.pod.as_ref()),
             family: match e.src {
-                Some(IpAddr::V4(_)) => "ipv4",
-                Some(IpAddr::V6(_)) => "ipv6",
-                None => "unknown",
+                Some(IpAddr::V4(_)) => Family::Ipv4,
+                Some(IpAddr::V6(_)) => Family::Ipv6,
+                None => Family::Unknown,
             },
             proto: e.proto,
             src: e.src,
@@ -88,7 +118,7 @@ impl<'a> EventLine<'a> {
             reply_sport: e.reply.filter(|_| ports).map(|r| r.sport),
             reply_dst: e.reply.map(|r| r.dst),
             reply_dport: e.reply.filter(|_| ports).map(|r| r.dport),
-            nat: e.nat().map(|n| n.as_str()),
+            nat: e.nat(),
         }
     }
 }
@@ -101,16 +131,14 @@ impl<'a> EventLine<'a> {
 /// and `max`, `samples`, `span_s`, `insert_per_s`/`expire_per_s` (null
 /// when unknown); `count` is the entry count read at this tick, `ts_ns`
 /// when (CLOCK_MONOTONIC, as events).
-#[derive(Serialize)]
-struct ForecastLine<'a> {
-    #[serde(rename = "type")]
-    ty: &'static str,
-    ts_ns: u64,
-    netns: u32,
-    netns_name: &'a str,
-    count: u64,
+#[derive(Debug, Serialize)]
+pub struct ForecastLine<'a> {
+    pub ts_ns: u64,
+    pub netns: u32,
+    pub netns_name: &'a str,
+    pub count: u64,
     #[serde(flatten)]
-    forecast: &'a crate::forecast::Forecast,
+    pub forecast: &'a Forecast,
 }
 
 pub struct Ndjson<W: Write> {
@@ -126,15 +154,20 @@ impl<W: Write> Ndjson<W> {
     }
 }
 
+impl<W: Write> Ndjson<W> {
+    fn line(&mut self, l: &Line<'_>) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, l)?;
+        self.out.write_all(b"\n")
+    }
+}
+
 impl<W: Write> Sink for Ndjson<W> {
     fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, &EventLine::new(e, names))?;
-        self.out.write_all(b"\n")
+        self.line(&Line::Event(EventLine::new(e, names)))
     }
 
     fn finding(&mut self, f: &Finding) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, f)?;
-        self.out.write_all(b"\n")
+        self.line(&Line::Finding(f))
     }
 
     fn forecast(&mut self, ns: &super::NsView) -> std::io::Result<()> {
@@ -142,15 +175,13 @@ impl<W: Write> Sink for Ndjson<W> {
             return Ok(());
         };
         let line = ForecastLine {
-            ty: "forecast",
             ts_ns: crate::clock::monotonic_ns(),
             netns: ns.inode,
             netns_name: &ns.name,
             count: ns.fill.count,
             forecast: f,
         };
-        serde_json::to_writer(&mut self.out, &line)?;
-        self.out.write_all(b"\n")
+        self.line(&Line::Forecast(line))
     }
 
     fn tick(&mut self, _view: &LiveView<'_>) -> std::io::Result<()> {
@@ -160,8 +191,7 @@ impl<W: Write> Sink for Ndjson<W> {
     }
 
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, summary)?;
-        self.out.write_all(b"\n")?;
+        self.line(&Line::Summary(summary))?;
         self.out.flush()
     }
 }
@@ -236,11 +266,8 @@ mod tests {
         assert!(v.get("sport").is_none());
     }
 
-    #[test]
-    fn summary_line_is_last_and_typed() {
-        let mut s = Ndjson::new(Vec::new());
-        let summary = Summary {
-            kind: "summary",
+    fn sample_summary() -> Summary {
+        Summary {
             version: "0.1.0".into(),
             backend: "counters".into(),
             hooks: "counters".into(),
@@ -286,7 +313,13 @@ mod tests {
             exact_sources: 0,
             amplification: crate::amplify::AmpSummary::default(),
             findings: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn summary_line_is_last_and_typed() {
+        let mut s = Ndjson::new(Vec::new());
+        let summary = sample_summary();
         s.finish(&summary).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.into_inner()).unwrap();
         assert_eq!(v["type"], "summary");
@@ -300,5 +333,123 @@ mod tests {
         assert_eq!(v["per_packet"], false);
         assert_eq!(v["backend_refused"][0]["backend"], "fexit");
         assert_eq!(v["backend_refused"][0]["reason"], "no BTF");
+    }
+
+    /// The keys of `line`'s JSON, its `type` first.
+    fn keys(line: &[u8]) -> (String, Vec<String>) {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let o = v.as_object().unwrap();
+        let mut k: Vec<String> = o.keys().cloned().collect();
+        k.sort();
+        (o["type"].as_str().unwrap().to_owned(), k)
+    }
+
+    fn pinned(ty: &str, keys: &str) -> (String, Vec<String>) {
+        let mut k: Vec<String> = keys.split_whitespace().map(str::to_owned).collect();
+        k.sort();
+        (ty.to_owned(), k)
+    }
+
+    /// Every line type the stream has, with every field it can carry: a
+    /// field added, renamed or dropped fails here first (and must be
+    /// documented in README's ndjson schema and tests/src/json.rs).
+    #[test]
+    fn every_line_type_is_pinned() {
+        let mut names = NetnsNames::new();
+        names.insert(4026532000, "srv".into());
+        let mut e = event(Proto::UDP, 40001, 53);
+        e.kind = Kind::InsertFailed;
+        e.reply = Some(crate::event::Reply {
+            src: "10.0.0.9".parse().unwrap(),
+            dst: "10.0.0.7".parse().unwrap(),
+            sport: 53,
+            dport: 40001,
+        });
+        let mut s = Ndjson::new(Vec::new());
+        s.event(&e, &names).unwrap();
+        let finding = Finding {
+            finding: "amplification",
+            status: crate::amplify::FindingStatus::New,
+            src: Some("10.0.0.7".into()),
+            proto: "udp".into(),
+            port: 53,
+            service: "udp/53".into(),
+            attempts: 6,
+            flows: 2,
+            retransmissions: 4,
+            factor: 3.0,
+            median_interval_s: Some(1.0),
+            first_retry_s: Some(1.0),
+            backoff: crate::amplify::Backoff::Constant,
+            first_ts_ns: 1,
+            last_ts_ns: 2,
+            since: "2026-12-01T00:00:00Z".into(),
+            message: "m".into(),
+        };
+        s.finding(&finding).unwrap();
+        let forecast = crate::forecast::Estimator::default().forecast();
+        s.forecast(&super::super::NsView {
+            inode: 4026532000,
+            name: "srv".into(),
+            fill: crate::kstats::Fill {
+                count: 1,
+                max: 64,
+                buckets: 64,
+            },
+            forecast: Some(forecast),
+            stats: None,
+        })
+        .unwrap();
+        let mut summary = sample_summary();
+        summary.findings = vec![finding];
+        s.finish(&summary).unwrap();
+        let out = s.into_inner();
+        let lines: Vec<&[u8]> = out
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        let got: Vec<_> = lines.iter().map(|l| keys(l)).collect();
+        let finding_keys = "type finding status src proto port service attempts flows \
+            retransmissions factor median_interval_s first_retry_s backoff first_ts_ns \
+            last_ts_ns since message";
+        assert_eq!(
+            got,
+            [
+                pinned(
+                    "event",
+                    "type kind ts_ns cpu netns netns_name family proto src dst sport dport \
+                     reply_src reply_sport reply_dst reply_dport nat"
+                ),
+                pinned("finding", finding_keys),
+                pinned(
+                    "forecast",
+                    "type ts_ns netns netns_name count trend eta_s eta_low_s eta_high_s \
+                     slope_per_s slope_stderr entries max samples span_s insert_per_s \
+                     expire_per_s"
+                ),
+                pinned(
+                    "summary",
+                    "type version backend hooks backend_refused per_packet evictions \
+                     duration_s start_unix_ns start_mono_ns events matched lost observed \
+                     complete kernel unclassified_drops unmatched_drop_counts scope \
+                     decode_errors top untracked_sources sampled exact_sources \
+                     amplification findings"
+                ),
+            ]
+        );
+        // Statuses are typed: the wire values are the documented ones.
+        let v: serde_json::Value = serde_json::from_slice(lines[0]).unwrap();
+        assert_eq!(
+            (v["family"].as_str(), v["nat"].as_str()),
+            (Some("ipv4"), Some("dnat"))
+        );
+        let v: serde_json::Value = serde_json::from_slice(lines[3]).unwrap();
+        assert_eq!(
+            keys(serde_json::to_string(&v["findings"][0]).unwrap().as_bytes()),
+            pinned("finding", finding_keys)
+        );
+        assert_eq!(v["findings"][0]["status"], "new");
+        let v: serde_json::Value = serde_json::from_slice(lines[2]).unwrap();
+        assert_eq!(v["trend"], "unknown");
     }
 }

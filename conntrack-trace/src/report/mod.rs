@@ -284,6 +284,7 @@ pub struct Report {
     pub filters: Vec<String>,
     /// The live summary, recomputed (`top[].rate_per_s` is the source's
     /// mean rate between its first and last event).
+    #[serde(serialize_with = "crate::output::ndjson::tagged_summary")]
     pub summary: Summary,
     pub check: Check,
     pub timeline: Timeline,
