@@ -22,7 +22,8 @@ use conntrack_trace::{
     filter::Filter,
     filter::OfflineSpec,
     kstats::CtStats,
-    output::{NetnsNames, Scope, Sink, ndjson::Ndjson},
+    model::Scope,
+    output::{NetnsNames, Sink, ndjson::Ndjson},
     report,
 };
 use conntrack_trace_common::{RawEvent, kind, l3};
@@ -135,7 +136,7 @@ fn main() {
     let path = dir.join("bench.ctt");
     let raws: Vec<Vec<u8>> = (0..n).map(|i| bytes_of(&raw(i)).to_vec()).collect();
     let events: Vec<Event> = raws.iter().filter_map(|b| Event::decode(b).ok()).collect();
-    let mut counts = conntrack_trace::aggregate::KindCounts::default();
+    let mut counts = conntrack_trace::model::KindCounts::default();
     for e in &events {
         *counts.get_mut(e.kind) += 1;
     }

@@ -5,9 +5,8 @@
 //! "port" is the ICMP type. For `early_drop` it is the evicted entry's
 //! original-direction source.
 
+use crate::model::KindCounts;
 use std::{collections::HashMap, net::IpAddr, time::Duration};
-
-use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Kind, Nat, Proto};
 
@@ -49,44 +48,6 @@ impl SourceKey {
 
     pub fn src_string(&self) -> String {
         self.src.map_or_else(|| "?".to_owned(), |a| a.to_string())
-    }
-}
-
-/// Per-kind counts, indexed by `Kind as usize` order of [`Kind::ALL`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KindCounts {
-    pub table_full: u64,
-    pub early_drop: u64,
-    pub insert_failed: u64,
-    pub rule_drop: u64,
-}
-
-impl KindCounts {
-    pub fn get(&self, k: Kind) -> u64 {
-        match k {
-            Kind::TableFull => self.table_full,
-            Kind::EarlyDrop => self.early_drop,
-            Kind::InsertFailed => self.insert_failed,
-            Kind::RuleDrop => self.rule_drop,
-        }
-    }
-    pub fn get_mut(&mut self, k: Kind) -> &mut u64 {
-        match k {
-            Kind::TableFull => &mut self.table_full,
-            Kind::EarlyDrop => &mut self.early_drop,
-            Kind::InsertFailed => &mut self.insert_failed,
-            Kind::RuleDrop => &mut self.rule_drop,
-        }
-    }
-    pub fn total(&self) -> u64 {
-        Kind::ALL.iter().map(|k| self.get(*k)).sum()
-    }
-    pub fn sub(&self, o: &KindCounts) -> KindCounts {
-        let mut r = KindCounts::default();
-        for k in Kind::ALL {
-            *r.get_mut(k) = self.get(k).saturating_sub(o.get(k));
-        }
-        r
     }
 }
 

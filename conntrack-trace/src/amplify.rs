@@ -30,14 +30,13 @@
 //! * two flows with the same 64-bit fingerprint are one flow (probability
 //!   about n²/2⁶⁵ for n live flows: ~3·10⁻⁸ at a million).
 
+use crate::model::{AmpSummary, Backoff, Finding, FindingStatus};
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     net::IpAddr,
     time::Duration,
 };
-
-use serde::Serialize;
 
 use crate::{
     aggregate::SourceKey,
@@ -238,20 +237,6 @@ impl SourceAmp {
     }
 }
 
-/// How the retries of a source are spaced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backoff {
-    /// Successive retries of a flow about the same time apart (dig +timeout).
-    Constant,
-    /// Each retry about twice as long after the previous (TCP SYN: 1, 2, 4 s).
-    Exponential,
-    /// Neither pattern dominates.
-    Irregular,
-    /// No flow was retried twice yet, so there is no pair to compare.
-    Unknown,
-}
-
 /// Classifies one pair of consecutive gaps of a flow.
 fn gap_ratio(prev_us: u32, gap_us: u32) -> Option<Backoff> {
     if prev_us == 0 {
@@ -265,73 +250,6 @@ fn gap_ratio(prev_us: u32, gap_us: u32) -> Option<Backoff> {
     } else {
         Backoff::Irregular
     })
-}
-
-/// Where a finding stands in the stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FindingStatus {
-    /// First flagged.
-    New,
-    /// Its counts grew since the last report.
-    Update,
-    /// In the summary.
-    Final,
-}
-
-/// A flagged source. Also the ndjson line `{"type":"finding",...}`
-/// ([`crate::output::ndjson::Line::Finding`]).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Finding {
-    /// Always `amplification` (room for other findings).
-    pub finding: &'static str,
-    pub status: FindingStatus,
-    pub src: Option<String>,
-    pub proto: String,
-    /// Destination port (ICMP: type).
-    pub port: u16,
-    pub service: String,
-    /// Drops from this source.
-    pub attempts: u64,
-    /// Distinct flows among them (a flow seen again after the window counts
-    /// again).
-    pub flows: u64,
-    /// Drops of a flow already dropped within the window.
-    pub retransmissions: u64,
-    /// attempts / flows.
-    pub factor: f64,
-    /// Median of the recent retry intervals (seconds).
-    pub median_interval_s: Option<f64>,
-    /// Median interval before a flow's first retry: the client's timer.
-    pub first_retry_s: Option<f64>,
-    pub backoff: Backoff,
-    pub first_ts_ns: u64,
-    pub last_ts_ns: u64,
-    /// Wall clock of the first drop, RFC 3339 UTC.
-    pub since: String,
-    /// The one-line statement shown to people.
-    pub message: String,
-}
-
-/// Global retransmission figures (the `amplification` object of the
-/// summary).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct AmpSummary {
-    /// Dropped packets considered (table_full + insert_failed).
-    pub drops: u64,
-    pub retransmissions: u64,
-    /// retransmissions / drops (0 when nothing was dropped).
-    pub retransmission_share: f64,
-    pub window_s: f64,
-    pub threshold: f64,
-    pub min_retries: u64,
-    /// Live flows forgotten because their set was full (each can turn one
-    /// later retransmission into a "new" flow).
-    pub flows_forgotten: u64,
-    /// Drops of sources not tracked because `max_sources` were held.
-    pub untracked_drops: u64,
-    /// The detector's memory bound in bytes.
-    pub memory_ceiling_bytes: usize,
 }
 
 pub struct Detector {

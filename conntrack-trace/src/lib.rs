@@ -23,6 +23,7 @@ pub mod forecast;
 pub mod kallsyms;
 pub mod kstats;
 pub mod live;
+pub mod model;
 pub mod netns;
 pub mod outfile;
 pub mod output;

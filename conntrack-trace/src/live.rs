@@ -5,14 +5,14 @@
 //! last drain, end counters). Each driver keeps only what differs: where
 //! results go.
 
+use crate::model::{KindCounts, Refusal, Scope, SessionFacts, Uncovered};
 use std::time::{Duration, SystemTime};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    aggregate::KindCounts,
-    backend::{self, Backend, BpfCounters, Choice, Refusal},
+    backend::{self, Backend, BpfCounters, Choice},
     capture::{self, format::NsFill},
     clock::Clock,
     error::TraceError,
@@ -20,7 +20,6 @@ use crate::{
     filter::Filter,
     kstats::{self, CtStats},
     netns,
-    output::{Scope, SessionFacts, Uncovered},
 };
 
 /// Events drained from the ring per wakeup before the loop looks at its
@@ -292,7 +291,7 @@ pub fn selection_line(desc: &str, refused: &[Refusal]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Name;
+    use crate::model::Name;
 
     #[test]
     fn ring_pause_never_lets_the_ring_fill() {

@@ -3,12 +3,13 @@
 //! — count, select, aggregate, detect amplification — so that a capture's
 //! report is the live summary by construction, not by a second copy.
 
+use crate::model::KindCounts;
 use crate::{
-    aggregate::{Aggregator, KindCounts},
+    aggregate::Aggregator,
     amplify::{AmpConfig, Detector},
     event::Event,
     filter::Filter,
-    output::NetnsNames,
+    workload::NetnsNames,
 };
 
 /// Which events the analyses see: the live filter, or offline the

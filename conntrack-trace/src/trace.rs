@@ -2,6 +2,7 @@
 //! into the aggregator and the output, and summarise against the kernel's
 //! own counters at the end.
 
+use crate::model::{Finding, KindCounts, Scope, SessionFacts, Summary, TopSource, Totals};
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -11,8 +12,7 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    aggregate::KindCounts,
-    amplify::{AmpConfig, Finding},
+    amplify::AmpConfig,
     backend::{self, BpfCounters, Choice},
     capture::{self, Writer, format::NsFill},
     clock::Clock,
@@ -25,7 +25,7 @@ use crate::{
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
-        LiveView, NetnsNames, NsView, Scope, SessionFacts, Sink, Summary, TopSource, Totals,
+        LiveView, NetnsNames, NsView, Sink,
         pipe::{self, diag},
         top_sources, top_sources_exact,
     },
@@ -506,7 +506,7 @@ impl<'s> Session<'s> {
             history: &history,
             agg: &c.pipe.agg,
             lost: counters.lost,
-            rule_drops: (self.tp.name() == backend::Name::Tracepoint)
+            rule_drops: (self.tp.name() == crate::model::Name::Tracepoint)
                 .then_some(counters.seen.rule_drop),
             kernel: Some(kernel),
             top_n: self.opts.top,

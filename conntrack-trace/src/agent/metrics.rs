@@ -6,6 +6,7 @@
 //! deltas), so `increase()` over any window is exact as long as the agent
 //! runs; a restart is a counter reset, which Prometheus handles.
 
+use crate::model::KindCounts;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -19,7 +20,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    aggregate::{KindCounts, SourceKey},
+    aggregate::SourceKey,
     event::{Event, Kind},
     kstats::{CtStats, Fill},
 };

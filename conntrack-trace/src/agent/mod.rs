@@ -19,6 +19,7 @@ pub mod nsfiles;
 pub mod recorder;
 pub mod selfstat;
 
+use crate::model::{KindCounts, Scope};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
@@ -34,7 +35,6 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::KindCounts,
     amplify::AmpConfig,
     backend::{self, Choice},
     capture::{self, format::NsFill},
@@ -47,7 +47,7 @@ use crate::{
     live::{ring_pause, selection_line},
     netns::{self, NetnsInfo},
     outfile::ReadyFile,
-    output::{NetnsNames, Scope},
+    output::NetnsNames,
     pipeline::Pipeline,
 };
 

@@ -3,11 +3,11 @@
 //! report totals and rates per kind. No per-packet attribution: no events,
 //! no sources — the header and the summary say so.
 
+use crate::model::KindCounts;
 use std::collections::BTreeMap;
 
 use super::{BpfCounters, Evictions, Options};
 use crate::{
-    aggregate::KindCounts,
     error::TraceError,
     kstats::{self, CtStats},
     netns::Held,

@@ -18,15 +18,14 @@ pub mod fexit;
 pub mod tracepoint;
 pub mod trampoline;
 
+use crate::model::{KindCounts, Name, Refusal};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
 };
 use conntrack_trace_common::{Config, Offsets, counter, kind};
-use serde::Serialize;
 
 use crate::{
-    aggregate::KindCounts,
     btf::BtfError,
     error::TraceError,
     event::{Event, Kind},
@@ -76,38 +75,6 @@ pub enum Choice {
     Fexit,
     Tracepoint,
     Counters,
-}
-
-/// A backend's name, as printed and in the ndjson summary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Name {
-    Fexit,
-    Tracepoint,
-    Counters,
-}
-
-impl Name {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Name::Fexit => "fexit",
-            Name::Tracepoint => "tracepoint",
-            Name::Counters => "counters",
-        }
-    }
-}
-
-/// A backend `auto` tried and the kernel (or the machine) refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Refusal {
-    pub backend: Name,
-    pub reason: String,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.backend.as_str(), self.reason)
-    }
 }
 
 /// Settings shared by the backends.

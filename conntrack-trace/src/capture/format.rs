@@ -34,17 +34,17 @@
 //! `flags` bit 0 (`REPLY`, version 2): the entry's reply tuple follows the
 //! addresses (events with an entry; 12 more bytes for IPv4, 36 for IPv6).
 
+use crate::model::{KindCounts, Scope};
 use std::{collections::BTreeMap, net::IpAddr};
 
 use conntrack_trace_common::{PKT_BYTES, RawEvent, l3};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::KindCounts,
     event::{DecodeError, Event, Proto},
     filter::{Cidr, Filter},
     kstats::{CtStats, Fill},
-    output::{NetnsNames, Scope},
+    workload::NetnsNames,
 };
 
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
@@ -146,7 +146,7 @@ pub struct Header {
     pub kernel_start: BTreeMap<u32, CtStats>,
     /// Backends `--backend auto` passed over, and why.
     #[serde(default)]
-    pub backend_refused: Vec<crate::backend::Refusal>,
+    pub backend_refused: Vec<crate::model::Refusal>,
     /// False for the counters backend (a capture then holds no events).
     #[serde(default = "yes")]
     pub per_packet: bool,
@@ -162,7 +162,7 @@ fn yes() -> bool {
 
 impl Header {
     /// The recording session's facts, as the live summary had them.
-    pub fn facts(&self, trailer: Option<&Trailer>) -> crate::output::SessionFacts {
+    pub fn facts(&self, trailer: Option<&Trailer>) -> crate::model::SessionFacts {
         // Older captures name the backend only with its hooks
         // ("tracepoint (tp_btf/...)") and, when finished, in the trailer.
         let backend = self
@@ -176,7 +176,7 @@ impl Header {
                     .unwrap_or_default()
                     .to_owned()
             });
-        crate::output::SessionFacts {
+        crate::model::SessionFacts {
             version: self.tool_version.clone(),
             backend,
             hooks: self.backend.clone(),
@@ -216,20 +216,20 @@ pub struct Trailer {
     pub namespaces: usize,
     /// Namespaces of the scope not summed into `kernel`, and why.
     #[serde(default)]
-    pub uncovered: Vec<crate::output::Uncovered>,
+    pub uncovered: Vec<crate::model::Uncovered>,
     /// Event records written over the whole (rotated) capture.
     pub events_written: u64,
-    /// See [`crate::output::Summary::unclassified_drops`] (absent in
+    /// See [`crate::model::Summary::unclassified_drops`] (absent in
     /// captures written before it existed: 0).
     #[serde(default)]
     pub unclassified_drops: u64,
-    /// See [`crate::output::Summary::unmatched_drop_counts`].
+    /// See [`crate::model::Summary::unmatched_drop_counts`].
     #[serde(default)]
     pub unmatched_drop_counts: u64,
     /// Events were lost: the live top sources, from the programs' exact
     /// per-source counts (the capture holds only the events that arrived).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exact_top: Option<Vec<crate::output::TopSource>>,
+    pub exact_top: Option<Vec<crate::model::TopSource>>,
     #[serde(default)]
     pub exact_sources: u64,
 }
@@ -238,7 +238,7 @@ impl Trailer {
     /// The trailer of a finished capture: the same totals as the live
     /// summary, plus what only the file needs.
     pub fn of(
-        s: &crate::output::Summary,
+        s: &crate::model::Summary,
         end_mono_ns: u64,
         kernel_end: BTreeMap<u32, CtStats>,
         events_written: u64,

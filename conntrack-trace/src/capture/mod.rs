@@ -53,10 +53,10 @@ pub(crate) mod tests {
         *,
     };
     use crate::{
-        aggregate::KindCounts,
         event::Event,
         kstats::CtStats,
-        output::{NetnsNames, Scope},
+        model::{KindCounts, Scope},
+        workload::NetnsNames,
     };
 
     /// A scratch directory removed on drop.

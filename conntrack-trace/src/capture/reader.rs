@@ -16,7 +16,7 @@ use super::format::{self, FRAME_BYTES, Header, MAGIC, MAX_RECORD, Record, Traile
 use crate::{
     event::Event,
     outfile::{FileId, Input},
-    output::NetnsNames,
+    workload::NetnsNames,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ use super::format::{self, Header, MAGIC, Next, Trailer, rtype};
 use crate::{
     event::Event,
     outfile::{self, Created, Input, OutError},
-    output::NetnsNames,
+    workload::NetnsNames,
 };
 
 /// Smallest accepted `--max-size`: a header, names and some events.

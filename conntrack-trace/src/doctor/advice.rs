@@ -16,13 +16,14 @@
 //! elsewhere); the UDP timeouts and nftables rules are per namespace, so
 //! their commands run inside it (`ip netns exec NAME` for a named one).
 
+use crate::model::KindCounts;
 use serde::Serialize;
 
 use super::{
     memory::{self, EntryCost},
     table::Holders,
 };
-use crate::{aggregate::KindCounts, forecast::Forecast};
+use crate::forecast::Forecast;
 
 /// Where a namespace's commands run.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -217,8 +217,8 @@ pub fn render(d: &Diagnosis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::KindCounts;
     use crate::{
-        aggregate::KindCounts,
         doctor::{
             BackendReport, MemoryReport, Settings, Status, Timeouts,
             advice::{self, NsFacts, Place, Victim},
@@ -336,8 +336,8 @@ mod tests {
             backend: BackendReport {
                 chosen: "tracepoint".into(),
                 hooks: "tracepoint (tp_btf/kfree_skb, tp_btf/kmem_cache_free)".into(),
-                refused: vec![crate::backend::Refusal {
-                    backend: crate::backend::Name::Fexit,
+                refused: vec![crate::model::Refusal {
+                    backend: crate::model::Name::Fexit,
                     reason: "kernel refused to load program ct_delete_exit".into(),
                 }],
                 not_tried: vec!["counters".into()],

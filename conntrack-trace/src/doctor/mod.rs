@@ -23,6 +23,7 @@ pub mod human;
 pub mod memory;
 pub mod table;
 
+use crate::model::{KindCounts, Refusal};
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
@@ -32,8 +33,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    aggregate::{Aggregator, DEFAULT_MAX_SOURCES, KindCounts},
-    backend::{self, Choice, Refusal, counters::kinds_from_stats},
+    aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
+    backend::{self, Choice, counters::kinds_from_stats},
     btf::KernelBtf,
     error::{TraceError, exit},
     event::Event,
@@ -707,9 +708,9 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
         .map(|a| a.last_fill)
         .unwrap_or_default();
     let order = [
-        backend::Name::Fexit,
-        backend::Name::Tracepoint,
-        backend::Name::Counters,
+        crate::model::Name::Fexit,
+        crate::model::Name::Tracepoint,
+        crate::model::Name::Counters,
     ];
     let not_tried = match opts.choice {
         Choice::Auto => order

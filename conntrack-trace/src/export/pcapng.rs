@@ -23,8 +23,8 @@ use crate::{
     capture::{Header, OpenSet},
     event::Event,
     filter::OfflineSpec,
-    output::NetnsNames,
     report::{self, Report, ReportError, utc},
+    workload::NetnsNames,
 };
 
 /// What went into the pcapng.

@@ -1,14 +1,11 @@
 //! The human view: a header redrawn every interval (fill, totals and rates
 //! per kind, lost events, top sources), then a final summary.
 
+use crate::model::{AmpSummary, Finding, Name, Summary};
 use std::{fmt::Write as _, io::Write};
 
-use super::{LiveView, NetnsNames, Sink, Summary, text::field, top_sources};
-use crate::{
-    amplify::{AmpSummary, Finding},
-    backend::Name,
-    event::{Event, Kind},
-};
+use super::{LiveView, NetnsNames, Sink, text::field, top_sources};
+use crate::event::{Event, Kind};
 
 pub struct Human<W: Write> {
     out: W,
@@ -78,7 +75,7 @@ pub fn sparkline(counts: impl Iterator<Item = u64> + Clone) -> String {
 const HISTORY: &str = "  last 60s ";
 
 /// The last ~60 s of failures per kind that had any, one line each.
-fn render_history(s: &mut String, history: &[crate::aggregate::KindCounts]) {
+fn render_history(s: &mut String, history: &[crate::model::KindCounts]) {
     for k in Kind::FAILURES {
         if history.iter().all(|c| c.get(k) == 0) {
             continue;
@@ -411,11 +408,11 @@ impl<W: Write> Sink for Human<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{KindCounts, Scope};
     use crate::{
-        aggregate::{Aggregator, KindCounts},
+        aggregate::Aggregator,
         event::{Event, Proto},
         kstats::{CtStats, Fill},
-        output::{Scope, Summary},
     };
 
     fn agg() -> Aggregator {
@@ -554,8 +551,8 @@ mod tests {
             version: "x".into(),
             backend: "tracepoint".into(),
             hooks: "tracepoint (tp_btf/kfree_skb)".into(),
-            backend_refused: vec![crate::backend::Refusal {
-                backend: crate::backend::Name::Fexit,
+            backend_refused: vec![crate::model::Refusal {
+                backend: crate::model::Name::Fexit,
                 reason: "attach refused".into(),
             }],
             per_packet: true,

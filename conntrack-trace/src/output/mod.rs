@@ -5,59 +5,16 @@ pub mod ndjson;
 pub mod pipe;
 pub mod text;
 
-use serde::{Deserialize, Serialize};
+use crate::model::{
+    AmpSummary, Finding, KindCounts, Refusal, Scope, SessionFacts, Summary, TopSource, Totals,
+};
 
 use crate::{
-    aggregate::{Aggregator, KindCounts},
-    amplify::{AmpSummary, Finding},
-    backend::Refusal,
-    clock::Clock,
+    aggregate::Aggregator,
     event::Event,
     kstats::{CtStats, Fill},
     pipeline::Pipeline,
 };
-
-/// What a session established at start, said once and borrowed by the
-/// stderr line, the live view, the capture header and the summary (no
-/// string is split later to recover a part of it).
-#[derive(Clone, Debug)]
-pub struct SessionFacts {
-    /// Tool version that ran the session.
-    pub version: String,
-    /// `fexit`, `tracepoint` or `counters` ([`crate::backend::Name::as_str`]).
-    pub backend: String,
-    /// The backend with its hooks, as in the live header.
-    pub hooks: String,
-    pub refused: Vec<Refusal>,
-    pub per_packet: bool,
-    pub evictions: String,
-    pub clock: Clock,
-    pub scope: Scope,
-}
-
-/// The counts a summary reports next to the pipeline's analyses: live,
-/// from the programs' counters and the kernel's; offline, from the
-/// capture's trailer.
-#[derive(Clone, Debug, Default)]
-pub struct Totals {
-    pub events: KindCounts,
-    pub matched: KindCounts,
-    pub lost: KindCounts,
-    pub observed: KindCounts,
-    pub kernel: CtStats,
-    pub unclassified_drops: u64,
-    pub unmatched_drop_counts: u64,
-    pub decode_errors: u64,
-    /// Namespaces whose kernel counters are in `kernel`.
-    pub namespaces: usize,
-    pub uncovered: Vec<Uncovered>,
-    /// `events + lost == observed` for every kind, and (offline) the
-    /// capture holds all of it.
-    pub complete: bool,
-    /// See [`Summary::sampled`], [`Summary::exact_sources`].
-    pub sampled: bool,
-    pub exact_sources: u64,
-}
 
 impl Summary {
     /// The one way a summary is made, live and offline: the session's
@@ -138,50 +95,6 @@ pub struct LiveView<'a> {
     pub amp: &'a AmpSummary,
 }
 
-/// One row of the top-sources table.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TopSource {
-    pub src: Option<String>,
-    pub proto: String,
-    /// Destination port (ICMP: type; other protocols: 0).
-    pub port: u16,
-    pub service: String,
-    pub counts: KindCounts,
-    pub total: u64,
-    pub first_ts_ns: u64,
-    pub last_ts_ns: u64,
-    /// Events/s over the last completed interval.
-    pub rate_per_s: f64,
-    /// `ADDR:PORT` behind the service address when the source's entries
-    /// were DNATed (the last seen); absent without DNAT.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dnat: Option<String>,
-}
-
-/// Scope of the kernel counters in a summary.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Scope {
-    /// `all` or the traced namespace's name.
-    pub netns: String,
-    /// Inode of the traced namespace (absent when tracing all).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns_inode: Option<u32>,
-    /// Namespaces whose counters were summed.
-    pub namespaces: usize,
-    /// Namespaces of the scope whose counters are *not* in the sum, and
-    /// why (e.g. no CAP_SYS_ADMIN to enter them): never a silent zero.
-    #[serde(default)]
-    pub uncovered: Vec<Uncovered>,
-}
-
-/// A namespace the kernel counters do not cover.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Uncovered {
-    pub netns: String,
-    pub inode: u32,
-    pub reason: String,
-}
-
 impl Scope {
     /// One line about what the kernel counters leave out, if anything.
     pub fn uncovered_line(&self) -> Option<String> {
@@ -207,68 +120,6 @@ impl Scope {
             text::field(&first.reason)
         ))
     }
-}
-
-/// The last ndjson line, and the final human summary.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Summary {
-    pub version: String,
-    /// `fexit`, `tracepoint` or `counters` (a [`crate::backend::Name`]).
-    pub backend: String,
-    /// The backend's hooks, as in the live header.
-    pub hooks: String,
-    /// Backends `--backend auto` tried before this one, and why each was
-    /// refused (empty when the first choice ran).
-    pub backend_refused: Vec<Refusal>,
-    /// False for the counters backend: no events, only the kernel's totals
-    /// (in `observed`).
-    pub per_packet: bool,
-    pub evictions: String,
-    pub duration_s: f64,
-    /// Wall clock at start (Unix ns) and CLOCK_MONOTONIC at the same
-    /// instant: `wall = start_unix_ns + (ts_ns - start_mono_ns)`.
-    pub start_unix_ns: u128,
-    pub start_mono_ns: u64,
-    /// Events read from the ring, per kind (before filters).
-    pub events: KindCounts,
-    /// Events that passed the filters (what was printed).
-    pub matched: KindCounts,
-    /// Events the kernel could not put in the ring buffer.
-    pub lost: KindCounts,
-    /// The programs' exact counters (every kind, emitted or not); for the
-    /// counters backend, the kernel's counters per kind.
-    pub observed: KindCounts,
-    /// `events + lost == observed` for every kind (always false for the
-    /// counters backend, which has no events).
-    pub complete: bool,
-    /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
-    pub kernel: CtStats,
-    /// Netfilter drops without a conntrack entry whose cause the programs
-    /// could not establish (conntrack's counters of the packet's netns were
-    /// unreadable): counted as `table_full`. 0 on a healthy host.
-    pub unclassified_drops: u64,
-    /// Increments of conntrack's per-CPU `drop` counter that no netfilter
-    /// drop seen on that CPU accounted for (conntrack run outside the
-    /// netfilter hooks, e.g. OVS or tc `ct`; a task migrated between the
-    /// increment and the free). Each could have made one later rule drop
-    /// on that CPU look like `table_full`; 0 means none did.
-    pub unmatched_drop_counts: u64,
-    pub scope: Scope,
-    pub decode_errors: u64,
-    pub top: Vec<TopSource>,
-    /// Events whose source was not tracked (source table at its cap).
-    pub untracked_sources: u64,
-    /// Events were lost (the ring overflowed): the per-event analyses
-    /// (amplification, first/last times) saw a sample, and `top`'s counts
-    /// come from the programs' exact per-source counts instead.
-    pub sampled: bool,
-    /// Sources in those exact counts (0 when not sampled).
-    pub exact_sources: u64,
-    /// Retransmission figures over the whole trace.
-    pub amplification: AmpSummary,
-    /// Every source flagged for amplification (status `final`).
-    #[serde(serialize_with = "ndjson::tagged_findings")]
-    pub findings: Vec<Finding>,
 }
 
 /// One namespace's table as the live view shows it.

@@ -7,12 +7,13 @@ pub mod human;
 pub mod markdown;
 pub mod svg;
 
+use crate::model::{KindCounts, Summary, Totals};
 use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Serialize;
 
 use crate::{
-    aggregate::{DEFAULT_MAX_SOURCES, KindCounts},
+    aggregate::DEFAULT_MAX_SOURCES,
     amplify::AmpConfig,
     capture::{
         self, CaptureInfo, Header, OpenSet, ReadError,
@@ -22,7 +23,7 @@ use crate::{
     filter::Filter,
     filter::{OfflineSpec, TimeSpec},
     kstats::CtStats,
-    output::{NetnsNames, Summary, Totals, top_sources},
+    output::{NetnsNames, top_sources},
     pipeline::{Pipeline, Select},
 };
 
@@ -284,7 +285,7 @@ pub struct Report {
     pub filters: Vec<String>,
     /// The live summary, recomputed (`top[].rate_per_s` is the source's
     /// mean rate between its first and last event).
-    #[serde(serialize_with = "crate::output::ndjson::tagged_summary")]
+    #[serde(serialize_with = "crate::model::wire::tagged_summary")]
     pub summary: Summary,
     pub check: Check,
     pub timeline: Timeline,
@@ -761,7 +762,7 @@ mod tests {
     #[test]
     fn a_newline_in_a_name_adds_no_line() {
         use crate::capture::{WriteOptions, Writer, tests};
-        use crate::output::Uncovered;
+        use crate::model::Uncovered;
         const FORGED: &str = "\nWARNING: forged";
         let d = TempDir::new("newline");
         let p = d.0.join("c.ctt");
@@ -771,8 +772,8 @@ mod tests {
         h.backend = format!("tracepoint{FORGED}");
         h.evictions = format!("on{FORGED}");
         h.scope.netns = format!("srv{FORGED}");
-        h.backend_refused.push(crate::backend::Refusal {
-            backend: crate::backend::Name::Fexit,
+        h.backend_refused.push(crate::model::Refusal {
+            backend: crate::model::Name::Fexit,
             reason: format!("refused{FORGED}"),
         });
         h.conntrack.push(NsFill {

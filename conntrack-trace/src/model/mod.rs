@@ -1,0 +1,310 @@
+//! The value types every layer shares: what a session established, the
+//! counts per kind, the summary and its parts, findings. They live below
+//! everything that uses them — backends, the capture format, the pipeline,
+//! the outputs — and depend only on the event model and the kernel's
+//! counters. [`wire`] is the ndjson schema built from them.
+
+pub mod wire;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{clock::Clock, event::Kind, kstats::CtStats};
+
+/// A backend's name, as printed and in the ndjson summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Name {
+    Fexit,
+    Tracepoint,
+    Counters,
+}
+
+impl Name {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Name::Fexit => "fexit",
+            Name::Tracepoint => "tracepoint",
+            Name::Counters => "counters",
+        }
+    }
+}
+
+/// A backend `auto` tried and the kernel (or the machine) refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Refusal {
+    pub backend: Name,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.backend.as_str(), self.reason)
+    }
+}
+
+/// Per-kind counts, indexed by `Kind as usize` order of [`Kind::ALL`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindCounts {
+    pub table_full: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    pub rule_drop: u64,
+}
+
+impl KindCounts {
+    pub fn get(&self, k: Kind) -> u64 {
+        match k {
+            Kind::TableFull => self.table_full,
+            Kind::EarlyDrop => self.early_drop,
+            Kind::InsertFailed => self.insert_failed,
+            Kind::RuleDrop => self.rule_drop,
+        }
+    }
+    pub fn get_mut(&mut self, k: Kind) -> &mut u64 {
+        match k {
+            Kind::TableFull => &mut self.table_full,
+            Kind::EarlyDrop => &mut self.early_drop,
+            Kind::InsertFailed => &mut self.insert_failed,
+            Kind::RuleDrop => &mut self.rule_drop,
+        }
+    }
+    pub fn total(&self) -> u64 {
+        Kind::ALL.iter().map(|k| self.get(*k)).sum()
+    }
+    pub fn sub(&self, o: &KindCounts) -> KindCounts {
+        let mut r = KindCounts::default();
+        for k in Kind::ALL {
+            *r.get_mut(k) = self.get(k).saturating_sub(o.get(k));
+        }
+        r
+    }
+}
+
+/// What a session established at start, said once and borrowed by the
+/// stderr line, the live view, the capture header and the summary (no
+/// string is split later to recover a part of it).
+#[derive(Clone, Debug)]
+pub struct SessionFacts {
+    /// Tool version that ran the session.
+    pub version: String,
+    /// `fexit`, `tracepoint` or `counters` ([`crate::backend::Name::as_str`]).
+    pub backend: String,
+    /// The backend with its hooks, as in the live header.
+    pub hooks: String,
+    pub refused: Vec<Refusal>,
+    pub per_packet: bool,
+    pub evictions: String,
+    pub clock: Clock,
+    pub scope: Scope,
+}
+
+/// The counts a summary reports next to the pipeline's analyses: live,
+/// from the programs' counters and the kernel's; offline, from the
+/// capture's trailer.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub events: KindCounts,
+    pub matched: KindCounts,
+    pub lost: KindCounts,
+    pub observed: KindCounts,
+    pub kernel: CtStats,
+    pub unclassified_drops: u64,
+    pub unmatched_drop_counts: u64,
+    pub decode_errors: u64,
+    /// Namespaces whose kernel counters are in `kernel`.
+    pub namespaces: usize,
+    pub uncovered: Vec<Uncovered>,
+    /// `events + lost == observed` for every kind, and (offline) the
+    /// capture holds all of it.
+    pub complete: bool,
+    /// See [`Summary::sampled`], [`Summary::exact_sources`].
+    pub sampled: bool,
+    pub exact_sources: u64,
+}
+
+/// One row of the top-sources table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopSource {
+    pub src: Option<String>,
+    pub proto: String,
+    /// Destination port (ICMP: type; other protocols: 0).
+    pub port: u16,
+    pub service: String,
+    pub counts: KindCounts,
+    pub total: u64,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    /// Events/s over the last completed interval.
+    pub rate_per_s: f64,
+    /// `ADDR:PORT` behind the service address when the source's entries
+    /// were DNATed (the last seen); absent without DNAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnat: Option<String>,
+}
+
+/// Scope of the kernel counters in a summary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scope {
+    /// `all` or the traced namespace's name.
+    pub netns: String,
+    /// Inode of the traced namespace (absent when tracing all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u32>,
+    /// Namespaces whose counters were summed.
+    pub namespaces: usize,
+    /// Namespaces of the scope whose counters are *not* in the sum, and
+    /// why (e.g. no CAP_SYS_ADMIN to enter them): never a silent zero.
+    #[serde(default)]
+    pub uncovered: Vec<Uncovered>,
+}
+
+/// A namespace the kernel counters do not cover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uncovered {
+    pub netns: String,
+    pub inode: u32,
+    pub reason: String,
+}
+
+/// The last ndjson line, and the final human summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    pub version: String,
+    /// `fexit`, `tracepoint` or `counters` (a [`crate::backend::Name`]).
+    pub backend: String,
+    /// The backend's hooks, as in the live header.
+    pub hooks: String,
+    /// Backends `--backend auto` tried before this one, and why each was
+    /// refused (empty when the first choice ran).
+    pub backend_refused: Vec<Refusal>,
+    /// False for the counters backend: no events, only the kernel's totals
+    /// (in `observed`).
+    pub per_packet: bool,
+    pub evictions: String,
+    pub duration_s: f64,
+    /// Wall clock at start (Unix ns) and CLOCK_MONOTONIC at the same
+    /// instant: `wall = start_unix_ns + (ts_ns - start_mono_ns)`.
+    pub start_unix_ns: u128,
+    pub start_mono_ns: u64,
+    /// Events read from the ring, per kind (before filters).
+    pub events: KindCounts,
+    /// Events that passed the filters (what was printed).
+    pub matched: KindCounts,
+    /// Events the kernel could not put in the ring buffer.
+    pub lost: KindCounts,
+    /// The programs' exact counters (every kind, emitted or not); for the
+    /// counters backend, the kernel's counters per kind.
+    pub observed: KindCounts,
+    /// `events + lost == observed` for every kind (always false for the
+    /// counters backend, which has no events).
+    pub complete: bool,
+    /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
+    pub kernel: CtStats,
+    /// Netfilter drops without a conntrack entry whose cause the programs
+    /// could not establish (conntrack's counters of the packet's netns were
+    /// unreadable): counted as `table_full`. 0 on a healthy host.
+    pub unclassified_drops: u64,
+    /// Increments of conntrack's per-CPU `drop` counter that no netfilter
+    /// drop seen on that CPU accounted for (conntrack run outside the
+    /// netfilter hooks, e.g. OVS or tc `ct`; a task migrated between the
+    /// increment and the free). Each could have made one later rule drop
+    /// on that CPU look like `table_full`; 0 means none did.
+    pub unmatched_drop_counts: u64,
+    pub scope: Scope,
+    pub decode_errors: u64,
+    pub top: Vec<TopSource>,
+    /// Events whose source was not tracked (source table at its cap).
+    pub untracked_sources: u64,
+    /// Events were lost (the ring overflowed): the per-event analyses
+    /// (amplification, first/last times) saw a sample, and `top`'s counts
+    /// come from the programs' exact per-source counts instead.
+    pub sampled: bool,
+    /// Sources in those exact counts (0 when not sampled).
+    pub exact_sources: u64,
+    /// Retransmission figures over the whole trace.
+    pub amplification: AmpSummary,
+    /// Every source flagged for amplification (status `final`).
+    #[serde(serialize_with = "wire::tagged_findings")]
+    pub findings: Vec<Finding>,
+}
+
+/// How the retries of a source are spaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    /// Successive retries of a flow about the same time apart (dig +timeout).
+    Constant,
+    /// Each retry about twice as long after the previous (TCP SYN: 1, 2, 4 s).
+    Exponential,
+    /// Neither pattern dominates.
+    Irregular,
+    /// No flow was retried twice yet, so there is no pair to compare.
+    Unknown,
+}
+
+/// Where a finding stands in the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingStatus {
+    /// First flagged.
+    New,
+    /// Its counts grew since the last report.
+    Update,
+    /// In the summary.
+    Final,
+}
+
+/// A flagged source. Also the ndjson line `{"type":"finding",...}`
+/// ([`crate::output::ndjson::Line::Finding`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    /// Always `amplification` (room for other findings).
+    pub finding: &'static str,
+    pub status: FindingStatus,
+    pub src: Option<String>,
+    pub proto: String,
+    /// Destination port (ICMP: type).
+    pub port: u16,
+    pub service: String,
+    /// Drops from this source.
+    pub attempts: u64,
+    /// Distinct flows among them (a flow seen again after the window counts
+    /// again).
+    pub flows: u64,
+    /// Drops of a flow already dropped within the window.
+    pub retransmissions: u64,
+    /// attempts / flows.
+    pub factor: f64,
+    /// Median of the recent retry intervals (seconds).
+    pub median_interval_s: Option<f64>,
+    /// Median interval before a flow's first retry: the client's timer.
+    pub first_retry_s: Option<f64>,
+    pub backoff: Backoff,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    /// Wall clock of the first drop, RFC 3339 UTC.
+    pub since: String,
+    /// The one-line statement shown to people.
+    pub message: String,
+}
+
+/// Global retransmission figures (the `amplification` object of the
+/// summary).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AmpSummary {
+    /// Dropped packets considered (table_full + insert_failed).
+    pub drops: u64,
+    pub retransmissions: u64,
+    /// retransmissions / drops (0 when nothing was dropped).
+    pub retransmission_share: f64,
+    pub window_s: f64,
+    pub threshold: f64,
+    pub min_retries: u64,
+    /// Live flows forgotten because their set was full (each can turn one
+    /// later retransmission into a "new" flow).
+    pub flows_forgotten: u64,
+    /// Drops of sources not tracked because `max_sources` were held.
+    pub untracked_drops: u64,
+    /// The detector's memory bound in bytes.
+    pub memory_ceiling_bytes: usize,
+}

@@ -1,0 +1,142 @@
+//! The ndjson schema: every line of `trace --format ndjson` and `export
+//! --format ndjson` is one [`Line`], tagged by `type`. Documented in
+//! README.md ("ndjson schema"); pinned by `every_line_type_is_pinned` in
+//! crate::output::ndjson.
+
+use std::net::IpAddr;
+
+use serde::{Serialize, Serializer};
+
+use super::{Finding, Summary};
+use crate::{
+    event::{Event, Kind, Nat, Proto},
+    forecast::Forecast,
+    workload::NetnsNames,
+};
+
+/// One ndjson line: the wire schema of `trace --format ndjson` and
+/// `export --format ndjson`, tagged by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Line<'a> {
+    Event(EventLine<'a>),
+    Finding(&'a Finding),
+    Forecast(ForecastLine<'a>),
+    Summary(&'a Summary),
+}
+
+/// Findings nested in a summary are tagged as their own lines are.
+pub fn tagged_findings<S: Serializer>(v: &[Finding], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(Line::Finding))
+}
+
+/// A summary nested in a report is tagged as its line is.
+pub fn tagged_summary<S: Serializer>(v: &Summary, s: S) -> Result<S::Ok, S::Error> {
+    Line::Summary(v).serialize(s)
+}
+
+/// An event's address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+    /// No parsable IP header.
+    Unknown,
+}
+
+/// The JSON shape of one event.
+#[derive(Debug, Serialize)]
+pub struct EventLine<'a> {
+    pub kind: Kind,
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub netns: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<&'a str>,
+    /// The container / pod owning the namespace (see crate::workload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a crate::workload::Container>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<&'a crate::workload::Pod>,
+    pub family: Family,
+    // Proto and IpAddr serialize as strings without a per-event allocation.
+    pub proto: Proto,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_id: Option<u16>,
+    /// The entry's reply tuple and what NAT did (events with an entry
+    /// only; absent on `table_full`, which has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_src: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_dst: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Nat>,
+}
+
+impl<'a> EventLine<'a> {
+    pub fn new(e: &Event, names: &'a NetnsNames) -> Self {
+        let ports = e.proto.has_ports();
+        let icmp = e.proto.is_icmp();
+        let w = names.workload(e.netns);
+        EventLine {
+            kind: e.kind,
+            ts_ns: e.ts_ns,
+            cpu: e.cpu,
+            netns: e.netns,
+            netns_name: names.get(&e.netns).map(String::as_str),
+            container: w.and_then(|w| w.container.as_ref()),
+            pod: w.and_then(|w| w.pod.as_ref()),
+            family: match e.src {
+                Some(IpAddr::V4(_)) => Family::Ipv4,
+                Some(IpAddr::V6(_)) => Family::Ipv6,
+                None => Family::Unknown,
+            },
+            proto: e.proto,
+            src: e.src,
+            dst: e.dst,
+            sport: ports.then_some(e.sport),
+            dport: ports.then_some(e.dport),
+            icmp_type: icmp.then(|| e.icmp_type()),
+            icmp_code: icmp.then(|| e.icmp_code()),
+            icmp_id: icmp.then(|| e.icmp_id()),
+            reply_src: e.reply.map(|r| r.src),
+            reply_sport: e.reply.filter(|_| ports).map(|r| r.sport),
+            reply_dst: e.reply.map(|r| r.dst),
+            reply_dport: e.reply.filter(|_| ports).map(|r| r.dport),
+            nat: e.nat(),
+        }
+    }
+}
+
+/// `{"type":"forecast",...}`: a namespace's time to full or to relief,
+/// when it changes materially (another trend, or a time that moved by more
+/// than 25 % and 2 s): `trend` (`unknown`, `full`, `filling`, `draining`,
+/// `steady`), `eta_s` with `eta_low_s`/`eta_high_s` (null = unbounded),
+/// the fitted `slope_per_s` and its `slope_stderr`, the fitted `entries`
+/// and `max`, `samples`, `span_s`, `insert_per_s`/`expire_per_s` (null
+/// when unknown); `count` is the entry count read at this tick, `ts_ns`
+/// when (CLOCK_MONOTONIC, as events).
+#[derive(Debug, Serialize)]
+pub struct ForecastLine<'a> {
+    pub ts_ns: u64,
+    pub netns: u32,
+    pub netns_name: &'a str,
+    pub count: u64,
+    #[serde(flatten)]
+    pub forecast: &'a Forecast,
+}
