@@ -83,6 +83,11 @@ pub struct AgentArgs {
     /// Ring buffer size in bytes (power of two, >= page size).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    /// Label per-namespace and per-source series with the namespace's pod
+    /// (pod_namespace, pod_name) and container (container_name); empty
+    /// where the namespace is not a pod's or a container's.
+    #[arg(long)]
+    pub metrics_label_pod: bool,
     #[command(flatten)]
     pub amp: AmpArgs,
 }
@@ -129,6 +134,7 @@ impl AgentArgs {
                 }),
             ready_file: self.ready_file.clone(),
             quiet: self.quiet,
+            label_pod: self.metrics_label_pod,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! sysctls and removes leftover `ctt-` namespaces after the run, for the case
 //! where the test process itself is killed.
 
+pub mod agent;
 pub mod dns;
 pub mod json;
 pub mod traffic;

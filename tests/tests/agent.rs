@@ -7,16 +7,17 @@
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use conntrack_trace_tests::{
-    Daemon, Sysctl, Topology, backend_args, binary, in_netns, kernel_test, traffic,
+    Daemon, Sysctl, Topology,
+    agent::{Agent, free_port, http_get, sample},
+    binary, in_netns, kernel_test, traffic,
 };
 
 /// In the VM image there is no Prometheus (busybox userland).
@@ -26,10 +27,6 @@ fn needs(tool: &str, test: &str) -> bool {
         return false;
     }
     true
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn temp_dir(tag: &str) -> Result<PathBuf> {
@@ -44,26 +41,6 @@ fn temp_dir(tag: &str) -> Result<PathBuf> {
     Ok(d)
 }
 
-/// A minimal HTTP/1.0 GET (the test's own client: no HTTP crate needed).
-fn http_get(addr: SocketAddr, path_and_query: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    Ok((status, body.to_owned()))
-}
-
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -73,124 +50,6 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// A running agent, killed on drop.
-struct Agent {
-    child: Option<Child>,
-    addr: SocketAddr,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    ready: PathBuf,
-}
-
-impl Agent {
-    fn start(extra: &[&str]) -> Result<Agent> {
-        Agent::start_bin(&binary(), extra)
-    }
-
-    fn start_bin(bin: &Path, extra: &[&str]) -> Result<Agent> {
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let ready =
-            std::env::temp_dir().join(format!("ctt-agent-ready-{}-{port}", std::process::id()));
-        let _ = fs::remove_file(&ready);
-        let mut child = Command::new(bin)
-            .arg("agent")
-            .args(["--metrics-addr", &addr.to_string(), "--ready-file"])
-            .arg(&ready)
-            .args(backend_args())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning the agent")?;
-        let stderr = child.stderr.take().map(|mut e| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = e.read_to_string(&mut s);
-                s
-            })
-        });
-        let mut a = Agent {
-            child: Some(child),
-            addr,
-            stderr,
-            ready: ready.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready.exists() {
-            if let Some(st) = a.child.as_mut().context("no child")?.try_wait()? {
-                bail!("agent exited before ready ({st}): {}", a.take_stderr());
-            }
-            ensure!(Instant::now() < deadline, "agent not ready after 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let (code, _) = http_get(addr, "/readyz")?;
-        ensure!(code == 200, "/readyz {code} after the ready file");
-        Ok(a)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
-    }
-
-    fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-
-    fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.addr, "/metrics")?;
-        ensure!(code == 200, "/metrics: {code}");
-        Ok(body)
-    }
-
-    /// SIGTERM; returns stderr (bounded wait, must exit 0).
-    fn stop(mut self) -> Result<String> {
-        let mut child = self.child.take().context("stopped")?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let st = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("agent did not exit 30 s after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let err = self.take_stderr();
-        ensure!(st.success(), "agent failed ({st}): {err}");
-        ensure!(!self.ready.exists(), "ready file withdrawn on exit");
-        Ok(err)
-    }
-
-    fn kill(mut self) -> Result<String> {
-        let mut child = self.child.take().context("stopped")?;
-        child.kill()?;
-        child.wait()?;
-        Ok(self.take_stderr())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = fs::remove_file(&self.ready);
-    }
-}
-
-/// The value of one sample line `name{labels} value` of an exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A Prometheus server scraping `target` every second, with its own config
@@ -749,5 +608,110 @@ fn agent_cost_idle_and_under_flood() -> Result<()> {
     assert!(rate > 5000.0, "a flood of thousands of drops/s: {rate}");
     assert!(rss_flood < 256 << 20, "within the DaemonSet's memory limit");
     assert!(idle_cpu < 0.05, "idle costs little: {idle_cpu}");
+    Ok(())
+}
+
+/// Open file descriptors of `pid`.
+fn fds(pid: i32) -> Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Issue 12: namespaces created after the agent started get their table's
+/// gauges and kernel counters within a few intervals, equal to what the
+/// kernel says inside them; deleted, their series go and the agent closes
+/// their files (an open stat file would keep a gone namespace alive).
+#[test]
+fn namespaces_that_appear_later_get_table_metrics() -> Result<()> {
+    let test = "namespaces_that_appear_later_get_table_metrics";
+    let Some(_lock) = kernel_test(test)? else {
+        return Ok(());
+    };
+    let agent = Agent::start(&["--interval", "200ms"])?;
+    let fds_before = fds(agent.pid())?;
+    let topo = Topology::new("an", 86)?;
+    let sent = traffic::udp_oneshots(
+        &topo.client.path(),
+        topo.client_ip,
+        topo.server_ip,
+        53,
+        40_000..40_020,
+    )?;
+    let server = topo.server.name.clone();
+    let series = |family: &str| format!("conntrack_trace_{family}{{netns=\"{server}\"}}");
+    // Poll (bounded) until the agent's gauge equals the kernel's count,
+    // read before and after the scrape (nothing else runs in there; the
+    // unreplied UDP entries live 30 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (text, count) = loop {
+        let before = topo.server.ct_count()?;
+        let text = agent.metrics()?;
+        let after = topo.server.ct_count()?;
+        let got = sample(&text, &series("entries"));
+        if before == after && got == Some(before as f64) {
+            break (text, before);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}: {got:?} after 20 s, the kernel says {before}..{after}",
+            series("entries")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let max = Sysctl::read("net.netfilter.nf_conntrack_max")?;
+    let stats = topo.server.ct_stats()?;
+    eprintln!(
+        "{test}: {sent} datagrams; {} = {count} (kernel {count}), max_entries {:?} (sysctl {max}), kernel_drop_total {:?} (kernel {})",
+        series("entries"),
+        sample(&text, &series("max_entries")),
+        sample(&text, &series("kernel_drop_total")),
+        stats.drop
+    );
+    ensure!(count >= sent, "one entry per datagram: {count} < {sent}");
+    assert_eq!(sample(&text, &series("max_entries")), Some(max as f64));
+    assert!(sample(&text, &series("buckets")).is_some_and(|b| b > 0.0));
+    assert_eq!(
+        sample(&text, &series("kernel_drop_total")),
+        Some(stats.drop as f64)
+    );
+    assert_eq!(
+        sample(&text, &series("kernel_invalid_total")),
+        Some(stats.invalid as f64)
+    );
+    let client = topo.client.name.clone();
+    ensure!(
+        text.contains(&format!("conntrack_trace_entries{{netns=\"{client}\"}} 0")),
+        "the client's namespace (no conntrack rule: an empty table) too: {text}"
+    );
+    drop(topo);
+    let ours = |l: &str| {
+        l.contains(&format!("netns=\"{server}\"")) || l.contains(&format!("netns=\"{client}\""))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = agent.metrics()?;
+        let left: Vec<&str> = text.lines().filter(|l| ours(l)).collect();
+        let open = fds(agent.pid())?;
+        if left.is_empty() && open == fds_before {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "20 s after `ip netns del`: {left:?} still exposed, {open} fds open ({fds_before} before)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = agent.stop()?;
+    for (event, ns) in [
+        ("netns_added", &server),
+        ("netns_removed", &server),
+        ("netns_removed", &client),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("\"event\":\"{event}\""))
+                    && l.contains(&format!("\"netns\":\"{ns}\""))),
+            "{event} {ns}: {err}"
+        );
+    }
     Ok(())
 }

@@ -23,7 +23,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use conntrack_trace_tests::{
-    CtStats, Netns, Sysctl, Tracer, binary, in_netns, json, kernel_test, run,
+    CtStats, Netns, Sysctl, Tracer,
+    agent::{Agent, sample},
+    binary, in_netns, json, kernel_test, run,
 };
 
 /// Why these tests cannot run here, or None. In the VMs (busybox
@@ -157,6 +159,83 @@ fn containerd(dir: &Path) -> Result<(Daemon, PathBuf)> {
         &sock,
     )?;
     Ok((d, sock))
+}
+
+/// dockerd on its own containerd, private sockets and state under `dir`,
+/// with the busybox image `ctt-busybox:test` imported; both daemons
+/// stopped on drop (dockerd first).
+struct Docker {
+    _dockerd: Daemon,
+    _containerd: Daemon,
+    sock: PathBuf,
+    host: String,
+}
+
+impl Docker {
+    fn start(dir: &Path) -> Result<Docker> {
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let (containerd, ctrd_sock) = containerd(dir)?;
+        let sock = dir.join("docker.sock");
+        let dockerd = Daemon::start(
+            "dockerd",
+            Command::new("dockerd")
+                .arg("--data-root")
+                .arg(dir.join("data"))
+                .arg("--exec-root")
+                .arg(dir.join("exec"))
+                .arg("--pidfile")
+                .arg(dir.join("dockerd.pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", sock.display()))
+                .arg("--containerd")
+                .arg(&ctrd_sock)
+                // Leave the host's firewall and bridges alone.
+                .args(["--iptables=false", "--ip6tables=false", "--bridge=none"]),
+            dir.join("dockerd.log"),
+            &sock,
+        )?;
+        let host = format!("unix://{}", sock.display());
+        let root = rootfs(dir)?;
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let st = Command::new("docker")
+            .args(["-H", &host, "import", "-", "ctt-busybox:test"])
+            .stdin(tar.stdout.context("tar stdout")?)
+            .stdout(Stdio::null())
+            .status()?;
+        ensure!(st.success(), "docker import failed");
+        Ok(Docker {
+            _dockerd: dockerd,
+            _containerd: containerd,
+            sock,
+            host,
+        })
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["-H", self.host.as_str()];
+        a.extend_from_slice(args);
+        Ok(run("docker", &a)?.trim().to_owned())
+    }
+}
+
+/// Docker containers removed on drop.
+struct Containers<'a>(&'a Docker, Vec<String>);
+
+impl Drop for Containers<'_> {
+    fn drop(&mut self) {
+        if self.1.is_empty() {
+            return;
+        }
+        let mut a = vec!["rm", "-f"];
+        a.extend(self.1.iter().map(String::as_str));
+        let _ = self.0.run(&a);
+    }
 }
 
 /// A root filesystem of busybox-static.
@@ -445,57 +524,10 @@ fn docker_containers_are_named() -> Result<()> {
         "/tmp/ctt-docker-{}",
         std::process::id()
     )));
-    let _ = fs::remove_dir_all(&dir.0);
-    fs::create_dir_all(&dir.0).with_context(|| format!("mkdir {}", dir.0.display()))?;
-    let (_ctrd, ctrd_sock) = containerd(&dir.0)?;
-    let sock = dir.0.join("docker.sock");
-    let _dockerd = Daemon::start(
-        "dockerd",
-        Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.0.join("data"))
-            .arg("--exec-root")
-            .arg(dir.0.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.0.join("dockerd.pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--containerd")
-            .arg(&ctrd_sock)
-            // Leave the host's firewall and bridges alone.
-            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"]),
-        dir.0.join("dockerd.log"),
-        &sock,
-    )?;
-    let host = format!("unix://{}", sock.display());
-    let docker = |args: &[&str]| -> Result<String> {
-        let mut a = vec!["-H", host.as_str()];
-        a.extend_from_slice(args);
-        Ok(run("docker", &a)?.trim().to_owned())
-    };
-    let root = rootfs(&dir.0)?;
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let st = Command::new("docker")
-        .args(["-H", &host, "import", "-", "ctt-busybox:test"])
-        .stdin(tar.stdout.context("tar stdout")?)
-        .stdout(Stdio::null())
-        .status()?;
-    ensure!(st.success(), "docker import failed");
-
-    struct Rm<'a>(&'a dyn Fn(&[&str]) -> Result<String>, Vec<String>);
-    impl Drop for Rm<'_> {
-        fn drop(&mut self) {
-            let mut a = vec!["rm", "-f"];
-            a.extend(self.1.iter().map(String::as_str));
-            let _ = (self.0)(&a);
-        }
-    }
-    let mut rm = Rm(&docker, Vec::new());
+    let d = Docker::start(&dir.0)?;
+    let docker = |args: &[&str]| d.run(args);
+    let sock = d.sock.clone();
+    let mut rm = Containers(&d, Vec::new());
     let server = Netns::new("ctt-wld-srv")?;
     let mut clients = Vec::new();
     let mut wants = Vec::new();
@@ -613,6 +645,163 @@ fn containerd_containers_are_named() -> Result<()> {
     }
     flood_and_check(test, &clients, &wants, &[("CONTAINERD_ADDRESS", &sock)])?;
     drop(clients);
+    drop(rm);
+    Ok(())
+}
+
+/// The kernel's entry count in the namespace at `path`.
+fn ct_count_at(path: &Path) -> Result<u64> {
+    in_netns(path, || -> Result<u64> {
+        Ok(
+            fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?
+                .trim()
+                .parse()?,
+        )
+    })?
+}
+
+/// Polls the agent (bounded) until `done` accepts its exposition.
+fn wait_metrics(agent: &Agent, what: &str, done: impl Fn(&str) -> Result<bool>) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = agent.metrics()?;
+        if done(&text)? {
+            return Ok(text);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not after 30 s; /metrics:\n{}",
+            text.lines()
+                .filter(|l| l.contains("pod_name"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `agent --metrics-label-pod` with real Docker. Containers started after
+/// the agent get their namespaces' series labelled from the resolver: a
+/// plain container by `container_name`; a pod by `pod_namespace` and
+/// `pod_name` — the pod being a sandbox container with the labels
+/// cri-dockerd gives a pod's sandbox (there is no kubelet here), named
+/// through Docker's API as a cri-dockerd node's pods are. The pod's own
+/// table overflows: its drops, per namespace and per source, carry the
+/// pod's labels and equal the kernel's drop delta; its entries gauge
+/// equals the kernel's count. A removed container's series go.
+#[test]
+fn agent_labels_series_with_pods_and_containers() -> Result<()> {
+    let test = "agent_labels_series_with_pods_and_containers";
+    if runtime_skip(test, &["dockerd", "docker", "containerd"])? {
+        return Ok(());
+    }
+    let Some(_lock) = kernel_test(test)? else {
+        return Ok(());
+    };
+    let dir = Dir(PathBuf::from(format!(
+        "/tmp/ctt-docker-labels-{}",
+        std::process::id()
+    )));
+    let d = Docker::start(&dir.0)?;
+    let agent = Agent::start_with(
+        &binary(),
+        &["--metrics-label-pod", "--interval", "200ms"],
+        &[("DOCKER_HOST", format!("unix://{}", d.sock.display()))],
+    )?;
+    let mut rm = Containers(&d, Vec::new());
+    let uid = "5c0f5b8e-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
+    let sandbox = format!("k8s_POD_web-0_ctt-prod_{uid}_0");
+    let uid_label = format!("io.kubernetes.pod.uid={uid}");
+    let pod_id = d.run(&[
+        "run",
+        "-d",
+        "--name",
+        &sandbox,
+        "--network",
+        "none",
+        "--label",
+        &uid_label,
+        "--label",
+        "io.kubernetes.pod.name=web-0",
+        "--label",
+        "io.kubernetes.pod.namespace=ctt-prod",
+        "--label",
+        "io.kubernetes.docker.type=podsandbox",
+        "--label",
+        "io.kubernetes.container.name=POD",
+        "ctt-busybox:test",
+        "/bin/sleep",
+        "600",
+    ])?;
+    rm.1.push(pod_id.clone());
+    let web_id = d.run(&[
+        "run",
+        "-d",
+        "--name",
+        "ctt-wl-web",
+        "--network",
+        "none",
+        "ctt-busybox:test",
+        "/bin/sleep",
+        "600",
+    ])?;
+    rm.1.push(web_id.clone());
+    let pid_of =
+        |id: &str| -> Result<u32> { Ok(d.run(&["inspect", "-f", "{{.State.Pid}}", id])?.parse()?) };
+    let web_ns = PathBuf::from(format!("/proc/{}/ns/net", pid_of(&web_id)?));
+    let server = Netns::new("ctt-wlp-srv")?;
+    let pod = wire(&server, pid_of(&pod_id)?, "p", 0)?;
+
+    const POD: &str =
+        r#"netns="pod:ctt-prod/web-0",pod_namespace="ctt-prod",pod_name="web-0",container_name="""#;
+    const WEB: &str =
+        r#"netns="docker:ctt-wl-web",pod_namespace="",pod_name="",container_name="ctt-wl-web""#;
+    let web_entries = format!("conntrack_trace_entries{{{WEB}}}");
+    wait_metrics(&agent, "the container's labelled gauge", |t| {
+        Ok(sample(t, &web_entries) == Some(ct_count_at(&web_ns)? as f64))
+    })?;
+
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
+    let before = ct_stats(&pod.ns)?;
+    let dst = std::net::Ipv4Addr::new(10, 78, 40, 1);
+    let (sent, refused) = udp_out(&pod.ns, pod.ip, dst, 30_000..30_300)?;
+    let dropped = ct_stats(&pod.ns)?.since(&before)?.drop;
+    ensure!(
+        dropped > 0,
+        "the pod's table overflowed: {sent} sent, {refused} refused"
+    );
+    let drops = format!("conntrack_trace_drops_total{{kind=\"table_full\",{POD}}}");
+    let source = format!(
+        "conntrack_trace_source_drops_total{{kind=\"table_full\",{POD},src=\"{}\",proto=\"udp\",port=\"53\"}}",
+        pod.ip
+    );
+    let entries = format!("conntrack_trace_entries{{{POD}}}");
+    let text = wait_metrics(&agent, "the pod's labelled drops", |t| {
+        Ok(sample(t, &drops) == Some(dropped as f64)
+            && sample(t, &source) == Some(dropped as f64)
+            && sample(t, &entries) == Some(pod.ns.ct_count()? as f64))
+    })?;
+    eprintln!(
+        "{test}: kernel drop +{dropped} in the pod's namespace ({sent} sent, {refused} refused); {drops} {:?}; {source} {:?}; {entries} {:?}; {web_entries} {:?}",
+        sample(&text, &drops),
+        sample(&text, &source),
+        sample(&text, &entries),
+        sample(&text, &web_entries)
+    );
+    ensure!(
+        text.lines().any(|l| l.starts_with(
+            r#"conntrack_trace_entries{netns="init",pod_namespace="",pod_name="",container_name=""}"#
+        )),
+        "a namespace without a workload has empty labels"
+    );
+    // The plain container goes: its namespace's series go with it.
+    d.run(&["rm", "-f", &web_id])?;
+    rm.1.retain(|i| *i != web_id);
+    wait_metrics(&agent, "the removed container's series gone", |t| {
+        Ok(!t.contains(WEB))
+    })?;
+    agent.stop()?;
+    drop(pod);
     drop(rm);
     Ok(())
 }

@@ -8,9 +8,12 @@
 //! That last one is why CAP_BPF stays: kernels before 6.5 refuse every
 //! bpf(2) command without CAP_BPF when unprivileged BPF is disabled
 //! (Debian's default `kernel.unprivileged_bpf_disabled=2`; the check moved
-//! into map/program creation with commit c8644cd0efe7 in 6.5). The counters
-//! backend re-enters namespaces on every tick and so also keeps
-//! CAP_SYS_ADMIN and CAP_SYS_PTRACE.
+//! into map/program creation with commit c8644cd0efe7 in 6.5).
+//! CAP_SYS_ADMIN and CAP_SYS_PTRACE stay where the agent has them: it
+//! follows namespaces that appear later (entering them needs the first,
+//! seeing every process's namespace the second; see `nsfiles::Tables`),
+//! and the counters backend re-enters namespaces on every tick. Where they
+//! were not granted (the DaemonSet) CAP_BPF is all that stays.
 //!
 //! Everything else goes from the effective, permitted, inheritable,
 //! ambient and bounding sets, and no_new_privs is set, so neither the agent

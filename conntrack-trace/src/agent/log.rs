@@ -24,6 +24,16 @@ pub enum State {
     CapabilitiesDropped {
         kept: Vec<String>,
     },
+    /// A network namespace appeared: its table is in the metrics now.
+    NetnsAdded {
+        netns: String,
+        inode: u32,
+    },
+    /// A network namespace went away: its table's series are gone.
+    NetnsRemoved {
+        netns: String,
+        inode: u32,
+    },
     /// A namespace's table went above 90 % of its limit.
     TableHigh {
         netns: String,

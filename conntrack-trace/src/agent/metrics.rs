@@ -5,6 +5,16 @@
 //! Counters are the pipeline's exact totals since the agent started (never
 //! deltas), so `increase()` over any window is exact as long as the agent
 //! runs; a restart is a counter reset, which Prometheus handles.
+//!
+//! With `--metrics-label-pod` every per-namespace series (and the
+//! per-source ones, which are per namespace too) also carries the
+//! namespace's workload as `pod_namespace`, `pod_name` and
+//! `container_name` ([`WorkloadLabels`]), empty where there is none. They
+//! add no series: a namespace has one workload, so they are a function of
+//! the `netns` label. The names avoid `namespace`, `pod` and `container`,
+//! which Kubernetes scrape configurations put on every series as *target*
+//! labels (the agent's own pod); an exposed label of the same name would be
+//! renamed `exported_pod` and so on.
 
 use crate::model::KindCounts;
 use std::{
@@ -23,6 +33,7 @@ use crate::{
     aggregate::SourceKey,
     event::{Event, Kind},
     kstats::{CtStats, Fill},
+    workload::Workload,
 };
 
 /// Label of the series every source beyond the cap is summed into.
@@ -117,6 +128,33 @@ pub struct AmpGauge {
     pub retransmission_share: f64,
 }
 
+/// What `--metrics-label-pod` adds to a namespace's series.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    pub pod_namespace: String,
+    pub pod_name: String,
+    /// The container owning the namespace: Docker's name, else the
+    /// Kubernetes container name, else the id. Empty for a pod's namespace,
+    /// which all of its containers share.
+    pub container_name: String,
+}
+
+impl WorkloadLabels {
+    pub fn of(w: &Workload) -> WorkloadLabels {
+        let pod = w.pod.as_ref();
+        WorkloadLabels {
+            pod_namespace: pod.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+            pod_name: pod.and_then(|p| p.name.clone()).unwrap_or_default(),
+            container_name: w
+                .container
+                .as_ref()
+                .filter(|_| pod.is_none())
+                .map(|c| c.name.clone().unwrap_or_else(|| c.id.clone()))
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// Everything `/metrics` shows; replaced field by field each tick.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -136,6 +174,11 @@ pub struct Snapshot {
     pub folded: u64,
     pub series_cap: usize,
     pub namespaces: BTreeMap<String, NsState>,
+    /// `--metrics-label-pod`: per-namespace series carry the workload.
+    pub label_pod: bool,
+    /// Workload labels by netns name (the `netns` label's value); a
+    /// namespace without an entry gets empty ones.
+    pub workloads: BTreeMap<String, WorkloadLabels>,
     pub amp: Vec<AmpGauge>,
     pub findings_opened: u64,
     pub cpu_seconds: f64,
@@ -144,6 +187,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// `netns`, then (with `--metrics-label-pod`) the workload's labels.
+    fn netns_labels<'a>(&'a self, netns: &'a str) -> Labels<'a> {
+        let mut l = vec![("netns", netns)];
+        if self.label_pod {
+            let w = self.workloads.get(netns);
+            l.extend([
+                ("pod_namespace", w.map_or("", |w| w.pod_namespace.as_str())),
+                ("pod_name", w.map_or("", |w| w.pod_name.as_str())),
+                (
+                    "container_name",
+                    w.map_or("", |w| w.container_name.as_str()),
+                ),
+            ]);
+        }
+        l
+    }
+
     /// Copies the source table into the snapshot, naming namespaces.
     pub fn set_sources(&mut self, t: &SeriesTable, name: impl Fn(u32) -> String) {
         self.sources.clear();
@@ -233,10 +293,11 @@ fn gauge_i(v: u64) -> ConstGauge<i64> {
 
 impl Collector for Metrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = match self.0.lock() {
+        let guard = match self.0.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
+        let s: &Snapshot = &guard;
         use MetricType::{Counter, Gauge};
         family(
             &mut enc,
@@ -271,10 +332,9 @@ impl Collector for Metrics {
                 None,
                 Counter,
                 s.drops.iter().map(|((k, ns), n)| {
-                    (
-                        vec![("kind", k.as_str()), ("netns", ns.as_str())],
-                        counter(*n),
-                    )
+                    let mut l = vec![("kind", k.as_str())];
+                    l.extend(s.netns_labels(ns));
+                    (l, counter(*n))
                 }),
             )?;
         } else {
@@ -285,10 +345,9 @@ impl Collector for Metrics {
                 None,
                 Counter,
                 Kind::ALL.iter().map(|k| {
-                    (
-                        vec![("kind", k.as_str()), ("netns", "all")],
-                        counter(s.drops_total_only.get(*k)),
-                    )
+                    let mut l = vec![("kind", k.as_str())];
+                    l.extend(s.netns_labels("all"));
+                    (l, counter(s.drops_total_only.get(*k)))
                 }),
             )?;
         }
@@ -317,16 +376,14 @@ impl Collector for Metrics {
             None,
             Counter,
             s.sources.iter().map(|(l, n)| {
-                (
-                    vec![
-                        ("kind", l[0].as_str()),
-                        ("netns", l[1].as_str()),
-                        ("src", l[2].as_str()),
-                        ("proto", l[3].as_str()),
-                        ("port", l[4].as_str()),
-                    ],
-                    counter(*n),
-                )
+                let mut labels = vec![("kind", l[0].as_str())];
+                labels.extend(s.netns_labels(&l[1]));
+                labels.extend([
+                    ("src", l[2].as_str()),
+                    ("proto", l[3].as_str()),
+                    ("port", l[4].as_str()),
+                ]);
+                (labels, counter(*n))
             }),
         )?;
         family(
@@ -348,7 +405,7 @@ impl Collector for Metrics {
         let ns = |f: &dyn Fn(&NsState) -> Option<u64>| {
             s.namespaces
                 .iter()
-                .filter_map(move |(name, st)| f(st).map(|v| (vec![("netns", name.as_str())], v)))
+                .filter_map(move |(name, st)| f(st).map(|v| (s.netns_labels(name), v)))
                 .collect::<Vec<_>>()
         };
         family(
@@ -432,10 +489,9 @@ impl Collector for Metrics {
             "Forecast time until the table is full (linear fit over the last 30 s); 0 when full now, absent when not filling.",
             Some(&Unit::Seconds),
             Gauge,
-            s.namespaces.iter().filter_map(|(name, st)| {
-                st.eta_s
-                    .map(|e| (vec![("netns", name.as_str())], gauge_f(e)))
-            }),
+            s.namespaces
+                .iter()
+                .filter_map(|(name, st)| st.eta_s.map(|e| (s.netns_labels(name), gauge_f(e)))),
         )?;
         let port_labels: Vec<String> = s.amp.iter().map(|a| a.port.to_string()).collect();
         fn amp_labels<'a>(port: &'a str, a: &'a AmpGauge) -> Labels<'a> {
@@ -601,6 +657,106 @@ mod tests {
         assert!(
             !text.contains("amplification_factor"),
             "absent when none is open"
+        );
+    }
+
+    /// `--metrics-label-pod`: a namespace the resolver found to be a pod's
+    /// gets `pod_namespace`/`pod_name`, a container's `container_name`,
+    /// any other empty values; every per-namespace family carries them.
+    #[test]
+    fn pod_labels_come_from_the_resolved_workload() {
+        use crate::workload::{Container, Pod, Runtime, Source};
+        let pod = Workload {
+            container: None,
+            pod: Some(Pod {
+                namespace: Some("prod".into()),
+                name: Some("web-0".into()),
+                uid: "7a4d6d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f".into(),
+                containers: vec!["app".into()],
+                source: Source::Api,
+            }),
+        };
+        let container = Workload {
+            container: Some(Container {
+                runtime: Runtime::Docker,
+                id: "bc476804eb2af2157d625626809925a1bfa429e356d96195f836ba4a4dc30f0d".into(),
+                name: Some("web".into()),
+                image: None,
+                namespace: None,
+                source: Source::Api,
+            }),
+            pod: None,
+        };
+        let by_id = Workload {
+            container: Some(Container {
+                runtime: Runtime::Containerd,
+                id: "ctt1".into(),
+                name: None,
+                image: None,
+                namespace: Some("default".into()),
+                source: Source::Api,
+            }),
+            pod: None,
+        };
+        assert_eq!(WorkloadLabels::of(&by_id).container_name, "ctt1");
+        let m = Metrics::default();
+        {
+            let mut s = m.0.lock().unwrap();
+            s.per_packet = true;
+            s.label_pod = true;
+            s.workloads
+                .insert("pod:prod/web-0".into(), WorkloadLabels::of(&pod));
+            s.workloads
+                .insert("docker:web".into(), WorkloadLabels::of(&container));
+            s.drops
+                .insert((Kind::TableFull, "pod:prod/web-0".into()), 3);
+            s.drops.insert((Kind::TableFull, "init".into()), 1);
+            let mut t = SeriesTable::new(10);
+            t.record(&ev("10.0.0.7", 53));
+            s.set_sources(&t, |_| "pod:prod/web-0".into());
+            for ns in ["docker:web", "init"] {
+                s.namespaces.insert(
+                    ns.into(),
+                    NsState {
+                        fill: Fill {
+                            count: 3,
+                            max: 100,
+                            buckets: 64,
+                        },
+                        stats: Some(CtStats::default()),
+                        eta_s: None,
+                    },
+                );
+            }
+        }
+        let text = encode(&registry(&m)).unwrap();
+        const POD: &str =
+            r#"netns="pod:prod/web-0",pod_namespace="prod",pod_name="web-0",container_name="""#;
+        const WEB: &str = r#"netns="docker:web",pod_namespace="",pod_name="",container_name="web""#;
+        const INIT: &str = r#"netns="init",pod_namespace="",pod_name="",container_name="""#;
+        for line in [
+            format!("conntrack_trace_drops_total{{kind=\"table_full\",{POD}}} 3"),
+            format!("conntrack_trace_drops_total{{kind=\"table_full\",{INIT}}} 1"),
+            format!(
+                "conntrack_trace_source_drops_total{{kind=\"table_full\",{POD},src=\"10.0.0.7\",proto=\"udp\",port=\"53\"}} 1"
+            ),
+            format!("conntrack_trace_entries{{{WEB}}} 3"),
+            format!("conntrack_trace_max_entries{{{WEB}}} 100"),
+            format!("conntrack_trace_buckets{{{INIT}}} 64"),
+            format!("conntrack_trace_kernel_drop_total{{{WEB}}} 0"),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        // Without the flag the labels are as before, workloads or not.
+        m.0.lock().unwrap().label_pod = false;
+        let text = encode(&registry(&m)).unwrap();
+        assert!(!text.contains("pod_name"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == r#"conntrack_trace_entries{netns="docker:web"} 3"#)
         );
     }
 }

@@ -53,8 +53,8 @@ use crate::{
 
 use self::{
     log::State,
-    metrics::{AmpGauge, Metrics, NsState, SeriesTable},
-    nsfiles::NsFiles,
+    metrics::{AmpGauge, Metrics, NsState, SeriesTable, WorkloadLabels},
+    nsfiles::{Rescan, Tables},
     recorder::{RecordOptions, Recorder},
 };
 
@@ -71,6 +71,8 @@ pub struct AgentOptions {
     pub ready_file: Option<PathBuf>,
     /// Drops are "stopped" after this long without one.
     pub quiet: Duration,
+    /// `--metrics-label-pod`: per-namespace series carry the workload.
+    pub label_pod: bool,
 }
 
 /// Fill above which a namespace is reported high, and below which it is
@@ -131,11 +133,73 @@ impl Consumer {
         }
     }
 
+    /// Names (and workloads) of the namespaces in `list` from the
+    /// resolver's cache. Adds, never drops, a name: a counter's `netns`
+    /// label must not change under it, and without CAP_SYS_PTRACE the list
+    /// sees fewer processes than at start. A namespace named before its
+    /// workload was found (a container's namespace exists a moment before
+    /// its process joins the container's cgroup) takes the workload's name.
+    fn refresh_names(&mut self, list: &BTreeMap<u32, NetnsInfo>) {
+        let now_named = names_of(list);
+        for (k, v) in now_named.iter() {
+            if !self.names.contains_key(k) {
+                self.names.insert(*k, v.clone());
+            }
+        }
+        for (k, w) in now_named.workloads() {
+            if self.names.workload(*k).is_none() {
+                self.names.set_workload(*k, w.clone());
+                self.names.insert(*k, w.display());
+            }
+        }
+        self.unknown_netns = false;
+    }
+
     fn name(&self, ino: u32) -> String {
         self.names
             .get(&ino)
             .cloned()
             .unwrap_or_else(|| ino.to_string())
+    }
+}
+
+/// Follows the namespaces (once per tick, with the capabilities to enter
+/// them): `tables` opens the new ones and closes the gone ones, the names
+/// are refreshed when the set changed, and the per-namespace state of the
+/// gone is forgotten.
+fn follow_namespaces(
+    tables: &mut Tables,
+    consumer: &mut Consumer,
+    estimators: &mut HashMap<u32, Estimator>,
+    watch: &mut Watch,
+) {
+    let list = netns::list();
+    let Rescan {
+        added,
+        removed,
+        refused,
+    } = tables.rescan(&list);
+    if !added.is_empty() || consumer.unknown_netns || crate::workload::wants_refresh() {
+        consumer.refresh_names(&list);
+    }
+    for (inode, _) in added {
+        log::emit(&State::NetnsAdded {
+            netns: consumer.name(inode),
+            inode,
+        });
+    }
+    for (inode, _) in removed {
+        estimators.remove(&inode);
+        watch.high.remove(&inode);
+        log::emit(&State::NetnsRemoved {
+            netns: consumer.name(inode),
+            inode,
+        });
+    }
+    for why in refused {
+        log::emit(&State::Warning {
+            message: format!("no table metrics for a new namespace: {why}"),
+        });
     }
 }
 
@@ -196,32 +260,34 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     }
 
     // Every namespace's files, opened while we may still enter them.
-    let mut uncovered = Vec::new();
-    let ns_files: Vec<NsFiles> = held
-        .iter()
-        .filter_map(|h| match NsFiles::open(h) {
-            Ok(f) => Some(f),
-            Err(why) => {
-                uncovered.push(format!("{}: {why}", h.info.name));
-                None
-            }
-        })
-        .collect();
+    let (mut tables, uncovered) = Tables::open(&held);
 
     // Capabilities: what remains after this is all any later thread
-    // (the capture writer's, HTTP connections) can have.
-    let mut keep = vec![caps::CAP_BPF];
-    if !per_packet {
-        keep.extend([caps::CAP_SYS_ADMIN, caps::CAP_SYS_PTRACE]);
-    }
-    match caps::drop_all_but(&keep) {
-        Ok(kept) => log::emit(&State::CapabilitiesDropped {
-            kept: kept.into_iter().map(caps::name).collect(),
-        }),
-        Err(e) => log::emit(&State::Warning {
-            message: format!("could not drop capabilities: {e}"),
-        }),
-    }
+    // (the capture writer's, HTTP connections) can have. CAP_SYS_ADMIN and
+    // CAP_SYS_PTRACE stay where the agent has them: entering a namespace
+    // that appears later needs the first (setns), seeing every process's
+    // namespace (so that a namespace missing from the list is gone, not
+    // hidden) the second; the counters backend also re-enters every
+    // namespace each tick.
+    let keep = [caps::CAP_BPF, caps::CAP_SYS_ADMIN, caps::CAP_SYS_PTRACE];
+    let follow = match caps::drop_all_but(&keep) {
+        Ok(kept) => {
+            let follow =
+                kept.contains(&caps::CAP_SYS_ADMIN) && kept.contains(&caps::CAP_SYS_PTRACE);
+            log::emit(&State::CapabilitiesDropped {
+                kept: kept.into_iter().map(caps::name).collect(),
+            });
+            follow
+        }
+        Err(e) => {
+            log::emit(&State::Warning {
+                message: format!(
+                    "could not drop capabilities: {e}; namespaces that appear later get no table metrics"
+                ),
+            });
+            false
+        }
+    };
 
     let ring = tp.take_ring()?;
     let start_unix_ns = SystemTime::now()
@@ -256,7 +322,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
                 seq: 0,
                 scope: scope_desc.clone(),
                 filter: capture::format::RecordedFilter::of(&Filter::default()),
-                conntrack: ns_files
+                conntrack: tables
                     .iter()
                     .filter_map(|f| {
                         Some(NsFill {
@@ -287,6 +353,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
         s.per_packet = per_packet;
         s.series_cap = opts.max_series;
         s.start_unix_s = start_unix_ns as f64 / 1e9;
+        s.label_pod = opts.label_pod;
     }
     let shared = http::Shared {
         registry: Arc::new(metrics::registry(&m)),
@@ -360,26 +427,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
                 let now = Instant::now();
                 consumer.pipe.agg.tick(now - last_tick);
                 last_tick = now;
-                if consumer.unknown_netns {
-                    // Add names, never drop one: without CAP_SYS_PTRACE
-                    // the list sees fewer processes than at start.
-                    let now_named = names_of(&netns::list());
-                    for (k, v) in now_named.iter() {
-                        if !consumer.names.contains_key(k) {
-                            consumer.names.insert(*k, v.clone());
-                        }
-                    }
-                    for (k, w) in now_named.workloads() {
-                        if consumer.names.workload(*k).is_none() {
-                            consumer.names.set_workload(*k, w.clone());
-                        }
-                    }
-                    consumer.unknown_netns = false;
+                if follow {
+                    follow_namespaces(&mut tables, &mut consumer, &mut estimators, &mut watch);
+                } else if consumer.unknown_netns || crate::workload::wants_refresh() {
+                    consumer.refresh_names(&netns::list());
                 }
                 let t_s = started.elapsed().as_secs_f64();
                 let mut nss = BTreeMap::new();
-                for f in &ns_files {
+                for f in tables.iter() {
                     let Some(fill) = f.fill() else { continue };
+                    let name = consumer.name(f.inode);
                     let est = estimators.entry(f.inode).or_insert_with(|| Estimator::new(forecast::Config::default()));
                     est.push(forecast::Sample { t_s, entries: fill.count, inserted: None }, fill.max);
                     let fc = est.forecast();
@@ -390,11 +447,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
                     };
                     let pct = fill.percent();
                     if pct >= HIGH_FILL && watch.high.insert(f.inode) {
-                        log::emit(&State::TableHigh { netns: f.name.clone(), entries: fill.count, max: fill.max, fill_percent: pct });
+                        log::emit(&State::TableHigh { netns: name.clone(), entries: fill.count, max: fill.max, fill_percent: pct });
                     } else if pct < NORMAL_FILL && watch.high.remove(&f.inode) {
-                        log::emit(&State::TableNormal { netns: f.name.clone(), entries: fill.count, max: fill.max, fill_percent: pct });
+                        log::emit(&State::TableNormal { netns: name.clone(), entries: fill.count, max: fill.max, fill_percent: pct });
                     }
-                    nss.insert(f.name.clone(), NsState { fill, stats: f.stats(), eta_s });
+                    nss.insert(name, NsState { fill, stats: f.stats(), eta_s });
                 }
                 // Drops started / stopped (packet drops: table_full and
                 // insert_failed; evictions are not drops of a packet).
@@ -459,6 +516,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
                 s.decode_errors = consumer.decode_errors;
                 s.set_sources(&consumer.series, |i| consumer.name(i));
                 s.namespaces = nss;
+                if opts.label_pod {
+                    s.workloads = consumer.names.workloads().iter().map(|(i, w)| (consumer.name(*i), WorkloadLabels::of(w))).collect();
+                }
                 s.amp = gauges;
                 s.findings_opened = watch.findings_opened;
                 if let Some((cpu, rss)) = own {
@@ -476,7 +536,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
                         backend: backend_desc.clone(),
                         refused: refused.iter().map(|r| format!("{}: {}", r.backend.as_str(), r.reason)).collect(),
                         metrics_addr: opts.metrics_addr.to_string(),
-                        namespaces: ns_files.len(),
+                        namespaces: tables.len(),
                         uncovered: uncovered.clone(),
                     });
                 }
@@ -500,15 +560,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
     server.abort();
     let mut ring = afd.map(AsyncFd::into_inner);
     tp.detach();
-    // The namespaces' counters through the files opened at start (setns is
-    // no longer allowed).
-    let end_stats = kstats::Snapshot {
-        stats: ns_files
-            .iter()
-            .filter_map(|f| Some((f.inode, f.stats()?)))
-            .collect(),
-        missing: Vec::new(),
-    };
+    // The namespaces' counters through the files already open (setns may
+    // no longer be allowed).
+    let end_stats = tables.end_snapshot();
     if let Some(r) = &mut ready_file {
         r.withdraw();
     }
