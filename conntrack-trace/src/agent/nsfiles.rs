@@ -26,8 +26,8 @@ use std::{
 
 use crate::{
     kstats::{self, CtStats, Fill},
+    model::Uncovered,
     netns::{self, Held, NetnsInfo},
-    output::Uncovered,
 };
 
 #[derive(Debug)]
