@@ -30,7 +30,6 @@
 //! * two flows with the same 64-bit fingerprint are one flow (probability
 //!   about n²/2⁶⁵ for n live flows: ~3·10⁻⁸ at a million).
 
-use crate::model::{AmpSummary, Backoff, Finding, FindingStatus};
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
@@ -42,6 +41,7 @@ use crate::{
     aggregate::SourceKey,
     clock::Clock,
     event::{Event, Kind},
+    model::{AmpSummary, Backoff, Finding, FindingStatus},
 };
 
 /// Settings of the detector (`trace --amp-*` flags).

@@ -5,7 +5,6 @@
 //! last drain, end counters). Each driver keeps only what differs: where
 //! results go.
 
-use crate::model::{KindCounts, Refusal, Scope, SessionFacts, Uncovered};
 use std::time::{Duration, SystemTime};
 
 use aya::maps::{MapData, RingBuf};
@@ -19,7 +18,9 @@ use crate::{
     event::{Event, Kind},
     filter::Filter,
     kstats::{self, CtStats},
+    model::{KindCounts, Refusal, Scope, SessionFacts, Totals, Uncovered},
     netns,
+    pipeline::Pipeline,
 };
 
 /// Events drained from the ring per wakeup before the loop looks at its
@@ -267,6 +268,38 @@ pub fn end(
         },
         decode_errors,
     ))
+}
+
+/// A live summary's counts: the pipeline's, the programs' and the
+/// kernel's over the attach window (`sampled`, `exact`: see
+/// [`Totals::sampled`]).
+pub fn totals<S>(
+    facts: &SessionFacts,
+    p: &Pipeline<S>,
+    end: &Ending,
+    decode_errors: u64,
+    sampled: bool,
+    exact: u64,
+) -> Totals {
+    let c = &end.counters;
+    Totals {
+        events: p.received,
+        matched: match facts.per_packet {
+            true => p.agg.totals,
+            false => KindCounts::default(),
+        },
+        lost: c.lost,
+        observed: c.seen,
+        kernel: end.kernel,
+        unclassified_drops: c.unclassified,
+        unmatched_drop_counts: c.drop_unmatched,
+        decode_errors,
+        namespaces: end.covered,
+        uncovered: end.uncovered.clone(),
+        complete: complete(facts.per_packet, &p.received, c),
+        sampled,
+        exact_sources: exact,
+    }
 }
 
 /// Whether every event the programs saw either arrived or was counted as

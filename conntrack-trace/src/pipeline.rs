@@ -3,12 +3,12 @@
 //! — count, select, aggregate, detect amplification — so that a capture's
 //! report is the live summary by construction, not by a second copy.
 
-use crate::model::KindCounts;
 use crate::{
     aggregate::Aggregator,
     amplify::{AmpConfig, Detector},
     event::Event,
     filter::Filter,
+    model::KindCounts,
     workload::NetnsNames,
 };
 

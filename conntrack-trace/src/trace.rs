@@ -2,7 +2,6 @@
 //! into the aggregator and the output, and summarise against the kernel's
 //! own counters at the end.
 
-use crate::model::{Finding, KindCounts, Scope, SessionFacts, Summary, TopSource, Totals};
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -22,6 +21,7 @@ use crate::{
     forecast::{Estimator, Forecast, Sample, Trend},
     kstats,
     live::{self, Ring, selection_line},
+    model::{Finding, KindCounts, Scope, SessionFacts, Summary, TopSource},
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
@@ -547,8 +547,15 @@ impl<'s> Session<'s> {
             true => self.exact_top()?,
             false => (top_sources(&self.consumer.pipe.agg, self.opts.top), 0),
         };
-        let totals = self.totals(&end, decode_errors, sampled, exact_sources);
         let c = &mut self.consumer;
+        let totals = live::totals(
+            &self.facts,
+            &c.pipe,
+            &end,
+            decode_errors,
+            sampled,
+            exact_sources,
+        );
         let summary = Summary::assemble(&self.facts, duration_s, totals, top, &c.pipe);
         let recorded = c.writer.take().map(|w| {
             let (files, written) = (w.files(), w.events_written());
@@ -565,30 +572,6 @@ impl<'s> Session<'s> {
             Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
         }
         Ok(summary)
-    }
-
-    /// The summary's counts: the pipeline's, the programs' and the
-    /// kernel's over the attach window.
-    fn totals(&self, end: &live::Ending, decode_errors: u64, sampled: bool, exact: u64) -> Totals {
-        let (p, c) = (&self.consumer.pipe, &end.counters);
-        Totals {
-            events: p.received,
-            matched: match self.facts.per_packet {
-                true => p.agg.totals,
-                false => KindCounts::default(),
-            },
-            lost: c.lost,
-            observed: c.seen,
-            kernel: end.kernel,
-            unclassified_drops: c.unclassified,
-            unmatched_drop_counts: c.drop_unmatched,
-            decode_errors,
-            namespaces: end.covered,
-            uncovered: end.uncovered.clone(),
-            complete: live::complete(self.facts.per_packet, &p.received, c),
-            sampled,
-            exact_sources: exact,
-        }
     }
 }
 

@@ -16,7 +16,6 @@
 //! labels (the agent's own pod); an exposed label of the same name would be
 //! renamed `exported_pod` and so on.
 
-use crate::model::KindCounts;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -33,6 +32,7 @@ use crate::{
     aggregate::SourceKey,
     event::{Event, Kind},
     kstats::{CtStats, Fill},
+    model::KindCounts,
     workload::Workload,
 };
 

@@ -7,9 +7,9 @@
 //! ([`recorder`]). After attaching it drops the capabilities it no longer
 //! needs ([`caps`]).
 //!
-//! Glue copied from `trace.rs` (to be unified by the session refactor): the
-//! ring drain loop with its pause, the capture header, the counters window
-//! at teardown.
+//! What it shares with `trace` — the backend opened between the start
+//! counters and the attach, the ring drain, the capture header, the end of
+//! a session and its totals — is in [`crate::live`].
 
 pub mod caps;
 pub mod http;
@@ -19,35 +19,32 @@ pub mod nsfiles;
 pub mod recorder;
 pub mod selfstat;
 
-use crate::model::{KindCounts, Scope};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    aggregate::DEFAULT_MAX_SOURCES,
     amplify::AmpConfig,
-    backend::{self, Choice},
+    backend::{self, Backend, BpfCounters, Choice},
     capture::{self, format::NsFill},
-    clock::Clock,
+    clock::monotonic_ns,
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
     forecast::{self, Estimator, Trend},
     kstats,
-    live::{ring_pause, selection_line},
+    live::{self, Ring, selection_line},
+    model::{KindCounts, Scope, SessionFacts, Summary},
     netns::{self, NetnsInfo},
     outfile::ReadyFile,
-    output::NetnsNames,
+    output::{NetnsNames, pipe::diag},
     pipeline::Pipeline,
 };
 
@@ -79,10 +76,6 @@ pub struct AgentOptions {
 /// normal again (hysteresis, so a table at 90 % does not flap).
 const HIGH_FILL: f64 = 90.0;
 const NORMAL_FILL: f64 = 85.0;
-/// Events drained per wakeup before the loop looks at its timers.
-const DRAIN_BATCH: usize = 65_536;
-
-use crate::clock::monotonic_ns;
 
 fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
     crate::workload::names_of(list)
@@ -94,42 +87,34 @@ struct Consumer {
     pipe: Pipeline<Filter>,
     series: SeriesTable,
     per_netns: BTreeMap<(Kind, u32), u64>,
-    decode_errors: u64,
     names: NetnsNames,
     unknown_netns: bool,
     recorder: Option<Recorder>,
 }
 
 impl Consumer {
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> usize {
-        let mut n = 0;
-        while n < limit {
-            let Some(item) = ring.next() else { break };
-            n += 1;
-            let ev = match Event::decode(&item) {
-                Ok(ev) => ev,
-                Err(_) => {
-                    self.decode_errors += 1;
-                    continue;
-                }
-            };
-            drop(item);
-            self.handle(&ev);
-        }
-        n
-    }
-
-    fn handle(&mut self, ev: &Event) {
+    fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
         if let Some(r) = &mut self.recorder {
             r.event(ev);
         }
         if !self.pipe.feed(ev, &self.names) {
-            return;
+            return Ok(());
         }
         self.series.record(ev);
         *self.per_netns.entry((ev.kind, ev.netns)).or_default() += 1;
         if !self.names.contains_key(&ev.netns) {
             self.unknown_netns = true;
+        }
+        Ok(())
+    }
+
+    /// SIGUSR1: keep the minutes around now as an incident capture.
+    fn incident(&mut self, why: &str) {
+        match &mut self.recorder {
+            Some(r) => r.incident(why),
+            None => log::emit(&State::Warning {
+                message: format!("{why}: no --record-dir, nothing to keep"),
+            }),
         }
     }
 
@@ -214,63 +199,88 @@ struct Watch {
     findings_opened: u64,
 }
 
+/// The agent in three phases, as `trace` ([`crate::trace`]):
+/// [`Agent::start`] (command-line checks, backend, namespaces'
+/// files, capabilities, recorder, metrics server), [`Agent::run`] (the
+/// event loop; [`Agent::tick`] each interval) and [`Agent::finish`]
+/// (detach, end counters, the recorder's trailer).
+struct Agent {
+    opts: AgentOptions,
+    facts: SessionFacts,
+    tp: Backend,
+    /// Every namespace at start, held open so that both snapshots read the
+    /// same ones.
+    held: Vec<netns::Held>,
+    start_stats: kstats::Snapshot,
+    /// Each namespace's table and counters files (see [`nsfiles`]).
+    tables: Tables,
+    /// Namespaces at start whose files could not be opened, and why.
+    uncovered: Vec<String>,
+    /// The capabilities to follow namespaces that come and go were kept.
+    follow: bool,
+    ring: Option<Ring>,
+    consumer: Consumer,
+    metrics: Metrics,
+    shared: http::Shared,
+    server: tokio::task::JoinHandle<()>,
+    ready_file: Option<ReadyFile>,
+    started: Instant,
+    last_tick: Instant,
+    /// The counters backend's totals at the last tick.
+    last_seen: KindCounts,
+    estimators: HashMap<u32, Estimator>,
+    watch: Watch,
+}
+
 pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(TraceError::io("reading /proc/self/status"))?;
-    crate::error::check_privileges(&status)?;
-    // Everything that can fail because of the command line fails before
-    // anything is loaded: the port, the record directory, the ready file.
+    let mut agent = Agent::start(opts).await?;
+    let signal = agent.run().await?;
+    agent.finish(signal)
+}
+
+/// Everything that can fail because of the command line, before anything
+/// is loaded: the port, the record directory, the ready file.
+struct Prepared {
+    listener: tokio::net::TcpListener,
+    recorder: Option<(Recorder, capture::writer::Prepared)>,
+    ready_file: Option<ReadyFile>,
+}
+
+async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
     let listener = http::bind(opts.metrics_addr)
         .await
         .map_err(|e| TraceError::Usage(format!("--metrics-addr {}: {e}", opts.metrics_addr)))?;
-    let mut recorder = match &opts.record {
+    let recorder = match &opts.record {
         Some(r) => Some(Recorder::prepare(r.clone()).map_err(|e| match e {
             recorder::RecordError::Write(w) if !w.is_refusal() => TraceError::Other(w.to_string()),
             e => TraceError::Usage(e.to_string()),
         })?),
         None => None,
     };
-    let mut ready_file = match &opts.ready_file {
+    let ready_file = match &opts.ready_file {
         Some(p) => Some(
             ReadyFile::prepare(p, &[])
                 .map_err(|e| TraceError::Usage(format!("--ready-file: {e}")))?,
         ),
         None => None,
     };
+    Ok(Prepared {
+        listener,
+        recorder,
+        ready_file,
+    })
+}
 
-    let all = netns::list();
-    let scope_list: Vec<NetnsInfo> = all.values().cloned().collect();
-    let held = netns::hold(&scope_list);
-    let start_cell = std::cell::RefCell::new(kstats::Snapshot::default());
-    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &held, &|| {
-        *start_cell.borrow_mut() = kstats::snapshot(&held);
-    })?;
-    let start_stats = start_cell.into_inner();
-    let backend_desc = tp.describe();
-    let per_packet = tp.per_packet();
-    crate::output::pipe::diag(selection_line(&backend_desc, &refused));
-    if !refused.is_empty() {
-        log::emit(&State::BackendFellBack {
-            backend: tp.name().as_str().into(),
-            refused: refused
-                .iter()
-                .map(|r| format!("{}: {}", r.backend.as_str(), r.reason))
-                .collect(),
-        });
-    }
-
-    // Every namespace's files, opened while we may still enter them.
-    let (mut tables, uncovered) = Tables::open(&held);
-
-    // Capabilities: what remains after this is all any later thread
-    // (the capture writer's, HTTP connections) can have. CAP_SYS_ADMIN and
-    // CAP_SYS_PTRACE stay where the agent has them: entering a namespace
-    // that appears later needs the first (setns), seeing every process's
-    // namespace (so that a namespace missing from the list is gone, not
-    // hidden) the second; the counters backend also re-enters every
-    // namespace each tick.
+/// Drops every capability but CAP_BPF — and CAP_SYS_ADMIN and
+/// CAP_SYS_PTRACE where the agent has them: entering a namespace that
+/// appears later needs the first (setns), seeing every process's namespace
+/// (so that a namespace missing from the list is gone, not hidden) the
+/// second; the counters backend also re-enters every namespace each tick.
+/// What remains is all any later thread (the capture writer's, HTTP
+/// connections) can have. Returns whether namespaces can be followed.
+fn drop_capabilities() -> bool {
     let keep = [caps::CAP_BPF, caps::CAP_SYS_ADMIN, caps::CAP_SYS_PTRACE];
-    let follow = match caps::drop_all_but(&keep) {
+    match caps::drop_all_but(&keep) {
         Ok(kept) => {
             let follow =
                 kept.contains(&caps::CAP_SYS_ADMIN) && kept.contains(&caps::CAP_SYS_PTRACE);
@@ -287,72 +297,51 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
             });
             false
         }
-    };
+    }
+}
 
-    let ring = tp.take_ring()?;
-    let start_unix_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let start_mono_ns = monotonic_ns();
-    let clock = Clock {
-        start_unix_ns,
-        start_mono_ns,
+/// The recorder's first file, headed like a `trace --write` capture.
+fn start_recorder(
+    prepared: Option<(Recorder, capture::writer::Prepared)>,
+    facts: &SessionFacts,
+    tables: &Tables,
+    start: &kstats::Snapshot,
+    names: &NetnsNames,
+) -> Result<Option<Recorder>, TraceError> {
+    let Some((mut rec, prepared)) = prepared else {
+        return Ok(None);
     };
-    let started = Instant::now();
-    let names = names_of(&all);
-    let scope_desc = Scope {
-        netns: "all".into(),
-        netns_inode: None,
-        namespaces: held.len(),
-        uncovered: start_stats.missing.clone(),
-    };
-    let recorder = match recorder.take() {
-        Some((mut rec, prepared)) => {
-            let header = capture::Header {
-                format_version: capture::format::FORMAT_VERSION,
-                tool_version: env!("CARGO_PKG_VERSION").into(),
-                hostname: capture::hostname(),
-                kernel_release: capture::kernel_release(),
-                backend: backend_desc.clone(),
-                evictions: tp.evictions().describe(),
-                start_unix_ns,
-                start_mono_ns,
-                capture_id: start_unix_ns as u64 ^ (u64::from(std::process::id()) << 40),
-                seq: 0,
-                scope: scope_desc.clone(),
-                filter: capture::format::RecordedFilter::of(&Filter::default()),
-                conntrack: tables
-                    .iter()
-                    .filter_map(|f| {
-                        Some(NsFill {
-                            netns: f.name.clone(),
-                            inode: f.inode,
-                            fill: f.fill()?,
-                        })
-                    })
-                    .collect(),
-                kernel_start: start_stats.stats.clone(),
-                backend_refused: refused.clone(),
-                per_packet,
-                backend_name: Some(tp.name().as_str().into()),
-            };
-            rec.start(prepared, header, &names)
-                .map_err(|e| TraceError::Other(e.to_string()))?;
-            Some(rec)
-        }
-        None => None,
-    };
+    let fills = tables
+        .iter()
+        .filter_map(|f| {
+            Some(NsFill {
+                netns: f.name.clone(),
+                inode: f.inode,
+                fill: f.fill()?,
+            })
+        })
+        .collect();
+    let header = live::capture_header(facts, &Filter::default(), fills, start);
+    rec.start(prepared, header, names)
+        .map_err(|e| TraceError::Other(e.to_string()))?;
+    Ok(Some(rec))
+}
 
+/// The metrics' fixed part, and the server that exposes them.
+fn serve(
+    listener: tokio::net::TcpListener,
+    opts: &AgentOptions,
+    facts: &SessionFacts,
+) -> (Metrics, http::Shared, tokio::task::JoinHandle<()>) {
     let m = Metrics::default();
     {
         let mut s = m.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.version = env!("CARGO_PKG_VERSION").into();
-        s.backend = tp.name().as_str().into();
+        s.version = facts.version.clone();
+        s.backend = facts.backend.clone();
         s.kernel = capture::kernel_release();
-        s.per_packet = per_packet;
+        s.per_packet = facts.per_packet;
         s.series_cap = opts.max_series;
-        s.start_unix_s = start_unix_ns as f64 / 1e9;
+        s.start_unix_s = facts.clock.start_unix_ns as f64 / 1e9;
         s.label_pod = opts.label_pod;
     }
     let shared = http::Shared {
@@ -360,255 +349,366 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
         ready: Arc::default(),
     };
     let server = tokio::spawn(http::serve(listener, shared.clone()));
+    (m, shared, server)
+}
 
-    let mut consumer = Consumer {
-        pipe: Pipeline::new(
-            Filter::default(),
-            crate::aggregate::DEFAULT_MAX_SOURCES,
-            opts.amp.clone(),
-        ),
-        series: SeriesTable::new(opts.max_series),
-        per_netns: BTreeMap::new(),
-        decode_errors: 0,
-        names,
-        unknown_netns: false,
-        recorder,
-    };
-    let mut estimators: HashMap<u32, Estimator> = HashMap::new();
-    let mut watch = Watch::default();
+impl Agent {
+    async fn start(opts: AgentOptions) -> Result<Agent, TraceError> {
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(TraceError::io("reading /proc/self/status"))?;
+        crate::error::check_privileges(&status)?;
+        let p = prepare(&opts).await?;
+        let all = netns::list();
+        let held = netns::hold(&all.values().cloned().collect::<Vec<_>>());
+        let opened = live::open(opts.choice, &opts.backend, &held)?;
+        let scope = Scope {
+            netns: "all".into(),
+            netns_inode: None,
+            namespaces: held.len(),
+            uncovered: Vec::new(),
+        };
+        let facts = opened.facts(scope);
+        diag(selection_line(&facts.hooks, &facts.refused));
+        if !facts.refused.is_empty() {
+            log::emit(&State::BackendFellBack {
+                backend: facts.backend.clone(),
+                refused: facts.refused.iter().map(|r| r.to_string()).collect(),
+            });
+        }
+        // Every namespace's files, opened while we may still enter them.
+        let (tables, uncovered) = Tables::open(&held);
+        let follow = drop_capabilities();
+        let live::Opened {
+            mut tp,
+            start: start_stats,
+            ..
+        } = opened;
+        let ring = Ring::take(&mut tp, opts.backend.ring_bytes)?;
+        let names = names_of(&all);
+        let recorder = start_recorder(p.recorder, &facts, &tables, &start_stats, &names)?;
+        let (metrics, shared, server) = serve(p.listener, &opts, &facts);
+        let consumer = Consumer {
+            pipe: Pipeline::new(Filter::default(), DEFAULT_MAX_SOURCES, opts.amp.clone()),
+            series: SeriesTable::new(opts.max_series),
+            per_netns: BTreeMap::new(),
+            names,
+            unknown_netns: false,
+            recorder,
+        };
+        let now = Instant::now();
+        Ok(Agent {
+            opts,
+            facts,
+            tp,
+            held,
+            start_stats,
+            tables,
+            uncovered,
+            follow,
+            ring,
+            consumer,
+            metrics,
+            shared,
+            server,
+            ready_file: p.ready_file,
+            started: now,
+            last_tick: now,
+            last_seen: KindCounts::default(),
+            estimators: HashMap::new(),
+            watch: Watch::default(),
+        })
+    }
 
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(TraceError::io("installing SIGTERM handler"))?;
-    let mut sigusr1 = signal(SignalKind::user_defined1())
-        .map_err(TraceError::io("installing SIGUSR1 handler"))?;
-
-    let mut afd = match ring {
-        // SAFETY: the AsyncFd owns the ring (and its fd) until into_inner()
-        // below; nothing else closes the fd meanwhile.
-        Some(ring) => Some(
-            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
-                TraceError::Io {
-                    context: "polling the ring buffer".into(),
-                    source: e.into(),
-                }
-            })?,
-        ),
-        None => None,
-    };
-    let pause = ring_pause(opts.backend.ring_bytes);
-    let mut ticker = tokio::time::interval(opts.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = KindCounts::default();
-    let mut last_tick = Instant::now();
-
-    let signal_name = loop {
-        tokio::select! {
-            biased;
-            _ = sigint.recv() => break "SIGINT",
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigusr1.recv() => {
-                if let Some(r) = &mut consumer.recorder {
-                    r.incident("SIGUSR1");
-                } else {
-                    log::emit(&State::Warning { message: "SIGUSR1: no --record-dir, nothing to keep".into() });
-                }
-            }
-            _ = ticker.tick() => {
-                if let Some(afd) = afd.as_mut() {
-                    consumer.drain(afd.get_mut(), usize::MAX);
-                }
-                let counters = tp.counters()?;
-                if !per_packet {
-                    consumer.pipe.agg.record_totals(&counters.seen.sub(&last_seen));
-                    last_seen = counters.seen;
-                }
-                let now = Instant::now();
-                consumer.pipe.agg.tick(now - last_tick);
-                last_tick = now;
-                if follow {
-                    follow_namespaces(&mut tables, &mut consumer, &mut estimators, &mut watch);
-                } else if consumer.unknown_netns || crate::workload::wants_refresh() {
-                    consumer.refresh_names(&netns::list());
-                }
-                let t_s = started.elapsed().as_secs_f64();
-                let mut nss = BTreeMap::new();
-                for f in tables.iter() {
-                    let Some(fill) = f.fill() else { continue };
-                    let name = consumer.name(f.inode);
-                    let est = estimators.entry(f.inode).or_insert_with(|| Estimator::new(forecast::Config::default()));
-                    est.push(forecast::Sample { t_s, entries: fill.count, inserted: None }, fill.max);
-                    let fc = est.forecast();
-                    let eta_s = match fc.trend {
-                        Trend::Full => Some(0.0),
-                        Trend::Filling => fc.eta_s,
-                        _ => None,
-                    };
-                    let pct = fill.percent();
-                    if pct >= HIGH_FILL && watch.high.insert(f.inode) {
-                        log::emit(&State::TableHigh { netns: name.clone(), entries: fill.count, max: fill.max, fill_percent: pct });
-                    } else if pct < NORMAL_FILL && watch.high.remove(&f.inode) {
-                        log::emit(&State::TableNormal { netns: name.clone(), entries: fill.count, max: fill.max, fill_percent: pct });
-                    }
-                    nss.insert(name, NsState { fill, stats: f.stats(), eta_s });
-                }
-                // Drops started / stopped (packet drops: table_full and
-                // insert_failed; evictions are not drops of a packet).
-                let totals = consumer.pipe.agg.totals;
-                let drops = totals.table_full + totals.insert_failed;
-                if drops > watch.last_drops {
-                    watch.last_drop_at = Some(now);
-                    if !watch.dropping {
-                        watch.dropping = true;
-                        log::emit(&State::DropsStarted { drops: drops - watch.last_drops });
-                        if let Some(r) = &mut consumer.recorder {
-                            r.incident("drops started");
-                        }
-                    }
-                } else if watch.dropping
-                    && watch.last_drop_at.is_some_and(|t| now - t >= opts.quiet)
-                {
-                    watch.dropping = false;
-                    log::emit(&State::DropsStopped { drops, quiet_s: opts.quiet.as_secs_f64() });
-                }
-                watch.last_drops = drops;
-                // Amplification: open while a flagged source dropped within
-                // the window.
-                for f in consumer.pipe.amp.take_changed(&clock) {
-                    let key = (f.src.clone().unwrap_or_default(), f.service.clone());
-                    if watch.open_amp.insert(key.clone()) {
-                        watch.findings_opened += 1;
-                        log::emit(&State::AmplificationOpened { src: key.0, service: key.1, factor: f.factor, message: f.message.clone() });
-                    }
-                }
-                let window_ns = consumer.pipe.amp.config().window.as_nanos() as u64;
-                let mono = monotonic_ns();
-                let mut gauges = Vec::new();
-                let mut still_open = BTreeSet::new();
-                for f in consumer.pipe.amp.findings(&clock) {
-                    let key = (f.src.clone().unwrap_or_default(), f.service.clone());
-                    if !watch.open_amp.contains(&key) {
-                        continue;
-                    }
-                    if mono.saturating_sub(f.last_ts_ns) > window_ns {
-                        log::emit(&State::AmplificationClosed { src: key.0.clone(), service: key.1.clone(), attempts: f.attempts });
-                        continue;
-                    }
-                    still_open.insert(key.clone());
-                    gauges.push(AmpGauge {
-                        src: key.0,
-                        proto: f.proto.clone(),
-                        port: f.port,
-                        factor: f.factor,
-                        retransmission_share: if f.attempts == 0 { 0.0 } else { f.retransmissions as f64 / f.attempts as f64 },
-                    });
-                }
-                watch.open_amp = still_open;
-                if let Some(r) = &mut consumer.recorder {
-                    r.tick(&consumer.names);
-                }
-                let own = selfstat::read();
-                let mut s = m.0.lock().unwrap_or_else(|p| p.into_inner());
-                s.drops = consumer.per_netns.iter().map(|((k, ns), n)| ((*k, consumer.name(*ns)), *n)).collect();
-                s.drops_total_only = consumer.pipe.agg.totals;
-                s.lost = counters.lost;
-                s.decode_errors = consumer.decode_errors;
-                s.set_sources(&consumer.series, |i| consumer.name(i));
-                s.namespaces = nss;
-                if opts.label_pod {
-                    s.workloads = consumer.names.workloads().iter().map(|(i, w)| (consumer.name(*i), WorkloadLabels::of(w))).collect();
-                }
-                s.amp = gauges;
-                s.findings_opened = watch.findings_opened;
-                if let Some((cpu, rss)) = own {
-                    s.cpu_seconds = cpu;
-                    s.rss_bytes = rss;
-                }
-                drop(s);
-                if !shared.ready.swap(true, Ordering::Relaxed) {
-                    // Ready once attached and the first metrics are in.
-                    if let Some(r) = &mut ready_file {
-                        r.publish().map_err(|e| TraceError::Other(format!("--ready-file: {e}")))?;
-                    }
-                    log::emit(&State::Started {
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        backend: backend_desc.clone(),
-                        refused: refused.iter().map(|r| format!("{}: {}", r.backend.as_str(), r.reason)).collect(),
-                        metrics_addr: opts.metrics_addr.to_string(),
-                        namespaces: tables.len(),
-                        uncovered: uncovered.clone(),
-                    });
-                }
-            }
-            guard = async { afd.as_mut().expect("guarded by the precondition").readable_mut().await }, if afd.is_some() => {
-                let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
-                let n = consumer.drain(guard.get_inner_mut(), DRAIN_BATCH);
-                if n < DRAIN_BATCH {
-                    guard.clear_ready();
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
+    /// Until SIGINT or SIGTERM (returns its name); SIGUSR1 keeps an
+    /// incident capture.
+    async fn run(&mut self) -> Result<&'static str, TraceError> {
+        let mut sigint =
+            signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+        let mut sigterm = signal(SignalKind::terminate())
+            .map_err(TraceError::io("installing SIGTERM handler"))?;
+        let mut sigusr1 = signal(SignalKind::user_defined1())
+            .map_err(TraceError::io("installing SIGUSR1 handler"))?;
+        let mut ticker = tokio::time::interval(self.opts.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let c = &mut self.consumer;
+            tokio::select! {
+                biased;
+                _ = sigint.recv() => return Ok("SIGINT"),
+                _ = sigterm.recv() => return Ok("SIGTERM"),
+                _ = sigusr1.recv() => self.consumer.incident("SIGUSR1"),
+                _ = ticker.tick() => self.tick()?,
+                r = Ring::next_batch(&mut self.ring, |ev| c.handle(ev)) => r?,
             }
         }
-    };
-    log::emit(&State::Stopping {
-        signal: signal_name.into(),
-    });
-    shared.ready.store(false, Ordering::Relaxed);
-    server.abort();
-    let mut ring = afd.map(AsyncFd::into_inner);
-    tp.detach();
-    // The namespaces' counters through the files already open (setns may
-    // no longer be allowed).
-    let end_stats = tables.end_snapshot();
-    if let Some(r) = &mut ready_file {
-        r.withdraw();
     }
-    if let Some(ring) = ring.as_mut() {
-        consumer.drain(ring, usize::MAX);
+
+    /// Every `--interval`: drain, close the rates' interval, follow the
+    /// namespaces, report state changes, refresh the metrics.
+    fn tick(&mut self) -> Result<(), TraceError> {
+        if let Some(ring) = self.ring.as_mut() {
+            let c = &mut self.consumer;
+            ring.drain(usize::MAX, |ev| c.handle(ev))?;
+        }
+        let counters = self.tp.counters()?;
+        let c = &mut self.consumer;
+        if !self.facts.per_packet {
+            c.pipe
+                .agg
+                .record_totals(&counters.seen.sub(&self.last_seen));
+            self.last_seen = counters.seen;
+        }
+        let now = Instant::now();
+        c.pipe.agg.tick(now - self.last_tick);
+        self.last_tick = now;
+        if self.follow {
+            follow_namespaces(&mut self.tables, c, &mut self.estimators, &mut self.watch);
+        } else if c.unknown_netns || crate::workload::wants_refresh() {
+            c.refresh_names(&netns::list());
+        }
+        let tables = self.table_states();
+        self.drop_state(now);
+        let amp = self.amplification();
+        if let Some(r) = &mut self.consumer.recorder {
+            r.tick(&self.consumer.names);
+        }
+        self.publish(&counters, tables, amp);
+        self.mark_ready()
     }
-    let counters = tp.counters()?;
-    let (kernel, covered, uncovered_end) = kstats::window(&held, &start_stats, &end_stats);
-    let duration_s = started.elapsed().as_secs_f64();
-    let complete = per_packet
-        && Kind::ALL.iter().all(|k| {
-            consumer.pipe.received.get(*k) + counters.lost.get(*k) == counters.seen.get(*k)
+
+    /// Each table's fill and forecast; a table crossing 90 % (or back
+    /// under 85 %) is logged.
+    fn table_states(&mut self) -> BTreeMap<String, NsState> {
+        let t_s = self.started.elapsed().as_secs_f64();
+        let mut nss = BTreeMap::new();
+        for f in self.tables.iter() {
+            let Some(fill) = f.fill() else { continue };
+            let name = self.consumer.name(f.inode);
+            let est = self
+                .estimators
+                .entry(f.inode)
+                .or_insert_with(|| Estimator::new(forecast::Config::default()));
+            let sample = forecast::Sample {
+                t_s,
+                entries: fill.count,
+                inserted: None,
+            };
+            est.push(sample, fill.max);
+            let fc = est.forecast();
+            let eta_s = match fc.trend {
+                Trend::Full => Some(0.0),
+                Trend::Filling => fc.eta_s,
+                _ => None,
+            };
+            let (entries, max, fill_percent) = (fill.count, fill.max, fill.percent());
+            if fill_percent >= HIGH_FILL && self.watch.high.insert(f.inode) {
+                let netns = name.clone();
+                log::emit(&State::TableHigh {
+                    netns,
+                    entries,
+                    max,
+                    fill_percent,
+                });
+            } else if fill_percent < NORMAL_FILL && self.watch.high.remove(&f.inode) {
+                let netns = name.clone();
+                log::emit(&State::TableNormal {
+                    netns,
+                    entries,
+                    max,
+                    fill_percent,
+                });
+            }
+            let stats = f.stats();
+            nss.insert(name, NsState { fill, stats, eta_s });
+        }
+        nss
+    }
+
+    /// Drops started / stopped (packet drops: table_full and
+    /// insert_failed; evictions are not drops of a packet). Drops starting
+    /// keep an incident capture.
+    fn drop_state(&mut self, now: Instant) {
+        let totals = self.consumer.pipe.agg.totals;
+        let drops = totals.table_full + totals.insert_failed;
+        let w = &mut self.watch;
+        if drops > w.last_drops {
+            w.last_drop_at = Some(now);
+            if !w.dropping {
+                w.dropping = true;
+                log::emit(&State::DropsStarted {
+                    drops: drops - w.last_drops,
+                });
+                if let Some(r) = &mut self.consumer.recorder {
+                    r.incident("drops started");
+                }
+            }
+        } else if w.dropping && w.last_drop_at.is_some_and(|t| now - t >= self.opts.quiet) {
+            w.dropping = false;
+            let quiet_s = self.opts.quiet.as_secs_f64();
+            log::emit(&State::DropsStopped { drops, quiet_s });
+        }
+        w.last_drops = drops;
+    }
+
+    /// Amplification findings: open while a flagged source dropped within
+    /// the window (logged as they open and close); the gauges of the open.
+    fn amplification(&mut self) -> Vec<AmpGauge> {
+        let (amp, w, clock) = (
+            &mut self.consumer.pipe.amp,
+            &mut self.watch,
+            &self.facts.clock,
+        );
+        for f in amp.take_changed(clock) {
+            let key = (f.src.clone().unwrap_or_default(), f.service.clone());
+            if w.open_amp.insert(key.clone()) {
+                w.findings_opened += 1;
+                let (src, service, factor, message) = (key.0, key.1, f.factor, f.message);
+                log::emit(&State::AmplificationOpened {
+                    src,
+                    service,
+                    factor,
+                    message,
+                });
+            }
+        }
+        let window_ns = amp.config().window.as_nanos() as u64;
+        let mono = monotonic_ns();
+        let mut gauges = Vec::new();
+        let mut still_open = BTreeSet::new();
+        for f in amp.findings(clock) {
+            let key = (f.src.clone().unwrap_or_default(), f.service.clone());
+            if !w.open_amp.contains(&key) {
+                continue;
+            }
+            if mono.saturating_sub(f.last_ts_ns) > window_ns {
+                let (src, service, attempts) = (key.0, key.1, f.attempts);
+                log::emit(&State::AmplificationClosed {
+                    src,
+                    service,
+                    attempts,
+                });
+                continue;
+            }
+            still_open.insert(key.clone());
+            gauges.push(AmpGauge {
+                src: key.0,
+                proto: f.proto.clone(),
+                port: f.port,
+                factor: f.factor,
+                retransmission_share: match f.attempts {
+                    0 => 0.0,
+                    n => f.retransmissions as f64 / n as f64,
+                },
+            });
+        }
+        w.open_amp = still_open;
+        gauges
+    }
+
+    /// Hands this tick's figures to the metrics (one lock, no I/O under
+    /// it).
+    fn publish(
+        &self,
+        counters: &BpfCounters,
+        tables: BTreeMap<String, NsState>,
+        amp: Vec<AmpGauge>,
+    ) {
+        let own = selfstat::read();
+        let c = &self.consumer;
+        let decode_errors = self.ring.as_ref().map_or(0, |r| r.decode_errors);
+        let mut s = self.metrics.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.drops = c
+            .per_netns
+            .iter()
+            .map(|((k, ns), n)| ((*k, c.name(*ns)), *n))
+            .collect();
+        s.drops_total_only = c.pipe.agg.totals;
+        s.lost = counters.lost;
+        s.decode_errors = decode_errors;
+        s.set_sources(&c.series, |i| c.name(i));
+        s.namespaces = tables;
+        if self.opts.label_pod {
+            s.workloads = c
+                .names
+                .workloads()
+                .iter()
+                .map(|(i, w)| (c.name(*i), WorkloadLabels::of(w)))
+                .collect();
+        }
+        s.amp = amp;
+        s.findings_opened = self.watch.findings_opened;
+        if let Some((cpu, rss)) = own {
+            s.cpu_seconds = cpu;
+            s.rss_bytes = rss;
+        }
+    }
+
+    /// Ready once attached and the first metrics are in.
+    fn mark_ready(&mut self) -> Result<(), TraceError> {
+        if self.shared.ready.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(r) = &mut self.ready_file {
+            r.publish()
+                .map_err(|e| TraceError::Other(format!("--ready-file: {e}")))?;
+        }
+        log::emit(&State::Started {
+            version: self.facts.version.clone(),
+            backend: self.facts.hooks.clone(),
+            refused: self.facts.refused.iter().map(|r| r.to_string()).collect(),
+            metrics_addr: self.opts.metrics_addr.to_string(),
+            namespaces: self.tables.len(),
+            uncovered: self.uncovered.clone(),
         });
-    if let Some(mut rec) = consumer.recorder.take() {
-        let written = rec.events_written();
-        let trailer = capture::Trailer {
-            backend: tp.name().as_str().into(),
-            duration_s,
-            end_mono_ns: monotonic_ns(),
-            events: consumer.pipe.received,
-            matched: consumer.pipe.agg.totals,
-            lost: counters.lost,
-            observed: counters.seen,
-            complete,
-            decode_errors: consumer.decode_errors,
-            kernel_end: end_stats.stats.clone(),
-            kernel,
-            namespaces: covered,
-            uncovered: uncovered_end,
-            events_written: written,
-            unclassified_drops: counters.unclassified,
-            unmatched_drop_counts: counters.drop_unmatched,
-            // The agent's rolling files hold what arrived; its metrics
-            // come from the events (the exact per-source counts are a
-            // `trace` summary's).
-            exact_top: None,
-            exact_sources: 0,
-        };
-        rec.finish(trailer)
-            .map_err(|e| TraceError::Other(e.to_string()))?;
+        Ok(())
     }
-    crate::output::pipe::diag(format_args!(
-        "conntrack-trace: agent stopped ({signal_name}) after {duration_s:.1} s: {} events, kernel drop +{}, lost {}",
-        consumer.pipe.received.total(),
-        kernel.drop,
-        counters.lost.total()
-    ));
-    Ok(())
+
+    /// Not ready any more, the programs detached and the ring emptied (see
+    /// [`live::end`]); the recorder's trailer holds the same totals a
+    /// `trace` summary would.
+    fn finish(mut self, signal: &'static str) -> Result<(), TraceError> {
+        log::emit(&State::Stopping {
+            signal: signal.into(),
+        });
+        self.shared.ready.store(false, Ordering::Relaxed);
+        self.server.abort();
+        let (tables, ready, started) = (&self.tables, &mut self.ready_file, self.started);
+        let mut duration_s = 0.0;
+        let c = &mut self.consumer;
+        let (end, decode_errors) = live::end(
+            &mut self.tp,
+            self.ring.take(),
+            &self.held,
+            &self.start_stats,
+            // Through the files already open (setns may no longer be
+            // allowed).
+            || tables.end_snapshot(),
+            || {
+                if let Some(r) = ready {
+                    r.withdraw();
+                }
+                duration_s = started.elapsed().as_secs_f64();
+            },
+            |ev| c.handle(ev),
+        )?;
+        // The agent's rolling files hold what arrived; its metrics come
+        // from the events (the exact per-source counts are a `trace`
+        // summary's): never `sampled`.
+        let totals = live::totals(&self.facts, &c.pipe, &end, decode_errors, false, 0);
+        let summary = Summary::assemble(&self.facts, duration_s, totals, Vec::new(), &c.pipe);
+        if let Some(mut rec) = c.recorder.take() {
+            let written = rec.events_written();
+            let end_stats = end.end.stats.clone();
+            let trailer = capture::Trailer::of(&summary, monotonic_ns(), end_stats, written);
+            rec.finish(trailer)
+                .map_err(|e| TraceError::Other(e.to_string()))?;
+        }
+        diag(format_args!(
+            "conntrack-trace: agent stopped ({signal}) after {duration_s:.1} s: {} events, kernel drop +{}, lost {}",
+            summary.events.total(),
+            summary.kernel.drop,
+            summary.lost.total()
+        ));
+        Ok(())
+    }
 }

@@ -3,13 +3,13 @@
 //! report totals and rates per kind. No per-packet attribution: no events,
 //! no sources — the header and the summary say so.
 
-use crate::model::KindCounts;
 use std::collections::BTreeMap;
 
 use super::{BpfCounters, Evictions, Options};
 use crate::{
     error::TraceError,
     kstats::{self, CtStats},
+    model::KindCounts,
     netns::Held,
 };
 

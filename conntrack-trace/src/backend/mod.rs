@@ -18,7 +18,6 @@ pub mod fexit;
 pub mod tracepoint;
 pub mod trampoline;
 
-use crate::model::{KindCounts, Name, Refusal};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
@@ -29,6 +28,7 @@ use crate::{
     btf::BtfError,
     error::TraceError,
     event::{Event, Kind},
+    model::{KindCounts, Name, Refusal},
     netns::Held,
 };
 

@@ -34,7 +34,6 @@
 //! `flags` bit 0 (`REPLY`, version 2): the entry's reply tuple follows the
 //! addresses (events with an entry; 12 more bytes for IPv4, 36 for IPv6).
 
-use crate::model::{KindCounts, Scope};
 use std::{collections::BTreeMap, net::IpAddr};
 
 use conntrack_trace_common::{PKT_BYTES, RawEvent, l3};
@@ -44,6 +43,7 @@ use crate::{
     event::{DecodeError, Event, Proto},
     filter::{Cidr, Filter},
     kstats::{CtStats, Fill},
+    model::{KindCounts, Scope},
     workload::NetnsNames,
 };
 

@@ -23,7 +23,6 @@ pub mod human;
 pub mod memory;
 pub mod table;
 
-use crate::model::{KindCounts, Refusal};
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
@@ -41,6 +40,7 @@ use crate::{
     filter::OfflineSpec,
     forecast::{self, Estimator, Forecast, Sample},
     kstats::{self, Columns, CtStats, Fill},
+    model::{KindCounts, Refusal},
     netns::{self, NetnsInfo},
 };
 use advice::{Advice, NsFacts, Place, Victim};

@@ -5,14 +5,13 @@ pub mod ndjson;
 pub mod pipe;
 pub mod text;
 
-use crate::model::{
-    AmpSummary, Finding, KindCounts, Refusal, Scope, SessionFacts, Summary, TopSource, Totals,
-};
-
 use crate::{
     aggregate::Aggregator,
     event::Event,
     kstats::{CtStats, Fill},
+    model::{
+        AmpSummary, Finding, KindCounts, Refusal, Scope, SessionFacts, Summary, TopSource, Totals,
+    },
     pipeline::Pipeline,
 };
 

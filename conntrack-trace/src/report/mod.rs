@@ -7,7 +7,6 @@ pub mod human;
 pub mod markdown;
 pub mod svg;
 
-use crate::model::{KindCounts, Summary, Totals};
 use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Serialize;
@@ -23,6 +22,7 @@ use crate::{
     filter::Filter,
     filter::{OfflineSpec, TimeSpec},
     kstats::CtStats,
+    model::{KindCounts, Summary, Totals},
     output::{NetnsNames, top_sources},
     pipeline::{Pipeline, Select},
 };
