@@ -78,6 +78,10 @@ pub fn run() -> Result<()> {
     let release = crate::build_release()?;
     // SAFETY: as above.
     unsafe { std::env::set_var("CONNTRACK_TRACE_RELEASE_BIN", &release) };
+    // The container image the runc test (tests/tests/oci.rs) runs.
+    let layout = crate::image::run(&crate::image::Args::default())?;
+    // SAFETY: as above.
+    unsafe { std::env::set_var("CONNTRACK_TRACE_OCI_LAYOUT", &layout) };
     cmd(
         "cargo",
         &[
