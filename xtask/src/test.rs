@@ -1,7 +1,8 @@
 //! `cargo xtask test`: unit tests, then the root scenario tests one at a
 //! time (they share the global nf_conntrack_max). Whatever happens, the
 //! sysctls the scenarios lower are restored and leftover test namespaces
-//! removed afterwards — also when a test process was killed mid-way.
+//! and runc containers removed afterwards — also when a test process was
+//! killed mid-way.
 
 use std::{fs, path::Path, process::Command};
 
@@ -43,6 +44,18 @@ impl Drop for Restore {
             {
                 eprintln!("xtask test: restoring {path} to {value}");
                 let _ = fs::write(path, value);
+            }
+        }
+        // Containers of the runc test (tests/tests/oci.rs: "ctt-oci-").
+        if let Ok(out) = Command::new("runc").args(["list", "--quiet"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("ctt-"))
+            {
+                eprintln!("xtask test: removing leftover container {id}");
+                let _ = Command::new("runc")
+                    .args(["delete", "--force", id])
+                    .status();
             }
         }
         // Namespaces named by tests/src/lib.rs (PREFIX "ctt-").
