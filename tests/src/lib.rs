@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod dns;
 pub mod json;
+pub mod manifest;
 pub mod traffic;
 
 use std::{
@@ -861,4 +862,15 @@ pub fn ctt(args: &[&str]) -> Result<(i32, String, String)> {
         String::from_utf8(out.stdout)?,
         String::from_utf8(out.stderr)?,
     ))
+}
+
+/// GET /metrics from 127.0.0.1:PORT (HTTP/1.0, the whole response).
+pub fn http_metrics(port: u16) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut b = String::new();
+    s.read_to_string(&mut b)?;
+    Ok(b)
 }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use conntrack_trace_tests::{backend_args, binary, kernel_test};
+use conntrack_trace_tests::{backend_args, binary, http_metrics, kernel_test, manifest::DaemonSet};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -123,19 +123,6 @@ fn daemonset_passes_the_kubernetes_schemas() -> Result<()> {
     Ok(())
 }
 
-/// The capabilities the manifest adds, in its order.
-fn manifest_caps() -> Result<Vec<String>> {
-    let text = fs::read_to_string(deploy().join("kubernetes/daemonset.yaml"))?;
-    let add = text.split_once("add:\n").context("no capabilities add:")?.1;
-    Ok(add
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .take_while(|l| l.starts_with("- "))
-        .map(|l| l.trim_start_matches("- ").to_owned())
-        .collect())
-}
-
 /// Runs the agent as root with only `caps` in its bounding set (what a
 /// container granted them gets), until ready or exit; returns (ready,
 /// stderr, metrics).
@@ -188,16 +175,6 @@ fn agent_with(caps: &[String]) -> Result<(bool, String, String)> {
     Ok((ok, text, metrics))
 }
 
-fn http_metrics(port: u16) -> Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut b = String::new();
-    s.read_to_string(&mut b)?;
-    Ok(b)
-}
-
 #[test]
 fn manifest_capabilities_suffice_and_each_is_needed() -> Result<()> {
     if !host_only(
@@ -209,7 +186,7 @@ fn manifest_capabilities_suffice_and_each_is_needed() -> Result<()> {
     let Some(_lock) = kernel_test("manifest_capabilities_suffice_and_each_is_needed")? else {
         return Ok(());
     };
-    let caps = manifest_caps()?;
+    let caps = DaemonSet::load()?.caps()?;
     assert_eq!(caps, ["BPF", "PERFMON", "SYSLOG"]);
     let (ok, err, metrics) = agent_with(&caps)?;
     eprintln!(

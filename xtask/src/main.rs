@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <setup|build|run|test|vm-test|bench|fuzz>`.
+//! Project tasks: `cargo xtask <setup|build|run|image|test|vm-test|bench|fuzz>`.
 
 mod bench;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 mod vm;
@@ -30,6 +31,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the agent's container image (deploy/Containerfile) as an OCI
+    /// image layout, without a daemon or a registry: the static musl
+    /// binary in one layer; the same digests on every run.
+    Image(image::Args),
     /// Set up, build, and run every test: unit tests, the root netns
     /// scenarios on this kernel, then the same scenarios in VMs (vm-test's
     /// default matrix, and 5.10 with the tracepoint backend).
@@ -98,6 +103,7 @@ fn main() {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }),
+        Cmd::Image(a) => setup::run().and_then(|_| image::run(&a).map(|_| ())),
         Cmd::Test { no_vm } => setup::run().and_then(|_| {
             test::run()?;
             if no_vm {

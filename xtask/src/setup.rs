@@ -10,7 +10,9 @@
 //!   and PyPI's kubernetes-validate;
 //! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
-//!   the decompressors, and the musl target for static guest binaries.
+//!   the decompressors, and the musl target for static guest binaries;
+//! - for `image` (and `test`, which builds the image): the musl target
+//!   ([`musl_target`]).
 
 use std::{path::Path, process::Command};
 
@@ -247,6 +249,16 @@ fn qemu_major() -> Option<u32> {
         .ok()
 }
 
+/// The musl target: the VM guests' and the container image's static binary.
+pub fn musl_target() -> Result<()> {
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == crate::vm::MUSL) {
+        eprintln!("xtask setup: adding the {} target", crate::vm::MUSL);
+        crate::cmd("rustup", &["target", "add", crate::vm::MUSL])?;
+    }
+    Ok(())
+}
+
 /// qemu 7.2 (bookworm) crashed 6.12 guests in a spike; qemu 10 ran 100 of
 /// 100 boots clean.
 const QEMU_MIN: u32 = 10;
@@ -255,11 +267,7 @@ const QEMU_MIN: u32 = 10;
 /// Debian packages come through a private apt configuration that adds
 /// `<codename>-backports` (for qemu) without touching /etc/apt.
 pub fn vm() -> Result<()> {
-    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
-    if !installed.lines().any(|l| l.trim() == crate::vm::MUSL) {
-        eprintln!("xtask setup: adding the {} target", crate::vm::MUSL);
-        crate::cmd("rustup", &["target", "add", crate::vm::MUSL])?;
-    }
+    musl_target()?;
     let mut missing = Vec::new();
     if qemu_major().is_none_or(|v| v < QEMU_MIN) {
         missing.push("qemu-system-x86");

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: unit tests, then the root scenario tests one at a
 //! time (they share the global nf_conntrack_max). Whatever happens, the
 //! sysctls the scenarios lower are restored and leftover test namespaces
-//! removed afterwards — also when a test process was killed mid-way.
+//! and runc containers removed afterwards — also when a test process was
+//! killed mid-way.
 
 use std::{fs, path::Path, process::Command};
 
@@ -45,6 +46,18 @@ impl Drop for Restore {
                 let _ = fs::write(path, value);
             }
         }
+        // Containers of the runc test (tests/tests/oci.rs: "ctt-oci-").
+        if let Ok(out) = Command::new("runc").args(["list", "--quiet"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("ctt-"))
+            {
+                eprintln!("xtask test: removing leftover container {id}");
+                let _ = Command::new("runc")
+                    .args(["delete", "--force", id])
+                    .status();
+            }
+        }
         // Namespaces named by tests/src/lib.rs (PREFIX "ctt-").
         if let Ok(rd) = fs::read_dir("/run/netns") {
             for e in rd.flatten() {
@@ -78,6 +91,10 @@ pub fn run() -> Result<()> {
     let release = crate::build_release()?;
     // SAFETY: as above.
     unsafe { std::env::set_var("CONNTRACK_TRACE_RELEASE_BIN", &release) };
+    // The container image the runc test (tests/tests/oci.rs) runs.
+    let layout = crate::image::run(&crate::image::Args::default())?;
+    // SAFETY: as above.
+    unsafe { std::env::set_var("CONNTRACK_TRACE_OCI_LAYOUT", &layout) };
     cmd(
         "cargo",
         &[

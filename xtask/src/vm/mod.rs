@@ -122,9 +122,9 @@ struct Binaries {
     has_backend_flag: bool,
 }
 
-fn build_binaries(only: Option<&[String]>) -> Result<Binaries> {
-    // Release: under TCG a debug build spends tens of seconds parsing the
-    // kernel's BTF before it attaches, against the tests' 60 s ready limit.
+/// Builds the static (musl) release binary: what the VM guests run and
+/// what the container image ships (`cargo xtask image`); returns its path.
+pub fn build_musl_release() -> Result<PathBuf> {
     crate::cmd(
         "cargo",
         &[
@@ -136,7 +136,13 @@ fn build_binaries(only: Option<&[String]>) -> Result<Binaries> {
             MUSL,
         ],
     )?;
-    let tracer = workspace_root().join(format!("target/{MUSL}/release/conntrack-trace"));
+    Ok(workspace_root().join(format!("target/{MUSL}/release/conntrack-trace")))
+}
+
+fn build_binaries(only: Option<&[String]>) -> Result<Binaries> {
+    // Release: under TCG a debug build spends tens of seconds parsing the
+    // kernel's BTF before it attaches, against the tests' 60 s ready limit.
+    let tracer = build_musl_release()?;
     let out = Command::new("cargo")
         .args([
             "test",
