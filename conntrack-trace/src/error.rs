@@ -101,8 +101,20 @@ pub fn check_privileges(status: &str) -> Result<(), TraceError> {
             .filter(|(c, _)| !has(*c))
             .map(|(_, n)| n)
             .collect();
+        // Already root (uid 0) and still without them: a container or a
+        // bounding set that withholds them, where sudo cannot help.
+        let root = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().nth(1))
+            == Some("0");
+        let advice = if root {
+            "running as root without them: grant them to the container (Kubernetes securityContext.capabilities.add, docker --cap-add) or the service's capability bounding set"
+        } else {
+            "run with sudo"
+        };
         Err(TraceError::Privileges(format!(
-            "missing {}: tracing needs root, or CAP_BPF and CAP_PERFMON (without CAP_SYS_ADMIN the kernel counters of other namespaces are not covered, and the summary says which); run with sudo",
+            "missing {}: tracing needs root, or CAP_BPF and CAP_PERFMON (without CAP_SYS_ADMIN the kernel counters of other namespaces are not covered, and the summary says which); {advice}",
             missing.join(" and ")
         )))
     }
@@ -125,5 +137,10 @@ mod tests {
         assert!(!e.to_string().contains("--netns"), "{e}");
         assert!(e.to_string().contains("CAP_BPF and CAP_PERFMON"), "{e}");
         assert!(check_privileges("nothing here").is_err());
+        // Root in a container that was not granted them: sudo is no advice.
+        let e = check_privileges("Uid:\t0\t0\t0\t0\nCapEff:\t0000004000000000\n").unwrap_err();
+        assert!(e.to_string().contains("missing CAP_BPF"), "{e}");
+        assert!(!e.to_string().contains("sudo"), "{e}");
+        assert!(e.to_string().contains("grant them to the container"), "{e}");
     }
 }

@@ -459,6 +459,12 @@ fn image_runs_under_runc_as_the_daemonset_runs_it() -> Result<()> {
             "names CAP_{missing}: {}",
             o.stderr
         );
+        // Root in a container: the advice is to grant it, not sudo.
+        assert!(
+            o.stderr.contains("grant them to the container") && !o.stderr.contains("sudo"),
+            "{}",
+            o.stderr
+        );
     }
     // Without SYSLOG it still runs (the tracepoint backend loses its
     // kallsyms-located hooks and says so: see deploy.rs).
