@@ -54,7 +54,16 @@ fn events(distinct: u64) -> impl Iterator<Item = Event> {
             let n = one_off;
             one_off += 1;
             let src = if n % 4 == 3 {
-                IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, (n >> 16) as u16, n as u16))
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    (n >> 16) as u16,
+                    n as u16,
+                ))
             } else {
                 IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (n as u32 & 0x00ff_ffff)))
             };

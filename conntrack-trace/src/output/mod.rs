@@ -94,8 +94,13 @@ impl Summary {
                 ..facts.scope.clone()
             },
             decode_errors: t.decode_errors,
+            top_error_bound: top
+                .iter()
+                .any(|t| t.error.is_some())
+                .then(|| pipe.agg.error_bound())
+                .flatten(),
             top,
-            untracked_sources: pipe.agg.untracked,
+            untracked_sources: pipe.agg.untracked(),
             sampled: t.sampled,
             exact_sources: t.exact_sources,
             amplification: pipe.amp.summary(),
@@ -147,8 +152,17 @@ pub struct TopSource {
     /// Destination port (ICMP: type; other protocols: 0).
     pub port: u16,
     pub service: String,
+    /// Events per kind (once the source table overflowed: since this
+    /// source entered it; they sum to `total - error`).
     pub counts: KindCounts,
+    /// Events from this source (with `error`: the Space-Saving estimate, an
+    /// upper bound).
     pub total: u64,
+    /// Present once the source table overflowed (the top is then a
+    /// Space-Saving estimate): the true total lies in `[total - error,
+    /// total]`. Absent while every count is exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<u64>,
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
     /// Events/s over the last completed interval.
@@ -259,7 +273,14 @@ pub struct Summary {
     pub scope: Scope,
     pub decode_errors: u64,
     pub top: Vec<TopSource>,
-    /// Events whose source was not tracked (source table at its cap).
+    /// Present when `top` is a Space-Saving estimate (more sources than the
+    /// table holds): ⌊N/m⌋ for N matched events and m table entries, the
+    /// bound of every row's `error`; any source with more events is in the
+    /// table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_error_bound: Option<u64>,
+    /// Events of sources that left the source table (replaced by others
+    /// once it was full; their counts live on as those rows' `error`).
     pub untracked_sources: u64,
     /// Events were lost (the ring overflowed): the per-event analyses
     /// (amplification, first/last times) saw a sample, and `top`'s counts
@@ -329,6 +350,7 @@ pub fn top_sources_exact(
                 port: k.port,
                 service: k.service(),
                 total: counts.total(),
+                error: None,
                 counts,
                 first_ts_ns: seen.map_or(0, |s| s.first_ns),
                 last_ts_ns: seen.map_or(0, |s| s.last_ns),
@@ -342,15 +364,20 @@ pub fn top_sources_exact(
     (top, sources)
 }
 
+/// The top sources from the events; with an `error` once the source table
+/// overflowed.
 pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {
+    let approximate = agg.error_bound().is_some();
     agg.top(n)
         .into_iter()
-        .map(|(k, s)| TopSource {
+        .map(|e| (e.key(), &e.value, e.count(), e.error()))
+        .map(|(k, s, count, error)| TopSource {
             src: k.src.map(|a| a.to_string()),
             proto: k.proto.to_string(),
             port: k.port,
             service: k.service(),
-            total: s.counts.total(),
+            total: count,
+            error: approximate.then_some(error),
             counts: s.counts,
             first_ts_ns: s.first_ns,
             last_ts_ns: s.last_ns,
