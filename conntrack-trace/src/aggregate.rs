@@ -184,10 +184,6 @@ impl Aggregator {
         self.rates_f[i]
     }
 
-    pub fn source_count(&self) -> usize {
-        self.sources.len()
-    }
-
     /// Events of sources that left the table (their counts live on only as
     /// the `error` of the entries that replaced them); 0 while it never
     /// overflowed. They are still in `totals`.
@@ -283,7 +279,7 @@ mod tests {
         {
             a.record(&ev(Kind::TableFull, src, Proto::UDP, 53, i as u64));
         }
-        assert_eq!(a.source_count(), 2);
+        assert_eq!(a.top(usize::MAX).len(), 2);
         // 10.0.0.3 took the place of 10.0.0.2 (the smallest count).
         assert_eq!(a.untracked(), 1);
         assert_eq!(a.error_bound(), Some(2));

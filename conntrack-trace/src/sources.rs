@@ -92,7 +92,9 @@ pub struct SourceTable<V> {
     max: u32,
     free: u32,
     capacity: usize,
+    /// Events recorded (`N`).
     total: u64,
+    /// See [`SourceTable::evicted`].
     evicted: u64,
 }
 
@@ -130,17 +132,9 @@ impl<V> SourceTable<V> {
             + 16
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Events recorded (`N`).
-    pub fn total(&self) -> u64 {
-        self.total
     }
 
     /// Events of sources that were replaced (the sum of their `count -
@@ -509,7 +503,7 @@ pub(crate) mod tests {
             }
         }
         t.check();
-        assert_eq!(t.total(), n);
+        assert_eq!(t.total, n);
         let bound = t.error_bound().expect("the table overflowed");
         assert_eq!(bound, n / M as u64);
         for (h, &true_count) in heavy.iter().enumerate() {
@@ -555,7 +549,7 @@ pub(crate) mod tests {
         }
         // What left the table is what the entries no longer hold exactly.
         let held: u64 = t.iter().map(|e| e.count() - e.error()).sum();
-        assert_eq!(t.evicted() + held, t.total());
+        assert_eq!(t.evicted() + held, t.total);
     }
 
     #[test]
