@@ -4,13 +4,21 @@
 //! on-call engineer acts on ("10.0.0.7 is hammering udp/53"). For ICMP the
 //! "port" is the ICMP type. For `early_drop` it is the evicted entry's
 //! original-direction source.
+//!
+//! Sources live in a [`SourceTable`] of at most `max_sources`: beyond it,
+//! the top sources are a Space-Saving estimate with a stated error (see
+//! [`crate::sources`]); totals and rates per kind stay exact.
 
-use crate::model::KindCounts;
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
-use crate::event::{Event, Kind, Nat, Proto};
+use crate::{
+    event::{Event, Kind, Nat, Proto},
+    model::KindCounts,
+    sources::{Entry, SourceTable},
+};
 
-/// Default cap on distinct sources held in memory (~100 B each).
+/// Default cap on distinct sources held in memory (~180 B each, see
+/// [`SourceTable::memory_ceiling`]).
 pub const DEFAULT_MAX_SOURCES: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,8 +59,11 @@ impl SourceKey {
     }
 }
 
+/// What the events said of one source since it entered the source table.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SourceStats {
+    /// Events per kind since the source entered the table (they sum to its
+    /// entry's `count - error`).
     pub counts: KindCounts,
     /// Events in the current interval.
     pub interval: u64,
@@ -70,11 +81,7 @@ pub struct Aggregator {
     pub totals: KindCounts,
     interval_start: KindCounts,
     rates_f: [f64; 4],
-    sources: HashMap<SourceKey, SourceStats>,
-    max_sources: usize,
-    /// Events whose source could not be tracked because `max_sources`
-    /// distinct sources were already held (they are still in `totals`).
-    pub untracked: u64,
+    sources: SourceTable<SourceStats>,
 }
 
 impl Aggregator {
@@ -83,32 +90,25 @@ impl Aggregator {
             totals: KindCounts::default(),
             interval_start: KindCounts::default(),
             rates_f: [0.0; 4],
-            sources: HashMap::new(),
-            max_sources,
-            untracked: 0,
+            sources: SourceTable::new(max_sources),
         }
     }
 
-    /// What the events said of one source (timing, DNAT), if any arrived.
+    /// What the events said of one source (timing, DNAT), if it is in the
+    /// table.
     pub fn source(&self, k: &SourceKey) -> Option<&SourceStats> {
-        self.sources.get(k)
+        self.sources.get(k).map(|e| &e.value)
     }
 
     pub fn record(&mut self, e: &Event) {
         *self.totals.get_mut(e.kind) += 1;
-        let key = SourceKey::of(e);
-        let len = self.sources.len();
-        let stats = match self.sources.get_mut(&key) {
-            Some(s) => s,
-            None if len >= self.max_sources => {
-                self.untracked += 1;
-                return;
-            }
-            None => self.sources.entry(key).or_insert_with(|| SourceStats {
+        let stats = &mut self
+            .sources
+            .record(SourceKey::of(e), || SourceStats {
                 first_ns: e.ts_ns,
                 ..Default::default()
-            }),
-        };
+            })
+            .value;
         *stats.counts.get_mut(e.kind) += 1;
         stats.interval += 1;
         stats.last_ns = stats.last_ns.max(e.ts_ns);
@@ -145,24 +145,23 @@ impl Aggregator {
         self.rates_f[i]
     }
 
-    pub fn source_count(&self) -> usize {
-        self.sources.len()
+    /// Events of sources that left the table (their counts live on only as
+    /// the `error` of the entries that replaced them); 0 while it never
+    /// overflowed. They are still in `totals`.
+    pub fn untracked(&self) -> u64 {
+        self.sources.evicted()
     }
 
-    /// The `n` sources with most events (ties broken by key, so output is
-    /// stable).
-    pub fn top(&self, n: usize) -> Vec<(SourceKey, SourceStats)> {
-        let mut v: Vec<(&SourceKey, &SourceStats)> = self.sources.iter().collect();
-        v.sort_by(|a, b| {
-            b.1.counts
-                .total()
-                .cmp(&a.1.counts.total())
-                .then(a.0.cmp(b.0))
-        });
-        v.into_iter()
-            .take(n)
-            .map(|(k, s)| (*k, s.clone()))
-            .collect()
+    /// Once the table overflowed, the bound ⌊N/m⌋ of every top entry's
+    /// `error` (see [`SourceTable::error_bound`]); None while exact.
+    pub fn error_bound(&self) -> Option<u64> {
+        self.sources.error_bound()
+    }
+
+    /// The `n` sources with most events (Space-Saving counts, ties broken
+    /// by key, so output is stable).
+    pub fn top(&self, n: usize) -> Vec<&Entry<SourceStats>> {
+        self.sources.top(n)
     }
 }
 
@@ -198,12 +197,12 @@ mod tests {
         a.record(&ev(Kind::EarlyDrop, "10.0.0.8", Proto::TCP, 80, 9));
         let top = a.top(10);
         assert_eq!(top.len(), 3);
-        assert_eq!(top[0].0.src_string(), "10.0.0.7");
-        assert_eq!(top[0].0.service(), "udp/53");
-        assert_eq!(top[0].1.counts.table_full, 5);
-        assert_eq!((top[0].1.first_ns, top[0].1.last_ns), (0, 4));
-        assert_eq!(top[1].1.counts.table_full, 3);
-        assert_eq!(top[2].0.service(), "tcp/80");
+        assert_eq!(top[0].key().src_string(), "10.0.0.7");
+        assert_eq!(top[0].key().service(), "udp/53");
+        assert_eq!(top[0].value.counts.table_full, 5);
+        assert_eq!((top[0].value.first_ns, top[0].value.last_ns), (0, 4));
+        assert_eq!(top[1].value.counts.table_full, 3);
+        assert_eq!(top[2].key().service(), "tcp/80");
         assert_eq!(a.totals.table_full, 8);
         assert_eq!(a.totals.early_drop, 1);
         assert_eq!(a.top(1).len(), 1);
@@ -217,7 +216,7 @@ mod tests {
         }
         a.tick(Duration::from_secs(2));
         assert_eq!(a.rate(Kind::TableFull), 5.0);
-        assert_eq!(a.top(1)[0].1.rate, 5.0);
+        assert_eq!(a.top(1)[0].value.rate, 5.0);
         a.tick(Duration::from_secs(1));
         assert_eq!(a.rate(Kind::TableFull), 0.0);
         assert_eq!(a.totals.table_full, 10, "totals survive ticks");
@@ -229,24 +228,37 @@ mod tests {
         let mut e = ev(Kind::TableFull, "10.0.0.7", Proto::ICMP, 8 << 8, 0);
         e.sport = 77;
         a.record(&e);
-        assert_eq!(a.top(1)[0].0.service(), "icmp/8");
+        assert_eq!(a.top(1)[0].key().service(), "icmp/8");
     }
 
     #[test]
     fn source_table_is_bounded() {
         let mut a = Aggregator::new(2);
-        for (i, src) in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]
+        for (i, src) in ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"]
             .iter()
             .enumerate()
         {
             a.record(&ev(Kind::TableFull, src, Proto::UDP, 53, i as u64));
         }
-        assert_eq!(a.source_count(), 2);
-        assert_eq!(a.untracked, 1);
+        assert_eq!(a.top(usize::MAX).len(), 2);
+        // 10.0.0.3 took the place of 10.0.0.2 (the smallest count).
+        assert_eq!(a.untracked(), 1);
+        assert_eq!(a.error_bound(), Some(2));
         assert_eq!(
             a.totals.table_full, 4,
             "totals stay exact when sources overflow"
         );
-        assert_eq!(a.top(5)[0].1.counts.table_full, 2);
+        let top = a.top(5);
+        let row = |e: &Entry<SourceStats>| {
+            (
+                e.key().src_string(),
+                e.count(),
+                e.error(),
+                e.value.counts.table_full,
+                e.value.first_ns,
+            )
+        };
+        assert_eq!(row(top[0]), ("10.0.0.1".into(), 2, 0, 2, 0));
+        assert_eq!(row(top[1]), ("10.0.0.3".into(), 2, 1, 1, 3));
     }
 }

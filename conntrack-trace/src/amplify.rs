@@ -21,17 +21,26 @@
 //!
 //! Memory is bounded (see [`AmpConfig::memory_ceiling`]): flows live in a
 //! fixed-size 4-way set-associative table of 64-bit fingerprints, sources in a
-//! map capped at `max_sources`. The approximations, both documented in
-//! README.md:
+//! Space-Saving [`SourceTable`] of `max_sources` (the aggregator's type). The
+//! approximations, all documented in README.md:
 //! * when every slot of a flow's set holds a flow still inside the window,
 //!   the least recently dropped one is forgotten (`flows_forgotten`); its
 //!   next retry then counts as a new flow. This only *under*-counts
 //!   retransmissions: a flood of distinct flows cannot create a finding;
 //! * two flows with the same 64-bit fingerprint are one flow (probability
-//!   about n²/2⁶⁵ for n live flows: ~3·10⁻⁸ at a million).
+//!   about n²/2⁶⁵ for n live flows: ~3·10⁻⁸ at a million);
+//! * with more sources than `max_sources`, a new source takes over the entry
+//!   with the fewest drops, and the state of the source it replaces resets
+//!   (`untracked_drops` counts the drops that state held). Space-Saving never
+//!   replaces a source with more than N/m of the N drops (m = `max_sources`),
+//!   so a retransmitting source that matters is kept while floods of one-off
+//!   sources churn through the rest; what is replaced is a source at the
+//!   minimum, which had too few drops to be flagged or will rebuild its
+//!   state from its next drops. A replacing source starts afresh, and
+//!   treats a retry of a flow it has not seen (dropped before it entered)
+//!   as a new flow: a reset can only *under*-count, never flag a source.
 
 use std::{
-    collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     net::IpAddr,
     time::Duration,
@@ -42,6 +51,7 @@ use crate::{
     clock::Clock,
     event::{Event, Kind},
     model::{AmpSummary, Backoff, Finding, FindingStatus},
+    sources::SourceTable,
 };
 
 /// Settings of the detector (`trace --amp-*` flags).
@@ -55,8 +65,8 @@ pub struct AmpConfig {
     pub min_retries: u64,
     /// Flow slots (rounded up to a multiple of [`WAYS`]).
     pub max_flows: usize,
-    /// Sources tracked at once; drops of further sources are counted in the
-    /// global share but not attributed.
+    /// Sources tracked at once; beyond it, a new source replaces the one
+    /// with the fewest drops (Space-Saving), whose state resets.
     pub max_sources: usize,
 }
 
@@ -96,13 +106,10 @@ impl AmpConfig {
     }
 
     /// Upper bound of the detector's heap use in bytes: the flow table plus
-    /// a full source map (hashbrown stores key + value per bucket, with up
-    /// to 8/7 of buckets allocated and one control byte each, capacity
-    /// rounded to a power of two: at most 2 × (8/7) buckets per source).
+    /// a full source table ([`SourceTable::memory_ceiling`]).
     pub fn memory_ceiling(&self) -> usize {
         let flows = self.max_flows.div_ceil(WAYS) * WAYS * size_of::<FlowSlot>();
-        let per_source = size_of::<SourceKey>() + size_of::<SourceAmp>() + 1;
-        flows + self.max_sources * per_source * 16 / 7
+        flows + SourceTable::<SourceAmp>::memory_ceiling(self.max_sources)
     }
 }
 
@@ -121,9 +128,13 @@ struct FlowSlot {
 enum Seen {
     /// First drop of this flow inside the window.
     New,
-    /// A retransmission `gap_us` after the previous drop, whose own gap was
-    /// `prev_gap_us` (0: this is the flow's first retry).
-    Retry { gap_us: u32, prev_gap_us: u32 },
+    /// A retransmission `gap_us` after the previous drop (at `prev_ns`),
+    /// whose own gap was `prev_gap_us` (0: this is the flow's first retry).
+    Retry {
+        prev_ns: u64,
+        gap_us: u32,
+        prev_gap_us: u32,
+    },
 }
 
 struct FlowTable {
@@ -149,11 +160,13 @@ impl FlowTable {
         let ways = &mut self.slots[set * WAYS..(set + 1) * WAYS];
         let live = |s: &FlowSlot| s.fp != 0 && now.saturating_sub(s.last_ns) <= window_ns;
         if let Some(s) = ways.iter_mut().find(|s| s.fp == fp && live(s)) {
-            let gap_us = (now.saturating_sub(s.last_ns) / 1000).min(u32::MAX as u64) as u32;
+            let prev_ns = s.last_ns;
+            let gap_us = (now.saturating_sub(prev_ns) / 1000).min(u32::MAX as u64) as u32;
             let prev_gap_us = s.prev_gap_us;
             s.last_ns = now;
             s.prev_gap_us = gap_us.max(1);
             return Seen::Retry {
+                prev_ns,
                 gap_us,
                 prev_gap_us,
             };
@@ -219,6 +232,9 @@ struct SourceAmp {
     retries: u64,
     first_ns: u64,
     last_ns: u64,
+    /// When the source took over another's entry (0: it took a free one):
+    /// a flow last dropped before then is one it has not counted.
+    replaced_at_ns: u64,
     /// Retry gaps (µs), all retries.
     gaps: Recent<16>,
     /// Gaps of each flow's *first* retry: the client's initial timer.
@@ -256,10 +272,9 @@ pub struct Detector {
     cfg: AmpConfig,
     window_ns: u64,
     flows: FlowTable,
-    sources: HashMap<SourceKey, SourceAmp>,
+    sources: SourceTable<SourceAmp>,
     drops: u64,
     retries: u64,
-    untracked: u64,
 }
 
 impl Detector {
@@ -267,10 +282,9 @@ impl Detector {
         Detector {
             window_ns: cfg.window.as_nanos().min(u64::MAX as u128) as u64,
             flows: FlowTable::new(cfg.max_flows),
-            sources: HashMap::new(),
+            sources: SourceTable::new(cfg.max_sources),
             drops: 0,
             retries: 0,
-            untracked: 0,
             cfg,
         }
     }
@@ -291,27 +305,25 @@ impl Detector {
         if matches!(seen, Seen::Retry { .. }) {
             self.retries += 1;
         }
-        let key = SourceKey::of(e);
-        let len = self.sources.len();
-        let s = match self.sources.get_mut(&key) {
-            Some(s) => s,
-            None if len >= self.cfg.max_sources => {
-                self.untracked += 1;
-                return;
-            }
-            None => self.sources.entry(key).or_insert_with(|| SourceAmp {
-                first_ns: e.ts_ns,
-                ..Default::default()
-            }),
-        };
+        let entry = self.sources.record(SourceKey::of(e), || SourceAmp {
+            first_ns: e.ts_ns,
+            ..Default::default()
+        });
+        let replaced = entry.error() > 0;
+        let s = &mut entry.value;
+        if replaced && s.attempts == 0 {
+            s.replaced_at_ns = e.ts_ns;
+        }
         s.attempts += 1;
         s.first_ns = s.first_ns.min(e.ts_ns);
         s.last_ns = s.last_ns.max(e.ts_ns);
         match seen {
+            Seen::Retry { prev_ns, .. } if prev_ns < s.replaced_at_ns => s.flows += 1,
             Seen::New => s.flows += 1,
             Seen::Retry {
                 gap_us,
                 prev_gap_us,
+                ..
             } => {
                 s.retries += 1;
                 s.gaps.push(gap_us);
@@ -340,13 +352,13 @@ impl Detector {
         let mut keys: Vec<SourceKey> = self
             .sources
             .iter()
-            .filter(|(_, s)| self.flagged(s) && s.attempts != s.reported_attempts)
-            .map(|(k, _)| *k)
+            .filter(|e| self.flagged(&e.value) && e.value.attempts != e.value.reported_attempts)
+            .map(|e| *e.key())
             .collect();
         keys.sort();
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            let Some(s) = self.sources.get_mut(&k) else {
+            let Some(s) = self.sources.get_mut(&k).map(|e| &mut e.value) else {
                 continue;
             };
             let status = if s.reported_attempts == 0 {
@@ -365,7 +377,8 @@ impl Detector {
         let mut v: Vec<(&SourceKey, &SourceAmp)> = self
             .sources
             .iter()
-            .filter(|(_, s)| self.flagged(s))
+            .filter(|e| self.flagged(&e.value))
+            .map(|e| (e.key(), &e.value))
             .collect();
         v.sort_by(|a, b| b.1.attempts.cmp(&a.1.attempts).then(a.0.cmp(b.0)));
         v.into_iter()
@@ -386,7 +399,7 @@ impl Detector {
             threshold: self.cfg.threshold,
             min_retries: self.cfg.min_retries,
             flows_forgotten: self.flows.forgotten,
-            untracked_drops: self.untracked,
+            untracked_drops: self.sources.evicted(),
             memory_ceiling_bytes: self.cfg.memory_ceiling(),
         }
     }
@@ -776,6 +789,84 @@ mod tests {
         assert_eq!(s.retransmissions, 0);
         assert!(s.flows_forgotten > 0);
         assert!(ceiling < 1024 * 24 + 100 * 1000, "{ceiling}");
+    }
+
+    #[test]
+    fn heavy_amplifier_is_flagged_while_one_off_sources_churn() {
+        // 100 source entries; 200 000 drops over 10 s from random one-off
+        // sources, except every 20th after the first 1000 (when the table
+        // is full): from 10.0.0.7, whose SYNs are each dropped 4 times 1 ms
+        // apart. N/m = 2000 < its 9950 drops.
+        let mut d = Detector::new(AmpConfig {
+            max_sources: 100,
+            ..Default::default()
+        });
+        let mut rng = crate::sources::tests::Rng(0xc0ffee);
+        let mut heavy = 0u64;
+        for i in 0..200_000u64 {
+            let ts = i * 50_000;
+            if i >= 1000 && i % 20 == 0 {
+                d.record(&syn(ts, "10.0.0.7", 1000 + (heavy / 4) as u16));
+                heavy += 1;
+            } else {
+                let src = std::net::Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 >> 8));
+                let sport = rng.next() as u16;
+                d.record(&ev(
+                    Kind::TableFull,
+                    ts,
+                    &src.to_string(),
+                    sport,
+                    53,
+                    Proto::UDP,
+                ));
+            }
+        }
+        assert_eq!(d.sources.len(), 100);
+        let s = d.summary();
+        assert!(
+            s.untracked_drops > 150_000,
+            "the one-off sources churned: {s:?}"
+        );
+        let f = d.findings(&clock());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].src.as_deref(), Some("10.0.0.7"));
+        // Never replaced once in, so it saw every one of its drops.
+        assert_eq!(heavy, 9950);
+        assert_eq!(f[0].attempts, heavy);
+        assert_eq!(f[0].flows + f[0].retransmissions, heavy);
+        assert!(f[0].factor >= 3.0, "{:?}", f[0]);
+    }
+
+    #[test]
+    fn a_replacing_source_counts_a_flow_it_did_not_see_as_new() {
+        let mut d = Detector::new(AmpConfig {
+            max_sources: 2,
+            min_retries: 1,
+            ..Default::default()
+        });
+        d.record(&syn(0, "10.0.0.1", 7));
+        d.record(&syn(1, "10.0.0.2", 1));
+        d.record(&syn(2, "10.0.0.2", 2));
+        // 10.0.0.3 replaces 10.0.0.1 (the smallest count).
+        d.record(&syn(3, "10.0.0.3", 1));
+        // 10.0.0.1 is back (replacing 10.0.0.2, at count 2 the longest):
+        // its flow's first drop was counted in a state since reset, so
+        // this retry is a new flow for it, and only the next a retry.
+        d.record(&syn(4, "10.0.0.1", 7));
+        d.record(&syn(5, "10.0.0.1", 7));
+        assert_eq!(d.summary().retransmissions, 2);
+        assert_eq!(d.summary().untracked_drops, 3);
+        let f = d.findings(&clock());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            (
+                f[0].src.as_deref(),
+                f[0].attempts,
+                f[0].flows,
+                f[0].retransmissions
+            ),
+            (Some("10.0.0.1"), 2, 1, 1)
+        );
     }
 
     #[test]

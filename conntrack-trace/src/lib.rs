@@ -2,9 +2,9 @@
 //!
 //! Layout: [`backend`] observes the kernel and yields [`event::Event`]s plus
 //! exact counters; [`filter`] and [`aggregate`] turn them into what the user
-//! asked about; [`amplify`] flags clients re-sending dropped requests;
-//! [`output`] formats; [`trace`] runs a live session; [`cli`]
-//! parses the command line.
+//! asked about (sources in a bounded [`sources`] table); [`amplify`] flags
+//! clients re-sending dropped requests; [`output`] formats; [`trace`] runs a
+//! live session; [`cli`] parses the command line.
 
 pub mod agent;
 pub mod aggregate;
@@ -29,5 +29,6 @@ pub mod outfile;
 pub mod output;
 pub mod pipeline;
 pub mod report;
+pub mod sources;
 pub mod trace;
 pub mod workload;

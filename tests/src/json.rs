@@ -108,6 +108,9 @@ pub struct TopSource {
     pub service: String,
     pub counts: Kinds,
     pub total: u64,
+    /// Present once the source table overflowed (Space-Saving estimate).
+    #[serde(default)]
+    pub error: Option<u64>,
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
     pub rate_per_s: f64,
@@ -148,6 +151,9 @@ pub struct Summary {
     pub scope: Scope,
     pub decode_errors: u64,
     pub top: Vec<TopSource>,
+    /// Present when `top` is a Space-Saving estimate: ⌊N/m⌋.
+    #[serde(default)]
+    pub top_error_bound: Option<u64>,
     pub untracked_sources: u64,
     pub sampled: bool,
     pub exact_sources: u64,

@@ -319,7 +319,7 @@ fn place_of(info: &NetnsInfo, init_inode: Option<u32>) -> Place {
 /// Groups a namespace's sources into services.
 fn victims(agg: &Aggregator, top: usize) -> Vec<Victim> {
     let mut by: BTreeMap<(String, u16), Victim> = BTreeMap::new();
-    for (k, s) in agg.top(usize::MAX) {
+    for (k, s) in agg.top(usize::MAX).into_iter().map(|e| (e.key(), &e.value)) {
         let drops = s.counts.table_full + s.counts.insert_failed + s.counts.early_drop;
         if drops == 0 {
             continue;

@@ -130,8 +130,17 @@ pub struct TopSource {
     /// Destination port (ICMP: type; other protocols: 0).
     pub port: u16,
     pub service: String,
+    /// Events per kind (once the source table overflowed: since this
+    /// source entered it; they sum to `total - error`).
     pub counts: KindCounts,
+    /// Events from this source (with `error`: the Space-Saving estimate, an
+    /// upper bound).
     pub total: u64,
+    /// Present once the source table overflowed (the top is then a
+    /// Space-Saving estimate): the true total lies in `[total - error,
+    /// total]`. Absent while every count is exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<u64>,
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
     /// Events/s over the last completed interval.
@@ -213,7 +222,14 @@ pub struct Summary {
     pub scope: Scope,
     pub decode_errors: u64,
     pub top: Vec<TopSource>,
-    /// Events whose source was not tracked (source table at its cap).
+    /// Present when `top` is a Space-Saving estimate (more sources than the
+    /// table holds): ⌊N/m⌋ for N matched events and m table entries, the
+    /// bound of every row's `error`; any source with more events is in the
+    /// table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_error_bound: Option<u64>,
+    /// Events of sources that left the source table (replaced by others
+    /// once it was full; their counts live on as those rows' `error`).
     pub untracked_sources: u64,
     /// Events were lost (the ring overflowed): the per-event analyses
     /// (amplification, first/last times) saw a sample, and `top`'s counts
@@ -303,7 +319,8 @@ pub struct AmpSummary {
     /// Live flows forgotten because their set was full (each can turn one
     /// later retransmission into a "new" flow).
     pub flows_forgotten: u64,
-    /// Drops of sources not tracked because `max_sources` were held.
+    /// Drops of sources whose state was reset when another source took over
+    /// their entry (`max_sources` were held); 0 while it never overflowed.
     pub untracked_drops: u64,
     /// The detector's memory bound in bytes.
     pub memory_ceiling_bytes: usize,

@@ -195,6 +195,9 @@ pub fn render_live(v: &LiveView<'_>) -> String {
         );
         s.push_str(&render_top(top, true));
     } else if v.per_packet {
+        if let Some(bound) = v.agg.error_bound() {
+            s.push_str(&approximate_line(bound, v.agg.untracked()));
+        }
         s.push_str(&render_top(&top_sources(v.agg, v.top_n), true));
     } else {
         s.push_str(NO_ATTRIBUTION);
@@ -221,6 +224,13 @@ pub fn render_amplification(amp: &AmpSummary, findings: &[Finding], max: usize) 
     }
     s
 }
+/// Says the top sources are a Space-Saving estimate, and how good.
+fn approximate_line(bound: u64, untracked: u64) -> String {
+    format!(
+        "top sources approximate (Space-Saving, error ≤ N/m = {bound}): more sources than the table holds, {untracked} events of replaced ones; a source with more than {bound} events is always kept\n"
+    )
+}
+
 /// What the counters backend cannot say.
 const NO_ATTRIBUTION: &str = "no per-packet attribution with the counters backend (totals from /proc/net/stat/nf_conntrack)\n";
 
@@ -247,6 +257,10 @@ pub fn render_top(top: &[super::TopSource], rates: bool) -> String {
             t.service,
             kinds.trim_end()
         );
+        if let Some(e) = t.error.filter(|e| *e > 0) {
+            // The kinds are the events since the source entered the table.
+            let _ = write!(s, "  (total {}..{})", t.total.saturating_sub(e), t.total);
+        }
         if rates {
             let _ = write!(s, "  {}/s", fmt_rate(t.rate_per_s));
         }
@@ -355,6 +369,9 @@ pub fn render_summary(sum: &Summary) -> String {
     ));
     let _ = writeln!(s);
     if sum.per_packet {
+        if let Some(bound) = sum.top_error_bound {
+            s.push_str(&approximate_line(bound, sum.untracked_sources));
+        }
         s.push_str(&render_top(&sum.top, false));
     } else {
         s.push_str(NO_ATTRIBUTION);
@@ -585,6 +602,7 @@ mod tests {
             },
             decode_errors: 0,
             top: top_sources(&a, 3),
+            top_error_bound: None,
             untracked_sources: 0,
             sampled: false,
             exact_sources: 0,
@@ -646,6 +664,38 @@ mod tests {
         assert!(text.contains("no per-packet attribution"), "{text}");
         assert!(!text.contains("SOURCE"), "{text}");
         assert!(text.contains("rule drops: not observed"), "{text}");
+    }
+
+    #[test]
+    fn an_overflowed_top_says_it_is_an_estimate() {
+        let mut a = Aggregator::new(2);
+        for (i, src) in ["10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
+            .iter()
+            .enumerate()
+        {
+            a.record(&Event {
+                ts_ns: i as u64,
+                src: Some(src.parse().unwrap()),
+                ..crate::capture::format::tests::sample_event(0)
+            });
+        }
+        let exact = serde_json::to_value(top_sources(&agg(), 1)).unwrap();
+        assert!(exact[0].get("error").is_none(), "{exact}");
+        let top = top_sources(&a, 5);
+        let json = serde_json::to_value(&top).unwrap();
+        assert_eq!(
+            (&json[0]["error"], &json[1]["error"]),
+            (&0.into(), &1.into())
+        );
+        // 10.0.0.3 took 10.0.0.2's entry: 1 event of its own, 2 at most.
+        let text = render_top(&top, false);
+        assert!(text.contains("10.0.0.1"), "{text}");
+        assert!(text.contains("table_full 1  (total 1..2)"), "{text}");
+        assert_eq!(a.error_bound(), Some(2));
+        assert_eq!(
+            approximate_line(2, a.untracked()),
+            "top sources approximate (Space-Saving, error ≤ N/m = 2): more sources than the table holds, 1 events of replaced ones; a source with more than 2 events is always kept\n"
+        );
     }
 
     #[test]

@@ -49,8 +49,13 @@ impl Summary {
                 ..facts.scope.clone()
             },
             decode_errors: t.decode_errors,
+            top_error_bound: top
+                .iter()
+                .any(|t| t.error.is_some())
+                .then(|| pipe.agg.error_bound())
+                .flatten(),
             top,
-            untracked_sources: pipe.agg.untracked,
+            untracked_sources: pipe.agg.untracked(),
             sampled: t.sampled,
             exact_sources: t.exact_sources,
             amplification: pipe.amp.summary(),
@@ -177,6 +182,7 @@ pub fn top_sources_exact(
                 port: k.port,
                 service: k.service(),
                 total: counts.total(),
+                error: None,
                 counts,
                 first_ts_ns: seen.map_or(0, |s| s.first_ns),
                 last_ts_ns: seen.map_or(0, |s| s.last_ns),
@@ -190,15 +196,20 @@ pub fn top_sources_exact(
     (top, sources)
 }
 
+/// The top sources from the events; with an `error` once the source table
+/// overflowed.
 pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {
+    let approximate = agg.error_bound().is_some();
     agg.top(n)
         .into_iter()
-        .map(|(k, s)| TopSource {
+        .map(|e| (e.key(), &e.value, e.count(), e.error()))
+        .map(|(k, s, count, error)| TopSource {
             src: k.src.map(|a| a.to_string()),
             proto: k.proto.to_string(),
             port: k.port,
             service: k.service(),
-            total: s.counts.total(),
+            total: count,
+            error: approximate.then_some(error),
             counts: s.counts,
             first_ts_ns: s.first_ns,
             last_ts_ns: s.last_ns,

@@ -180,6 +180,7 @@ mod tests {
             },
             decode_errors: 0,
             top: vec![],
+            top_error_bound: None,
             untracked_sources: 0,
             sampled: false,
             exact_sources: 0,

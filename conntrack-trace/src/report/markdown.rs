@@ -94,6 +94,12 @@ pub fn render(r: &Report) -> String {
     if sum.top.is_empty() {
         let _ = writeln!(s, "No drops.\n");
     } else {
+        if let Some(bound) = sum.top_error_bound {
+            let _ = writeln!(
+                s,
+                "Approximate (Space-Saving, error ≤ N/m = {bound}): more sources than the table holds. A total `a–b` means at least `a` (the kind columns, since the source was tracked), at most `b`.\n"
+            );
+        }
         let _ = writeln!(
             s,
             "| source | service | table_full | early_drop | insert_failed | total | first (UTC) | last (UTC) |"
@@ -105,6 +111,10 @@ pub fn render(r: &Report) -> String {
         };
         let wall = |ts: u64| clock.rfc3339(ts);
         for t in &sum.top {
+            let total = match t.error.filter(|e| *e > 0) {
+                Some(e) => format!("{}–{}", t.total.saturating_sub(e), t.total),
+                None => t.total.to_string(),
+            };
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -113,7 +123,7 @@ pub fn render(r: &Report) -> String {
                 t.counts.table_full,
                 t.counts.early_drop,
                 t.counts.insert_failed,
-                t.total,
+                total,
                 wall(t.first_ts_ns),
                 wall(t.last_ts_ns)
             );

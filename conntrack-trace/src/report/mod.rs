@@ -472,7 +472,9 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
     let mut top = top_sources(&a.pipe.agg, top);
     for s in &mut top {
         let span = (s.last_ts_ns.saturating_sub(s.first_ts_ns) as f64 / 1e9).max(1.0);
-        s.rate_per_s = s.total as f64 / span;
+        // Over the events since the source was tracked (its `counts`; the
+        // same as `total` unless the source table overflowed).
+        s.rate_per_s = s.counts.total() as f64 / span;
     }
     let totals = Totals {
         events: a.pipe.received,
