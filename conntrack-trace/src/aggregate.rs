@@ -12,52 +12,14 @@
 use std::{net::IpAddr, time::Duration};
 
 use crate::{
-    event::{Event, Kind, Nat, Proto},
+    event::{Event, Kind, Nat},
     model::KindCounts,
-    sources::{Entry, SourceTable},
+    sources::{Entry, SourceKey, SourceTable},
 };
 
 /// Default cap on distinct sources held in memory (~180 B each, see
 /// [`SourceTable::memory_ceiling`]).
 pub const DEFAULT_MAX_SOURCES: usize = 100_000;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceKey {
-    pub src: Option<IpAddr>,
-    pub proto: Proto,
-    /// Destination port, ICMP type, or 0.
-    pub port: u16,
-}
-
-impl SourceKey {
-    pub fn of(e: &Event) -> SourceKey {
-        let port = if e.proto.has_ports() {
-            e.dport
-        } else if e.proto.is_icmp() {
-            e.icmp_type() as u16
-        } else {
-            0
-        };
-        SourceKey {
-            src: e.src,
-            proto: e.proto,
-            port,
-        }
-    }
-
-    /// `udp/53`, `icmp/8`, `gre`.
-    pub fn service(&self) -> String {
-        if self.proto.has_ports() || self.proto.is_icmp() {
-            format!("{}/{}", self.proto, self.port)
-        } else {
-            self.proto.to_string()
-        }
-    }
-
-    pub fn src_string(&self) -> String {
-        self.src.map_or_else(|| "?".to_owned(), |a| a.to_string())
-    }
-}
 
 /// What the events said of one source since it entered the source table.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -168,6 +130,7 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Proto;
 
     fn ev(kind: Kind, src: &str, proto: Proto, dport: u16, ts: u64) -> Event {
         Event {

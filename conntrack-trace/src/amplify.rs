@@ -47,10 +47,10 @@ use std::{
 };
 
 use crate::{
-    aggregate::SourceKey,
     clock::Clock,
     event::{Event, Kind},
     model::{AmpSummary, Backoff, Finding, FindingStatus},
+    sources::SourceKey,
     sources::SourceTable,
 };
 

@@ -126,7 +126,7 @@ pub struct Snapshot {
     /// Counters of every namespace that could be read, by inode.
     pub stats: std::collections::BTreeMap<u32, CtStats>,
     /// Namespaces that could not be read, and why.
-    pub missing: Vec<crate::model::Uncovered>,
+    pub missing: Vec<Uncovered>,
 }
 
 /// Reads the counters of every namespace in `scope`.
@@ -140,7 +140,7 @@ pub fn snapshot(scope: &[crate::netns::Held]) -> Snapshot {
             Ok(s) => {
                 snap.stats.insert(ns.info.inode, s);
             }
-            Err(reason) => snap.missing.push(crate::model::Uncovered {
+            Err(reason) => snap.missing.push(Uncovered {
                 netns: ns.info.name.clone(),
                 inode: ns.info.inode,
                 reason,
@@ -156,7 +156,7 @@ pub fn window(
     scope: &[crate::netns::Held],
     start: &Snapshot,
     end: &Snapshot,
-) -> (CtStats, usize, Vec<crate::model::Uncovered>) {
+) -> (CtStats, usize, Vec<Uncovered>) {
     let mut sum = CtStats::default();
     let mut covered = 0;
     let mut uncovered = start.missing.clone();
@@ -170,7 +170,7 @@ pub fn window(
                 sum.add(&d);
                 covered += 1;
             }
-            None => uncovered.push(crate::model::Uncovered {
+            None => uncovered.push(Uncovered {
                 netns: scope
                     .iter()
                     .find(|h| h.info.inode == *ino)
@@ -268,6 +268,14 @@ pub fn read_columns() -> Result<Columns, StatsError> {
     parse_columns(path, &text)
 }
 
+/// A namespace the kernel counters do not cover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uncovered {
+    pub netns: String,
+    pub inode: u32,
+    pub reason: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,7 +338,7 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
     /// counter that went backwards is no huge delta.
     #[test]
     fn window_names_what_it_does_not_cover() {
-        use crate::model::Uncovered;
+        use Uncovered;
         let own_ino = crate::netns::own_inode().unwrap();
         let own = crate::netns::list().remove(&own_ino).unwrap();
         let held = crate::netns::hold(std::slice::from_ref(&own));

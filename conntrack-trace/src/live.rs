@@ -17,8 +17,9 @@ use crate::{
     error::TraceError,
     event::{Event, Kind},
     filter::Filter,
+    kstats::Uncovered,
     kstats::{self, CtStats},
-    model::{KindCounts, Refusal, Scope, SessionFacts, Totals, Uncovered},
+    model::{KindCounts, Refusal, Scope, SessionFacts, Totals},
     netns,
     pipeline::Pipeline,
 };

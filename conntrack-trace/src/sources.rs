@@ -24,11 +24,14 @@
 //! std's HashMap: the addresses are the sender's to choose), and the hash
 //! kept in the entry serves removal and rehashing.
 
-use std::hash::{BuildHasher, RandomState};
+use std::{
+    hash::{BuildHasher, RandomState},
+    net::IpAddr,
+};
 
 use hashbrown::HashTable;
 
-use crate::aggregate::SourceKey;
+use crate::event::{Event, Proto};
 
 /// "No entry / no bucket".
 const NIL: u32 = u32::MAX;
@@ -369,6 +372,46 @@ fn grow<T>(v: &mut Vec<T>, max: usize) {
     let len = v.len();
     if len == v.capacity() {
         v.reserve_exact((len * 2).max(16).min(max).max(len + 1) - len);
+    }
+}
+
+/// What the source table counts by: a sender, a protocol and a
+/// destination port (the service).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub src: Option<IpAddr>,
+    pub proto: Proto,
+    /// Destination port, ICMP type, or 0.
+    pub port: u16,
+}
+
+impl SourceKey {
+    pub fn of(e: &Event) -> SourceKey {
+        let port = if e.proto.has_ports() {
+            e.dport
+        } else if e.proto.is_icmp() {
+            e.icmp_type() as u16
+        } else {
+            0
+        };
+        SourceKey {
+            src: e.src,
+            proto: e.proto,
+            port,
+        }
+    }
+
+    /// `udp/53`, `icmp/8`, `gre`.
+    pub fn service(&self) -> String {
+        if self.proto.has_ports() || self.proto.is_icmp() {
+            format!("{}/{}", self.proto, self.port)
+        } else {
+            self.proto.to_string()
+        }
+    }
+
+    pub fn src_string(&self) -> String {
+        self.src.map_or_else(|| "?".to_owned(), |a| a.to_string())
     }
 }
 

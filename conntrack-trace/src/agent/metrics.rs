@@ -29,10 +29,10 @@ use prometheus_client::{
 };
 
 use crate::{
-    aggregate::SourceKey,
     event::{Event, Kind},
     kstats::{CtStats, Fill},
     model::KindCounts,
+    sources::SourceKey,
     workload::Workload,
 };
 

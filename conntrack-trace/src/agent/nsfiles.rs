@@ -25,8 +25,8 @@ use std::{
 };
 
 use crate::{
+    kstats::Uncovered,
     kstats::{self, CtStats, Fill},
-    model::Uncovered,
     netns::{self, Held, NetnsInfo},
 };
 

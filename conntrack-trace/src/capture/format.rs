@@ -216,7 +216,7 @@ pub struct Trailer {
     pub namespaces: usize,
     /// Namespaces of the scope not summed into `kernel`, and why.
     #[serde(default)]
-    pub uncovered: Vec<crate::model::Uncovered>,
+    pub uncovered: Vec<crate::kstats::Uncovered>,
     /// Event records written over the whole (rotated) capture.
     pub events_written: u64,
     /// See [`crate::model::Summary::unclassified_drops`] (absent in

@@ -8,7 +8,11 @@ pub mod wire;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{clock::Clock, event::Kind, kstats::CtStats};
+use crate::{
+    clock::Clock,
+    event::Kind,
+    kstats::{CtStats, Uncovered},
+};
 
 /// A backend's name, as printed and in the ndjson summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -165,14 +169,6 @@ pub struct Scope {
     /// why (e.g. no CAP_SYS_ADMIN to enter them): never a silent zero.
     #[serde(default)]
     pub uncovered: Vec<Uncovered>,
-}
-
-/// A namespace the kernel counters do not cover.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Uncovered {
-    pub netns: String,
-    pub inode: u32,
-    pub reason: String,
 }
 
 /// The last ndjson line, and the final human summary.

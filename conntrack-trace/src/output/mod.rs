@@ -162,10 +162,10 @@ pub fn top_sources_exact(
     select: impl Fn(&Event) -> bool,
     n: usize,
 ) -> (Vec<TopSource>, u64) {
-    let mut by: std::collections::BTreeMap<crate::aggregate::SourceKey, KindCounts> =
+    let mut by: std::collections::BTreeMap<crate::sources::SourceKey, KindCounts> =
         std::collections::BTreeMap::new();
     for (e, count) in exact.iter().filter(|(e, _)| select(e)) {
-        let c = by.entry(crate::aggregate::SourceKey::of(e)).or_default();
+        let c = by.entry(crate::sources::SourceKey::of(e)).or_default();
         *c.get_mut(e.kind) = c.get(e.kind).saturating_add(*count);
     }
     let sources = by.len() as u64;

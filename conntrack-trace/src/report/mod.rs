@@ -764,7 +764,7 @@ mod tests {
     #[test]
     fn a_newline_in_a_name_adds_no_line() {
         use crate::capture::{WriteOptions, Writer, tests};
-        use crate::model::Uncovered;
+        use crate::kstats::Uncovered;
         const FORGED: &str = "\nWARNING: forged";
         let d = TempDir::new("newline");
         let p = d.0.join("c.ctt");
