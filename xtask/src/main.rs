@@ -45,9 +45,10 @@ enum Cmd {
     },
     /// Run the scenario tests inside VMs on Debian kernels (6.1, 6.12, ...).
     VmTest(vm::Args),
-    /// Measure the cost of the eviction hook on a socket churn loop
-    /// (`bench capture`: capture write/read throughput; `bench amplify`:
-    /// the amplification detector).
+    /// Measure the tracer: every figure but the soak, written to
+    /// BENCHMARKS.md; or one figure (`bench flood|evictions|newflow|
+    /// userspace|memory|soak`; `bench capture`, `bench amplify`: the
+    /// capture format and the amplification detector alone).
     Bench(bench::Args),
     /// Run each cargo-fuzz target in fuzz/ for a bounded time (installs
     /// cargo-fuzz if missing); inputs that break a target are kept in

@@ -5,7 +5,7 @@
 //!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
 //!   libLLVM.so to the toolchain's versioned libLLVM);
 //! - Debian packages the tests use (iproute2, nftables, util-linux,
-//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, iptables, docker.io,
+//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, bpftrace, conntrack, iptables, docker.io,
 //!   containerd, busybox-static, strace, prometheus, runc, python3-pip)
 //!   and PyPI's kubernetes-validate;
 //! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
@@ -167,6 +167,10 @@ fn debian_packages() -> Result<()> {
         ("tshark", "tshark"),
         // bench: each program's run_time_ns / run_cnt (bpf_stats).
         ("bpftool", "bpftool"),
+        // bench newflow: the bpftrace one-liner the tracer is compared with.
+        ("bpftrace", "bpftrace"),
+        // bench newflow: empties the server's table between measurements.
+        ("conntrack", "conntrack"),
         // Legacy iptables rulesets in the rule-drop scenarios.
         ("iptables-legacy", "iptables"),
         // Real container runtimes for the workload-naming tests (their

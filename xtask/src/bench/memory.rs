@@ -1,0 +1,129 @@
+//! `cargo xtask bench memory`: the tracer's peak RSS when a million
+//! distinct sources are dropped. A table-full flood ([`super::flood`]'s
+//! server) from [`SOURCES`] client addresses x 65 534 destination ports:
+//! each datagram is a distinct (source, proto, destination port) key of
+//! the top-sources table and a distinct flow of the amplification
+//! detector, sent once (the count bound is one cycle). The tracer's
+//! ru_maxrss comes from wait4(); its RSS once ready and its summary (events
+//! received and lost, sources it did not track) say what the peak covers.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use conntrack_trace_tests::{KernelLock, Sysctl, Topology};
+
+use super::{Bound, Traced, Traffic, client_sources, fmt_spread, generate_all, kinds_total};
+
+#[derive(clap::Args, Clone)]
+pub struct Args {
+    /// Measurements (a fresh tracer each).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args { rounds: 3 }
+    }
+}
+
+/// Client addresses: 16 x 65 534 ports = 1 048 544 keys.
+const SOURCES: u8 = 16;
+/// Generator threads (the sources split between them).
+const GENERATORS: usize = 2;
+/// Longest flood per measurement.
+const FLOOD_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Sample {
+    keys: u64,
+    drops: u64,
+    ready_kib: u64,
+    peak_kib: u64,
+    events: u64,
+    lost: u64,
+    untracked: u64,
+}
+
+fn measure(bin: &Path, topo: &Topology, gens: &[Traffic]) -> Result<Sample> {
+    let tracer = Traced::tracer(bin, &["--format", "ndjson", "--netns", &topo.server.name])?;
+    let ready_kib = tracer.rss_kib().unwrap_or(0);
+    let before = topo.server.ct_stats()?.drop;
+    let per_gen = gens.iter().map(Traffic::cycle).min().unwrap_or(0);
+    let keys = generate_all(
+        topo,
+        gens,
+        Bound {
+            until: Instant::now() + FLOOD_LIMIT,
+            max: per_gen,
+            pace: None,
+        },
+    )?;
+    let drops = topo.server.ct_stats()?.drop - before;
+    let (summary, usage) = tracer.stop()?;
+    let summary = summary.context("the tracer printed no summary")?;
+    if drops < keys {
+        bail!("{keys} datagrams sent but only {drops} dropped: is the server's table full?");
+    }
+    Ok(Sample {
+        keys,
+        drops,
+        ready_kib,
+        peak_kib: usage.maxrss_kib,
+        events: kinds_total(&summary, "events").unwrap_or(0),
+        lost: kinds_total(&summary, "lost").unwrap_or(0),
+        untracked: summary["untracked_sources"].as_u64().unwrap_or(0),
+    })
+}
+
+pub fn run(bin: &Path, args: &Args) -> Result<String> {
+    let _lock = KernelLock::acquire()?;
+    const TAG: &str = "bm";
+    const SUBNET: u8 = 94;
+    let topo = Topology::new(TAG, SUBNET)?;
+    const MAX: u64 = 64;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
+    let _filler = topo.fill_assured(MAX)?;
+    let srcs = client_sources(&topo, TAG, SUBNET, SOURCES)?;
+    let gens: Vec<Traffic> = srcs
+        .chunks(srcs.len() / GENERATORS)
+        .map(|c| Traffic {
+            srcs: c.to_vec(),
+            dst: topo.server_ip,
+            ports: 1..65535,
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for round in 0..args.rounds {
+        let s = measure(bin, &topo, &gens).with_context(|| format!("round {round}"))?;
+        eprintln!(
+            "round {round}: {} keys sent, {} dropped; RSS {} KiB ready, {} KiB peak; {} events, {} lost, {} sources untracked",
+            s.keys, s.drops, s.ready_kib, s.peak_kib, s.events, s.lost, s.untracked
+        );
+        samples.push(s);
+    }
+    let col = |f: fn(&Sample) -> f64, prec| fmt_spread(samples.iter().map(f).collect(), prec);
+    fn mib(kib: u64) -> f64 {
+        kib as f64 / 1024.0
+    }
+    Ok(format!(
+        "A table-full flood from {SOURCES} client addresses x 65 534 destination ports, each \
+         (source, udp, port) once: distinct keys for the top-sources table and distinct flows for \
+         the amplification detector. Tracer: `trace --format ndjson` (output read and discarded); \
+         peak RSS is its ru_maxrss. {} rounds, a fresh tracer each; median [min–max].\n\n\
+         | distinct keys sent | kernel drops | RSS at ready MiB | peak RSS MiB | events received | lost events | sources untracked |\n\
+         |---|---|---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} | {} | {} |\n",
+        args.rounds,
+        col(|s| s.keys as f64, 0),
+        col(|s| s.drops as f64, 0),
+        col(|s| mib(s.ready_kib), 1),
+        col(|s| mib(s.peak_kib), 1),
+        col(|s| s.events as f64, 0),
+        col(|s| s.lost as f64, 0),
+        col(|s| s.untracked as f64, 0),
+    ))
+}
