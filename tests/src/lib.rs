@@ -781,36 +781,6 @@ pub fn wait_bounded(mut child: Child, deadline: Instant) -> Result<std::process:
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::CtStats;
-
-    /// Review of issue 11: `since` subtracted unchecked, so two readings of
-    /// different namespaces panicked (debug) with "attempt to subtract with
-    /// overflow" instead of saying what went wrong.
-    #[test]
-    fn since_names_a_counter_that_went_backwards() {
-        let before = CtStats {
-            drop: 10,
-            early_drop: 3,
-            ..Default::default()
-        };
-        let after = CtStats {
-            drop: 25,
-            early_drop: 3,
-            invalid: 1,
-            ..Default::default()
-        };
-        let d = after.since(&before).unwrap();
-        assert_eq!((d.drop, d.early_drop, d.invalid), (15, 0, 1));
-        let back = CtStats { drop: 4, ..after };
-        let e = back.since(&before).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "kernel counter `drop` went backwards (10 before, 4 after): the readings are not of the same namespace"
-        );
-    }
-}
 
 /// A scratch directory under the temp dir (`ctt-GROUP-TAG-PID`), removed
 /// on drop.
@@ -873,4 +843,35 @@ pub fn http_metrics(port: u16) -> Result<String> {
     let mut b = String::new();
     s.read_to_string(&mut b)?;
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CtStats;
+
+    /// Review of issue 11: `since` subtracted unchecked, so two readings of
+    /// different namespaces panicked (debug) with "attempt to subtract with
+    /// overflow" instead of saying what went wrong.
+    #[test]
+    fn since_names_a_counter_that_went_backwards() {
+        let before = CtStats {
+            drop: 10,
+            early_drop: 3,
+            ..Default::default()
+        };
+        let after = CtStats {
+            drop: 25,
+            early_drop: 3,
+            invalid: 1,
+            ..Default::default()
+        };
+        let d = after.since(&before).unwrap();
+        assert_eq!((d.drop, d.early_drop, d.invalid), (15, 0, 1));
+        let back = CtStats { drop: 4, ..after };
+        let e = back.since(&before).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "kernel counter `drop` went backwards (10 before, 4 after): the readings are not of the same namespace"
+        );
+    }
 }
