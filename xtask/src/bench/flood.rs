@@ -53,6 +53,8 @@ struct Config {
     label: String,
     bin: Option<PathBuf>,
     stats: bool,
+    /// More tracer arguments: another sink or ring size (see `run`).
+    extra: Vec<String>,
 }
 
 /// Generator `g` of `n`: its own 8192 destination ports, so no two
@@ -71,11 +73,19 @@ pub fn flood_traffic(topo: &Topology, generators: u8) -> Vec<Traffic> {
 }
 
 fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
+    // `--write`: a fresh capture per round, removed afterwards.
+    let capture = std::env::temp_dir().join(format!("ctt-bench-{}.ctt", std::process::id()));
+    let extra: Vec<String> = cfg
+        .extra
+        .iter()
+        .map(|a| a.replace("{capture}", &capture.display().to_string()))
+        .collect();
     let tracer = match &cfg.bin {
-        Some(bin) => Some(Traced::tracer(
-            bin,
-            &["--format", "ndjson", "--netns", &topo.server.name],
-        )?),
+        Some(bin) => {
+            let mut a = vec!["--format", "ndjson", "--netns", &topo.server.name];
+            a.extend(extra.iter().map(String::as_str));
+            Some(Traced::tracer(bin, &a)?)
+        }
         None => None,
     };
     let _stats = if cfg.stats {
@@ -117,6 +127,9 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
         sample.lost = kinds_total(&sum, "lost");
         sample.backend = sum["backend"].as_str().map(str::to_owned);
     }
+    for f in capture_files(&capture) {
+        let _ = std::fs::remove_file(f);
+    }
     Ok(sample)
 }
 
@@ -132,6 +145,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
         label: "no tracer".into(),
         bin: None,
         stats: false,
+        extra: Vec::new(),
     }];
     let mut bins = vec![("tracer".to_owned(), bin.to_path_buf())];
     if let Some(c) = &args.compare {
@@ -142,6 +156,20 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             label: label.clone(),
             bin: Some(b.clone()),
             stats: false,
+            extra: Vec::new(),
+        });
+    }
+    // Where loss starts, and what the other sinks cost: the capture writer
+    // as well as ndjson, and a ring an eighth of the default.
+    for (label, extra) in [
+        ("tracer, ndjson + --write", vec!["--write", "{capture}"]),
+        ("tracer, --ring-size 1048576", vec!["--ring-size", "1048576"]),
+    ] {
+        configs.push(Config {
+            label: label.into(),
+            bin: Some(bin.to_path_buf()),
+            stats: false,
+            extra: extra.into_iter().map(str::to_owned).collect(),
         });
     }
     for (label, b) in &bins {
@@ -149,6 +177,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             label: format!("{label}, bpf_stats"),
             bin: Some(b.clone()),
             stats: true,
+            extra: Vec::new(),
         });
     }
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
@@ -223,4 +252,17 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
         .find_map(|s| s.backend.clone())
         .unwrap_or_else(|| "unknown".into());
     Ok((md, backend))
+}
+
+/// A capture and its rotated files (`FILE`, `FILE.1`, ...).
+fn capture_files(first: &Path) -> Vec<PathBuf> {
+    let mut v = vec![first.to_path_buf()];
+    for i in 1..1000 {
+        let p = PathBuf::from(format!("{}.{i}", first.display()));
+        if !p.exists() {
+            break;
+        }
+        v.push(p);
+    }
+    v
 }
