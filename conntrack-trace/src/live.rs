@@ -5,7 +5,7 @@
 //! last drain, end counters). Each driver keeps only what differs: where
 //! results go.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -21,6 +21,7 @@ use crate::{
     kstats::{self, CtStats},
     model::{KindCounts, Refusal, Scope, SessionFacts, Totals},
     netns,
+    outfile::ReadyFile,
     pipeline::Pipeline,
 };
 
@@ -234,24 +235,38 @@ pub struct Ending {
     pub kernel: CtStats,
     pub covered: usize,
     pub uncovered: Vec<Uncovered>,
+    /// From `started` to the detach.
+    pub duration_s: f64,
+    /// Ring records that did not decode, over the whole session.
+    pub decode_errors: u64,
 }
 
 /// Stops the producers, reads the kernel's end counters (`end_snapshot`,
-/// right after the detach), then takes everything the programs left in
-/// the ring — so that events + lost == observed holds exactly.
+/// right after the detach), withdraws the ready file (nothing is attached
+/// any more: a script must not read "ready"), then takes everything the
+/// programs left in the ring — so that events + lost == observed holds
+/// exactly.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call per driver, each argument named there"
+)]
 pub fn end(
     tp: &mut Backend,
     ring: Option<Ring>,
     scope: &[netns::Held],
     start: &kstats::Snapshot,
     end_snapshot: impl FnOnce() -> kstats::Snapshot,
-    after_detach: impl FnOnce(),
+    ready: Option<&mut ReadyFile>,
+    started: Instant,
     f: impl FnMut(&Event) -> Result<(), TraceError>,
-) -> Result<(Ending, u64), TraceError> {
+) -> Result<Ending, TraceError> {
     let mut ring = ring.map(|r| (r.fd.into_inner(), r.decode_errors));
     tp.detach();
     let end = end_snapshot();
-    after_detach();
+    if let Some(r) = ready {
+        r.withdraw();
+    }
+    let duration_s = started.elapsed().as_secs_f64();
     let mut decode_errors = 0;
     if let Some((ring, errors)) = ring.as_mut() {
         drain(ring, usize::MAX, errors, f)?;
@@ -259,16 +274,15 @@ pub fn end(
     }
     let counters = tp.counters()?;
     let (kernel, covered, uncovered) = kstats::window(scope, start, &end);
-    Ok((
-        Ending {
-            counters,
-            end,
-            kernel,
-            covered,
-            uncovered,
-        },
+    Ok(Ending {
+        counters,
+        end,
+        kernel,
+        covered,
+        uncovered,
+        duration_s,
         decode_errors,
-    ))
+    })
 }
 
 /// A live summary's counts: the pipeline's, the programs' and the
@@ -278,7 +292,6 @@ pub fn totals<S>(
     facts: &SessionFacts,
     p: &Pipeline<S>,
     end: &Ending,
-    decode_errors: u64,
     sampled: bool,
     exact: u64,
 ) -> Totals {
@@ -294,7 +307,7 @@ pub fn totals<S>(
         kernel: end.kernel,
         unclassified_drops: c.unclassified,
         unmatched_drop_counts: c.drop_unmatched,
-        decode_errors,
+        decode_errors: end.decode_errors,
         namespaces: end.covered,
         uncovered: end.uncovered.clone(),
         complete: complete(facts.per_packet, &p.received, c),

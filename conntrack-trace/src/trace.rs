@@ -520,23 +520,16 @@ impl<'s> Session<'s> {
     /// Stops the producers and takes everything they left behind (see
     /// [`live::end`]), then writes the summary and the capture's trailer.
     fn finish(mut self) -> Result<Summary, TraceError> {
-        let (scope, started, ready) = (&self.scope, self.started, &mut self.ready);
-        let mut duration_s = 0.0;
+        let scope = &self.scope;
         let c = &mut self.consumer;
-        let (end, decode_errors) = live::end(
+        let end = live::end(
             &mut self.tp,
             self.ring.take(),
             scope,
             &self.start_stats,
             || kstats::snapshot(scope),
-            || {
-                // Nothing is attached any more: a script must not read
-                // "ready".
-                if let Some(r) = ready {
-                    r.withdraw();
-                }
-                duration_s = started.elapsed().as_secs_f64();
-            },
+            self.ready.as_mut(),
+            self.started,
             |ev| c.handle(ev),
         )?;
         self.consumer.report_findings(&self.facts.clock)?;
@@ -548,15 +541,8 @@ impl<'s> Session<'s> {
             false => (top_sources(&self.consumer.pipe.agg, self.opts.top), 0),
         };
         let c = &mut self.consumer;
-        let totals = live::totals(
-            &self.facts,
-            &c.pipe,
-            &end,
-            decode_errors,
-            sampled,
-            exact_sources,
-        );
-        let summary = Summary::assemble(&self.facts, duration_s, totals, top, &c.pipe);
+        let totals = live::totals(&self.facts, &c.pipe, &end, sampled, exact_sources);
+        let summary = Summary::assemble(&self.facts, end.duration_s, totals, top, &c.pipe);
         let recorded = c.writer.take().map(|w| {
             let (files, written) = (w.files(), w.events_written());
             let now = crate::clock::monotonic_ns();

@@ -672,10 +672,9 @@ impl Agent {
         });
         self.shared.ready.store(false, Ordering::Relaxed);
         self.server.abort();
-        let (tables, ready, started) = (&self.tables, &mut self.ready_file, self.started);
-        let mut duration_s = 0.0;
+        let tables = &self.tables;
         let c = &mut self.consumer;
-        let (end, decode_errors) = live::end(
+        let end = live::end(
             &mut self.tp,
             self.ring.take(),
             &self.held,
@@ -683,18 +682,15 @@ impl Agent {
             // Through the files already open (setns may no longer be
             // allowed).
             || tables.end_snapshot(),
-            || {
-                if let Some(r) = ready {
-                    r.withdraw();
-                }
-                duration_s = started.elapsed().as_secs_f64();
-            },
+            self.ready_file.as_mut(),
+            self.started,
             |ev| c.handle(ev),
         )?;
         // The agent's rolling files hold what arrived; its metrics come
         // from the events (the exact per-source counts are a `trace`
         // summary's): never `sampled`.
-        let totals = live::totals(&self.facts, &c.pipe, &end, decode_errors, false, 0);
+        let totals = live::totals(&self.facts, &c.pipe, &end, false, 0);
+        let duration_s = end.duration_s;
         let summary = Summary::assemble(&self.facts, duration_s, totals, Vec::new(), &c.pipe);
         if let Some(mut rec) = c.recorder.take() {
             let written = rec.events_written();
