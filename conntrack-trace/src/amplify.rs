@@ -41,7 +41,7 @@
 //!   as a new flow: a reset can only *under*-count, never flag a source.
 
 use std::{
-    hash::{DefaultHasher, Hash, Hasher},
+    hash::{BuildHasher as _, Hash, Hasher},
     net::IpAddr,
     time::Duration,
 };
@@ -268,6 +268,9 @@ fn gap_ratio(prev_us: u32, gap_us: u32) -> Option<Backoff> {
     })
 }
 
+/// See [`flow_fingerprint`].
+const FINGERPRINT_SEED: u64 = 0x636f_6e6e_7472_6163;
+
 pub struct Detector {
     cfg: AmpConfig,
     window_ns: u64,
@@ -467,8 +470,11 @@ fn fmt_secs(s: f64) -> String {
 }
 
 /// The flow identity of a dropped packet (see the module documentation).
+/// A fixed seed, not a random one: the flow table's set is the
+/// fingerprint's, so which flows a full set forgets must be the same live
+/// and in a report of the capture.
 fn flow_fingerprint(e: &Event) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = foldhash::quality::FixedState::with_seed(FINGERPRINT_SEED).build_hasher();
     e.netns.hash(&mut h);
     e.src.hash(&mut h);
     e.dst.hash(&mut h);

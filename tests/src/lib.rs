@@ -781,7 +781,6 @@ pub fn wait_bounded(mut child: Child, deadline: Instant) -> Result<std::process:
     }
 }
 
-
 /// A scratch directory under the temp dir (`ctt-GROUP-TAG-PID`), removed
 /// on drop.
 pub struct Scratch(pub PathBuf);

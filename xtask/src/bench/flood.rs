@@ -163,7 +163,10 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
     // as well as ndjson, and a ring an eighth of the default.
     for (label, extra) in [
         ("tracer, ndjson + --write", vec!["--write", "{capture}"]),
-        ("tracer, --ring-size 1048576", vec!["--ring-size", "1048576"]),
+        (
+            "tracer, --ring-size 1048576",
+            vec!["--ring-size", "1048576"],
+        ),
     ] {
         configs.push(Config {
             label: label.into(),
