@@ -143,6 +143,17 @@ fn sink(a: &Args) -> Result<Out> {
     })
 }
 
+/// User + system CPU seconds of the whole process (the capture's I/O
+/// thread included).
+fn cpu_seconds() -> f64 {
+    // SAFETY: all-zero is a valid rusage; getrusage fills it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(u.ru_utime) + s(u.ru_stime)
+}
+
 fn header() -> Header {
     Header {
         format_version: FORMAT_VERSION,
@@ -214,6 +225,7 @@ fn main() -> Result<()> {
     names.insert(4026531840, "host".into());
     let size = std::mem::size_of::<RawEvent>();
     let started = Instant::now();
+    let cpu_start = cpu_seconds();
     let mut selected = 0u64;
     for rec in ring.chunks_exact(size) {
         let e = Event::decode(rec).context("decoding a synthetic record")?;
@@ -240,12 +252,13 @@ fn main() -> Result<()> {
         out => drop(out),
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_start;
     // What the consumer found, so that a broken pipeline cannot look fast.
     let amp = pipe.amp.summary();
     let top = pipe.agg.top(1);
     let top_src = top.first().and_then(|t| t.key().src);
     println!(
-        "{{\"events\":{},\"selected\":{selected},\"seconds\":{elapsed:.6},\"retransmissions\":{},\"top_src\":\"{}\"}}",
+        "{{\"events\":{},\"selected\":{selected},\"seconds\":{elapsed:.6},\"cpu_seconds\":{cpu:.6},\"retransmissions\":{},\"top_src\":\"{}\"}}",
         a.events,
         amp.retransmissions,
         top_src.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))

@@ -9,6 +9,8 @@
 //! - [`newflow`]: the kernel's new-flow rate without drops, per backend
 //!   setting and against a bpftrace one-liner, and per-hook cost idle and
 //!   under that load;
+//! - [`pipeline`]: the live consumer's user space per sink, on synthetic
+//!   ring records;
 //! - [`userspace`]: `report` and `export` events/s on a recorded capture;
 //! - [`memory`]: the tracer's peak RSS with 1 M distinct sources;
 //! - [`soak`] (opt-in): RSS over minutes at a steady drop rate, totals
@@ -34,6 +36,7 @@ mod evictions;
 mod flood;
 mod memory;
 mod newflow;
+mod pipeline;
 mod soak;
 mod userspace;
 
@@ -72,6 +75,10 @@ enum What {
     /// New-flow rate without drops: no tracer, the tracer with evictions
     /// on and off, a bpftrace one-liner; per-hook ns/run idle and under it.
     Newflow(newflow::Args),
+    /// The live consumer's user space per sink (none, human, ndjson,
+    /// capture writer): events per CPU-second on synthetic ring records
+    /// (conntrack-trace/examples/pipeline.rs, release mode).
+    Pipeline(pipeline::Args),
     /// `report` and `export` (ndjson, pcapng) events/s, CPU and peak RSS
     /// on a capture of a real flood.
     Userspace(userspace::Args),
@@ -112,6 +119,7 @@ pub fn run(args: Args) -> Result<()> {
             return one(flood::run(&crate::build_release()?, &a).map(|(md, _)| md));
         }
         Some(What::Newflow(a)) => return one(newflow::run(&crate::build_release()?, &a)),
+        Some(What::Pipeline(a)) => return one(pipeline::run(&a)),
         Some(What::Userspace(a)) => return one(userspace::run(&crate::build_release()?, &a)),
         Some(What::Memory(a)) => return one(memory::run(&crate::build_release()?, &a)),
         Some(What::Soak(a)) => return one(soak::run(&crate::build_release()?, &a)),
@@ -145,6 +153,11 @@ pub fn run(args: Args) -> Result<()> {
         rounds,
         ..userspace::Args::default()
     };
+    let pipeline_args = pipeline::Args {
+        rounds,
+        ..pipeline::Args::default()
+    };
+    section("User-space pipeline", pipeline::run(&pipeline_args)?);
     section("User space", userspace::run(&bin, &userspace_args)?);
     // Each memory round is a flood of a million sources; three show the
     // spread without tripling the bench's length.
