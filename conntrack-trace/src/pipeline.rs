@@ -51,8 +51,10 @@ impl<S: Select> Pipeline<S> {
         if !self.select.select(e, names) {
             return false;
         }
+        // The detector's flow slot loads while the aggregator works.
+        let p = self.amp.prepare(e);
         self.agg.record(e);
-        self.amp.record(e);
+        self.amp.record_prepared(e, p);
         true
     }
 }
