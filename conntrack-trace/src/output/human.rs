@@ -205,6 +205,12 @@ pub fn render_live(v: &LiveView<'_>) -> String {
     s
 }
 
+/// Findings the human summary lists, most drops first: a flood from
+/// many ports can flag thousands of sources, and a summary that scrolls
+/// its totals off the screen helps nobody. ndjson and `report --format
+/// json` carry every one.
+pub const SUMMARY_FINDINGS: usize = 20;
+
 /// The retransmission line and up to `max` findings.
 pub fn render_amplification(amp: &AmpSummary, findings: &[Finding], max: usize) -> String {
     let mut s = String::new();
@@ -220,7 +226,11 @@ pub fn render_amplification(amp: &AmpSummary, findings: &[Finding], max: usize) 
         let _ = writeln!(s, "{}", f.message);
     }
     if findings.len() > max {
-        let _ = writeln!(s, "... and {} more flagged sources", findings.len() - max);
+        let _ = writeln!(
+            s,
+            "... and {} more flagged sources (every one: --format ndjson, report --format json)",
+            findings.len() - max
+        );
     }
     s
 }
@@ -365,7 +375,7 @@ pub fn render_summary(sum: &Summary) -> String {
     s.push_str(&render_amplification(
         &sum.amplification,
         &sum.findings,
-        usize::MAX,
+        SUMMARY_FINDINGS,
     ));
     let _ = writeln!(s);
     if sum.per_packet {
@@ -559,6 +569,45 @@ mod tests {
             "{text}"
         );
         assert!(!text.lines().any(|l| l.starts_with("WARNING")), "{text}");
+    }
+
+    #[test]
+    fn the_summary_lists_the_busiest_findings_and_counts_the_rest() {
+        let findings: Vec<Finding> = (0..SUMMARY_FINDINGS as u16 + 5)
+            .map(|i| Finding {
+                finding: "amplification",
+                status: crate::model::FindingStatus::Final,
+                src: Some("10.0.0.7".into()),
+                proto: "udp".into(),
+                port: 1000 + i,
+                service: format!("udp/{}", 1000 + i),
+                attempts: 10,
+                flows: 1,
+                retransmissions: 9,
+                factor: 10.0,
+                median_interval_s: None,
+                first_retry_s: None,
+                backoff: crate::model::Backoff::Unknown,
+                first_ts_ns: 0,
+                last_ts_ns: 0,
+                since: String::new(),
+                message: format!("AMPLIFICATION 10.0.0.7 -> udp/{}", 1000 + i),
+            })
+            .collect();
+        let text = render_amplification(&AmpSummary::default(), &findings, SUMMARY_FINDINGS);
+        let shown = text
+            .lines()
+            .filter(|l| l.starts_with("AMPLIFICATION"))
+            .count();
+        assert_eq!(shown, SUMMARY_FINDINGS, "{text}");
+        assert!(
+            text.contains("AMPLIFICATION 10.0.0.7 -> udp/1000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("... and 5 more flagged sources (every one: --format ndjson"),
+            "{text}"
+        );
     }
 
     #[test]

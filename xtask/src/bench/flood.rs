@@ -22,8 +22,8 @@ use anyhow::{Context as _, Result, bail};
 use conntrack_trace_tests::{KernelLock, Sysctl, Topology};
 
 use super::{
-    Bound, Rounds, Traced, Traffic, fmt_spread, generate_all, hook_costs, kinds_total, prog_stats,
-    ratios,
+    Bound, Rounds, Traced, Traffic, fmt_spread, generate_all, hook_costs, human_lost, kinds_total,
+    prog_stats, ratios,
 };
 
 #[derive(clap::Args, Clone)]
@@ -55,6 +55,9 @@ struct Config {
     stats: bool,
     /// More tracer arguments: another sink or ring size (see `run`).
     extra: Vec<String>,
+    /// `--format human` instead of ndjson: lost events from its summary
+    /// table.
+    human: bool,
 }
 
 /// Generator `g` of `n`: its own 8192 destination ports, so no two
@@ -82,7 +85,8 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
         .collect();
     let tracer = match &cfg.bin {
         Some(bin) => {
-            let mut a = vec!["--format", "ndjson", "--netns", &topo.server.name];
+            let format = if cfg.human { "human" } else { "ndjson" };
+            let mut a = vec!["--format", format, "--netns", &topo.server.name];
             a.extend(extra.iter().map(String::as_str));
             Some(Traced::tracer(bin, &a)?)
         }
@@ -121,11 +125,24 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
         sample.ctx_switches_per_s = Some((c1 - c0) as f64 / secs);
         sample.cpu_pct = Some((t1 - t0) as f64 / hz / secs * 100.0);
     }
-    if let Some(t) = tracer
-        && let (Some(sum), _) = t.stop()?
-    {
-        sample.lost = kinds_total(&sum, "lost");
-        sample.backend = sum["backend"].as_str().map(str::to_owned);
+    if let Some(t) = tracer {
+        if cfg.human {
+            let (text, _) = t.stop_tail()?;
+            let Some(lost) = human_lost(&text) else {
+                let end = text.len().saturating_sub(2000);
+                let end = (end..text.len())
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                bail!(
+                    "the human summary has no events/lost/observed table; its output ended:\n{}",
+                    &text[end..]
+                );
+            };
+            sample.lost = Some(lost);
+        } else if let (Some(sum), _) = t.stop()? {
+            sample.lost = kinds_total(&sum, "lost");
+            sample.backend = sum["backend"].as_str().map(str::to_owned);
+        }
     }
     for f in capture_files(&capture) {
         let _ = std::fs::remove_file(f);
@@ -146,6 +163,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
         bin: None,
         stats: false,
         extra: Vec::new(),
+        human: false,
     }];
     let mut bins = vec![("tracer".to_owned(), bin.to_path_buf())];
     if let Some(c) = &args.compare {
@@ -157,15 +175,23 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             bin: Some(b.clone()),
             stats: false,
             extra: Vec::new(),
+            human: false,
         });
     }
-    // Where loss starts, and what the other sinks cost: the capture writer
-    // as well as ndjson, and a ring an eighth of the default.
-    for (label, extra) in [
-        ("tracer, ndjson + --write", vec!["--write", "{capture}"]),
+    // Where loss starts, and what the other sinks cost: the human view
+    // (the default), the capture writer as well as ndjson, and a ring an
+    // eighth of the default.
+    for (label, extra, human) in [
+        ("tracer, --format human", vec![], true),
+        (
+            "tracer, ndjson + --write",
+            vec!["--write", "{capture}"],
+            false,
+        ),
         (
             "tracer, --ring-size 1048576",
             vec!["--ring-size", "1048576"],
+            false,
         ),
     ] {
         configs.push(Config {
@@ -173,6 +199,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             bin: Some(bin.to_path_buf()),
             stats: false,
             extra: extra.into_iter().map(str::to_owned).collect(),
+            human,
         });
     }
     for (label, b) in &bins {
@@ -181,6 +208,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             bin: Some(b.clone()),
             stats: true,
             extra: Vec::new(),
+            human: false,
         });
     }
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];

@@ -464,8 +464,12 @@ pub struct Traced {
     out: Option<JoinHandle<String>>,
 }
 
-/// Reads `r` to its end; returns its last non-empty line.
-fn last_line(mut r: impl std::io::Read + Send + 'static) -> JoinHandle<String> {
+/// Output kept from a traced process: enough for a human summary.
+const TAIL_BYTES: usize = 64 << 10;
+
+/// Reads `r` to its end; returns the complete lines of its last
+/// [`TAIL_BYTES`] (at least the last line, however long).
+fn tail_of(mut r: impl std::io::Read + Send + 'static) -> JoinHandle<String> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 20];
         let mut tail: Vec<u8> = Vec::new();
@@ -474,14 +478,33 @@ fn last_line(mut r: impl std::io::Read + Send + 'static) -> JoinHandle<String> {
                 break;
             }
             tail.extend_from_slice(&buf[..n]);
-            // Keep from the start of the last complete line on.
+            // Drop whole lines from the front while more than the bound
+            // is kept, never the last complete line.
             let end = tail.iter().rposition(|&b| b != b'\n').map_or(0, |i| i + 1);
-            if let Some(nl) = tail[..end].iter().rposition(|&b| b == b'\n') {
-                tail.drain(..=nl);
+            let last_start = tail[..end]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            if tail.len() > TAIL_BYTES {
+                let from = tail.len() - TAIL_BYTES;
+                let cut = match tail[from..].iter().position(|&b| b == b'\n') {
+                    Some(i) => (from + i + 1).min(last_start),
+                    None => last_start,
+                };
+                tail.drain(..cut);
             }
         }
-        String::from_utf8_lossy(&tail).trim().to_owned()
+        String::from_utf8_lossy(&tail).into_owned()
     })
+}
+
+/// The last non-empty line of `s`.
+fn last_line(s: &str) -> &str {
+    s.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
 }
 
 impl Traced {
@@ -492,7 +515,7 @@ impl Traced {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {cmd:?}"))?;
-        let out = child.stdout.take().map(last_line);
+        let out = child.stdout.take().map(tail_of);
         Ok(Traced {
             child,
             started,
@@ -578,7 +601,13 @@ impl Traced {
 
     /// SIGINT, then waits (at most 60 s); returns the last line printed
     /// as JSON, if it is JSON (the tracer's summary), and the usage.
-    pub fn stop(mut self) -> Result<(Option<serde_json::Value>, Usage)> {
+    pub fn stop(self) -> Result<(Option<serde_json::Value>, Usage)> {
+        let (tail, usage) = self.stop_tail()?;
+        Ok((serde_json::from_str(last_line(&tail)).ok(), usage))
+    }
+
+    /// Stops the process (SIGINT) and returns the end of its output.
+    pub fn stop_tail(mut self) -> Result<(String, Usage)> {
         // SAFETY: signalling our own, not yet reaped, child.
         unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
         self.reaped = true;
@@ -587,12 +616,12 @@ impl Traced {
             self.started,
             Instant::now() + Duration::from_secs(60),
         )?;
-        let last = self
+        let tail = self
             .out
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
-        Ok((serde_json::from_str(&last).ok(), usage))
+        Ok((tail, usage))
     }
 }
 
@@ -603,6 +632,26 @@ impl Drop for Traced {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Lost events in a `--format human` summary: the sum of the `lost`
+/// column of its `events lost observed` table (None: no such table).
+pub fn human_lost(text: &str) -> Option<u64> {
+    let lines: Vec<&str> = text.lines().collect();
+    let head = lines.iter().rposition(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        w == ["events", "lost", "observed"]
+    })?;
+    let mut total = 0;
+    for kind in ["table_full", "early_drop", "insert_failed"] {
+        let row = lines[head + 1..]
+            .iter()
+            .take(3)
+            .find(|l| l.split_whitespace().next() == Some(kind))?;
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        total += cols.get(2)?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// The sum over kinds of a summary's `events` or `lost` object.
@@ -718,4 +767,56 @@ pub fn fmt_spread(v: Vec<f64>, prec: usize) -> String {
 /// Per-round ratios `v[i] / base[i]` (the same round's no-tracer figure).
 pub fn ratios(v: &[f64], base: &[f64]) -> Vec<f64> {
     v.iter().zip(base).map(|(x, b)| x / b).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The summary table as `conntrack-trace trace --format human`
+    /// prints it (conntrack-trace/src/output/human.rs, `summary_text`).
+    const SUMMARY: &str = "\
+== conntrack-trace summary: 3.0s, backend tp_btf/kfree_skb, evictions on, namespace bf-srv ==
+                      events       lost   observed
+table_full            812345     437001    1249346
+early_drop                 0          0          0
+insert_failed              2          1          3
+rule drops (not conntrack's): 0
+WARNING: 437002 events lost (ring buffer full; try --ring-size)
+";
+
+    #[test]
+    fn human_lost_sums_the_lost_column() {
+        let live = "table_full 5 lost 3 observed\n".repeat(3);
+        assert_eq!(human_lost(&(live + SUMMARY)), Some(437_002));
+        assert_eq!(human_lost("no summary here\n"), None);
+        // A row missing: no figure rather than a wrong one.
+        let cut = SUMMARY.replace("insert_failed              2          1          3\n", "");
+        assert_eq!(human_lost(&cut), None);
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_lines_within_its_bound() {
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&format!("line {i} of the live view\n"));
+        }
+        text.push_str(SUMMARY);
+        let tail = tail_of(std::io::Cursor::new(text.clone().into_bytes()))
+            .join()
+            .unwrap();
+        assert!(tail.len() <= TAIL_BYTES, "{}", tail.len());
+        assert!(text.ends_with(&tail));
+        assert!(tail.starts_with("line "), "cut at a line start");
+        assert_eq!(human_lost(&tail), Some(437_002));
+        // One line longer than the bound is kept whole.
+        let long = format!(
+            "{{\"type\":\"summary\",\"x\":\"{}\"}}\n",
+            "y".repeat(TAIL_BYTES)
+        );
+        let tail = tail_of(std::io::Cursor::new(long.clone().into_bytes()))
+            .join()
+            .unwrap();
+        assert_eq!(last_line(&tail), long.trim());
+    }
 }

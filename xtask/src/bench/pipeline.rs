@@ -85,8 +85,14 @@ fn once(example: &Path, sink: &str, out: &Path, a: &Args) -> Result<Run> {
     }
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).context("the pipeline example's output")?;
-    let u = |k: &str| v[k].as_u64().with_context(|| format!("the example printed no {k}"));
-    let f = |k: &str| v[k].as_f64().with_context(|| format!("the example printed no {k}"));
+    let u = |k: &str| {
+        v[k].as_u64()
+            .with_context(|| format!("the example printed no {k}"))
+    };
+    let f = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("the example printed no {k}"))
+    };
     let r = Run {
         events: u("events")?,
         selected: u("selected")?,
@@ -97,7 +103,8 @@ fn once(example: &Path, sink: &str, out: &Path, a: &Args) -> Result<Run> {
     // A pipeline that skipped its work must not look fast: every event
     // selected, and the retries the stream holds (3 of each 4 sends
     // of a query) found by the amplification detector.
-    let want_retries = a.events - a.events.div_ceil(u64::from(a.sources) * 4) * u64::from(a.sources);
+    let want_retries =
+        a.events - a.events.div_ceil(u64::from(a.sources) * 4) * u64::from(a.sources);
     if r.events != a.events || r.selected != a.events || r.retransmissions < want_retries {
         bail!(
             "pipeline --sink {sink}: {} events, {} selected, {} retransmissions (want {} / {} / ≥ {want_retries})",
@@ -145,10 +152,7 @@ pub fn run(a: &Args) -> Result<String> {
             "| {label} (`{sink}`) | {} | {} | {} |\n",
             fmt_spread(rates.clone(), 0),
             fmt_spread(r.iter().map(|r| r.events as f64 / r.seconds).collect(), 0),
-            fmt_spread(
-                base.iter().zip(&rates).map(|(b, x)| b / x).collect(),
-                2
-            ),
+            fmt_spread(base.iter().zip(&rates).map(|(b, x)| b / x).collect(), 2),
         ));
     }
     Ok(md)
