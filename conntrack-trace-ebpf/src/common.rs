@@ -47,9 +47,19 @@ pub(crate) fn scratch(k: u8) -> Result<&'static mut RawEvent, i64> {
     let p = SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
     // SAFETY: valid per-CPU map value, exclusively ours (see above).
     let ev = unsafe { &mut *p };
-    // SAFETY: RawEvent is plain integers; all-zero is a valid value. A
-    // write_bytes is a memset, not a 160-byte temporary on the BPF stack.
-    unsafe { core::ptr::write_bytes(p, 0, 1) };
+    // SAFETY: RawEvent is plain integers, 8-byte aligned, a multiple of 8
+    // long; all-zero is a valid value. Word stores, not write_bytes: BPF
+    // has no memset, so LLVM calls compiler-builtins' byte loop — 200
+    // iterations, ~175 ns of every emitting run (issue 15). Volatile, so
+    // that LLVM does not fold them back into that call.
+    unsafe {
+        let words = p.cast::<u64>();
+        let mut i = 0;
+        while i < core::mem::size_of::<RawEvent>() / 8 {
+            words.add(i).write_volatile(0);
+            i += 1;
+        }
+    }
     ev.kind = k;
     Ok(ev)
 }
@@ -131,9 +141,10 @@ pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
             ev.l3 = l3::IPV4;
             let proto = ev.pkt[9];
             ev.l4 = proto;
+            // Field to field (both aligned in RawEvent): word copies, not
+            // a byte loop through a temporary.
             ev.src[..4].copy_from_slice(&ev.pkt[12..16]);
-            let dst = [ev.pkt[16], ev.pkt[17], ev.pkt[18], ev.pkt[19]];
-            ev.dst[..4].copy_from_slice(&dst);
+            ev.dst[..4].copy_from_slice(&ev.pkt[16..20]);
             // Only the first fragment carries the L4 header.
             if u16::from_be_bytes([ev.pkt[6], ev.pkt[7]]) & 0x1fff != 0 {
                 return;
@@ -144,11 +155,8 @@ pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
             ev.l3 = l3::IPV6;
             let next = ev.pkt[6];
             ev.l4 = next;
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&ev.pkt[8..24]);
-            ev.src = a;
-            a.copy_from_slice(&ev.pkt[24..40]);
-            ev.dst = a;
+            ev.src.copy_from_slice(&ev.pkt[8..24]);
+            ev.dst.copy_from_slice(&ev.pkt[24..40]);
             (40, next)
         }
         _ => return,
@@ -160,9 +168,15 @@ pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
         1 | 58 => 6,
         _ => return,
     };
-    let mut h = [0u8; 6];
-    match ev.pkt.get(l4..l4 + want).filter(|_| l4 + want <= n) {
-        Some(b) => h[..want].copy_from_slice(b),
+    // The first three big-endian u16s of the transport header. Indexed in
+    // place (a [u8; 6] temporary cost a memset and a memcpy call, both
+    // byte loops in BPF).
+    let h: [u16; 3] = match ev.pkt.get(l4..l4 + 6).filter(|_| l4 + want <= n) {
+        Some(b) => [
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+            u16::from_be_bytes([b[4], b[5]]),
+        ],
         None => {
             let (Ok(head), Ok(nh)) = (
                 read::<u64>(skb + off!(skb_head)),
@@ -170,18 +184,18 @@ pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
             ) else {
                 return;
             };
-            match read::<[u8; 6]>(head + nh as u64 + l4 as u64) {
-                Ok(b) => h = b,
+            match read::<[u16; 3]>(head + nh as u64 + l4 as u64) {
+                Ok(b) => b.map(u16::from_be),
                 Err(_) => return,
             }
         }
-    }
+    };
     if want == 4 {
-        ev.sport = u16::from_be_bytes([h[0], h[1]]);
-        ev.dport = u16::from_be_bytes([h[2], h[3]]);
+        ev.sport = h[0];
+        ev.dport = h[1];
     } else {
-        ev.dport = u16::from_be_bytes([h[0], h[1]]);
-        ev.sport = u16::from_be_bytes([h[4], h[5]]);
+        ev.dport = h[0];
+        ev.sport = h[2];
     }
 }
 
