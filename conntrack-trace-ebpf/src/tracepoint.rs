@@ -89,12 +89,15 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
         return Ok(());
     }
     let net = skb_net(skb);
+    // Read once: the drop baseline is kept per namespace and the event
+    // names it.
+    let inum = net_inum(net);
     // Did conntrack count this drop? Read on every netfilter drop, so that
     // the baseline also absorbs what earlier drops here moved.
     // (An i64 with -1 for "unreadable" rather than an Option: LLVM may
     // read an Option's payload on the None path, which the verifier
     // rejects as an uninitialised register.)
-    let moved = ct_drops_since_last(net);
+    let moved = ct_drops_since_last(net, inum);
     if ct == 0 {
         // No entry attached: conntrack's own NF_DROP from nf_conntrack_in()
         // (net/netfilter/nf_conntrack_core.c: resolve_normal_ct() < 0 →
@@ -129,12 +132,12 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
             }
             let ev = scratch(kind::RULE_DROP)?;
             fill_from_skb(ev, skb);
-            ev.netns = net_inum(net);
+            ev.netns = inum;
             return emit(ev);
         }
         let ev = scratch(kind::TABLE_FULL)?;
         fill_from_skb(ev, skb);
-        ev.netns = net_inum(net);
+        ev.netns = inum;
         return emit(ev);
     }
     if ct_is_confirmed(ct)? {
@@ -193,19 +196,18 @@ fn this_cpu_offset() -> Option<u64> {
 /// How much conntrack's `drop` counter of `net` moved on this CPU since the
 /// last call for the same netns on this CPU; -1 when it cannot be read.
 #[inline(always)]
-fn ct_drops_since_last(net: u64) -> i64 {
-    match ct_drop_counter(net) {
+fn ct_drops_since_last(net: u64, inum: u32) -> i64 {
+    match ct_drop_counter(net, inum) {
         Some(d) => d,
         None => -1,
     }
 }
 
 #[inline(always)]
-fn ct_drop_counter(net: u64) -> Option<i64> {
+fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
     if net == 0 {
         return None;
     }
-    let inum = net_inum(net);
     let stat: u64 = read(net + off!(net_ct_stat)).ok()?;
     if stat == 0 {
         return None;
