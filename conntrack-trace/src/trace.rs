@@ -25,9 +25,9 @@ use crate::{
     netns::{self, NetnsInfo},
     outfile::{FileId, Input, ReadyFile},
     output::{
-        LiveView, NetnsNames, NsView, Sink,
+        ExactCounts, LiveView, NetnsNames, NsView, Sink,
         pipe::{self, diag},
-        top_sources, top_sources_exact,
+        top_sources,
     },
     pipeline::Pipeline,
 };
@@ -470,14 +470,14 @@ impl<'s> Session<'s> {
     /// The top sources from the programs' exact per-source counts (used
     /// once the ring lost events), and how many sources those hold.
     fn exact_top(&self) -> Result<(Vec<TopSource>, u64), TraceError> {
-        let exact = self.tp.source_counts()?;
         let p = &self.consumer.pipe;
-        Ok(top_sources_exact(
-            &p.agg,
-            &exact,
-            |e| p.select.matches(e),
-            self.opts.top,
-        ))
+        let mut exact = ExactCounts::default();
+        self.tp.for_each_source_count(|e, n| {
+            if p.select.matches(e) {
+                exact.add(e, n);
+            }
+        })?;
+        Ok(exact.top(&p.agg, self.opts.top))
     }
 
     /// Redraws the live view.

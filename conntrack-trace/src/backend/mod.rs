@@ -150,14 +150,15 @@ impl Backend {
         }
     }
 
-    /// The programs' exact per-source counts (`SOURCE_COUNTS`, summed over
-    /// CPUs), as events: one per (netns, kind, source, protocol, port) with
-    /// its count. Empty for the counters backend.
-    pub fn source_counts(&self) -> Result<Vec<(Event, u64)>, TraceError> {
+    /// Hands `f` the programs' exact per-source counts (`SOURCE_COUNTS`,
+    /// summed over CPUs), one entry at a time, as events: one per (netns,
+    /// kind, source, protocol, port) with its count. None for the counters
+    /// backend.
+    pub fn for_each_source_count(&self, mut f: impl FnMut(&Event, u64)) -> Result<(), TraceError> {
         let ebpf = match self {
             Backend::Fexit(b) => &b.ebpf,
             Backend::Tracepoint(b) => &b.ebpf,
-            Backend::Counters(_) => return Ok(Vec::new()),
+            Backend::Counters(_) => return Ok(()),
         };
         let map = ebpf
             .map("SOURCE_COUNTS")
@@ -165,7 +166,6 @@ impl Backend {
         let counts: aya::maps::PerCpuHashMap<&MapData, conntrack_trace_common::SourceKey, u64> =
             aya::maps::PerCpuHashMap::try_from(map)
                 .map_err(|e| TraceError::Other(format!("SOURCE_COUNTS: {e}")))?;
-        let mut out = Vec::new();
         for item in counts.iter() {
             // An entry evicted (LRU) while iterating ends that key; the
             // rest are still read.
@@ -178,10 +178,10 @@ impl Backend {
             raw.dport = k.dport;
             raw.src = k.src;
             if let Ok(e) = Event::from_raw(&raw) {
-                out.push((e, per_cpu.iter().sum()));
+                f(&e, per_cpu.iter().sum());
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Stops observing; events already in the ring stay readable.

@@ -151,49 +151,54 @@ pub trait Sink {
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
 }
 
-/// The top sources from exact per-source counts (the kernel's
-/// `SOURCE_COUNTS`, used when the ring lost events and the event stream is
-/// only a sample): counts from `exact` (those `select` keeps), first/last
-/// time, rate and DNAT from the events that did arrive. Also returns how
-/// many sources the counts hold.
-pub fn top_sources_exact(
-    agg: &Aggregator,
-    exact: &[(Event, u64)],
-    select: impl Fn(&Event) -> bool,
-    n: usize,
-) -> (Vec<TopSource>, u64) {
-    let mut by: std::collections::BTreeMap<crate::sources::SourceKey, KindCounts> =
-        std::collections::BTreeMap::new();
-    for (e, count) in exact.iter().filter(|(e, _)| select(e)) {
-        let c = by.entry(crate::sources::SourceKey::of(e)).or_default();
-        *c.get_mut(e.kind) = c.get(e.kind).saturating_add(*count);
+/// Exact per-source counts (the kernel's `SOURCE_COUNTS`, used when the
+/// ring lost events and the event stream is only a sample), gathered one
+/// map entry at a time: the map holds up to `SOURCE_COUNTS_MAX` keys, and
+/// a list of them all next to this table was 12 MB more peak RSS at every
+/// interval (issue 15).
+#[derive(Default)]
+pub struct ExactCounts {
+    by: std::collections::BTreeMap<crate::sources::SourceKey, KindCounts>,
+}
+
+impl ExactCounts {
+    /// Adds one map entry (the event carries its key), if selected.
+    pub fn add(&mut self, e: &Event, count: u64) {
+        let c = self.by.entry(crate::sources::SourceKey::of(e)).or_default();
+        *c.get_mut(e.kind) = c.get(e.kind).saturating_add(count);
     }
-    let sources = by.len() as u64;
-    let mut v: Vec<_> = by.into_iter().collect();
-    v.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(&b.0)));
-    let top = v
-        .into_iter()
-        .take(n)
-        .map(|(k, counts)| {
-            let seen = agg.source(&k);
-            TopSource {
-                src: k.src.map(|a| a.to_string()),
-                proto: k.proto.to_string(),
-                port: k.port,
-                service: k.service(),
-                total: counts.total(),
-                error: None,
-                counts,
-                first_ts_ns: seen.map_or(0, |s| s.first_ns),
-                last_ts_ns: seen.map_or(0, |s| s.last_ns),
-                rate_per_s: seen.map_or(0.0, |s| s.rate),
-                dnat: seen
-                    .and_then(|s| s.dnat)
-                    .map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
-            }
-        })
-        .collect();
-    (top, sources)
+
+    /// The top `n` sources: counts from the map, first/last time, rate
+    /// and DNAT from the events that did arrive (`agg`). Also returns how
+    /// many sources the counts hold.
+    pub fn top(self, agg: &Aggregator, n: usize) -> (Vec<TopSource>, u64) {
+        let sources = self.by.len() as u64;
+        let mut v: Vec<_> = self.by.into_iter().collect();
+        v.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(&b.0)));
+        let top = v
+            .into_iter()
+            .take(n)
+            .map(|(k, counts)| {
+                let seen = agg.source(&k);
+                TopSource {
+                    src: k.src.map(|a| a.to_string()),
+                    proto: k.proto.to_string(),
+                    port: k.port,
+                    service: k.service(),
+                    total: counts.total(),
+                    error: None,
+                    counts,
+                    first_ts_ns: seen.map_or(0, |s| s.first_ns),
+                    last_ts_ns: seen.map_or(0, |s| s.last_ns),
+                    rate_per_s: seen.map_or(0.0, |s| s.rate),
+                    dnat: seen
+                        .and_then(|s| s.dnat)
+                        .map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
+                }
+            })
+            .collect();
+        (top, sources)
+    }
 }
 
 /// The top sources from the events; with an `error` once the source table
