@@ -13,6 +13,7 @@
 //! kernel accepts (BTF, functions in BTF, program load and attach), never by
 //! kernel version: distributions backport.
 
+mod batch;
 pub mod counters;
 pub mod fexit;
 pub mod tracepoint;
@@ -163,13 +164,7 @@ impl Backend {
         let map = ebpf
             .map("SOURCE_COUNTS")
             .ok_or_else(|| TraceError::Other("SOURCE_COUNTS map missing".into()))?;
-        let counts: aya::maps::PerCpuHashMap<&MapData, conntrack_trace_common::SourceKey, u64> =
-            aya::maps::PerCpuHashMap::try_from(map)
-                .map_err(|e| TraceError::Other(format!("SOURCE_COUNTS: {e}")))?;
-        for item in counts.iter() {
-            // An entry evicted (LRU) while iterating ends that key; the
-            // rest are still read.
-            let Ok((k, per_cpu)) = item else { continue };
+        let mut hand = |k: &conntrack_trace_common::SourceKey, count: u64| {
             let mut raw = conntrack_trace_common::RawEvent::zeroed();
             raw.netns = k.netns;
             raw.kind = k.kind;
@@ -178,8 +173,30 @@ impl Backend {
             raw.dport = k.dport;
             raw.src = k.src;
             if let Ok(e) = Event::from_raw(&raw) {
-                f(&e, per_cpu.iter().sum());
+                f(&e, count);
             }
+        };
+        let ncpus =
+            aya::util::nr_cpus().map_err(|(what, e)| TraceError::Other(format!("{what}: {e}")))?;
+        if let aya::maps::Map::PerCpuLruHashMap(data) = map {
+            use std::os::fd::AsFd as _;
+            match batch::sum_per_cpu(data.fd().as_fd(), ncpus, &mut hand) {
+                Ok(()) => return Ok(()),
+                Err(batch::Stopped::Failed(e)) => {
+                    return Err(TraceError::Other(format!("reading SOURCE_COUNTS: {e}")));
+                }
+                // Key by key below.
+                Err(batch::Stopped::Unsupported) => {}
+            }
+        }
+        let counts: aya::maps::PerCpuHashMap<&MapData, conntrack_trace_common::SourceKey, u64> =
+            aya::maps::PerCpuHashMap::try_from(map)
+                .map_err(|e| TraceError::Other(format!("SOURCE_COUNTS: {e}")))?;
+        for item in counts.iter() {
+            // An entry evicted (LRU) while iterating ends that key; the
+            // rest are still read.
+            let Ok((k, per_cpu)) = item else { continue };
+            hand(&k, per_cpu.iter().sum());
         }
         Ok(())
     }
