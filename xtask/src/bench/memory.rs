@@ -43,6 +43,10 @@ struct Sample {
     drops: u64,
     ready_kib: u64,
     peak_kib: u64,
+    /// At the end of the flood: the heap and other private memory, and the
+    /// rest (the ring's pages, mapped twice; the binary).
+    anon_kib: u64,
+    mapped_kib: u64,
     events: u64,
     lost: u64,
     untracked: u64,
@@ -63,6 +67,8 @@ fn measure(bin: &Path, topo: &Topology, gens: &[Traffic]) -> Result<Sample> {
         },
     )?;
     let drops = topo.server.ct_stats()?.drop - before;
+    let anon_kib = tracer.status_kib("RssAnon").unwrap_or(0);
+    let mapped_kib = tracer.rss_kib().unwrap_or(0).saturating_sub(anon_kib);
     let (summary, usage) = tracer.stop()?;
     let summary = summary.context("the tracer printed no summary")?;
     if drops < keys {
@@ -73,6 +79,8 @@ fn measure(bin: &Path, topo: &Topology, gens: &[Traffic]) -> Result<Sample> {
         drops,
         ready_kib,
         peak_kib: usage.maxrss_kib,
+        anon_kib,
+        mapped_kib,
         events: kinds_total(&summary, "events").unwrap_or(0),
         lost: kinds_total(&summary, "lost").unwrap_or(0),
         untracked: summary["untracked_sources"].as_u64().unwrap_or(0),
@@ -113,15 +121,19 @@ pub fn run(bin: &Path, args: &Args) -> Result<String> {
         "A table-full flood from {SOURCES} client addresses x 65 534 destination ports, each \
          (source, udp, port) once: distinct keys for the top-sources table and distinct flows for \
          the amplification detector. Tracer: `trace --format ndjson` (output read and discarded); \
-         peak RSS is its ru_maxrss. {} rounds, a fresh tracer each; median [min–max].\n\n\
-         | distinct keys sent | kernel drops | RSS at ready MiB | peak RSS MiB | events received | lost events | sources untracked |\n\
-         |---|---|---|---|---|---|---|\n\
-         | {} | {} | {} | {} | {} | {} | {} |\n",
+         peak RSS is its ru_maxrss; at the end of the flood, its RSS split into private \
+         (`RssAnon`: heap, tables) and mapped (the ring's pages, mapped twice; the binary). {} \
+         rounds, a fresh tracer each; median [min–max].\n\n\
+         | distinct keys sent | kernel drops | RSS at ready MiB | peak RSS MiB | private at end MiB | mapped at end MiB | events received | lost events | sources untracked |\n\
+         |---|---|---|---|---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         args.rounds,
         col(|s| s.keys as f64, 0),
         col(|s| s.drops as f64, 0),
         col(|s| mib(s.ready_kib), 1),
         col(|s| mib(s.peak_kib), 1),
+        col(|s| mib(s.anon_kib), 1),
+        col(|s| mib(s.mapped_kib), 1),
         col(|s| s.events as f64, 0),
         col(|s| s.lost as f64, 0),
         col(|s| s.untracked as f64, 0),

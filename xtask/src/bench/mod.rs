@@ -594,10 +594,15 @@ impl Traced {
 
     /// Resident set now (VmRSS), KiB.
     pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS")
+    }
+
+    /// A `/proc/PID/status` figure in KiB (`VmRSS`, `RssAnon`, ...).
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
             .split_whitespace()
             .next()?
             .parse()
