@@ -6,7 +6,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     macros::{btf_tracepoint, map},
-    maps::{Array, PerCpuArray, PerCpuHashMap},
+    maps::{PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
 };
 use conntrack_trace_common::{MAX_STACK_DEPTH, counter, flags, kind};
@@ -16,9 +16,12 @@ use crate::common::{
     fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
 };
 
-/// The `struct kmem_cache *` of the nf_conntrack slab, learned on first sight.
-#[map]
-static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+/// The `struct kmem_cache *` of the nf_conntrack slab, learned on first
+/// sight. A global (`.bss`), not an array map: every slab free in the
+/// system reads it, and a global is one load where a map is a lookup
+/// (issue 15). Written once, with the same value by any CPU.
+#[unsafe(no_mangle)]
+static mut CT_CACHE: u64 = 0;
 
 /// Scratch space for kernel stacks (too large for the 512-byte BPF stack).
 #[map]
@@ -229,6 +232,21 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
     }
 }
 
+/// The floor under [`kfree_skb`]'s cost: an empty program on the same
+/// hook. Never loaded by the tracer; `cargo xtask bench newflow` attaches
+/// it (conntrack-trace/examples/empty_hooks.rs) to measure what the hook
+/// itself costs a run, beside ours.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_empty(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+/// The floor under [`kmem_cache_free`]'s cost (see [`kfree_skb_empty`]).
+#[btf_tracepoint(function = "kmem_cache_free")]
+pub fn kmem_free_empty(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
     let _ = try_kmem_cache_free(&ctx);
@@ -261,10 +279,9 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // FREE_BY_NAME variant learns that pointer instead (chosen by user space
     // from the tracepoint's BTF; the verifier prunes the other branch).
     let cache: u64 = ctx.arg(2);
-    let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
-    let learned = CT_CACHE.get_ptr_mut(0).ok_or(0i64)?;
-    // SAFETY: valid pointer into a one-element array map.
-    let known = unsafe { *learned };
+    let learned = &raw mut CT_CACHE;
+    // SAFETY: our global; a torn read is impossible for an aligned u64.
+    let known = unsafe { core::ptr::read_volatile(learned) };
     if known != cache {
         // Learned and not ours: done, before any name is read. (Testing the
         // name first cost every foreign slab free two probe reads: ~140 ns
@@ -272,6 +289,7 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         if known != 0 {
             return Ok(());
         }
+        let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
         let is_ct = if by_name {
             is_conntrack_name(cache)
         } else {
@@ -281,7 +299,7 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
         // SAFETY: as above.
-        unsafe { *learned = cache };
+        unsafe { core::ptr::write_volatile(learned, cache) };
     }
     bump(counter::CT_FREES);
     conntrack_freed(ctx)

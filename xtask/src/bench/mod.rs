@@ -532,19 +532,22 @@ impl Traced {
     /// Starts `bin trace ARGS --ready-file F` and waits (at most 60 s) for
     /// F: every program attached.
     pub fn tracer(bin: &Path, args: &[&str]) -> Result<Traced> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("trace").args(args);
+        Traced::until_ready(cmd)
+            .with_context(|| format!("{} trace {}", bin.display(), args.join(" ")))
+    }
+
+    /// Starts `cmd --ready-file F` and waits (at most 60 s) for F.
+    pub fn until_ready(mut cmd: Command) -> Result<Traced> {
         let ready = std::env::temp_dir().join(format!("ctt-bench-ready-{}", std::process::id()));
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(bin);
-        cmd.arg("trace").args(args).arg("--ready-file").arg(&ready);
+        cmd.arg("--ready-file").arg(&ready);
         let mut t = Traced::spawn(cmd)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ready.exists() {
             if t.child.try_wait()?.is_some() || Instant::now() > deadline {
-                bail!(
-                    "{} trace {} did not become ready",
-                    bin.display(),
-                    args.join(" ")
-                );
+                bail!("did not become ready");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -556,13 +559,16 @@ impl Traced {
     /// loaded a program (bpftool lists one more): bpftrace has no ready
     /// signal, and "Attaching N probes..." is printed before attaching.
     pub fn bpftrace(script: &str) -> Result<Traced> {
-        let before = prog_stats()?.len();
+        // Program ids only grow: a new one is bpftrace's, whatever a tracer
+        // stopped just before still unloads meanwhile (a count of programs
+        // could stand still while one goes and one comes).
+        let newest = prog_ids()?.into_iter().max().unwrap_or(0);
         let mut cmd = Command::new("bpftrace");
         cmd.args(["-e", script]);
         let mut t = Traced::spawn(cmd)
             .context("bpftrace (Debian package bpftrace; cargo xtask setup installs it)")?;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while prog_stats()?.len() <= before {
+        while prog_ids()?.into_iter().all(|id| id <= newest) {
             if t.child.try_wait()?.is_some() || Instant::now() > deadline {
                 bail!("bpftrace -e '{script}' did not load its program");
             }
@@ -675,17 +681,7 @@ pub fn kinds_total(summary: &serde_json::Value, field: &str) -> Option<u64> {
 
 /// (name, run_time_ns, run_cnt) of every loaded BPF program, by bpftool.
 pub fn prog_stats() -> Result<Vec<(String, u64, u64)>> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .context("running bpftool (Debian package bpftool; cargo xtask setup installs it)")?;
-    if !out.status.success() {
-        bail!(
-            "bpftool prog show failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
+    let v = bpftool_progs()?;
     Ok(v.as_array()
         .map(|a| {
             a.iter()
@@ -701,8 +697,57 @@ pub fn prog_stats() -> Result<Vec<(String, u64, u64)>> {
         .unwrap_or_default())
 }
 
+/// `bpftool prog show --json`.
+fn bpftool_progs() -> Result<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("running bpftool (Debian package bpftool; cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool prog show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("bpftool's JSON")
+}
+
+/// Ids of the loaded programs.
+fn prog_ids() -> Result<Vec<u64>> {
+    Ok(bpftool_progs()?
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())
+        .unwrap_or_default())
+}
+
 /// The tracer's programs, by bpftool name.
-pub const HOOKS: [&str; 2] = ["kfree_skb", "kmem_cache_free"];
+pub const HOOKS: [&str; 4] = [
+    "kfree_skb",
+    "kmem_cache_free",
+    // The empty programs of examples/empty_hooks.rs (names cut to 15
+    // characters by the kernel).
+    "kfree_skb_empty",
+    "kmem_free_empty",
+];
+
+/// Builds an example of the conntrack-trace crate (release) and returns
+/// its path.
+pub fn build_example(name: &str) -> Result<std::path::PathBuf> {
+    crate::cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "conntrack-trace",
+            "--example",
+            name,
+        ],
+    )?;
+    Ok(crate::workspace_root()
+        .join("target/release/examples")
+        .join(name))
+}
 
 /// Per program of [`HOOKS`] that ran between two [`prog_stats`]
 /// readings: (name, ns per run, runs).

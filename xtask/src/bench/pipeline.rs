@@ -53,22 +53,6 @@ const SINKS: [(&str, &str); 4] = [
     ("capture", "capture writer (--write)"),
 ];
 
-/// Builds the example (release) and returns its path.
-fn build() -> Result<std::path::PathBuf> {
-    crate::cmd(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--package",
-            "conntrack-trace",
-            "--example",
-            "pipeline",
-        ],
-    )?;
-    Ok(crate::workspace_root().join("target/release/examples/pipeline"))
-}
-
 fn once(example: &Path, sink: &str, out: &Path, a: &Args) -> Result<Run> {
     let o = Command::new(example)
         .args(["--sink", sink, "--events", &a.events.to_string()])
@@ -119,7 +103,7 @@ fn once(example: &Path, sink: &str, out: &Path, a: &Args) -> Result<Run> {
 }
 
 pub fn run(a: &Args) -> Result<String> {
-    let example = build()?;
+    let example = super::build_example("pipeline")?;
     let scratch = Scratch::new("bench", "pipeline")?;
     let mut runs: Vec<Vec<Run>> = SINKS.iter().map(|_| Vec::new()).collect();
     for round in 0..a.rounds {
