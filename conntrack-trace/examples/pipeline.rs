@@ -154,6 +154,21 @@ fn cpu_seconds() -> f64 {
     s(u.ru_utime) + s(u.ru_stime)
 }
 
+/// A `/proc/self/status` figure in KiB (0 if unreadable).
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 fn header() -> Header {
     Header {
         format_version: FORMAT_VERSION,
@@ -224,6 +239,7 @@ fn main() -> Result<()> {
     let mut names = NetnsNames::new();
     names.insert(4026531840, "host".into());
     let size = std::mem::size_of::<RawEvent>();
+    let rss_start = rss_kib("VmRSS");
     let started = Instant::now();
     let cpu_start = cpu_seconds();
     let mut selected = 0u64;
@@ -253,12 +269,15 @@ fn main() -> Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_start;
+    // What the pipeline's tables took: the records were all in memory
+    // before the loop began.
+    let grown_kib = rss_kib("VmHWM").saturating_sub(rss_start);
     // What the consumer found, so that a broken pipeline cannot look fast.
     let amp = pipe.amp.summary();
     let top = pipe.agg.top(1);
     let top_src = top.first().and_then(|t| t.key().src);
     println!(
-        "{{\"events\":{},\"selected\":{selected},\"seconds\":{elapsed:.6},\"cpu_seconds\":{cpu:.6},\"retransmissions\":{},\"top_src\":\"{}\"}}",
+        "{{\"events\":{},\"selected\":{selected},\"seconds\":{elapsed:.6},\"cpu_seconds\":{cpu:.6},\"grown_kib\":{grown_kib},\"retransmissions\":{},\"top_src\":\"{}\"}}",
         a.events,
         amp.retransmissions,
         top_src.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
