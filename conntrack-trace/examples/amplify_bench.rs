@@ -16,9 +16,9 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use conntrack_trace::{
-    amplify::{AmpConfig, Detector},
-    clock::Clock,
-    event::{Event, Kind, Packet, Proto},
+    analysis::amplify::{AmpConfig, Detector},
+    model::clock::Clock,
+    model::event::{Event, Kind, Packet, Proto},
 };
 
 const N: u64 = 2_000_000;

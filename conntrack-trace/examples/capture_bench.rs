@@ -15,16 +15,16 @@ use std::{
 };
 
 use conntrack_trace::{
-    aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
-    capture::{self, WriteOptions, Writer, format::RecordedFilter},
-    event::Event,
-    export,
-    filter::Filter,
-    filter::OfflineSpec,
-    kstats::CtStats,
+    analysis::aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
+    formats::capture::{self, WriteOptions, Writer, format::RecordedFilter},
+    model::event::Event,
+    drivers::export,
+    analysis::filter::Filter,
+    analysis::filter::OfflineSpec,
+    kernel::kstats::CtStats,
     model::Scope,
-    output::{NetnsNames, Sink, ndjson::Ndjson},
-    report,
+    formats::output::{NetnsNames, Sink, ndjson::Ndjson},
+    drivers::report,
 };
 use conntrack_trace_common::{RawEvent, kind, l3};
 
@@ -192,7 +192,7 @@ fn main() {
     let t = Instant::now();
     let sink = std::io::BufWriter::new(std::io::sink());
     let (_, stats) = export::pcapng::export(
-        conntrack_trace::capture::open_set(&paths).expect("open"),
+        conntrack_trace::formats::capture::open_set(&paths).expect("open"),
         &OfflineSpec::default(),
         sink,
     )

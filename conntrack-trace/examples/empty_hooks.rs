@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let ebpf = conntrack_trace::backend::attach_empty_hooks()
+    let ebpf = conntrack_trace::kernel::backend::attach_empty_hooks()
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("attaching the empty programs")?;
     std::fs::write(&ready, b"").with_context(|| format!("writing {ready}"))?;

@@ -23,9 +23,9 @@ use std::{
 };
 
 use conntrack_trace::{
-    capture::{self, WriteOptions, Writer, format::RecordedFilter},
-    event::{Event, Kind, Packet, Proto},
-    kstats::CtStats,
+    formats::capture::{self, WriteOptions, Writer, format::RecordedFilter},
+    model::event::{Event, Kind, Packet, Proto},
+    kernel::kstats::CtStats,
     model::{KindCounts, Scope},
 };
 

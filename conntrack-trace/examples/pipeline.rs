@@ -23,15 +23,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use conntrack_trace::{
-    aggregate::DEFAULT_MAX_SOURCES,
-    amplify::AmpConfig,
-    capture::{Header, Trailer, WriteOptions, Writer, format::FORMAT_VERSION},
-    event::Event,
-    filter::Filter,
-    kstats::CtStats,
+    analysis::aggregate::DEFAULT_MAX_SOURCES,
+    analysis::amplify::AmpConfig,
+    formats::capture::{Header, Trailer, WriteOptions, Writer, format::FORMAT_VERSION},
+    model::event::Event,
+    analysis::filter::Filter,
+    kernel::kstats::CtStats,
     model::{KindCounts, Scope},
-    output::{NetnsNames, Sink, human::Human, ndjson::Ndjson},
-    pipeline::Pipeline,
+    formats::output::{NetnsNames, Sink, human::Human, ndjson::Ndjson},
+    analysis::pipeline::Pipeline,
 };
 use conntrack_trace_common::{RawEvent, kind, l3};
 

@@ -19,8 +19,8 @@ use std::{
 };
 
 use conntrack_trace::{
-    netns,
-    workload::{Config, Resolver},
+    kernel::netns,
+    kernel::workload::{Config, Resolver},
 };
 
 fn rss_kib() -> u64 {

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{amplify::AmpConfig, event::Proto, filter::Cidr};
+use crate::{analysis::amplify::AmpConfig, model::event::Proto, analysis::filter::Cidr};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,7 +94,7 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// The agent's settings, or a one-line usage error.
-    pub fn options(&self) -> Result<crate::agent::AgentOptions, String> {
+    pub fn options(&self) -> Result<crate::drivers::agent::AgentOptions, String> {
         const MIN_RECORD: u64 = 512 << 10;
         if self.record_dir.is_some() && self.record_max_size < MIN_RECORD {
             return Err(format!(
@@ -105,17 +105,17 @@ impl AgentArgs {
         if self.max_series == 0 {
             return Err("--max-series must be at least 1".into());
         }
-        Ok(crate::agent::AgentOptions {
+        Ok(crate::drivers::agent::AgentOptions {
             choice: self.backend.into(),
-            backend: crate::backend::Options {
+            backend: crate::kernel::backend::Options {
                 btf_explicit: self.btf.is_some(),
                 btf_path: self
                     .btf
                     .clone()
-                    .unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+                    .unwrap_or_else(|| crate::kernel::btf::VMLINUX_BTF.into()),
                 evictions: self.evictions == OnOff::On,
                 rule_drops: false,
-                ring_bytes: self.ring_size.unwrap_or(crate::backend::DEFAULT_RING_BYTES),
+                ring_bytes: self.ring_size.unwrap_or(crate::kernel::backend::DEFAULT_RING_BYTES),
             },
             metrics_addr: self.metrics_addr,
             max_series: self.max_series,
@@ -124,7 +124,7 @@ impl AgentArgs {
             record: self
                 .record_dir
                 .as_ref()
-                .map(|dir| crate::agent::recorder::RecordOptions {
+                .map(|dir| crate::drivers::agent::recorder::RecordOptions {
                     dir: dir.clone(),
                     max_size: self.record_max_size,
                     max_age: self.record_max_age,
@@ -181,21 +181,21 @@ pub struct DoctorArgs {
 
 impl DoctorArgs {
     /// The diagnosis's settings.
-    pub fn options(&self) -> crate::doctor::Options {
-        crate::doctor::Options {
+    pub fn options(&self) -> crate::drivers::doctor::Options {
+        crate::drivers::doctor::Options {
             netns: self.netns.clone(),
             duration: self.duration,
             interval: self.interval,
             choice: self.backend.into(),
-            backend: crate::backend::Options {
+            backend: crate::kernel::backend::Options {
                 btf_explicit: self.btf.is_some(),
                 btf_path: self
                     .btf
                     .clone()
-                    .unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+                    .unwrap_or_else(|| crate::kernel::btf::VMLINUX_BTF.into()),
                 evictions: true,
                 rule_drops: false,
-                ring_bytes: crate::backend::DEFAULT_RING_BYTES,
+                ring_bytes: crate::kernel::backend::DEFAULT_RING_BYTES,
             },
             at_risk_fill: self.at_risk_fill,
             at_risk_within: self.at_risk_within,
@@ -226,9 +226,9 @@ pub enum BackendArg {
     Counters,
 }
 
-impl From<BackendArg> for crate::backend::Choice {
+impl From<BackendArg> for crate::kernel::backend::Choice {
     fn from(b: BackendArg) -> Self {
-        use crate::backend::Choice;
+        use crate::kernel::backend::Choice;
         match b {
             BackendArg::Auto => Choice::Auto,
             BackendArg::Fexit => Choice::Fexit,
@@ -344,7 +344,7 @@ impl AmpArgs {
     }
 }
 
-pub use crate::filter::TimeSpec;
+pub use crate::analysis::filter::TimeSpec;
 
 /// Filters of `report` and `export` (those of `trace`, plus a time window).
 #[derive(Debug, Default, clap::Args)]
@@ -376,8 +376,8 @@ pub struct OfflineFilterArgs {
 impl OfflineFilterArgs {
     /// The flags as plain values for the library (the amplification
     /// settings checked: a bad one is a usage error).
-    pub fn spec(&self) -> Result<crate::filter::OfflineSpec, String> {
-        Ok(crate::filter::OfflineSpec {
+    pub fn spec(&self) -> Result<crate::analysis::filter::OfflineSpec, String> {
+        Ok(crate::analysis::filter::OfflineSpec {
             netns: self.netns.clone(),
             proto: self.proto,
             port: self.port,
@@ -513,7 +513,7 @@ pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
     for (i, b) in frac.bytes().take(9).enumerate() {
         frac_ns += u128::from(b - b'0') * 10u128.pow(8 - i as u32);
     }
-    let days = crate::clock::days_from_civil(year as i64, mon, day);
+    let days = crate::model::clock::days_from_civil(year as i64, mon, day);
     let secs = days * 86_400 + i64::from(hh * 3600 + mm * 60 + ss);
     Ok(TimeSpec::Unix(secs as u128 * 1_000_000_000 + frac_ns))
 }
@@ -656,7 +656,7 @@ fn parse_proto(s: &str) -> Result<Proto, String> {
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
     let n: u64 = s.parse().map_err(|_| format!("invalid ring size `{s}`"))?;
-    if !crate::backend::valid_ring_bytes(n) {
+    if !crate::kernel::backend::valid_ring_bytes(n) {
         return Err(format!(
             "ring size {n} must be a power of two between the page size and 1 GiB"
         ));

@@ -2,26 +2,26 @@ use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 use conntrack_trace::{
-    aggregate::DEFAULT_MAX_SOURCES,
-    backend::{self, DEFAULT_RING_BYTES},
-    btf::VMLINUX_BTF,
-    capture::{self, WriteOptions},
+    analysis::aggregate::DEFAULT_MAX_SOURCES,
+    kernel::backend::{self, DEFAULT_RING_BYTES},
+    kernel::btf::VMLINUX_BTF,
+    formats::capture::{self, WriteOptions},
     cli::{
         self, Cli, Command, ExportArgs, ExportFormat, Format, OnOff, ReportArgs, ReportFormat,
         TraceArgs,
     },
-    error::{TraceError, exit},
-    export,
-    filter::Filter,
-    outfile,
-    output::{
+    kernel::error::{TraceError, exit},
+    drivers::export,
+    analysis::filter::Filter,
+    formats::outfile,
+    formats::output::{
         Sink,
         human::Human,
         ndjson::Ndjson,
         pipe::{Pipe, diag},
     },
-    report::{self, ReportError},
-    trace::{TraceOptions, run},
+    drivers::report::{self, ReportError},
+    drivers::trace::{TraceOptions, run},
 };
 
 fn main() {
@@ -243,7 +243,7 @@ fn agent(args: &conntrack_trace::cli::AgentArgs) -> i32 {
         Ok(rt) => rt,
         Err(e) => return fail(&TraceError::io("starting the runtime")(e)),
     };
-    match rt.block_on(conntrack_trace::agent::run(opts)) {
+    match rt.block_on(conntrack_trace::drivers::agent::run(opts)) {
         Ok(()) => exit::OK,
         Err(e) => fail(&e),
     }
@@ -251,7 +251,7 @@ fn agent(args: &conntrack_trace::cli::AgentArgs) -> i32 {
 
 /// `doctor`: the diagnosis on stdout; its status is the exit code.
 fn doctor(args: &conntrack_trace::cli::DoctorArgs) -> i32 {
-    use conntrack_trace::{cli::DoctorFormat, doctor};
+    use conntrack_trace::{cli::DoctorFormat, drivers::doctor};
     let d = match doctor::run(&args.options()) {
         Ok(d) => d,
         Err(e) => return fail(&e),

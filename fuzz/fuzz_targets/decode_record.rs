@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = conntrack_trace::capture::format::decode_body(data);
+    let _ = conntrack_trace::formats::capture::format::decode_body(data);
 });

@@ -6,5 +6,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = conntrack_trace::capture::reader::read_fuzz_input(data);
+    let _ = conntrack_trace::formats::capture::reader::read_fuzz_input(data);
 });

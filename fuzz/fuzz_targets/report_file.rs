@@ -14,5 +14,5 @@ fn scratch() -> &'static PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
-    conntrack_trace::report::fuzz_report(data, scratch());
+    conntrack_trace::drivers::report::fuzz_report(data, scratch());
 });

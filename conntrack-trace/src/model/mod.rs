@@ -4,14 +4,16 @@
 //! the outputs — and depend only on the event model and the kernel's
 //! counters. [`wire`] is the ndjson schema built from them.
 
+pub mod clock;
+pub mod event;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock::Clock,
-    event::Kind,
-    kstats::{CtStats, Uncovered},
+    model::clock::Clock,
+    model::event::Kind,
+    kernel::kstats::{CtStats, Uncovered},
 };
 
 /// A backend's name, as printed and in the ndjson summary.
@@ -91,7 +93,7 @@ impl KindCounts {
 pub struct SessionFacts {
     /// Tool version that ran the session.
     pub version: String,
-    /// `fexit`, `tracepoint` or `counters` ([`crate::backend::Name::as_str`]).
+    /// `fexit`, `tracepoint` or `counters` ([`crate::kernel::backend::Name::as_str`]).
     pub backend: String,
     /// The backend with its hooks, as in the live header.
     pub hooks: String,
@@ -175,7 +177,7 @@ pub struct Scope {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
     pub version: String,
-    /// `fexit`, `tracepoint` or `counters` (a [`crate::backend::Name`]).
+    /// `fexit`, `tracepoint` or `counters` (a [`crate::kernel::backend::Name`]).
     pub backend: String,
     /// The backend's hooks, as in the live header.
     pub hooks: String,
@@ -267,7 +269,7 @@ pub enum FindingStatus {
 }
 
 /// A flagged source. Also the ndjson line `{"type":"finding",...}`
-/// ([`crate::output::ndjson::Line::Finding`]).
+/// ([`crate::formats::output::ndjson::Line::Finding`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
     /// Always `amplification` (room for other findings).

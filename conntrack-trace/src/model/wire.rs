@@ -1,7 +1,7 @@
 //! The ndjson schema: every line of `trace --format ndjson` and `export
 //! --format ndjson` is one [`Line`], tagged by `type`. Documented in
 //! README.md ("ndjson schema"); pinned by `every_line_type_is_pinned` in
-//! crate::output::ndjson.
+//! crate::formats::output::ndjson.
 
 use std::net::IpAddr;
 
@@ -9,9 +9,9 @@ use serde::{Serialize, Serializer};
 
 use super::{Finding, Summary};
 use crate::{
-    event::{Event, Kind, Nat, Proto},
-    forecast::Forecast,
-    workload::NetnsNames,
+    model::event::{Event, Kind, Nat, Proto},
+    analysis::forecast::Forecast,
+    kernel::workload::NetnsNames,
 };
 
 /// One ndjson line: the wire schema of `trace --format ndjson` and
@@ -54,11 +54,11 @@ pub struct EventLine<'a> {
     pub netns: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns_name: Option<&'a str>,
-    /// The container / pod owning the namespace (see crate::workload).
+    /// The container / pod owning the namespace (see crate::kernel::workload).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<&'a crate::workload::Container>,
+    pub container: Option<&'a crate::kernel::workload::Container>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<&'a crate::workload::Pod>,
+    pub pod: Option<&'a crate::kernel::workload::Pod>,
     pub family: Family,
     // Proto and IpAddr serialize as strings without a per-event allocation.
     pub proto: Proto,

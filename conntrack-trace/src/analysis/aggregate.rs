@@ -1,0 +1,227 @@
+//! Totals, per-second rates and the top drop sources.
+//!
+//! A "source" is (source address, protocol, destination port) — what an
+//! on-call engineer acts on ("10.0.0.7 is hammering udp/53"). For ICMP the
+//! "port" is the ICMP type. For `early_drop` it is the evicted entry's
+//! original-direction source.
+//!
+//! Sources live in a [`SourceTable`] of at most `max_sources`: beyond it,
+//! the top sources are a Space-Saving estimate with a stated error (see
+//! [`crate::analysis::sources`]); totals and rates per kind stay exact.
+
+use std::{net::IpAddr, time::Duration};
+
+use crate::{
+    model::event::{Event, Kind, Nat},
+    model::KindCounts,
+    analysis::sources::{Entry, SourceKey, SourceTable},
+};
+
+/// Default cap on distinct sources held in memory (~180 B each, see
+/// [`SourceTable::memory_ceiling`]).
+pub const DEFAULT_MAX_SOURCES: usize = 100_000;
+
+/// What the events said of one source since it entered the source table.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceStats {
+    /// Events per kind since the source entered the table (they sum to its
+    /// entry's `count - error`).
+    pub counts: KindCounts,
+    /// Events in the current interval.
+    pub interval: u64,
+    /// Events per second over the last completed interval.
+    pub rate: f64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The server behind the service address, when this source's entries
+    /// were DNATed (the last one seen: reply source address and port).
+    pub dnat: Option<(IpAddr, u16)>,
+}
+
+#[derive(Debug)]
+pub struct Aggregator {
+    pub totals: KindCounts,
+    interval_start: KindCounts,
+    rates_f: [f64; 4],
+    sources: SourceTable<SourceStats>,
+}
+
+impl Aggregator {
+    pub fn new(max_sources: usize) -> Self {
+        Aggregator {
+            totals: KindCounts::default(),
+            interval_start: KindCounts::default(),
+            rates_f: [0.0; 4],
+            sources: SourceTable::new(max_sources),
+        }
+    }
+
+    /// What the events said of one source (timing, DNAT), if it is in the
+    /// table.
+    pub fn source(&self, k: &SourceKey) -> Option<&SourceStats> {
+        self.sources.get(k).map(|e| &e.value)
+    }
+
+    pub fn record(&mut self, e: &Event) {
+        *self.totals.get_mut(e.kind) += 1;
+        let stats = &mut self
+            .sources
+            .record(SourceKey::of(e), || SourceStats {
+                first_ns: e.ts_ns,
+                ..Default::default()
+            })
+            .value;
+        *stats.counts.get_mut(e.kind) += 1;
+        stats.interval += 1;
+        stats.last_ns = stats.last_ns.max(e.ts_ns);
+        if let (Some(Nat::Dnat | Nat::Both), Some(r)) = (e.nat(), e.reply) {
+            stats.dnat = Some((r.src, r.sport));
+        }
+    }
+
+    /// Adds failures known only as totals (the counters backend): they
+    /// count in totals and rates, not in any source.
+    pub fn record_totals(&mut self, n: &KindCounts) {
+        for k in Kind::ALL {
+            *self.totals.get_mut(k) += n.get(k);
+        }
+    }
+
+    /// Closes an interval of length `elapsed`: computes rates, starts anew.
+    pub fn tick(&mut self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let delta = self.totals.sub(&self.interval_start);
+        for (i, k) in Kind::ALL.iter().enumerate() {
+            self.rates_f[i] = delta.get(*k) as f64 / secs;
+        }
+        self.interval_start = self.totals;
+        for s in self.sources.values_mut() {
+            s.rate = s.interval as f64 / secs;
+            s.interval = 0;
+        }
+    }
+
+    /// Events/s of `kind` over the last completed interval.
+    pub fn rate(&self, kind: Kind) -> f64 {
+        let i = Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.rates_f[i]
+    }
+
+    /// Events of sources that left the table (their counts live on only as
+    /// the `error` of the entries that replaced them); 0 while it never
+    /// overflowed. They are still in `totals`.
+    pub fn untracked(&self) -> u64 {
+        self.sources.evicted()
+    }
+
+    /// Once the table overflowed, the bound ⌊N/m⌋ of every top entry's
+    /// `error` (see [`SourceTable::error_bound`]); None while exact.
+    pub fn error_bound(&self) -> Option<u64> {
+        self.sources.error_bound()
+    }
+
+    /// The `n` sources with most events (Space-Saving counts, ties broken
+    /// by key, so output is stable).
+    pub fn top(&self, n: usize) -> Vec<&Entry<SourceStats>> {
+        self.sources.top(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::event::Proto;
+
+    fn ev(kind: Kind, src: &str, proto: Proto, dport: u16, ts: u64) -> Event {
+        Event {
+            kind,
+            ts_ns: ts,
+            cpu: 0,
+            netns: 1,
+            proto,
+            src: Some(src.parse().unwrap()),
+            dst: Some("10.0.0.53".parse().unwrap()),
+            sport: 40000,
+            dport,
+            reply: None,
+            packet: Default::default(),
+        }
+    }
+
+    #[test]
+    fn ranks_sources_by_events() {
+        let mut a = Aggregator::new(100);
+        for i in 0..5 {
+            a.record(&ev(Kind::TableFull, "10.0.0.7", Proto::UDP, 53, i));
+        }
+        for i in 0..3 {
+            a.record(&ev(Kind::TableFull, "10.0.0.8", Proto::UDP, 53, i));
+        }
+        a.record(&ev(Kind::EarlyDrop, "10.0.0.8", Proto::TCP, 80, 9));
+        let top = a.top(10);
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0].key().src_string(), "10.0.0.7");
+        assert_eq!(top[0].key().service(), "udp/53");
+        assert_eq!(top[0].value.counts.table_full, 5);
+        assert_eq!((top[0].value.first_ns, top[0].value.last_ns), (0, 4));
+        assert_eq!(top[1].value.counts.table_full, 3);
+        assert_eq!(top[2].key().service(), "tcp/80");
+        assert_eq!(a.totals.table_full, 8);
+        assert_eq!(a.totals.early_drop, 1);
+        assert_eq!(a.top(1).len(), 1);
+    }
+
+    #[test]
+    fn rates_per_interval() {
+        let mut a = Aggregator::new(100);
+        for i in 0..10 {
+            a.record(&ev(Kind::TableFull, "10.0.0.7", Proto::UDP, 53, i));
+        }
+        a.tick(Duration::from_secs(2));
+        assert_eq!(a.rate(Kind::TableFull), 5.0);
+        assert_eq!(a.top(1)[0].value.rate, 5.0);
+        a.tick(Duration::from_secs(1));
+        assert_eq!(a.rate(Kind::TableFull), 0.0);
+        assert_eq!(a.totals.table_full, 10, "totals survive ticks");
+    }
+
+    #[test]
+    fn icmp_keyed_by_type() {
+        let mut a = Aggregator::new(100);
+        let mut e = ev(Kind::TableFull, "10.0.0.7", Proto::ICMP, 8 << 8, 0);
+        e.sport = 77;
+        a.record(&e);
+        assert_eq!(a.top(1)[0].key().service(), "icmp/8");
+    }
+
+    #[test]
+    fn source_table_is_bounded() {
+        let mut a = Aggregator::new(2);
+        for (i, src) in ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"]
+            .iter()
+            .enumerate()
+        {
+            a.record(&ev(Kind::TableFull, src, Proto::UDP, 53, i as u64));
+        }
+        assert_eq!(a.top(usize::MAX).len(), 2);
+        // 10.0.0.3 took the place of 10.0.0.2 (the smallest count).
+        assert_eq!(a.untracked(), 1);
+        assert_eq!(a.error_bound(), Some(2));
+        assert_eq!(
+            a.totals.table_full, 4,
+            "totals stay exact when sources overflow"
+        );
+        let top = a.top(5);
+        let row = |e: &Entry<SourceStats>| {
+            (
+                e.key().src_string(),
+                e.count(),
+                e.error(),
+                e.value.counts.table_full,
+                e.value.first_ns,
+            )
+        };
+        assert_eq!(row(top[0]), ("10.0.0.1".into(), 2, 0, 2, 0));
+        assert_eq!(row(top[1]), ("10.0.0.3".into(), 2, 1, 1, 3));
+    }
+}

@@ -1,0 +1,129 @@
+//! State changes as one JSON line each on stderr, for log collectors.
+
+use serde::Serialize;
+
+/// One line: `{"type":"state","event":"drops_started",...}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum State {
+    /// Attached (or fell back, `refused` says why): metrics are live.
+    Started {
+        version: String,
+        backend: String,
+        refused: Vec<String>,
+        metrics_addr: String,
+        namespaces: usize,
+        uncovered: Vec<String>,
+    },
+    /// `--backend auto` passed over a backend (each refusal, why).
+    BackendFellBack {
+        backend: String,
+        refused: Vec<String>,
+    },
+    /// Capabilities left after attaching.
+    CapabilitiesDropped {
+        kept: Vec<String>,
+    },
+    /// A network namespace appeared: its table is in the metrics now.
+    NetnsAdded {
+        netns: String,
+        inode: u32,
+    },
+    /// A network namespace went away: its table's series are gone.
+    NetnsRemoved {
+        netns: String,
+        inode: u32,
+    },
+    /// A namespace's table went above 90 % of its limit.
+    TableHigh {
+        netns: String,
+        entries: u64,
+        max: u64,
+        fill_percent: f64,
+    },
+    /// ... and back below 85 %.
+    TableNormal {
+        netns: String,
+        entries: u64,
+        max: u64,
+        fill_percent: f64,
+    },
+    /// Packets are being dropped (table_full or insert_failed).
+    DropsStarted {
+        drops: u64,
+    },
+    /// No drop for the quiet period.
+    DropsStopped {
+        drops: u64,
+        quiet_s: f64,
+    },
+    AmplificationOpened {
+        src: String,
+        service: String,
+        factor: f64,
+        message: String,
+    },
+    AmplificationClosed {
+        src: String,
+        service: String,
+        attempts: u64,
+    },
+    /// The flight recorder kept an incident capture.
+    IncidentStarted {
+        dir: String,
+        reason: String,
+    },
+    IncidentClosed {
+        dir: String,
+        files: usize,
+    },
+    /// Something went wrong but the agent goes on.
+    Warning {
+        message: String,
+    },
+    Stopping {
+        signal: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    ts_unix_ms: u128,
+    #[serde(flatten)]
+    state: &'a State,
+}
+
+pub fn emit(state: &State) {
+    let ts_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    if let Ok(s) = serde_json::to_string(&Line {
+        ty: "state",
+        ts_unix_ms,
+        state,
+    }) {
+        crate::formats::output::pipe::diag(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_tagged_line() {
+        let s = serde_json::to_value(Line {
+            ty: "state",
+            ts_unix_ms: 5,
+            state: &State::DropsStarted { drops: 3 },
+        })
+        .unwrap();
+        assert_eq!(
+            s,
+            serde_json::json!({"type": "state", "ts_unix_ms": 5, "event": "drops_started", "drops": 3})
+        );
+    }
+}

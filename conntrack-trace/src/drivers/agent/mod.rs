@@ -1,0 +1,710 @@
+//! `conntrack-trace agent`: the live pipeline, always on, for fleets.
+//!
+//! The same session as `trace` (load, attach, drain the ring into
+//! [`Pipeline::feed`], read the kernel's counters), with different ends:
+//! Prometheus metrics on `--metrics-addr` ([`metrics`], [`http`]), state
+//! changes as JSON lines on stderr ([`log`]), and a flight recorder
+//! ([`recorder`]). After attaching it drops the capabilities it no longer
+//! needs ([`caps`]).
+//!
+//! What it shares with `trace` — the backend opened between the start
+//! counters and the attach, the ring drain, the capture header, the end of
+//! a session and its totals — is in [`crate::drivers::live`].
+
+pub mod caps;
+pub mod http;
+pub mod log;
+pub mod metrics;
+pub mod nsfiles;
+pub mod recorder;
+pub mod selfstat;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    analysis::aggregate::DEFAULT_MAX_SOURCES,
+    analysis::amplify::AmpConfig,
+    kernel::backend::{self, Backend, BpfCounters, Choice},
+    formats::capture::{self, format::NsFill},
+    model::clock::monotonic_ns,
+    kernel::error::TraceError,
+    model::event::{Event, Kind},
+    analysis::filter::Filter,
+    analysis::forecast::{self, Estimator, Trend},
+    kernel::kstats,
+    drivers::live::{self, Ring, selection_line},
+    model::{KindCounts, Scope, SessionFacts, Summary},
+    kernel::netns::{self, NetnsInfo},
+    formats::outfile::ReadyFile,
+    formats::output::{NetnsNames, pipe::diag},
+    analysis::pipeline::Pipeline,
+};
+
+use self::{
+    log::State,
+    metrics::{AmpGauge, Metrics, NsState, SeriesTable, WorkloadLabels},
+    nsfiles::{Rescan, Tables},
+    recorder::{RecordOptions, Recorder},
+};
+
+pub struct AgentOptions {
+    pub choice: Choice,
+    pub backend: backend::Options,
+    pub metrics_addr: SocketAddr,
+    /// Cap on per-source series.
+    pub max_series: usize,
+    pub amp: AmpConfig,
+    /// How often the kernel is read and the metrics refreshed.
+    pub interval: Duration,
+    pub record: Option<RecordOptions>,
+    pub ready_file: Option<PathBuf>,
+    /// Drops are "stopped" after this long without one.
+    pub quiet: Duration,
+    /// `--metrics-label-pod`: per-namespace series carry the workload.
+    pub label_pod: bool,
+}
+
+/// Fill above which a namespace is reported high, and below which it is
+/// normal again (hysteresis, so a table at 90 % does not flap).
+const HIGH_FILL: f64 = 90.0;
+const NORMAL_FILL: f64 = 85.0;
+
+fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
+    crate::kernel::workload::names_of(list)
+}
+
+/// The ring consumer: every event to the recorder, then the pipeline, then
+/// the per-source series and per-namespace counts.
+struct Consumer {
+    pipe: Pipeline<Filter>,
+    series: SeriesTable,
+    per_netns: BTreeMap<(Kind, u32), u64>,
+    names: NetnsNames,
+    unknown_netns: bool,
+    recorder: Option<Recorder>,
+}
+
+impl Consumer {
+    fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
+        if let Some(r) = &mut self.recorder {
+            r.event(ev);
+        }
+        if !self.pipe.feed(ev, &self.names) {
+            return Ok(());
+        }
+        self.series.record(ev);
+        *self.per_netns.entry((ev.kind, ev.netns)).or_default() += 1;
+        if !self.names.contains_key(&ev.netns) {
+            self.unknown_netns = true;
+        }
+        Ok(())
+    }
+
+    /// SIGUSR1: keep the minutes around now as an incident capture.
+    fn incident(&mut self, why: &str) {
+        match &mut self.recorder {
+            Some(r) => r.incident(why),
+            None => log::emit(&State::Warning {
+                message: format!("{why}: no --record-dir, nothing to keep"),
+            }),
+        }
+    }
+
+    /// Names (and workloads) of the namespaces in `list` from the
+    /// resolver's cache. Adds, never drops, a name: a counter's `netns`
+    /// label must not change under it, and without CAP_SYS_PTRACE the list
+    /// sees fewer processes than at start. A namespace named before its
+    /// workload was found (a container's namespace exists a moment before
+    /// its process joins the container's cgroup) takes the workload's name.
+    fn refresh_names(&mut self, list: &BTreeMap<u32, NetnsInfo>) {
+        let now_named = names_of(list);
+        for (k, v) in now_named.iter() {
+            if !self.names.contains_key(k) {
+                self.names.insert(*k, v.clone());
+            }
+        }
+        for (k, w) in now_named.workloads() {
+            if self.names.workload(*k).is_none() {
+                self.names.set_workload(*k, w.clone());
+                self.names.insert(*k, w.display());
+            }
+        }
+        self.unknown_netns = false;
+    }
+
+    fn name(&self, ino: u32) -> String {
+        self.names
+            .get(&ino)
+            .cloned()
+            .unwrap_or_else(|| ino.to_string())
+    }
+}
+
+/// Follows the namespaces (once per tick, with the capabilities to enter
+/// them): `tables` opens the new ones and closes the gone ones, the names
+/// are refreshed when the set changed, and the per-namespace state of the
+/// gone is forgotten.
+fn follow_namespaces(
+    tables: &mut Tables,
+    consumer: &mut Consumer,
+    estimators: &mut HashMap<u32, Estimator>,
+    watch: &mut Watch,
+) {
+    let list = netns::list();
+    let Rescan {
+        added,
+        removed,
+        refused,
+    } = tables.rescan(&list);
+    if !added.is_empty() || consumer.unknown_netns || crate::kernel::workload::wants_refresh() {
+        consumer.refresh_names(&list);
+    }
+    for (inode, _) in added {
+        log::emit(&State::NetnsAdded {
+            netns: consumer.name(inode),
+            inode,
+        });
+    }
+    for (inode, _) in removed {
+        estimators.remove(&inode);
+        watch.high.remove(&inode);
+        log::emit(&State::NetnsRemoved {
+            netns: consumer.name(inode),
+            inode,
+        });
+    }
+    for why in refused {
+        log::emit(&State::Warning {
+            message: format!("no table metrics for a new namespace: {why}"),
+        });
+    }
+}
+
+/// What the loop remembers between ticks to report changes.
+#[derive(Default)]
+struct Watch {
+    high: BTreeSet<u32>,
+    dropping: bool,
+    last_drops: u64,
+    last_drop_at: Option<Instant>,
+    open_amp: BTreeSet<(String, String)>,
+    findings_opened: u64,
+}
+
+/// The agent in three phases, as `trace` ([`crate::drivers::trace`]):
+/// [`Agent::start`] (command-line checks, backend, namespaces'
+/// files, capabilities, recorder, metrics server), [`Agent::run`] (the
+/// event loop; [`Agent::tick`] each interval) and [`Agent::finish`]
+/// (detach, end counters, the recorder's trailer).
+struct Agent {
+    opts: AgentOptions,
+    facts: SessionFacts,
+    tp: Backend,
+    /// Every namespace at start, held open so that both snapshots read the
+    /// same ones.
+    held: Vec<netns::Held>,
+    start_stats: kstats::Snapshot,
+    /// Each namespace's table and counters files (see [`nsfiles`]).
+    tables: Tables,
+    /// Namespaces at start whose files could not be opened, and why.
+    uncovered: Vec<String>,
+    /// The capabilities to follow namespaces that come and go were kept.
+    follow: bool,
+    ring: Option<Ring>,
+    consumer: Consumer,
+    metrics: Metrics,
+    shared: http::Shared,
+    server: tokio::task::JoinHandle<()>,
+    ready_file: Option<ReadyFile>,
+    started: Instant,
+    last_tick: Instant,
+    /// The counters backend's totals at the last tick.
+    last_seen: KindCounts,
+    estimators: HashMap<u32, Estimator>,
+    watch: Watch,
+}
+
+pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
+    let mut agent = Agent::start(opts).await?;
+    let signal = agent.run().await?;
+    agent.finish(signal)
+}
+
+/// Everything that can fail because of the command line, before anything
+/// is loaded: the port, the record directory, the ready file.
+struct Prepared {
+    listener: tokio::net::TcpListener,
+    recorder: Option<(Recorder, capture::writer::Prepared)>,
+    ready_file: Option<ReadyFile>,
+}
+
+async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
+    let listener = http::bind(opts.metrics_addr)
+        .await
+        .map_err(|e| TraceError::Usage(format!("--metrics-addr {}: {e}", opts.metrics_addr)))?;
+    let recorder = match &opts.record {
+        Some(r) => Some(Recorder::prepare(r.clone()).map_err(|e| match e {
+            recorder::RecordError::Write(w) if !w.is_refusal() => TraceError::Other(w.to_string()),
+            e => TraceError::Usage(e.to_string()),
+        })?),
+        None => None,
+    };
+    let ready_file = match &opts.ready_file {
+        Some(p) => Some(
+            ReadyFile::prepare(p, &[])
+                .map_err(|e| TraceError::Usage(format!("--ready-file: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(Prepared {
+        listener,
+        recorder,
+        ready_file,
+    })
+}
+
+/// Drops every capability but CAP_BPF — and CAP_SYS_ADMIN and
+/// CAP_SYS_PTRACE where the agent has them: entering a namespace that
+/// appears later needs the first (setns), seeing every process's namespace
+/// (so that a namespace missing from the list is gone, not hidden) the
+/// second; the counters backend also re-enters every namespace each tick.
+/// What remains is all any later thread (the capture writer's, HTTP
+/// connections) can have. Returns whether namespaces can be followed.
+fn drop_capabilities() -> bool {
+    let keep = [caps::CAP_BPF, caps::CAP_SYS_ADMIN, caps::CAP_SYS_PTRACE];
+    match caps::drop_all_but(&keep) {
+        Ok(kept) => {
+            let follow =
+                kept.contains(&caps::CAP_SYS_ADMIN) && kept.contains(&caps::CAP_SYS_PTRACE);
+            log::emit(&State::CapabilitiesDropped {
+                kept: kept.into_iter().map(caps::name).collect(),
+            });
+            follow
+        }
+        Err(e) => {
+            log::emit(&State::Warning {
+                message: format!(
+                    "could not drop capabilities: {e}; namespaces that appear later get no table metrics"
+                ),
+            });
+            false
+        }
+    }
+}
+
+/// The recorder's first file, headed like a `trace --write` capture.
+fn start_recorder(
+    prepared: Option<(Recorder, capture::writer::Prepared)>,
+    facts: &SessionFacts,
+    tables: &Tables,
+    start: &kstats::Snapshot,
+    names: &NetnsNames,
+) -> Result<Option<Recorder>, TraceError> {
+    let Some((mut rec, prepared)) = prepared else {
+        return Ok(None);
+    };
+    let fills = tables
+        .iter()
+        .filter_map(|f| {
+            Some(NsFill {
+                netns: f.name.clone(),
+                inode: f.inode,
+                fill: f.fill()?,
+            })
+        })
+        .collect();
+    let header = live::capture_header(facts, &Filter::default(), fills, start);
+    rec.start(prepared, header, names)
+        .map_err(|e| TraceError::Other(e.to_string()))?;
+    Ok(Some(rec))
+}
+
+/// The metrics' fixed part, and the server that exposes them.
+fn serve(
+    listener: tokio::net::TcpListener,
+    opts: &AgentOptions,
+    facts: &SessionFacts,
+) -> (Metrics, http::Shared, tokio::task::JoinHandle<()>) {
+    let m = Metrics::default();
+    {
+        let mut s = m.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.version = facts.version.clone();
+        s.backend = facts.backend.clone();
+        s.kernel = capture::kernel_release();
+        s.per_packet = facts.per_packet;
+        s.series_cap = opts.max_series;
+        s.start_unix_s = facts.clock.start_unix_ns as f64 / 1e9;
+        s.label_pod = opts.label_pod;
+    }
+    let shared = http::Shared {
+        registry: Arc::new(metrics::registry(&m)),
+        ready: Arc::default(),
+    };
+    let server = tokio::spawn(http::serve(listener, shared.clone()));
+    (m, shared, server)
+}
+
+impl Agent {
+    async fn start(opts: AgentOptions) -> Result<Agent, TraceError> {
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(TraceError::io("reading /proc/self/status"))?;
+        crate::kernel::error::check_privileges(&status)?;
+        let p = prepare(&opts).await?;
+        let all = netns::list();
+        let held = netns::hold(&all.values().cloned().collect::<Vec<_>>());
+        let opened = live::open(opts.choice, &opts.backend, &held)?;
+        let scope = Scope {
+            netns: "all".into(),
+            netns_inode: None,
+            namespaces: held.len(),
+            uncovered: Vec::new(),
+        };
+        let facts = opened.facts(scope);
+        diag(selection_line(&facts.hooks, &facts.refused));
+        if !facts.refused.is_empty() {
+            log::emit(&State::BackendFellBack {
+                backend: facts.backend.clone(),
+                refused: facts.refused.iter().map(|r| r.to_string()).collect(),
+            });
+        }
+        // Every namespace's files, opened while we may still enter them.
+        let (tables, uncovered) = Tables::open(&held);
+        let follow = drop_capabilities();
+        let live::Opened {
+            mut tp,
+            start: start_stats,
+            ..
+        } = opened;
+        let ring = Ring::take(&mut tp, opts.backend.ring_bytes)?;
+        let names = names_of(&all);
+        let recorder = start_recorder(p.recorder, &facts, &tables, &start_stats, &names)?;
+        let (metrics, shared, server) = serve(p.listener, &opts, &facts);
+        let consumer = Consumer {
+            pipe: Pipeline::new(Filter::default(), DEFAULT_MAX_SOURCES, opts.amp.clone()),
+            series: SeriesTable::new(opts.max_series),
+            per_netns: BTreeMap::new(),
+            names,
+            unknown_netns: false,
+            recorder,
+        };
+        let now = Instant::now();
+        Ok(Agent {
+            opts,
+            facts,
+            tp,
+            held,
+            start_stats,
+            tables,
+            uncovered,
+            follow,
+            ring,
+            consumer,
+            metrics,
+            shared,
+            server,
+            ready_file: p.ready_file,
+            started: now,
+            last_tick: now,
+            last_seen: KindCounts::default(),
+            estimators: HashMap::new(),
+            watch: Watch::default(),
+        })
+    }
+
+    /// Until SIGINT or SIGTERM (returns its name); SIGUSR1 keeps an
+    /// incident capture.
+    async fn run(&mut self) -> Result<&'static str, TraceError> {
+        let mut sigint =
+            signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
+        let mut sigterm = signal(SignalKind::terminate())
+            .map_err(TraceError::io("installing SIGTERM handler"))?;
+        let mut sigusr1 = signal(SignalKind::user_defined1())
+            .map_err(TraceError::io("installing SIGUSR1 handler"))?;
+        let mut ticker = tokio::time::interval(self.opts.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let c = &mut self.consumer;
+            tokio::select! {
+                biased;
+                _ = sigint.recv() => return Ok("SIGINT"),
+                _ = sigterm.recv() => return Ok("SIGTERM"),
+                _ = sigusr1.recv() => self.consumer.incident("SIGUSR1"),
+                _ = ticker.tick() => self.tick()?,
+                r = Ring::next_batch(&mut self.ring, |ev| c.handle(ev)) => r?,
+            }
+        }
+    }
+
+    /// Every `--interval`: drain, close the rates' interval, follow the
+    /// namespaces, report state changes, refresh the metrics.
+    fn tick(&mut self) -> Result<(), TraceError> {
+        if let Some(ring) = self.ring.as_mut() {
+            let c = &mut self.consumer;
+            ring.drain(usize::MAX, |ev| c.handle(ev))?;
+        }
+        let counters = self.tp.counters()?;
+        let c = &mut self.consumer;
+        if !self.facts.per_packet {
+            c.pipe
+                .agg
+                .record_totals(&counters.seen.sub(&self.last_seen));
+            self.last_seen = counters.seen;
+        }
+        let now = Instant::now();
+        c.pipe.agg.tick(now - self.last_tick);
+        self.last_tick = now;
+        if self.follow {
+            follow_namespaces(&mut self.tables, c, &mut self.estimators, &mut self.watch);
+        } else if c.unknown_netns || crate::kernel::workload::wants_refresh() {
+            c.refresh_names(&netns::list());
+        }
+        let tables = self.table_states();
+        self.drop_state(now);
+        let amp = self.amplification();
+        if let Some(r) = &mut self.consumer.recorder {
+            r.tick(&self.consumer.names);
+        }
+        self.publish(&counters, tables, amp);
+        self.mark_ready()
+    }
+
+    /// Each table's fill and forecast; a table crossing 90 % (or back
+    /// under 85 %) is logged.
+    fn table_states(&mut self) -> BTreeMap<String, NsState> {
+        let t_s = self.started.elapsed().as_secs_f64();
+        let mut nss = BTreeMap::new();
+        for f in self.tables.iter() {
+            let Some(fill) = f.fill() else { continue };
+            let name = self.consumer.name(f.inode);
+            let est = self
+                .estimators
+                .entry(f.inode)
+                .or_insert_with(|| Estimator::new(forecast::Config::default()));
+            let sample = forecast::Sample {
+                t_s,
+                entries: fill.count,
+                inserted: None,
+            };
+            est.push(sample, fill.max);
+            let fc = est.forecast();
+            let eta_s = match fc.trend {
+                Trend::Full => Some(0.0),
+                Trend::Filling => fc.eta_s,
+                _ => None,
+            };
+            let (entries, max, fill_percent) = (fill.count, fill.max, fill.percent());
+            if fill_percent >= HIGH_FILL && self.watch.high.insert(f.inode) {
+                let netns = name.clone();
+                log::emit(&State::TableHigh {
+                    netns,
+                    entries,
+                    max,
+                    fill_percent,
+                });
+            } else if fill_percent < NORMAL_FILL && self.watch.high.remove(&f.inode) {
+                let netns = name.clone();
+                log::emit(&State::TableNormal {
+                    netns,
+                    entries,
+                    max,
+                    fill_percent,
+                });
+            }
+            let stats = f.stats();
+            nss.insert(name, NsState { fill, stats, eta_s });
+        }
+        nss
+    }
+
+    /// Drops started / stopped (packet drops: table_full and
+    /// insert_failed; evictions are not drops of a packet). Drops starting
+    /// keep an incident capture.
+    fn drop_state(&mut self, now: Instant) {
+        let totals = self.consumer.pipe.agg.totals;
+        let drops = totals.table_full + totals.insert_failed;
+        let w = &mut self.watch;
+        if drops > w.last_drops {
+            w.last_drop_at = Some(now);
+            if !w.dropping {
+                w.dropping = true;
+                log::emit(&State::DropsStarted {
+                    drops: drops - w.last_drops,
+                });
+                if let Some(r) = &mut self.consumer.recorder {
+                    r.incident("drops started");
+                }
+            }
+        } else if w.dropping && w.last_drop_at.is_some_and(|t| now - t >= self.opts.quiet) {
+            w.dropping = false;
+            let quiet_s = self.opts.quiet.as_secs_f64();
+            log::emit(&State::DropsStopped { drops, quiet_s });
+        }
+        w.last_drops = drops;
+    }
+
+    /// Amplification findings: open while a flagged source dropped within
+    /// the window (logged as they open and close); the gauges of the open.
+    fn amplification(&mut self) -> Vec<AmpGauge> {
+        let (amp, w, clock) = (
+            &mut self.consumer.pipe.amp,
+            &mut self.watch,
+            &self.facts.clock,
+        );
+        for f in amp.take_changed(clock) {
+            let key = (f.src.clone().unwrap_or_default(), f.service.clone());
+            if w.open_amp.insert(key.clone()) {
+                w.findings_opened += 1;
+                let (src, service, factor, message) = (key.0, key.1, f.factor, f.message);
+                log::emit(&State::AmplificationOpened {
+                    src,
+                    service,
+                    factor,
+                    message,
+                });
+            }
+        }
+        let window_ns = amp.config().window.as_nanos() as u64;
+        let mono = monotonic_ns();
+        let mut gauges = Vec::new();
+        let mut still_open = BTreeSet::new();
+        for f in amp.findings(clock) {
+            let key = (f.src.clone().unwrap_or_default(), f.service.clone());
+            if !w.open_amp.contains(&key) {
+                continue;
+            }
+            if mono.saturating_sub(f.last_ts_ns) > window_ns {
+                let (src, service, attempts) = (key.0, key.1, f.attempts);
+                log::emit(&State::AmplificationClosed {
+                    src,
+                    service,
+                    attempts,
+                });
+                continue;
+            }
+            still_open.insert(key.clone());
+            gauges.push(AmpGauge {
+                src: key.0,
+                proto: f.proto.clone(),
+                port: f.port,
+                factor: f.factor,
+                retransmission_share: match f.attempts {
+                    0 => 0.0,
+                    n => f.retransmissions as f64 / n as f64,
+                },
+            });
+        }
+        w.open_amp = still_open;
+        gauges
+    }
+
+    /// Hands this tick's figures to the metrics (one lock, no I/O under
+    /// it).
+    fn publish(
+        &self,
+        counters: &BpfCounters,
+        tables: BTreeMap<String, NsState>,
+        amp: Vec<AmpGauge>,
+    ) {
+        let own = selfstat::read();
+        let c = &self.consumer;
+        let decode_errors = self.ring.as_ref().map_or(0, |r| r.decode_errors);
+        let mut s = self.metrics.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.drops = c
+            .per_netns
+            .iter()
+            .map(|((k, ns), n)| ((*k, c.name(*ns)), *n))
+            .collect();
+        s.drops_total_only = c.pipe.agg.totals;
+        s.lost = counters.lost;
+        s.decode_errors = decode_errors;
+        s.set_sources(&c.series, |i| c.name(i));
+        s.namespaces = tables;
+        if self.opts.label_pod {
+            s.workloads = c
+                .names
+                .workloads()
+                .iter()
+                .map(|(i, w)| (c.name(*i), WorkloadLabels::of(w)))
+                .collect();
+        }
+        s.amp = amp;
+        s.findings_opened = self.watch.findings_opened;
+        if let Some((cpu, rss)) = own {
+            s.cpu_seconds = cpu;
+            s.rss_bytes = rss;
+        }
+    }
+
+    /// Ready once attached and the first metrics are in.
+    fn mark_ready(&mut self) -> Result<(), TraceError> {
+        if self.shared.ready.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(r) = &mut self.ready_file {
+            r.publish()
+                .map_err(|e| TraceError::Other(format!("--ready-file: {e}")))?;
+        }
+        log::emit(&State::Started {
+            version: self.facts.version.clone(),
+            backend: self.facts.hooks.clone(),
+            refused: self.facts.refused.iter().map(|r| r.to_string()).collect(),
+            metrics_addr: self.opts.metrics_addr.to_string(),
+            namespaces: self.tables.len(),
+            uncovered: self.uncovered.clone(),
+        });
+        Ok(())
+    }
+
+    /// Not ready any more, the programs detached and the ring emptied (see
+    /// [`live::end`]); the recorder's trailer holds the same totals a
+    /// `trace` summary would.
+    fn finish(mut self, signal: &'static str) -> Result<(), TraceError> {
+        log::emit(&State::Stopping {
+            signal: signal.into(),
+        });
+        self.shared.ready.store(false, Ordering::Relaxed);
+        self.server.abort();
+        let tables = &self.tables;
+        let c = &mut self.consumer;
+        let end = live::end(
+            &mut self.tp,
+            self.ring.take(),
+            &self.held,
+            &self.start_stats,
+            // Through the files already open (setns may no longer be
+            // allowed).
+            || tables.end_snapshot(),
+            self.ready_file.as_mut(),
+            self.started,
+            |ev| c.handle(ev),
+        )?;
+        // The agent's rolling files hold what arrived; its metrics come
+        // from the events (the exact per-source counts are a `trace`
+        // summary's): never `sampled`.
+        let totals = live::totals(&self.facts, &c.pipe, &end, false, 0);
+        let duration_s = end.duration_s;
+        let summary = Summary::assemble(&self.facts, duration_s, totals, Vec::new(), &c.pipe);
+        if let Some(mut rec) = c.recorder.take() {
+            let written = rec.events_written();
+            let end_stats = end.end.stats.clone();
+            let trailer = capture::Trailer::of(&summary, monotonic_ns(), end_stats, written);
+            rec.finish(trailer)
+                .map_err(|e| TraceError::Other(e.to_string()))?;
+        }
+        diag(format_args!(
+            "conntrack-trace: agent stopped ({signal}) after {duration_s:.1} s: {} events, kernel drop +{}, lost {}",
+            summary.events.total(),
+            summary.kernel.drop,
+            summary.lost.total()
+        ));
+        Ok(())
+    }
+}

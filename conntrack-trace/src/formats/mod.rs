@@ -1,0 +1,6 @@
+//! How results are written and read: the capture file, the live outputs
+//! (human and ndjson behind one `Sink`), and output files created safely.
+
+pub mod capture;
+pub mod outfile;
+pub mod output;
