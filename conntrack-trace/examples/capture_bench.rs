@@ -16,15 +16,15 @@ use std::{
 
 use conntrack_trace::{
     analysis::aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
-    formats::capture::{self, WriteOptions, Writer, format::RecordedFilter},
-    model::event::Event,
-    drivers::export,
     analysis::filter::Filter,
     analysis::filter::OfflineSpec,
+    drivers::export,
+    drivers::report,
+    formats::capture::{self, WriteOptions, Writer, format::RecordedFilter},
+    formats::output::{NetnsNames, Sink, ndjson::Ndjson},
     kernel::kstats::CtStats,
     model::Scope,
-    formats::output::{NetnsNames, Sink, ndjson::Ndjson},
-    drivers::report,
+    model::event::Event,
 };
 use conntrack_trace_common::{RawEvent, kind, l3};
 

@@ -24,8 +24,8 @@ use std::{
 
 use conntrack_trace::{
     formats::capture::{self, WriteOptions, Writer, format::RecordedFilter},
-    model::event::{Event, Kind, Packet, Proto},
     kernel::kstats::CtStats,
+    model::event::{Event, Kind, Packet, Proto},
     model::{KindCounts, Scope},
 };
 

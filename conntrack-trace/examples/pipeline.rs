@@ -25,13 +25,13 @@ use anyhow::{Context as _, Result, bail};
 use conntrack_trace::{
     analysis::aggregate::DEFAULT_MAX_SOURCES,
     analysis::amplify::AmpConfig,
-    formats::capture::{Header, Trailer, WriteOptions, Writer, format::FORMAT_VERSION},
-    model::event::Event,
     analysis::filter::Filter,
-    kernel::kstats::CtStats,
-    model::{KindCounts, Scope},
-    formats::output::{NetnsNames, Sink, human::Human, ndjson::Ndjson},
     analysis::pipeline::Pipeline,
+    formats::capture::{Header, Trailer, WriteOptions, Writer, format::FORMAT_VERSION},
+    formats::output::{NetnsNames, Sink, human::Human, ndjson::Ndjson},
+    kernel::kstats::CtStats,
+    model::event::Event,
+    model::{KindCounts, Scope},
 };
 use conntrack_trace_common::{RawEvent, kind, l3};
 

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{analysis::amplify::AmpConfig, model::event::Proto, analysis::filter::Cidr};
+use crate::{analysis::amplify::AmpConfig, analysis::filter::Cidr, model::event::Proto};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,23 +115,24 @@ impl AgentArgs {
                     .unwrap_or_else(|| crate::kernel::btf::VMLINUX_BTF.into()),
                 evictions: self.evictions == OnOff::On,
                 rule_drops: false,
-                ring_bytes: self.ring_size.unwrap_or(crate::kernel::backend::DEFAULT_RING_BYTES),
+                ring_bytes: self
+                    .ring_size
+                    .unwrap_or(crate::kernel::backend::DEFAULT_RING_BYTES),
             },
             metrics_addr: self.metrics_addr,
             max_series: self.max_series,
             amp: self.amp.config()?,
             interval: self.interval,
-            record: self
-                .record_dir
-                .as_ref()
-                .map(|dir| crate::drivers::agent::recorder::RecordOptions {
+            record: self.record_dir.as_ref().map(|dir| {
+                crate::drivers::agent::recorder::RecordOptions {
                     dir: dir.clone(),
                     max_size: self.record_max_size,
                     max_age: self.record_max_age,
                     before: self.incident_before,
                     after: self.incident_after,
                     max_incidents: self.max_incidents.max(1),
-                }),
+                }
+            }),
             ready_file: self.ready_file.clone(),
             quiet: self.quiet,
             label_pod: self.metrics_label_pod,

@@ -3,16 +3,15 @@ use std::io::{IsTerminal, Write};
 use clap::Parser;
 use conntrack_trace::{
     analysis::aggregate::DEFAULT_MAX_SOURCES,
-    kernel::backend::{self, DEFAULT_RING_BYTES},
-    kernel::btf::VMLINUX_BTF,
-    formats::capture::{self, WriteOptions},
+    analysis::filter::Filter,
     cli::{
         self, Cli, Command, ExportArgs, ExportFormat, Format, OnOff, ReportArgs, ReportFormat,
         TraceArgs,
     },
-    kernel::error::{TraceError, exit},
     drivers::export,
-    analysis::filter::Filter,
+    drivers::report::{self, ReportError},
+    drivers::trace::{TraceOptions, run},
+    formats::capture::{self, WriteOptions},
     formats::outfile,
     formats::output::{
         Sink,
@@ -20,8 +19,9 @@ use conntrack_trace::{
         ndjson::Ndjson,
         pipe::{Pipe, diag},
     },
-    drivers::report::{self, ReportError},
-    drivers::trace::{TraceOptions, run},
+    kernel::backend::{self, DEFAULT_RING_BYTES},
+    kernel::btf::VMLINUX_BTF,
+    kernel::error::{TraceError, exit},
 };
 
 fn main() {

@@ -12,9 +12,9 @@
 use std::{net::IpAddr, time::Duration};
 
 use crate::{
-    model::event::{Event, Kind, Nat},
-    model::KindCounts,
     analysis::sources::{Entry, SourceKey, SourceTable},
+    model::KindCounts,
+    model::event::{Event, Kind, Nat},
 };
 
 /// Default cap on distinct sources held in memory (~180 B each, see

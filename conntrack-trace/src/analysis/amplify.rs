@@ -47,11 +47,11 @@ use std::{
 };
 
 use crate::{
+    analysis::sources::SourceKey,
+    analysis::sources::SourceTable,
     model::clock::Clock,
     model::event::{Event, Kind},
     model::{AmpSummary, Backoff, Finding, FindingStatus},
-    analysis::sources::SourceKey,
-    analysis::sources::SourceTable,
 };
 
 /// Settings of the detector (`trace --amp-*` flags).

@@ -6,10 +6,10 @@
 use crate::{
     analysis::aggregate::Aggregator,
     analysis::amplify::{AmpConfig, Detector},
-    model::event::Event,
     analysis::filter::Filter,
-    model::KindCounts,
     kernel::workload::NetnsNames,
+    model::KindCounts,
+    model::event::Event,
 };
 
 /// Which events the analyses see: the live filter, or offline the
@@ -63,8 +63,8 @@ impl<S: Select> Pipeline<S> {
 mod tests {
     use super::*;
     use crate::{
-        model::event::{Kind, Packet, Proto},
         analysis::filter::Filter,
+        model::event::{Kind, Packet, Proto},
     };
 
     fn ev(kind: Kind, dport: u16) -> Event {

@@ -11,18 +11,18 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    kernel::backend::{self, Backend, BpfCounters, Choice},
-    formats::capture::{self, format::NsFill},
-    model::clock::Clock,
-    kernel::error::TraceError,
-    model::event::{Event, Kind},
     analysis::filter::Filter,
+    analysis::pipeline::Pipeline,
+    formats::capture::{self, format::NsFill},
+    formats::outfile::ReadyFile,
+    kernel::backend::{self, Backend, BpfCounters, Choice},
+    kernel::error::TraceError,
     kernel::kstats::Uncovered,
     kernel::kstats::{self, CtStats},
-    model::{KindCounts, Refusal, Scope, SessionFacts, Totals},
     kernel::netns,
-    formats::outfile::ReadyFile,
-    analysis::pipeline::Pipeline,
+    model::clock::Clock,
+    model::event::{Event, Kind},
+    model::{KindCounts, Refusal, Scope, SessionFacts, Totals},
 };
 
 /// Events drained from the ring per wakeup before the loop looks at its

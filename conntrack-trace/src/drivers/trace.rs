@@ -12,24 +12,24 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     analysis::amplify::AmpConfig,
-    kernel::backend::{self, BpfCounters, Choice},
-    formats::capture::{self, Writer, format::NsFill},
-    model::clock::Clock,
-    kernel::error::TraceError,
-    model::event::Event,
     analysis::filter::Filter,
     analysis::forecast::{Estimator, Forecast, Sample, Trend},
-    kernel::kstats,
+    analysis::pipeline::Pipeline,
     drivers::live::{self, Ring, selection_line},
-    model::{Finding, KindCounts, Scope, SessionFacts, Summary, TopSource},
-    kernel::netns::{self, NetnsInfo},
+    formats::capture::{self, Writer, format::NsFill},
     formats::outfile::{FileId, Input, ReadyFile},
     formats::output::{
         ExactCounts, LiveView, NetnsNames, NsView, Sink,
         pipe::{self, diag},
         top_sources,
     },
-    analysis::pipeline::Pipeline,
+    kernel::backend::{self, BpfCounters, Choice},
+    kernel::error::TraceError,
+    kernel::kstats,
+    kernel::netns::{self, NetnsInfo},
+    model::clock::Clock,
+    model::event::Event,
+    model::{Finding, KindCounts, Scope, SessionFacts, Summary, TopSource},
 };
 
 pub struct TraceOptions {

@@ -2,18 +2,19 @@
 //! counts per kind, the summary and its parts, findings. They live below
 //! everything that uses them — backends, the capture format, the pipeline,
 //! the outputs — and depend only on the event model and the kernel's
-//! counters. [`wire`] is the ndjson schema built from them.
+//! counters. The ndjson schema built from them is
+//! `crate::formats::output::wire`.
 
 pub mod clock;
+pub mod ct;
 pub mod event;
-pub mod wire;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    model::clock::Clock,
-    model::event::Kind,
-    kernel::kstats::{CtStats, Uncovered},
+use self::{
+    clock::Clock,
+    ct::{CtStats, Uncovered},
+    event::Kind,
 };
 
 /// A backend's name, as printed and in the ndjson summary.
@@ -238,7 +239,7 @@ pub struct Summary {
     /// Retransmission figures over the whole trace.
     pub amplification: AmpSummary,
     /// Every source flagged for amplification (status `final`).
-    #[serde(serialize_with = "wire::tagged_findings")]
+    #[serde(serialize_with = "tagged::findings")]
     pub findings: Vec<Finding>,
 }
 
@@ -322,4 +323,30 @@ pub struct AmpSummary {
     pub untracked_drops: u64,
     /// The detector's memory bound in bytes.
     pub memory_ceiling_bytes: usize,
+}
+
+/// Values nested in a document are tagged by `type` as their own ndjson
+/// lines are (`crate::formats::output::wire::Line`; the ndjson tests pin
+/// both to the same bytes).
+pub mod tagged {
+    use serde::{Serialize, Serializer};
+
+    use super::{Finding, Summary};
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Tagged<'a> {
+        Finding(&'a Finding),
+        Summary(&'a Summary),
+    }
+
+    /// Findings nested in a summary.
+    pub fn findings<S: Serializer>(v: &[Finding], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(Tagged::Finding))
+    }
+
+    /// A summary nested in a report.
+    pub fn summary<S: Serializer>(v: &Summary, s: S) -> Result<S::Ok, S::Error> {
+        Tagged::Summary(v).serialize(s)
+    }
 }

@@ -29,11 +29,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    model::event::{Event, Kind},
-    kernel::kstats::{CtStats, Fill},
-    model::KindCounts,
     analysis::sources::SourceKey,
+    kernel::kstats::{CtStats, Fill},
     kernel::workload::Workload,
+    model::KindCounts,
+    model::event::{Event, Kind},
 };
 
 /// Label of the series every source beyond the cap is summed into.

@@ -36,8 +36,8 @@ use crate::{
         self, Header, Trailer, WriteOptions, Writer,
         writer::{MIN_MAX_SIZE, rotated_path},
     },
-    model::event::Event,
     formats::output::NetnsNames,
+    model::event::Event,
 };
 
 use super::log::{self, State};

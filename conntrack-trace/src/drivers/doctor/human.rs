@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use super::{Diagnosis, NsReport};
-use crate::{drivers::doctor::memory::fmt_bytes, analysis::forecast::Trend, formats::output::text::field};
+use crate::{
+    analysis::forecast::Trend, drivers::doctor::memory::fmt_bytes, formats::output::text::field,
+};
 
 /// CPUs listed per counter before `…`.
 const CPUS_SHOWN: usize = 8;
@@ -219,13 +221,13 @@ mod tests {
     use super::*;
     use crate::model::KindCounts;
     use crate::{
+        analysis::forecast::{Estimator, Sample},
         drivers::doctor::{
             BackendReport, MemoryReport, Settings, Status, Timeouts,
             advice::{self, NsFacts, Place, Victim},
             memory::EntryCost,
             table::{Entry, Tally},
         },
-        analysis::forecast::{Estimator, Sample},
     };
 
     /// The DNS flood, as the scenario test produces it.

@@ -33,15 +33,15 @@ use serde::Serialize;
 
 use crate::{
     analysis::aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
+    analysis::filter::OfflineSpec,
+    analysis::forecast::{self, Estimator, Forecast, Sample},
     kernel::backend::{self, Choice, counters::kinds_from_stats},
     kernel::btf::KernelBtf,
     kernel::error::{TraceError, exit},
-    model::event::Event,
-    analysis::filter::OfflineSpec,
-    analysis::forecast::{self, Estimator, Forecast, Sample},
     kernel::kstats::{self, Columns, CtStats, Fill},
-    model::{KindCounts, Refusal},
     kernel::netns::{self, NetnsInfo},
+    model::event::Event,
+    model::{KindCounts, Refusal},
 };
 use advice::{Advice, NsFacts, Place, Victim};
 use memory::EntryCost;
@@ -752,8 +752,8 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
 /// counters at start and end, backend choice) and events.
 fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
     let usage = |e: crate::drivers::report::ReportError| TraceError::Usage(e.to_string());
-    let header =
-        crate::drivers::report::first_header(&opts.files).map_err(|e| TraceError::Usage(e.to_string()))?;
+    let header = crate::drivers::report::first_header(&opts.files)
+        .map_err(|e| TraceError::Usage(e.to_string()))?;
     let args = OfflineSpec {
         netns: opts.netns.clone(),
         ..Default::default()

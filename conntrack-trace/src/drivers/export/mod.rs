@@ -6,9 +6,9 @@ pub mod pcapng;
 use std::{io::Write, path::Path};
 
 use crate::{
+    drivers::report::ReportError,
     formats::outfile::{self, Created, Input},
     formats::output::pipe::Pipe,
-    drivers::report::ReportError,
 };
 
 /// Where an export goes: stdout (a reader who leaves ends it quietly), or

@@ -4,10 +4,10 @@
 use std::io::Write;
 
 use crate::{
-    formats::capture::OpenSet,
     analysis::filter::OfflineSpec,
-    formats::output::{Sink, ndjson::Ndjson},
     drivers::report::{self, Report, ReportError},
+    formats::capture::OpenSet,
+    formats::output::{Sink, ndjson::Ndjson},
 };
 
 pub fn export(

@@ -20,11 +20,11 @@ use pcap_file::{
 use conntrack_trace_common::PKT_BYTES;
 
 use crate::{
-    formats::capture::{Header, OpenSet},
-    model::event::Event,
     analysis::filter::OfflineSpec,
     drivers::report::{self, Report, ReportError, utc},
+    formats::capture::{Header, OpenSet},
     kernel::workload::NetnsNames,
+    model::event::Event,
 };
 
 /// What went into the pcapng.

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use super::{Report, utc};
 use crate::{
-    model::event::Kind,
     formats::output::{human::render_summary, text::field},
+    model::event::Kind,
 };
 
 /// Seconds listed in the timeline excerpt (the busiest ones, in order).

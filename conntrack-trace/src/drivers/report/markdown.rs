@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
-use crate::{model::event::Kind, formats::output::text::field};
+use crate::{formats::output::text::field, model::event::Kind};
 
 pub fn render(r: &Report) -> String {
     let mut s = String::new();

@@ -14,17 +14,17 @@ use serde::Serialize;
 use crate::{
     analysis::aggregate::DEFAULT_MAX_SOURCES,
     analysis::amplify::AmpConfig,
+    analysis::filter::Filter,
+    analysis::filter::{OfflineSpec, TimeSpec},
+    analysis::pipeline::{Pipeline, Select},
     formats::capture::{
         self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
     },
-    model::event::{Event, Kind},
-    analysis::filter::Filter,
-    analysis::filter::{OfflineSpec, TimeSpec},
-    kernel::kstats::CtStats,
-    model::{KindCounts, Summary, Totals},
     formats::output::{NetnsNames, top_sources},
-    analysis::pipeline::{Pipeline, Select},
+    kernel::kstats::CtStats,
+    model::event::{Event, Kind},
+    model::{KindCounts, Summary, Totals},
 };
 
 /// The filters of `report` and `export`: the filter the capture was
@@ -285,7 +285,7 @@ pub struct Report {
     pub filters: Vec<String>,
     /// The live summary, recomputed (`top[].rate_per_s` is the source's
     /// mean rate between its first and last event).
-    #[serde(serialize_with = "crate::model::wire::tagged_summary")]
+    #[serde(serialize_with = "crate::model::tagged::summary")]
     pub summary: Summary,
     pub check: Check,
     pub timeline: Timeline,

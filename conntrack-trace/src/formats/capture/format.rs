@@ -40,11 +40,11 @@ use conntrack_trace_common::{PKT_BYTES, RawEvent, l3};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::event::{DecodeError, Event, Proto},
     analysis::filter::{Cidr, Filter},
     kernel::kstats::{CtStats, Fill},
-    model::{KindCounts, Scope},
     kernel::workload::NetnsNames,
+    model::event::{DecodeError, Event, Proto},
+    model::{KindCounts, Scope},
 };
 
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";

@@ -53,10 +53,10 @@ pub(crate) mod tests {
         *,
     };
     use crate::{
-        model::event::Event,
         kernel::kstats::CtStats,
-        model::{KindCounts, Scope},
         kernel::workload::NetnsNames,
+        model::event::Event,
+        model::{KindCounts, Scope},
     };
 
     /// A scratch directory removed on drop.
@@ -542,7 +542,8 @@ mod fuzz_regressions {
         for p in files("seeds/report_file") {
             let f = scratch.0.join("f.ctt");
             crate::drivers::report::fuzz_report(&std::fs::read(&p).unwrap(), &f);
-            let r = crate::drivers::report::build(&[f], &Default::default(), 10, |_, _, _| {}).unwrap();
+            let r =
+                crate::drivers::report::build(&[f], &Default::default(), 10, |_, _, _| {}).unwrap();
             assert!(r.summary.events.total() >= 3, "{}", p.display());
         }
         let bodies = files("seeds/decode_record");
@@ -563,7 +564,10 @@ mod fuzz_regressions {
         }
         let scratch = super::tests::TempDir::new("fuzz-report");
         for p in files("regressions/report_file") {
-            crate::drivers::report::fuzz_report(&std::fs::read(&p).unwrap(), &scratch.0.join("f.ctt"));
+            crate::drivers::report::fuzz_report(
+                &std::fs::read(&p).unwrap(),
+                &scratch.0.join("f.ctt"),
+            );
         }
     }
 }

@@ -14,9 +14,9 @@ use std::{
 
 use super::format::{self, FRAME_BYTES, Header, MAGIC, MAX_RECORD, Record, Trailer};
 use crate::{
-    model::event::Event,
     formats::outfile::{FileId, Input},
     kernel::workload::NetnsNames,
+    model::event::Event,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -23,9 +23,9 @@ use std::{
 
 use super::format::{self, Header, MAGIC, Next, Trailer, rtype};
 use crate::{
-    model::event::Event,
     formats::outfile::{self, Created, Input, OutError},
     kernel::workload::NetnsNames,
+    model::event::Event,
 };
 
 /// Smallest accepted `--max-size`: a header, names and some events.

@@ -438,8 +438,8 @@ mod tests {
     use crate::model::{KindCounts, Scope};
     use crate::{
         analysis::aggregate::Aggregator,
-        model::event::{Event, Proto},
         kernel::kstats::{CtStats, Fill},
+        model::event::{Event, Proto},
     };
 
     fn agg() -> Aggregator {

@@ -4,15 +4,16 @@ pub mod human;
 pub mod ndjson;
 pub mod pipe;
 pub mod text;
+pub mod wire;
 
 use crate::{
     analysis::aggregate::Aggregator,
-    model::event::Event,
+    analysis::pipeline::Pipeline,
     kernel::kstats::{CtStats, Fill},
+    model::event::Event,
     model::{
         AmpSummary, Finding, KindCounts, Refusal, Scope, SessionFacts, Summary, TopSource, Totals,
     },
-    analysis::pipeline::Pipeline,
 };
 
 impl Summary {
@@ -164,7 +165,10 @@ pub struct ExactCounts {
 impl ExactCounts {
     /// Adds one map entry (the event carries its key), if selected.
     pub fn add(&mut self, e: &Event, count: u64) {
-        let c = self.by.entry(crate::analysis::sources::SourceKey::of(e)).or_default();
+        let c = self
+            .by
+            .entry(crate::analysis::sources::SourceKey::of(e))
+            .or_default();
         *c.get_mut(e.kind) = c.get(e.kind).saturating_add(count);
     }
 

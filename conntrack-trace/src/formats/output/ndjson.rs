@@ -5,14 +5,11 @@
 
 use std::io::Write;
 
-use super::{LiveView, NetnsNames, Sink};
-use crate::{
-    model::event::Event,
-    model::{
-        Finding, Summary,
-        wire::{EventLine, ForecastLine, Line},
-    },
+use super::{
+    LiveView, NetnsNames, Sink,
+    wire::{EventLine, ForecastLine, Line},
 };
+use crate::model::{Finding, Summary, event::Event};
 
 pub struct Ndjson<W: Write> {
     out: W,
@@ -80,11 +77,11 @@ impl<W: Write> Sink for Ndjson<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{kernel::kstats::CtStats, model::event::Proto};
     use crate::{
         model::event::Kind,
         model::{KindCounts, Scope},
     };
-    use crate::{model::event::Proto, kernel::kstats::CtStats};
 
     fn event(proto: Proto, sport: u16, dport: u16) -> Event {
         Event {
@@ -153,8 +150,8 @@ mod tests {
     #[test]
     fn hand_written_event_lines_are_serdes() {
         use crate::{
-            model::event::{Packet, Reply},
             kernel::workload::{Container, Pod, Runtime, Source, Workload},
+            model::event::{Packet, Reply},
         };
         let mut names = NetnsNames::new();
         names.insert(1, "srv \"q\"\n\u{7}é".into());

@@ -9,8 +9,8 @@ use super::{BpfCounters, Evictions, Options};
 use crate::{
     kernel::error::TraceError,
     kernel::kstats::{self, CtStats},
-    model::KindCounts,
     kernel::netns::Held,
+    model::KindCounts,
 };
 
 pub struct Counters {

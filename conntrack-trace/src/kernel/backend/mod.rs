@@ -28,9 +28,9 @@ use conntrack_trace_common::{Config, Offsets, counter, kind};
 use crate::{
     kernel::btf::BtfError,
     kernel::error::TraceError,
+    kernel::netns::Held,
     model::event::{Event, Kind},
     model::{KindCounts, Name, Refusal},
-    kernel::netns::Held,
 };
 
 /// Exact in-kernel counters of a backend since it was loaded.

@@ -340,7 +340,8 @@ mod tests {
 
     #[test]
     fn every_hook_is_a_program_of_the_object() {
-        let obj = aya_obj::Object::parse(crate::kernel::backend::EBPF_OBJECT).expect("object parses");
+        let obj =
+            aya_obj::Object::parse(crate::kernel::backend::EBPF_OBJECT).expect("object parses");
         for h in [
             KFREE_SKB_REASON,
             KFREE_SKB_NO_REASON,

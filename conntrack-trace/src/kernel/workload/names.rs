@@ -133,8 +133,8 @@ mod tests {
     #[test]
     fn ndjson_events_name_the_container() {
         use crate::{
-            model::event::{Event, Kind, Proto},
             formats::output::{Sink, ndjson::Ndjson},
+            model::event::{Event, Kind, Proto},
         };
         let mut n = NetnsNames::new();
         n.insert(7, "docker:web".into());

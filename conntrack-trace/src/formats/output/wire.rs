@@ -5,13 +5,13 @@
 
 use std::net::IpAddr;
 
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
-use super::{Finding, Summary};
 use crate::{
-    model::event::{Event, Kind, Nat, Proto},
     analysis::forecast::Forecast,
     kernel::workload::NetnsNames,
+    model::event::{Event, Kind, Nat, Proto},
+    model::{Finding, Summary},
 };
 
 /// One ndjson line: the wire schema of `trace --format ndjson` and
@@ -23,16 +23,6 @@ pub enum Line<'a> {
     Finding(&'a Finding),
     Forecast(ForecastLine<'a>),
     Summary(&'a Summary),
-}
-
-/// Findings nested in a summary are tagged as their own lines are.
-pub fn tagged_findings<S: Serializer>(v: &[Finding], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(Line::Finding))
-}
-
-/// A summary nested in a report is tagged as its line is.
-pub fn tagged_summary<S: Serializer>(v: &Summary, s: S) -> Result<S::Ok, S::Error> {
-    Line::Summary(v).serialize(s)
 }
 
 /// An event's address family.
