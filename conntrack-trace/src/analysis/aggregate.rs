@@ -13,8 +13,8 @@ use std::{net::IpAddr, time::Duration};
 
 use crate::{
     analysis::sources::{Entry, SourceKey, SourceTable},
-    model::KindCounts,
     model::event::{Event, Kind, Nat},
+    model::{KindCounts, TopSource},
 };
 
 /// Default cap on distinct sources held in memory (~180 B each, see
@@ -125,6 +125,84 @@ impl Aggregator {
     pub fn top(&self, n: usize) -> Vec<&Entry<SourceStats>> {
         self.sources.top(n)
     }
+}
+
+/// Exact per-source counts (the kernel's `SOURCE_COUNTS`, used when the
+/// ring lost events and the event stream is only a sample), gathered one
+/// map entry at a time: the map holds up to `SOURCE_COUNTS_MAX` keys, and
+/// a list of them all next to this table was 12 MB more peak RSS at every
+/// interval (issue 15).
+#[derive(Default)]
+pub struct ExactCounts {
+    by: std::collections::BTreeMap<crate::analysis::sources::SourceKey, KindCounts>,
+}
+
+impl ExactCounts {
+    /// Adds one map entry (the event carries its key), if selected.
+    pub fn add(&mut self, e: &Event, count: u64) {
+        let c = self
+            .by
+            .entry(crate::analysis::sources::SourceKey::of(e))
+            .or_default();
+        *c.get_mut(e.kind) = c.get(e.kind).saturating_add(count);
+    }
+
+    /// The top `n` sources: counts from the map, first/last time, rate
+    /// and DNAT from the events that did arrive (`agg`). Also returns how
+    /// many sources the counts hold.
+    pub fn top(self, agg: &Aggregator, n: usize) -> (Vec<TopSource>, u64) {
+        let sources = self.by.len() as u64;
+        let mut v: Vec<_> = self.by.into_iter().collect();
+        v.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(&b.0)));
+        let top = v
+            .into_iter()
+            .take(n)
+            .map(|(k, counts)| {
+                let seen = agg.source(&k);
+                TopSource {
+                    src: k.src.map(|a| a.to_string()),
+                    proto: k.proto.to_string(),
+                    port: k.port,
+                    service: k.service(),
+                    total: counts.total(),
+                    error: None,
+                    counts,
+                    first_ts_ns: seen.map_or(0, |s| s.first_ns),
+                    last_ts_ns: seen.map_or(0, |s| s.last_ns),
+                    rate_per_s: seen.map_or(0.0, |s| s.rate),
+                    dnat: seen
+                        .and_then(|s| s.dnat)
+                        .map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
+                }
+            })
+            .collect();
+        (top, sources)
+    }
+}
+
+/// The top sources from the events; with an `error` once the source table
+/// overflowed.
+pub fn top_sources(agg: &Aggregator, n: usize) -> Vec<TopSource> {
+    let approximate = agg.error_bound().is_some();
+    agg.top(n)
+        .into_iter()
+        .map(|e| (e.key(), &e.value, e.count(), e.error()))
+        .map(|(k, s, count, error)| TopSource {
+            src: k.src.map(|a| a.to_string()),
+            proto: k.proto.to_string(),
+            port: k.port,
+            service: k.service(),
+            total: count,
+            error: approximate.then_some(error),
+            counts: s.counts,
+            first_ts_ns: s.first_ns,
+            last_ts_ns: s.last_ns,
+            rate_per_s: s.rate,
+            dnat: s
+                .dnat
+                .map(|(a, p)| std::net::SocketAddr::new(a, p).to_string()),
+        })
+        .collect()
 }
 
 #[cfg(test)]

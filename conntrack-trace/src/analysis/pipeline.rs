@@ -8,8 +8,7 @@ use crate::{
     analysis::amplify::{AmpConfig, Detector},
     analysis::filter::Filter,
     kernel::workload::NetnsNames,
-    model::KindCounts,
-    model::event::Event,
+    model::{Analyses, KindCounts, clock::Clock, event::Event},
 };
 
 /// Which events the analyses see: the live filter, or offline the
@@ -56,6 +55,16 @@ impl<S: Select> Pipeline<S> {
         self.agg.record(e);
         self.amp.record_prepared(e, p);
         true
+    }
+
+    /// What the analyses concluded so far, for a summary.
+    pub fn analyses(&self, clock: &Clock) -> Analyses {
+        Analyses {
+            error_bound: self.agg.error_bound(),
+            untracked_sources: self.agg.untracked(),
+            amplification: self.amp.summary(),
+            findings: self.amp.findings(clock),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    analysis::aggregate::{ExactCounts, top_sources},
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
     analysis::forecast::{Estimator, Forecast, Sample, Trend},
@@ -19,9 +20,8 @@ use crate::{
     formats::capture::{self, Writer, format::NsFill},
     formats::outfile::{FileId, Input, ReadyFile},
     formats::output::{
-        ExactCounts, LiveView, NetnsNames, NsView, Sink,
+        LiveView, NetnsNames, NsView, Sink,
         pipe::{self, diag},
-        top_sources,
     },
     kernel::backend::{self, BpfCounters, Choice},
     kernel::error::TraceError,
@@ -542,7 +542,13 @@ impl<'s> Session<'s> {
         };
         let c = &mut self.consumer;
         let totals = live::totals(&self.facts, &c.pipe, &end, sampled, exact_sources);
-        let summary = Summary::assemble(&self.facts, end.duration_s, totals, top, &c.pipe);
+        let summary = Summary::assemble(
+            &self.facts,
+            end.duration_s,
+            totals,
+            top,
+            c.pipe.analyses(&self.facts.clock),
+        );
         let recorded = c.writer.take().map(|w| {
             let (files, written) = (w.files(), w.events_written());
             let now = crate::model::clock::monotonic_ns();

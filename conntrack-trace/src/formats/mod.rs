@@ -4,3 +4,5 @@
 pub mod capture;
 pub mod outfile;
 pub mod output;
+pub mod summary;
+pub mod text;

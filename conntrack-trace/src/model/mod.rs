@@ -325,6 +325,68 @@ pub struct AmpSummary {
     pub memory_ceiling_bytes: usize,
 }
 
+/// What the per-event analyses concluded, for a summary
+/// (`crate::analysis::pipeline::Pipeline::analyses`).
+#[derive(Clone, Debug, Default)]
+pub struct Analyses {
+    /// The source table's error bound once it overflowed (None: exact).
+    pub error_bound: Option<u64>,
+    /// Sources the bounded table could not hold.
+    pub untracked_sources: u64,
+    pub amplification: AmpSummary,
+    /// Every flagged source, final.
+    pub findings: Vec<Finding>,
+}
+
+impl Summary {
+    /// The one way a summary is made, live and offline: the session's
+    /// facts, the driver's totals, and the pipeline's analyses.
+    pub fn assemble(
+        facts: &SessionFacts,
+        duration_s: f64,
+        t: Totals,
+        top: Vec<TopSource>,
+        a: Analyses,
+    ) -> Summary {
+        Summary {
+            version: facts.version.clone(),
+            backend: facts.backend.clone(),
+            hooks: facts.hooks.clone(),
+            backend_refused: facts.refused.clone(),
+            per_packet: facts.per_packet,
+            evictions: facts.evictions.clone(),
+            duration_s,
+            start_unix_ns: facts.clock.start_unix_ns,
+            start_mono_ns: facts.clock.start_mono_ns,
+            events: t.events,
+            matched: t.matched,
+            lost: t.lost,
+            observed: t.observed,
+            complete: t.complete,
+            kernel: t.kernel,
+            unclassified_drops: t.unclassified_drops,
+            unmatched_drop_counts: t.unmatched_drop_counts,
+            scope: Scope {
+                namespaces: t.namespaces,
+                uncovered: t.uncovered,
+                ..facts.scope.clone()
+            },
+            decode_errors: t.decode_errors,
+            top_error_bound: top
+                .iter()
+                .any(|t| t.error.is_some())
+                .then_some(a.error_bound)
+                .flatten(),
+            top,
+            untracked_sources: a.untracked_sources,
+            sampled: t.sampled,
+            exact_sources: t.exact_sources,
+            amplification: a.amplification,
+            findings: a.findings,
+        }
+    }
+}
+
 /// Values nested in a document are tagged by `type` as their own ndjson
 /// lines are (`crate::formats::output::wire::Line`; the ndjson tests pin
 /// both to the same bytes).

@@ -691,7 +691,13 @@ impl Agent {
         // summary's): never `sampled`.
         let totals = live::totals(&self.facts, &c.pipe, &end, false, 0);
         let duration_s = end.duration_s;
-        let summary = Summary::assemble(&self.facts, duration_s, totals, Vec::new(), &c.pipe);
+        let summary = Summary::assemble(
+            &self.facts,
+            duration_s,
+            totals,
+            Vec::new(),
+            c.pipe.analyses(&self.facts.clock),
+        );
         if let Some(mut rec) = c.recorder.take() {
             let written = rec.events_written();
             let end_stats = end.end.stats.clone();

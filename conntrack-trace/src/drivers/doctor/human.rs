@@ -3,9 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Diagnosis, NsReport};
-use crate::{
-    analysis::forecast::Trend, drivers::doctor::memory::fmt_bytes, formats::output::text::field,
-};
+use crate::{analysis::forecast::Trend, drivers::doctor::memory::fmt_bytes, formats::text::field};
 
 /// CPUs listed per counter before `…`.
 const CPUS_SHOWN: usize = 8;

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::{Report, utc};
 use crate::{
-    formats::output::{human::render_summary, text::field},
+    formats::{summary::render_summary, text::field},
     model::event::Kind,
 };
 
@@ -98,5 +98,5 @@ pub fn render(r: &Report) -> String {
     }
     // Names and the host name come from the capture: no control
     // characters reach the reader's terminal.
-    crate::formats::output::text::printable(&s).into_owned()
+    crate::formats::text::printable(&s).into_owned()
 }

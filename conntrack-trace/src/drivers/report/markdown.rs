@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
-use crate::{formats::output::text::field, model::event::Kind};
+use crate::{formats::text::field, model::event::Kind};
 
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
@@ -145,5 +145,5 @@ pub fn render(r: &Report) -> String {
         );
     }
     // Names and the host name come from the capture.
-    crate::formats::output::text::printable(&s).into_owned()
+    crate::formats::text::printable(&s).into_owned()
 }

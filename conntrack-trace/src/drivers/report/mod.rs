@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     analysis::aggregate::DEFAULT_MAX_SOURCES,
+    analysis::aggregate::top_sources,
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
     analysis::filter::{OfflineSpec, TimeSpec},
@@ -21,8 +22,8 @@ use crate::{
         self, CaptureInfo, Header, OpenSet, ReadError,
         format::{NsFill, RecordedFilter},
     },
-    formats::output::{NetnsNames, top_sources},
     kernel::kstats::CtStats,
+    kernel::workload::NetnsNames,
     model::event::{Event, Kind},
     model::{KindCounts, Summary, Totals},
 };
@@ -497,7 +498,9 @@ fn finish(a: Analysis, info: CaptureInfo, filters: Vec<String>, top: usize) -> R
         Some(exact) if a.pipe.select.is_unfiltered() => exact,
         _ => top,
     };
-    let summary = Summary::assemble(&h.facts(t), duration_s, totals, top, &a.pipe);
+    let facts = h.facts(t);
+    let analyses = a.pipe.analyses(&facts.clock);
+    let summary = Summary::assemble(&facts, duration_s, totals, top, analyses);
     Report {
         ty: "report",
         capture: CaptureMeta {

@@ -35,9 +35,9 @@ fn nice_ceil(v: f64) -> f64 {
         .unwrap_or(10.0 * p)
 }
 
-/// Text from the capture, as valid XML (see [`crate::formats::output::text::xml`]).
+/// Text from the capture, as valid XML (see [`crate::formats::text::xml`]).
 fn esc(s: &str) -> String {
-    crate::formats::output::text::xml(s)
+    crate::formats::text::xml(s)
 }
 
 pub fn render(r: &Report) -> String {
