@@ -6,5 +6,6 @@ pub mod agent;
 pub mod doctor;
 pub mod export;
 pub mod live;
+pub mod offline;
 pub mod report;
 pub mod trace;

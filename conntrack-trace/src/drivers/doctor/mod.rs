@@ -35,6 +35,7 @@ use crate::{
     analysis::aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
     analysis::filter::OfflineSpec,
     analysis::forecast::{self, Estimator, Forecast, Sample},
+    drivers::offline,
     kernel::backend::{self, Choice, counters::kinds_from_stats},
     kernel::btf::KernelBtf,
     kernel::error::{TraceError, exit},
@@ -751,24 +752,30 @@ pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
 /// Diagnoses a capture: the recorded header (fill at start, kernel
 /// counters at start and end, backend choice) and events.
 fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
-    let usage = |e: crate::drivers::report::ReportError| TraceError::Usage(e.to_string());
-    let header = crate::drivers::report::first_header(&opts.files)
-        .map_err(|e| TraceError::Usage(e.to_string()))?;
+    let usage = |e: String| TraceError::Usage(e);
+    let set = crate::formats::capture::open_set(&opts.files).map_err(|e| usage(e.to_string()))?;
     let args = OfflineSpec {
         netns: opts.netns.clone(),
         ..Default::default()
     };
     let mut aggs: HashMap<u32, Aggregator> = HashMap::new();
-    let report = crate::drivers::report::build(&opts.files, &args, opts.top, |e, _, matched| {
+    let read = offline::read(set, &args, |e, _, matched| {
         if matched {
             aggs.entry(e.netns)
                 .or_insert_with(|| Aggregator::new(DEFAULT_MAX_SOURCES))
                 .record(e);
         }
     })
-    .map_err(usage)?;
+    .map_err(|e| usage(e.to_string()))?;
+    let summary = read.summary(opts.top);
+    let header = &read.info.header;
     let fcfg = forecast::Config::default();
-    let kernel_end = report.capture.kernel_end.clone().unwrap_or_default();
+    let kernel_end = read
+        .info
+        .trailer
+        .as_ref()
+        .map(|t| t.kernel_end.clone())
+        .unwrap_or_default();
     let mut accs = Vec::new();
     let mut kernels = Vec::new();
     for ns in &header.conntrack {
@@ -838,7 +845,7 @@ fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
         accs.push(a);
         kernels.push((r, k));
     }
-    let mut warnings = report.warnings.clone();
+    let mut warnings = read.info.warnings.clone();
     warnings.push("from a capture: the table size is recorded at the start only, so there is no forecast; the status is what happened during the capture".into());
     let global = accs.first().map(|a| a.last_fill).unwrap_or_default();
     let mut memory = memory_report(&opts.backend.btf_path, global.max, global.buckets);
@@ -861,16 +868,16 @@ fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
         hostname: header.hostname.clone(),
         kernel_release: header.kernel_release.clone(),
         backend: BackendReport {
-            chosen: report.summary.backend.clone(),
+            chosen: summary.backend.clone(),
             hooks: header.backend.clone(),
             refused: header.backend_refused.clone(),
             not_tried: Vec::new(),
             per_packet: header.per_packet,
         },
-        duration_s: report.summary.duration_s,
+        duration_s: summary.duration_s,
         sampled_unix_ns: header
             .start_unix_ns
-            .saturating_add((report.summary.duration_s.max(0.0) * 1e9) as u128),
+            .saturating_add((summary.duration_s.max(0.0) * 1e9) as u128),
         settings: settings(opts, &fcfg),
         status: Status::Healthy,
         exit_code: 0,

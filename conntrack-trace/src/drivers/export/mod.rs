@@ -6,7 +6,7 @@ pub mod pcapng;
 use std::{io::Write, path::Path};
 
 use crate::{
-    drivers::report::ReportError,
+    drivers::offline::ReportError,
     formats::outfile::{self, Created, Input},
     formats::output::pipe::Pipe,
 };

@@ -5,7 +5,8 @@ use std::io::Write;
 
 use crate::{
     analysis::filter::OfflineSpec,
-    drivers::report::{self, Report, ReportError},
+    drivers::offline::ReportError,
+    drivers::report::{self, Report},
     formats::capture::OpenSet,
     formats::output::{Sink, ndjson::Ndjson},
 };

@@ -21,7 +21,8 @@ use conntrack_trace_common::PKT_BYTES;
 
 use crate::{
     analysis::filter::OfflineSpec,
-    drivers::report::{self, Report, ReportError, utc},
+    drivers::offline::ReportError,
+    drivers::report::{self, Report, utc},
     formats::capture::{Header, OpenSet},
     kernel::workload::NetnsNames,
     model::event::Event,
