@@ -331,6 +331,81 @@ impl Default for Estimator {
     }
 }
 
+/// Every namespace's estimator and the forecast last reported of it: the
+/// one forecast watcher of `trace` (its header and ndjson `forecast`
+/// lines), `agent` (its gauges) and `doctor` (its status and advice).
+#[derive(Debug, Default)]
+pub struct Watcher {
+    cfg: Config,
+    by_ns: std::collections::HashMap<u32, Watched>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    est: Estimator,
+    reported: Option<Forecast>,
+}
+
+/// One namespace's sample, as [`Watcher::push`] saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Watch {
+    pub forecast: Forecast,
+    /// Changed materially since it was last reported (now marked
+    /// reported): nothing until the estimator has enough samples, nor of a
+    /// table steady since the start.
+    pub news: bool,
+}
+
+impl Watcher {
+    pub fn new(cfg: Config) -> Watcher {
+        Watcher {
+            cfg,
+            by_ns: Default::default(),
+        }
+    }
+
+    /// Feeds namespace `inode`'s sample and its limit.
+    pub fn push(&mut self, inode: u32, s: Sample, max: u64) -> Watch {
+        let cfg = self.cfg;
+        let w = self.by_ns.entry(inode).or_insert_with(|| Watched {
+            est: Estimator::new(cfg),
+            reported: None,
+        });
+        w.est.push(s, max);
+        let f = w.est.forecast();
+        let news = match &w.reported {
+            None => !matches!(f.trend, Trend::Unknown | Trend::Steady),
+            Some(l) => f.trend != Trend::Unknown && f.differs_materially(l),
+        };
+        if news {
+            w.reported = Some(f.clone());
+        }
+        Watch { forecast: f, news }
+    }
+
+    /// The forecast of `inode` now (Unknown before any sample).
+    pub fn forecast(&self, inode: u32) -> Forecast {
+        match self.by_ns.get(&inode) {
+            Some(w) => w.est.forecast(),
+            None => Estimator::new(self.cfg).forecast(),
+        }
+    }
+
+    /// Highest count sampled of `inode` in the window.
+    pub fn peak(&self, inode: u32) -> u64 {
+        self.by_ns.get(&inode).map_or(0, |w| w.est.peak())
+    }
+
+    /// A namespace that is gone.
+    pub fn forget(&mut self, inode: u32) {
+        self.by_ns.remove(&inode);
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use std::collections::BTreeMap;
+
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -19,7 +21,8 @@ use crate::{
     kernel::error::TraceError,
     kernel::kstats::Uncovered,
     kernel::kstats::{self, CtStats},
-    kernel::netns,
+    kernel::netns::{self, NetnsInfo},
+    kernel::workload::{self, NetnsNames},
     model::clock::Clock,
     model::event::{Event, Kind},
     model::{KindCounts, Refusal, Scope, SessionFacts, Totals},
@@ -62,8 +65,6 @@ pub fn ring_pause(ring_bytes: u32) -> Duration {
 pub struct Ring {
     fd: AsyncFd<RingBuf<MapData>>,
     pause: Duration,
-    /// Records that did not decode (counted, skipped).
-    pub decode_errors: u64,
 }
 
 impl Ring {
@@ -79,25 +80,24 @@ impl Ring {
         Ok(Some(Ring {
             fd,
             pause: ring_pause(ring_bytes),
-            decode_errors: 0,
         }))
     }
 
-    /// Hands up to `limit` records to `f`; returns how many were read.
-    pub fn drain(
+    /// Hands up to `limit` records to `c`; returns how many were read.
+    pub fn drain<T: Tap>(
         &mut self,
         limit: usize,
-        f: impl FnMut(&Event) -> Result<(), TraceError>,
+        c: &mut Consumer<T>,
     ) -> Result<usize, TraceError> {
-        drain(self.fd.get_mut(), limit, &mut self.decode_errors, f)
+        drain(self.fd.get_mut(), limit, c)
     }
 
-    /// Waits until the ring has records, drains a batch into `f`, and —
+    /// Waits until the ring has records, drains a batch into `c`, and —
     /// when the ring ran dry — pauses (see [`ring_pause`]) before the
     /// next wait. Never returns for no ring (the counters backend).
-    pub async fn next_batch(
+    pub async fn next_batch<T: Tap>(
         ring: &mut Option<Ring>,
-        f: impl FnMut(&Event) -> Result<(), TraceError>,
+        c: &mut Consumer<T>,
     ) -> Result<(), TraceError> {
         let Some(ring) = ring.as_mut() else {
             return std::future::pending().await;
@@ -107,12 +107,7 @@ impl Ring {
             .readable_mut()
             .await
             .map_err(TraceError::io("polling the ring buffer"))?;
-        let n = drain(
-            guard.get_inner_mut(),
-            DRAIN_BATCH,
-            &mut ring.decode_errors,
-            f,
-        )?;
+        let n = drain(guard.get_inner_mut(), DRAIN_BATCH, c)?;
         if n < DRAIN_BATCH {
             guard.clear_ready();
             if !ring.pause.is_zero() {
@@ -123,25 +118,182 @@ impl Ring {
     }
 }
 
-fn drain(
+fn drain<T: Tap>(
     ring: &mut RingBuf<MapData>,
     limit: usize,
-    decode_errors: &mut u64,
-    mut f: impl FnMut(&Event) -> Result<(), TraceError>,
+    c: &mut Consumer<T>,
 ) -> Result<usize, TraceError> {
     let mut n = 0;
     while n < limit {
         let Some(item) = ring.next() else { break };
         n += 1;
-        let ev = Event::decode(&item);
+        let ev = c.decode(&item);
         // The record goes back to the ring before the event is handled.
         drop(item);
-        match ev {
-            Ok(ev) => f(&ev)?,
-            Err(_) => *decode_errors += 1,
+        if let Some(ev) = ev {
+            c.handle(&ev)?;
         }
     }
     Ok(n)
+}
+
+/// What a driver does with the ring's events beyond the shared pipeline.
+pub trait Tap {
+    /// Every event the ring hands over, before selection: the capture of
+    /// `trace --write`, the agent's flight recorder.
+    fn record(&mut self, _ev: &Event) {}
+    /// An event the pipeline selected, with the names known now.
+    fn selected(&mut self, ev: &Event, names: &NetnsNames) -> Result<(), TraceError>;
+}
+
+/// The one consumer of a live session's events, whatever the driver:
+/// decode, the driver's recording, the pipeline (count, select,
+/// aggregate, detect — what `report` runs on captures), the driver's
+/// [`Tap`]; the namespaces' names; the rates' intervals.
+pub struct Consumer<T> {
+    pub pipe: Pipeline<Filter>,
+    pub names: NetnsNames,
+    /// An event came from a namespace without a name yet.
+    unknown_netns: bool,
+    pub tap: T,
+    /// Records that did not decode (counted, skipped).
+    pub decode_errors: u64,
+    last_tick: Instant,
+    /// The counters backend's totals at the last interval.
+    last_seen: KindCounts,
+}
+
+impl<T: Tap> Consumer<T> {
+    pub fn new(pipe: Pipeline<Filter>, names: NetnsNames, tap: T) -> Consumer<T> {
+        Consumer {
+            pipe,
+            names,
+            unknown_netns: false,
+            tap,
+            decode_errors: 0,
+            last_tick: Instant::now(),
+            last_seen: KindCounts::default(),
+        }
+    }
+
+    /// One ring record as an event; one that does not decode is counted.
+    pub fn decode(&mut self, record: &[u8]) -> Option<Event> {
+        let ev = Event::decode(record).ok();
+        self.decode_errors += u64::from(ev.is_none());
+        ev
+    }
+
+    pub fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
+        self.tap.record(ev);
+        if !self.pipe.feed(ev, &self.names) {
+            return Ok(());
+        }
+        if !self.names.contains_key(&ev.netns) {
+            self.unknown_netns = true;
+        }
+        self.tap.selected(ev, &self.names)
+    }
+
+    /// Whether the names should be read again: an event came from an
+    /// unnamed namespace, or containers came or went.
+    pub fn wants_names(&self) -> bool {
+        self.unknown_netns || workload::wants_refresh()
+    }
+
+    /// Names (and workloads) of the namespaces in `list` from the
+    /// resolver's cache. Adds, never drops, a name: a name already shown
+    /// or a counter's `netns` label must not change under it, and without
+    /// CAP_SYS_PTRACE the list sees fewer processes than at start. A
+    /// namespace named before its workload was found (a container's
+    /// namespace exists a moment before its process joins the container's
+    /// cgroup) takes the workload's name.
+    pub fn refresh_names(&mut self, list: &BTreeMap<u32, NetnsInfo>) {
+        let now_named = workload::names_of(list);
+        for (k, v) in now_named.iter() {
+            if !self.names.contains_key(k) {
+                self.names.insert(*k, v.clone());
+            }
+        }
+        for (k, w) in now_named.workloads() {
+            if self.names.workload(*k).is_none() {
+                self.names.set_workload(*k, w.clone());
+                self.names.insert(*k, w.display());
+            }
+        }
+        self.unknown_netns = false;
+    }
+
+    /// The name of namespace `ino`, or its inode.
+    pub fn name(&self, ino: u32) -> String {
+        self.names
+            .get(&ino)
+            .cloned()
+            .unwrap_or_else(|| ino.to_string())
+    }
+
+    /// Every interval: what the ring holds now, the programs' counters,
+    /// and the rates' interval closed — the counters backend (totals only,
+    /// no events) feeds the totals from the programs' counters.
+    pub fn interval(
+        &mut self,
+        ring: &mut Option<Ring>,
+        tp: &Backend,
+    ) -> Result<BpfCounters, TraceError> {
+        if let Some(ring) = ring.as_mut() {
+            ring.drain(usize::MAX, self)?;
+        }
+        let counters = tp.counters()?;
+        let agg = &mut self.pipe.agg;
+        if !tp.per_packet() {
+            agg.record_totals(&counters.seen.sub(&self.last_seen));
+            self.last_seen = counters.seen;
+        }
+        let now = Instant::now();
+        agg.tick(now - self.last_tick);
+        self.last_tick = now;
+        Ok(counters)
+    }
+}
+
+/// The first phase of every live session: may this process load and
+/// attach the programs, and which namespaces are there.
+pub fn host() -> Result<BTreeMap<u32, NetnsInfo>, TraceError> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(TraceError::io("reading /proc/self/status"))?;
+    crate::kernel::error::check_privileges(&status)?;
+    Ok(netns::list())
+}
+
+/// A live session, started: the scope held open (both snapshots read the
+/// same namespaces), the backend attached, its facts, the kernel's
+/// counters at start and the ring.
+pub struct Started {
+    pub facts: SessionFacts,
+    pub tp: Backend,
+    pub scope: Vec<netns::Held>,
+    pub start: kstats::Snapshot,
+    pub ring: Option<Ring>,
+}
+
+/// Holds `list`, opens the backend (see [`open`]) and takes its ring.
+pub fn start(
+    choice: Choice,
+    opts: &backend::Options,
+    list: &[NetnsInfo],
+    scope: Scope,
+) -> Result<Started, TraceError> {
+    let held = netns::hold(list);
+    let opened = open(choice, opts, &held)?;
+    let facts = opened.facts(scope);
+    let Opened { mut tp, start, .. } = opened;
+    let ring = Ring::take(&mut tp, opts.ring_bytes)?;
+    Ok(Started {
+        facts,
+        tp,
+        scope: held,
+        start,
+        ring,
+    })
 }
 
 /// A backend, opened with the kernel's counters read right before its
@@ -250,7 +402,7 @@ pub struct Ending {
     clippy::too_many_arguments,
     reason = "one call per driver, each argument named there"
 )]
-pub fn end(
+pub fn end<T: Tap>(
     tp: &mut Backend,
     ring: Option<Ring>,
     scope: &[netns::Held],
@@ -258,20 +410,19 @@ pub fn end(
     end_snapshot: impl FnOnce() -> kstats::Snapshot,
     ready: Option<&mut ReadyFile>,
     started: Instant,
-    f: impl FnMut(&Event) -> Result<(), TraceError>,
+    c: &mut Consumer<T>,
 ) -> Result<Ending, TraceError> {
-    let mut ring = ring.map(|r| (r.fd.into_inner(), r.decode_errors));
+    let mut ring = ring.map(|r| r.fd.into_inner());
     tp.detach();
     let end = end_snapshot();
     if let Some(r) = ready {
         r.withdraw();
     }
     let duration_s = started.elapsed().as_secs_f64();
-    let mut decode_errors = 0;
-    if let Some((ring, errors)) = ring.as_mut() {
-        drain(ring, usize::MAX, errors, f)?;
-        decode_errors = *errors;
+    if let Some(ring) = ring.as_mut() {
+        drain(ring, usize::MAX, c)?;
     }
+    let decode_errors = c.decode_errors;
     let counters = tp.counters()?;
     let (kernel, covered, uncovered) = kstats::window(scope, start, &end);
     Ok(Ending {

@@ -14,9 +14,9 @@ use crate::{
     analysis::aggregate::{ExactCounts, top_sources},
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
-    analysis::forecast::{Estimator, Forecast, Sample, Trend},
+    analysis::forecast::{self, Sample, Watcher},
     analysis::pipeline::Pipeline,
-    drivers::live::{self, Ring, selection_line},
+    drivers::live::{self, Consumer, Ring, Tap, selection_line},
     formats::capture::{self, Writer, format::NsFill},
     formats::outfile::{FileId, Input, ReadyFile},
     formats::output::{
@@ -68,48 +68,34 @@ impl Out<'_> {
     }
 }
 
-/// Where the ring's events go: the capture (every event), the pipeline,
-/// and the output (selected events).
-struct Consumer<'s> {
+/// What `trace` does with the ring's events beyond the pipeline: every
+/// event to the capture (`--write`), the selected ones to the output.
+struct TraceTap<'s> {
     out: Out<'s>,
-    /// Count, select, aggregate, detect: what `report` runs on captures.
-    pipe: Pipeline<Filter>,
-    names: NetnsNames,
-    unknown_netns: bool,
     /// `--write`: every event read from the ring, before filters.
     writer: Option<Writer>,
     /// The writer's I/O error was reported.
     write_warned: bool,
 }
 
-impl Consumer<'_> {
-    fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
+impl Tap for TraceTap<'_> {
+    fn record(&mut self, ev: &Event) {
         if let Some(w) = &mut self.writer {
             w.event(ev);
         }
-        if !self.pipe.feed(ev, &self.names) {
-            return Ok(());
-        }
-        if !self.names.contains_key(&ev.netns) {
-            self.unknown_netns = true;
-        }
-        let names = &self.names;
+    }
+
+    fn selected(&mut self, ev: &Event, names: &NetnsNames) -> Result<(), TraceError> {
         self.out.send(|s| s.event(ev, names))
     }
+}
 
-    /// New namespaces (or containers) since the names were last read.
-    fn refresh_names(&mut self) {
-        if self.unknown_netns || crate::kernel::workload::wants_refresh() {
-            self.names = names_of(&netns::list());
-            self.unknown_netns = false;
-        }
-    }
-
+impl TraceTap<'_> {
     /// Hands the capture what it has (and any new names) once per
     /// interval; a failing disk stops the recording, not the trace.
-    fn flush_capture(&mut self) {
+    fn flush_capture(&mut self, names: &NetnsNames) {
         let Some(w) = &mut self.writer else { return };
-        w.names(&self.names);
+        w.names(names);
         w.flush();
         if !self.write_warned
             && let Some(e) = w.failed()
@@ -120,20 +106,15 @@ impl Consumer<'_> {
             self.write_warned = true;
         }
     }
-
-    /// Writes findings that are new or changed since the last report.
-    fn report_findings(&mut self, clock: &Clock) -> Result<(), TraceError> {
-        let changed: Vec<Finding> = self.pipe.amp.take_changed(clock);
-        for f in &changed {
-            self.out.send(|s| s.finding(f))?;
-        }
-        Ok(())
-    }
 }
 
-/// Names (and containers/pods, see [`crate::kernel::workload`]) of `list`.
-fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
-    crate::kernel::workload::names_of(list)
+/// Writes findings that are new or changed since the last report.
+fn report_findings(c: &mut Consumer<TraceTap<'_>>, clock: &Clock) -> Result<(), TraceError> {
+    let changed: Vec<Finding> = c.pipe.amp.take_changed(clock);
+    for f in &changed {
+        c.tap.out.send(|s| s.finding(f))?;
+    }
+    Ok(())
 }
 
 /// Entries / max / buckets of each namespace of the scope, fullest first.
@@ -173,46 +154,6 @@ fn shown(mut v: Vec<NsView>, all: bool) -> Vec<NsView> {
 /// The header's sparkline spans about this long.
 const HISTORY_S: f64 = 60.0;
 
-/// Each namespace's entry count over time, and what was last reported of
-/// it: the live forecast ([`crate::analysis::forecast`], the estimator `doctor`
-/// uses).
-#[derive(Default)]
-struct Forecasts {
-    by_ns: std::collections::HashMap<u32, (Estimator, Option<Forecast>)>,
-}
-
-impl Forecasts {
-    /// Feeds this tick's counts; returns the namespaces whose forecast
-    /// changed materially since last reported (and marks them reported).
-    fn update(&mut self, t_s: f64, views: &mut [NsView]) -> Vec<usize> {
-        let mut changed = Vec::new();
-        for (i, ns) in views.iter_mut().enumerate() {
-            let (est, last) = self.by_ns.entry(ns.inode).or_default();
-            est.push(
-                Sample {
-                    t_s,
-                    entries: ns.fill.count,
-                    inserted: None,
-                },
-                ns.fill.max,
-            );
-            let f = est.forecast();
-            // Nothing to say until the estimator has enough samples, nor
-            // of a table that has been steady since the start.
-            let news = match last {
-                None => !matches!(f.trend, Trend::Unknown | Trend::Steady),
-                Some(l) => f.trend != Trend::Unknown && f.differs_materially(l),
-            };
-            if news {
-                *last = Some(f.clone());
-                changed.push(i);
-            }
-            ns.forecast = Some(f);
-        }
-        changed
-    }
-}
-
 /// A live trace in three phases: [`Session::start`] (privileges, outputs,
 /// scope, backend, start counters, clock, writer), [`Session::run`] (the
 /// event loop) and [`Session::finish`] (detach, end counters, summary,
@@ -226,13 +167,10 @@ struct Session<'s> {
     scope: Vec<netns::Held>,
     start_stats: kstats::Snapshot,
     ready: Option<ReadyFile>,
-    consumer: Consumer<'s>,
+    consumer: Consumer<TraceTap<'s>>,
     ring: Option<Ring>,
     started: Instant,
-    last_tick: Instant,
-    /// The counters backend's totals at the last tick.
-    last_seen: KindCounts,
-    forecasts: Forecasts,
+    forecasts: Watcher,
     /// Failures per kind of each of the last intervals (≈ 60 s).
     history: std::collections::VecDeque<KindCounts>,
     /// The pipeline's totals at the last tick.
@@ -314,23 +252,18 @@ fn resolve_scope(
 
 impl<'s> Session<'s> {
     fn start(mut opts: TraceOptions, sink: &'s mut dyn Sink) -> Result<Session<'s>, TraceError> {
-        let status = std::fs::read_to_string("/proc/self/status")
-            .map_err(TraceError::io("reading /proc/self/status"))?;
-        crate::kernel::error::check_privileges(&status)?;
+        let all = crate::kernel::workload::named(live::host()?);
         let (prepared, ready) = prepare_outputs(&mut opts)?;
-        let all = crate::kernel::workload::named(netns::list());
         let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
-        let scope = netns::hold(&list);
-        let opened = live::open(opts.choice, &opts.backend, &scope)?;
-        let facts = opened.facts(scope_desc);
-        announce(&facts, &opts.filter);
-        let live::Opened {
-            mut tp,
+        let live::Started {
+            facts,
+            tp,
+            scope,
             start: start_stats,
-            ..
-        } = opened;
-        let ring = Ring::take(&mut tp, opts.backend.ring_bytes)?;
-        let names = names_of(&all);
+            ring,
+        } = live::start(opts.choice, &opts.backend, &list, scope_desc)?;
+        announce(&facts, &opts.filter);
+        let names = crate::kernel::workload::names_of(&all);
         let writer = match prepared {
             None => None,
             Some(w) => {
@@ -339,17 +272,15 @@ impl<'s> Session<'s> {
                 Some(Writer::start(w, header, &names).map_err(write_error)?)
             }
         };
-        let consumer = Consumer {
+        let tap = TraceTap {
             out: Out {
                 sink,
                 closed: false,
             },
-            pipe: Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone()),
-            names,
-            unknown_netns: false,
             writer,
             write_warned: false,
         };
+        let pipe = Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone());
         let now = Instant::now();
         Ok(Session {
             opts,
@@ -358,12 +289,10 @@ impl<'s> Session<'s> {
             scope,
             start_stats,
             ready,
-            consumer,
+            consumer: Consumer::new(pipe, names, tap),
             ring,
             started: now,
-            last_tick: now,
-            last_seen: KindCounts::default(),
-            forecasts: Forecasts::default(),
+            forecasts: Watcher::new(forecast::Config::default()),
             history: std::collections::VecDeque::new(),
             last_totals: KindCounts::default(),
         })
@@ -394,7 +323,7 @@ impl<'s> Session<'s> {
         let interval = self.opts.interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !self.consumer.out.closed {
+        while !self.consumer.tap.out.closed {
             let c = &mut self.consumer;
             tokio::select! {
                 biased;
@@ -402,7 +331,7 @@ impl<'s> Session<'s> {
                 _ = sigterm.recv() => break,
                 _ = &mut deadline => break,
                 _ = ticker.tick() => self.tick()?,
-                r = Ring::next_batch(&mut self.ring, |ev| c.handle(ev)) => r?,
+                r = Ring::next_batch(&mut self.ring, c) => r?,
             }
         }
         Ok(())
@@ -411,37 +340,36 @@ impl<'s> Session<'s> {
     /// Every `--interval`: drain, close the rates' interval, refresh names,
     /// flush the capture, report findings and forecasts, redraw.
     fn tick(&mut self) -> Result<(), TraceError> {
-        if let Some(ring) = self.ring.as_mut() {
-            let c = &mut self.consumer;
-            ring.drain(usize::MAX, |ev| c.handle(ev))?;
+        let c = &mut self.consumer;
+        let counters = c.interval(&mut self.ring, &self.tp)?;
+        self.close_history();
+        let c = &mut self.consumer;
+        if c.wants_names() {
+            c.refresh_names(&netns::list());
         }
-        let counters = self.tp.counters()?;
-        self.close_interval(&counters);
-        self.consumer.refresh_names();
-        self.consumer.flush_capture();
-        self.consumer.report_findings(&self.facts.clock)?;
+        c.tap.flush_capture(&c.names);
+        report_findings(c, &self.facts.clock)?;
         let mut views = fills(&self.scope);
         let t_s = self.started.elapsed().as_secs_f64();
-        for i in self.forecasts.update(t_s, &mut views) {
-            self.consumer.out.send(|s| s.forecast(&views[i]))?;
+        for ns in views.iter_mut() {
+            let sample = Sample {
+                t_s,
+                entries: ns.fill.count,
+                inserted: None,
+            };
+            let w = self.forecasts.push(ns.inode, sample, ns.fill.max);
+            ns.forecast = Some(w.forecast);
+            if w.news {
+                self.consumer.tap.out.send(|s| s.forecast(ns))?;
+            }
         }
         let kernel = self.kernel_since_start(&views);
         self.draw(&counters, views, kernel)
     }
 
-    /// Ends the rates' interval and the sparkline's; the counters backend
-    /// (totals only, no events) feeds the totals from the programs'
-    /// counters.
-    fn close_interval(&mut self, counters: &BpfCounters) {
-        let agg = &mut self.consumer.pipe.agg;
-        if !self.facts.per_packet {
-            agg.record_totals(&counters.seen.sub(&self.last_seen));
-            self.last_seen = counters.seen;
-        }
-        let now = Instant::now();
-        agg.tick(now - self.last_tick);
-        self.last_tick = now;
-        let totals = agg.totals;
+    /// Ends the sparkline's interval.
+    fn close_history(&mut self) {
+        let totals = self.consumer.pipe.agg.totals;
         self.history.push_back(totals.sub(&self.last_totals));
         self.last_totals = totals;
         let keep = (HISTORY_S / self.opts.interval.as_secs_f64())
@@ -514,7 +442,7 @@ impl<'s> Session<'s> {
             findings: &findings,
             amp: &amp,
         };
-        c.out.send(|s| s.tick(&view))
+        c.tap.out.send(|s| s.tick(&view))
     }
 
     /// Stops the producers and takes everything they left behind (see
@@ -530,9 +458,9 @@ impl<'s> Session<'s> {
             || kstats::snapshot(scope),
             self.ready.as_mut(),
             self.started,
-            |ev| c.handle(ev),
+            c,
         )?;
-        self.consumer.report_findings(&self.facts.clock)?;
+        report_findings(&mut self.consumer, &self.facts.clock)?;
         // The ring overflowed: the counts of the top sources come from the
         // programs' exact per-source counts, not from the events.
         let sampled = end.counters.lost.total() > 0;
@@ -549,13 +477,13 @@ impl<'s> Session<'s> {
             top,
             c.pipe.analyses(&self.facts.clock),
         );
-        let recorded = c.writer.take().map(|w| {
+        let recorded = c.tap.writer.take().map(|w| {
             let (files, written) = (w.files(), w.events_written());
             let now = crate::model::clock::monotonic_ns();
             let trailer = capture::Trailer::of(&summary, now, end.end.stats.clone(), written);
             w.finish(trailer).map(|()| (files, written))
         });
-        c.out.send(|s| s.finish(&summary))?;
+        c.tap.out.send(|s| s.finish(&summary))?;
         match recorded {
             None => {}
             Some(Ok((files, written))) => diag(format_args!(

@@ -20,7 +20,7 @@ pub mod recorder;
 pub mod selfstat;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
@@ -33,9 +33,9 @@ use crate::{
     analysis::aggregate::DEFAULT_MAX_SOURCES,
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
-    analysis::forecast::{self, Estimator, Trend},
+    analysis::forecast::{self, Trend, Watcher},
     analysis::pipeline::Pipeline,
-    drivers::live::{self, Ring, selection_line},
+    drivers::live::{self, Ring, Tap, selection_line},
     formats::capture::{self, format::NsFill},
     formats::outfile::ReadyFile,
     formats::output::{NetnsNames, pipe::diag},
@@ -45,7 +45,7 @@ use crate::{
     kernel::netns::{self, NetnsInfo},
     model::clock::monotonic_ns,
     model::event::{Event, Kind},
-    model::{KindCounts, Scope, SessionFacts, Summary},
+    model::{Scope, SessionFacts, Summary},
 };
 
 use self::{
@@ -77,37 +77,30 @@ pub struct AgentOptions {
 const HIGH_FILL: f64 = 90.0;
 const NORMAL_FILL: f64 = 85.0;
 
-fn names_of(list: &BTreeMap<u32, NetnsInfo>) -> NetnsNames {
-    crate::kernel::workload::names_of(list)
-}
-
-/// The ring consumer: every event to the recorder, then the pipeline, then
-/// the per-source series and per-namespace counts.
-struct Consumer {
-    pipe: Pipeline<Filter>,
+/// What the agent does with the ring's events beyond the pipeline: every
+/// event to the flight recorder, the selected ones to the per-source
+/// series and per-namespace counts.
+struct AgentTap {
     series: SeriesTable,
     per_netns: BTreeMap<(Kind, u32), u64>,
-    names: NetnsNames,
-    unknown_netns: bool,
     recorder: Option<Recorder>,
 }
 
-impl Consumer {
-    fn handle(&mut self, ev: &Event) -> Result<(), TraceError> {
+impl Tap for AgentTap {
+    fn record(&mut self, ev: &Event) {
         if let Some(r) = &mut self.recorder {
             r.event(ev);
         }
-        if !self.pipe.feed(ev, &self.names) {
-            return Ok(());
-        }
-        self.series.record(ev);
-        *self.per_netns.entry((ev.kind, ev.netns)).or_default() += 1;
-        if !self.names.contains_key(&ev.netns) {
-            self.unknown_netns = true;
-        }
-        Ok(())
     }
 
+    fn selected(&mut self, ev: &Event, _names: &NetnsNames) -> Result<(), TraceError> {
+        self.series.record(ev);
+        *self.per_netns.entry((ev.kind, ev.netns)).or_default() += 1;
+        Ok(())
+    }
+}
+
+impl AgentTap {
     /// SIGUSR1: keep the minutes around now as an incident capture.
     fn incident(&mut self, why: &str) {
         match &mut self.recorder {
@@ -117,36 +110,9 @@ impl Consumer {
             }),
         }
     }
-
-    /// Names (and workloads) of the namespaces in `list` from the
-    /// resolver's cache. Adds, never drops, a name: a counter's `netns`
-    /// label must not change under it, and without CAP_SYS_PTRACE the list
-    /// sees fewer processes than at start. A namespace named before its
-    /// workload was found (a container's namespace exists a moment before
-    /// its process joins the container's cgroup) takes the workload's name.
-    fn refresh_names(&mut self, list: &BTreeMap<u32, NetnsInfo>) {
-        let now_named = names_of(list);
-        for (k, v) in now_named.iter() {
-            if !self.names.contains_key(k) {
-                self.names.insert(*k, v.clone());
-            }
-        }
-        for (k, w) in now_named.workloads() {
-            if self.names.workload(*k).is_none() {
-                self.names.set_workload(*k, w.clone());
-                self.names.insert(*k, w.display());
-            }
-        }
-        self.unknown_netns = false;
-    }
-
-    fn name(&self, ino: u32) -> String {
-        self.names
-            .get(&ino)
-            .cloned()
-            .unwrap_or_else(|| ino.to_string())
-    }
 }
+
+type Consumer = live::Consumer<AgentTap>;
 
 /// Follows the namespaces (once per tick, with the capabilities to enter
 /// them): `tables` opens the new ones and closes the gone ones, the names
@@ -155,7 +121,7 @@ impl Consumer {
 fn follow_namespaces(
     tables: &mut Tables,
     consumer: &mut Consumer,
-    estimators: &mut HashMap<u32, Estimator>,
+    forecasts: &mut Watcher,
     watch: &mut Watch,
 ) {
     let list = netns::list();
@@ -164,7 +130,7 @@ fn follow_namespaces(
         removed,
         refused,
     } = tables.rescan(&list);
-    if !added.is_empty() || consumer.unknown_netns || crate::kernel::workload::wants_refresh() {
+    if !added.is_empty() || consumer.wants_names() {
         consumer.refresh_names(&list);
     }
     for (inode, _) in added {
@@ -174,7 +140,7 @@ fn follow_namespaces(
         });
     }
     for (inode, _) in removed {
-        estimators.remove(&inode);
+        forecasts.forget(inode);
         watch.high.remove(&inode);
         log::emit(&State::NetnsRemoved {
             netns: consumer.name(inode),
@@ -225,10 +191,7 @@ struct Agent {
     server: tokio::task::JoinHandle<()>,
     ready_file: Option<ReadyFile>,
     started: Instant,
-    last_tick: Instant,
-    /// The counters backend's totals at the last tick.
-    last_seen: KindCounts,
-    estimators: HashMap<u32, Estimator>,
+    forecasts: Watcher,
     watch: Watch,
 }
 
@@ -354,20 +317,22 @@ fn serve(
 
 impl Agent {
     async fn start(opts: AgentOptions) -> Result<Agent, TraceError> {
-        let status = std::fs::read_to_string("/proc/self/status")
-            .map_err(TraceError::io("reading /proc/self/status"))?;
-        crate::kernel::error::check_privileges(&status)?;
+        let all = live::host()?;
         let p = prepare(&opts).await?;
-        let all = netns::list();
-        let held = netns::hold(&all.values().cloned().collect::<Vec<_>>());
-        let opened = live::open(opts.choice, &opts.backend, &held)?;
+        let list: Vec<NetnsInfo> = all.values().cloned().collect();
         let scope = Scope {
             netns: "all".into(),
             netns_inode: None,
-            namespaces: held.len(),
+            namespaces: list.len(),
             uncovered: Vec::new(),
         };
-        let facts = opened.facts(scope);
+        let live::Started {
+            facts,
+            tp,
+            scope: held,
+            start: start_stats,
+            ring,
+        } = live::start(opts.choice, &opts.backend, &list, scope)?;
         diag(selection_line(&facts.hooks, &facts.refused));
         if !facts.refused.is_empty() {
             log::emit(&State::BackendFellBack {
@@ -378,24 +343,15 @@ impl Agent {
         // Every namespace's files, opened while we may still enter them.
         let (tables, uncovered) = Tables::open(&held);
         let follow = drop_capabilities();
-        let live::Opened {
-            mut tp,
-            start: start_stats,
-            ..
-        } = opened;
-        let ring = Ring::take(&mut tp, opts.backend.ring_bytes)?;
-        let names = names_of(&all);
+        let names = crate::kernel::workload::names_of(&all);
         let recorder = start_recorder(p.recorder, &facts, &tables, &start_stats, &names)?;
         let (metrics, shared, server) = serve(p.listener, &opts, &facts);
-        let consumer = Consumer {
-            pipe: Pipeline::new(Filter::default(), DEFAULT_MAX_SOURCES, opts.amp.clone()),
+        let tap = AgentTap {
             series: SeriesTable::new(opts.max_series),
             per_netns: BTreeMap::new(),
-            names,
-            unknown_netns: false,
             recorder,
         };
-        let now = Instant::now();
+        let pipe = Pipeline::new(Filter::default(), DEFAULT_MAX_SOURCES, opts.amp.clone());
         Ok(Agent {
             opts,
             facts,
@@ -406,15 +362,13 @@ impl Agent {
             uncovered,
             follow,
             ring,
-            consumer,
+            consumer: Consumer::new(pipe, names, tap),
             metrics,
             shared,
             server,
             ready_file: p.ready_file,
-            started: now,
-            last_tick: now,
-            last_seen: KindCounts::default(),
-            estimators: HashMap::new(),
+            started: Instant::now(),
+            forecasts: Watcher::new(forecast::Config::default()),
             watch: Watch::default(),
         })
     }
@@ -436,9 +390,9 @@ impl Agent {
                 biased;
                 _ = sigint.recv() => return Ok("SIGINT"),
                 _ = sigterm.recv() => return Ok("SIGTERM"),
-                _ = sigusr1.recv() => self.consumer.incident("SIGUSR1"),
+                _ = sigusr1.recv() => self.consumer.tap.incident("SIGUSR1"),
                 _ = ticker.tick() => self.tick()?,
-                r = Ring::next_batch(&mut self.ring, |ev| c.handle(ev)) => r?,
+                r = Ring::next_batch(&mut self.ring, c) => r?,
             }
         }
     }
@@ -446,31 +400,20 @@ impl Agent {
     /// Every `--interval`: drain, close the rates' interval, follow the
     /// namespaces, report state changes, refresh the metrics.
     fn tick(&mut self) -> Result<(), TraceError> {
-        if let Some(ring) = self.ring.as_mut() {
-            let c = &mut self.consumer;
-            ring.drain(usize::MAX, |ev| c.handle(ev))?;
-        }
-        let counters = self.tp.counters()?;
         let c = &mut self.consumer;
-        if !self.facts.per_packet {
-            c.pipe
-                .agg
-                .record_totals(&counters.seen.sub(&self.last_seen));
-            self.last_seen = counters.seen;
-        }
-        let now = Instant::now();
-        c.pipe.agg.tick(now - self.last_tick);
-        self.last_tick = now;
+        let counters = c.interval(&mut self.ring, &self.tp)?;
         if self.follow {
-            follow_namespaces(&mut self.tables, c, &mut self.estimators, &mut self.watch);
-        } else if c.unknown_netns || crate::kernel::workload::wants_refresh() {
+            follow_namespaces(&mut self.tables, c, &mut self.forecasts, &mut self.watch);
+        } else if c.wants_names() {
             c.refresh_names(&netns::list());
         }
+        let now = Instant::now();
         let tables = self.table_states();
         self.drop_state(now);
         let amp = self.amplification();
-        if let Some(r) = &mut self.consumer.recorder {
-            r.tick(&self.consumer.names);
+        let c = &mut self.consumer;
+        if let Some(r) = &mut c.tap.recorder {
+            r.tick(&c.names);
         }
         self.publish(&counters, tables, amp);
         self.mark_ready()
@@ -484,17 +427,12 @@ impl Agent {
         for f in self.tables.iter() {
             let Some(fill) = f.fill() else { continue };
             let name = self.consumer.name(f.inode);
-            let est = self
-                .estimators
-                .entry(f.inode)
-                .or_insert_with(|| Estimator::new(forecast::Config::default()));
             let sample = forecast::Sample {
                 t_s,
                 entries: fill.count,
                 inserted: None,
             };
-            est.push(sample, fill.max);
-            let fc = est.forecast();
+            let fc = self.forecasts.push(f.inode, sample, fill.max).forecast;
             let eta_s = match fc.trend {
                 Trend::Full => Some(0.0),
                 Trend::Filling => fc.eta_s,
@@ -538,7 +476,7 @@ impl Agent {
                 log::emit(&State::DropsStarted {
                     drops: drops - w.last_drops,
                 });
-                if let Some(r) = &mut self.consumer.recorder {
+                if let Some(r) = &mut self.consumer.tap.recorder {
                     r.incident("drops started");
                 }
             }
@@ -615,9 +553,10 @@ impl Agent {
     ) {
         let own = selfstat::read();
         let c = &self.consumer;
-        let decode_errors = self.ring.as_ref().map_or(0, |r| r.decode_errors);
+        let decode_errors = c.decode_errors;
         let mut s = self.metrics.0.lock().unwrap_or_else(|p| p.into_inner());
         s.drops = c
+            .tap
             .per_netns
             .iter()
             .map(|((k, ns), n)| ((*k, c.name(*ns)), *n))
@@ -625,7 +564,7 @@ impl Agent {
         s.drops_total_only = c.pipe.agg.totals;
         s.lost = counters.lost;
         s.decode_errors = decode_errors;
-        s.set_sources(&c.series, |i| c.name(i));
+        s.set_sources(&c.tap.series, |i| c.name(i));
         s.namespaces = tables;
         if self.opts.label_pod {
             s.workloads = c
@@ -684,7 +623,7 @@ impl Agent {
             || tables.end_snapshot(),
             self.ready_file.as_mut(),
             self.started,
-            |ev| c.handle(ev),
+            c,
         )?;
         // The agent's rolling files hold what arrived; its metrics come
         // from the events (the exact per-source counts are a `trace`
@@ -698,7 +637,7 @@ impl Agent {
             Vec::new(),
             c.pipe.analyses(&self.facts.clock),
         );
-        if let Some(mut rec) = c.recorder.take() {
+        if let Some(mut rec) = c.tap.recorder.take() {
             let written = rec.events_written();
             let end_stats = end.end.stats.clone();
             let trailer = capture::Trailer::of(&summary, monotonic_ns(), end_stats, written);
