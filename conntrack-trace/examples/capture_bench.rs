@@ -82,7 +82,7 @@ fn header() -> capture::Header {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         hostname: capture::hostname(),
         kernel_release: capture::kernel_release(),
-        backend: "synthetic".into(),
+        hooks: "synthetic".into(),
         evictions: "on".into(),
         start_unix_ns: 1_700_000_000_000_000_000,
         start_mono_ns: 1_000_000_000,

@@ -175,7 +175,7 @@ fn header() -> Header {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         hostname: "synthetic".into(),
         kernel_release: "none".into(),
-        backend: "synthetic".into(),
+        hooks: "synthetic".into(),
         evictions: "off".into(),
         start_unix_ns: 1_700_000_000_000_000_000,
         start_mono_ns: 1_000_000_000,

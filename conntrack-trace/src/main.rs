@@ -259,7 +259,7 @@ fn doctor(args: &conntrack_trace::cli::DoctorArgs) -> i32 {
     };
     let text = match args.format {
         DoctorFormat::Human => doctor::human::render(&d),
-        DoctorFormat::Json => match serde_json::to_string(&d) {
+        DoctorFormat::Json => match serde_json::to_string(&doctor::Document::Doctor(&d)) {
             Ok(s) => s + "\n",
             Err(e) => return fail(&TraceError::Other(format!("encoding the diagnosis: {e}"))),
         },

@@ -326,7 +326,7 @@ impl Opened {
     pub fn facts(&self, scope: Scope) -> SessionFacts {
         SessionFacts {
             version: env!("CARGO_PKG_VERSION").into(),
-            backend: self.tp.name().as_str().into(),
+            backend: self.tp.name(),
             hooks: self.tp.describe(),
             refused: self.refused.clone(),
             per_packet: self.tp.per_packet(),
@@ -363,7 +363,7 @@ pub fn capture_header(
         tool_version: facts.version.clone(),
         hostname: capture::hostname(),
         kernel_release: capture::kernel_release(),
-        backend: facts.hooks.clone(),
+        hooks: facts.hooks.clone(),
         evictions: facts.evictions.clone(),
         start_unix_ns: facts.clock.start_unix_ns,
         start_mono_ns: facts.clock.start_mono_ns,
@@ -375,7 +375,7 @@ pub fn capture_header(
         kernel_start: start.stats.clone(),
         backend_refused: facts.refused.clone(),
         per_packet: facts.per_packet,
-        backend_name: Some(facts.backend.clone()),
+        backend_name: Some(facts.backend),
     }
 }
 

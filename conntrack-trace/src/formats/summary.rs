@@ -130,7 +130,7 @@ pub fn render_summary(sum: &Summary) -> String {
             sum.matched.table_full, sum.matched.early_drop, sum.matched.insert_failed
         );
     }
-    if sum.backend == Name::Tracepoint.as_str() {
+    if sum.backend == Name::Tracepoint {
         let _ = writeln!(
             s,
             "rule drops (not conntrack's): {}",

@@ -18,21 +18,51 @@ use self::{
 };
 
 /// A backend's name, as printed and in the ndjson summary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Name {
     Fexit,
     Tracepoint,
     Counters,
+    /// Read from a capture that names a backend this version does not
+    /// know (a newer tool's, or a damaged file).
+    #[default]
+    #[serde(other)]
+    Unknown,
 }
 
 impl Name {
+    /// The order `--backend auto` tries them in (the first that loads and
+    /// attaches wins; `counters` needs no BPF).
+    pub const AUTO_ORDER: [Name; 3] = [Name::Fexit, Name::Tracepoint, Name::Counters];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Name::Fexit => "fexit",
             Name::Tracepoint => "tracepoint",
             Name::Counters => "counters",
+            Name::Unknown => "unknown",
         }
+    }
+
+    /// The name `s` spells, or [`Name::Unknown`].
+    pub fn parse(s: &str) -> Name {
+        Name::AUTO_ORDER
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .unwrap_or(Name::Unknown)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name::parse(s)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -94,8 +124,8 @@ impl KindCounts {
 pub struct SessionFacts {
     /// Tool version that ran the session.
     pub version: String,
-    /// `fexit`, `tracepoint` or `counters` ([`crate::kernel::backend::Name::as_str`]).
-    pub backend: String,
+    /// The backend that runs.
+    pub backend: Name,
     /// The backend with its hooks, as in the live header.
     pub hooks: String,
     pub refused: Vec<Refusal>,
@@ -178,8 +208,8 @@ pub struct Scope {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
     pub version: String,
-    /// `fexit`, `tracepoint` or `counters` (a [`crate::kernel::backend::Name`]).
-    pub backend: String,
+    /// `fexit`, `tracepoint` or `counters`.
+    pub backend: Name,
     /// The backend's hooks, as in the live header.
     pub hooks: String,
     /// Backends `--backend auto` tried before this one, and why each was
@@ -350,7 +380,7 @@ impl Summary {
     ) -> Summary {
         Summary {
             version: facts.version.clone(),
-            backend: facts.backend.clone(),
+            backend: facts.backend,
             hooks: facts.hooks.clone(),
             backend_refused: facts.refused.clone(),
             per_packet: facts.per_packet,

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::model::Name;
+
 /// One line: `{"type":"state","event":"drops_started",...}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -9,7 +11,9 @@ pub enum State {
     /// Attached (or fell back, `refused` says why): metrics are live.
     Started {
         version: String,
-        backend: String,
+        /// The backend with its hooks.
+        #[serde(rename = "backend")]
+        hooks: String,
         refused: Vec<String>,
         metrics_addr: String,
         namespaces: usize,
@@ -17,7 +21,7 @@ pub enum State {
     },
     /// `--backend auto` passed over a backend (each refusal, why).
     BackendFellBack {
-        backend: String,
+        backend: Name,
         refused: Vec<String>,
     },
     /// Capabilities left after attaching.

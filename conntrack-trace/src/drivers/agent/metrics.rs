@@ -32,8 +32,8 @@ use crate::{
     analysis::sources::SourceKey,
     kernel::kstats::{CtStats, Fill},
     kernel::workload::Workload,
-    model::KindCounts,
     model::event::{Event, Kind},
+    model::{KindCounts, Name},
 };
 
 /// Label of the series every source beyond the cap is summed into.
@@ -159,7 +159,7 @@ impl WorkloadLabels {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub version: String,
-    pub backend: String,
+    pub backend: Name,
     pub kernel: String,
     /// Whether per-packet events flow (not the counters backend).
     pub per_packet: bool,
@@ -611,7 +611,7 @@ mod tests {
         {
             let mut s = m.0.lock().unwrap();
             s.version = "0.1.0".into();
-            s.backend = "fexit".into();
+            s.backend = Name::Fexit;
             s.kernel = "6.18.0".into();
             s.per_packet = true;
             s.drops.insert((Kind::TableFull, "ctt-srv".into()), 12);

@@ -300,7 +300,7 @@ fn serve(
     {
         let mut s = m.0.lock().unwrap_or_else(|p| p.into_inner());
         s.version = facts.version.clone();
-        s.backend = facts.backend.clone();
+        s.backend = facts.backend;
         s.kernel = capture::kernel_release();
         s.per_packet = facts.per_packet;
         s.series_cap = opts.max_series;
@@ -336,7 +336,7 @@ impl Agent {
         diag(selection_line(&facts.hooks, &facts.refused));
         if !facts.refused.is_empty() {
             log::emit(&State::BackendFellBack {
-                backend: facts.backend.clone(),
+                backend: facts.backend,
                 refused: facts.refused.iter().map(|r| r.to_string()).collect(),
             });
         }
@@ -593,7 +593,7 @@ impl Agent {
         }
         log::emit(&State::Started {
             version: self.facts.version.clone(),
-            backend: self.facts.hooks.clone(),
+            hooks: self.facts.hooks.clone(),
             refused: self.facts.refused.iter().map(|r| r.to_string()).collect(),
             metrics_addr: self.opts.metrics_addr.to_string(),
             namespaces: self.tables.len(),

@@ -158,7 +158,12 @@ pub fn render(d: &Diagnosis) -> String {
         let _ = writeln!(
             s,
             "  not tried (auto keeps the first that attaches): {}",
-            d.backend.not_tried.join(", ")
+            d.backend
+                .not_tried
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     for n in &d.namespaces {
@@ -221,7 +226,7 @@ mod tests {
     use crate::{
         analysis::forecast::{Estimator, Sample},
         drivers::doctor::{
-            BackendReport, MemoryReport, Settings, Status, Timeouts,
+            BackendReport, Document, MemoryReport, Settings, Status, Timeouts,
             advice::{self, NsFacts, Place, Victim},
             memory::EntryCost,
             table::{Entry, Tally},
@@ -327,7 +332,6 @@ mod tests {
             },
         );
         Diagnosis {
-            ty: "doctor",
             version: "0.1.0".into(),
             source: "live".into(),
             files: Vec::new(),
@@ -400,7 +404,8 @@ mod tests {
 
     #[test]
     fn json_has_the_documented_shape() {
-        let v: serde_json::Value = serde_json::to_value(dns_flood()).unwrap();
+        let d = dns_flood();
+        let v: serde_json::Value = serde_json::to_value(Document::Doctor(&d)).unwrap();
         assert_eq!(v["type"], "doctor");
         assert_eq!(v["status"], "dropping");
         assert_eq!(v["exit_code"], 7);

@@ -19,34 +19,35 @@
 //! * `healthy` (exit 0).
 
 pub mod advice;
+mod capture;
+mod diagnosis;
 pub mod human;
+mod live;
 pub mod memory;
 pub mod table;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    path::PathBuf,
-    time::{Duration, Instant},
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+pub use self::diagnosis::{
+    BackendReport, COUNTERS, Counter, Diagnosis, Document, MemoryReport, NsReport, Settings,
+    Status, Timeouts,
 };
-
-use serde::Serialize;
-
+use self::diagnosis::{counters, stats_of};
 use crate::{
-    analysis::aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
-    analysis::filter::OfflineSpec,
-    analysis::forecast::{self, Estimator, Forecast, Sample},
-    drivers::offline,
-    kernel::backend::{self, Choice, counters::kinds_from_stats},
-    kernel::btf::KernelBtf,
-    kernel::error::{TraceError, exit},
-    kernel::kstats::{self, Columns, CtStats, Fill},
-    kernel::netns::{self, NetnsInfo},
-    model::event::Event,
-    model::{KindCounts, Refusal},
+    analysis::{
+        aggregate::Aggregator,
+        forecast::{self, Watcher},
+    },
+    kernel::{
+        backend::{self, Choice, counters::kinds_from_stats},
+        btf::KernelBtf,
+        error::TraceError,
+        kstats::{Columns, CtStats, Fill},
+        netns::{self, NetnsInfo},
+    },
+    model::Name,
 };
-use advice::{Advice, NsFacts, Place, Victim};
-use memory::EntryCost;
-use table::Holders;
+use advice::{NsFacts, Place, Victim};
 
 /// Settings of a diagnosis (plain values; the CLI builds them).
 #[derive(Clone, Debug)]
@@ -67,236 +68,12 @@ pub struct Options {
     /// Capture files: diagnose the recording instead of the live host.
     pub files: Vec<PathBuf>,
 }
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Healthy,
-    AtRisk,
-    Dropping,
-}
-
-impl Status {
-    pub fn exit_code(self) -> i32 {
-        match self {
-            Status::Healthy => exit::OK,
-            Status::AtRisk => exit::AT_RISK,
-            Status::Dropping => exit::DROPPING,
-        }
-    }
-    pub fn describe(self) -> &'static str {
-        match self {
-            Status::Healthy => "healthy",
-            Status::AtRisk => "AT RISK",
-            Status::Dropping => "DROPPING NOW",
-        }
-    }
-}
-
-/// One per-CPU counter of /proc/net/stat/nf_conntrack.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Counter {
-    /// conntrack-trace's name (`chaintoolong`, `clash_resolve`, ...).
-    pub name: &'static str,
-    /// The kernel's column (`chainlength`, `clashres`, ...).
-    pub column: &'static str,
-    /// Sum over CPUs at the end, and its change over the window.
-    pub total: u64,
-    pub delta: u64,
-    /// Change per CPU over the window.
-    pub per_cpu_delta: Vec<u64>,
-    pub meaning: &'static str,
-}
-
-/// (name, column, meaning) of the counters shown, per
-/// net/netfilter/nf_conntrack_core.c.
-pub const COUNTERS: [(&str, &str, &str); 8] = [
-    (
-        "drop",
-        "drop",
-        "packets dropped: no entry could be allocated (table full), or an unresolvable clash at confirm",
-    ),
-    (
-        "early_drop",
-        "early_drop",
-        "unassured entries evicted to make room for a new one (early_drop()); the new packet passed",
-    ),
-    (
-        "insert_failed",
-        "insert_failed",
-        "entries that failed to insert at confirm: a clash with an entry another CPU inserted, or a chain too long",
-    ),
-    (
-        "clash_resolve",
-        "clashres",
-        "clashes resolved without a drop (the packet reused the winner's entry)",
-    ),
-    (
-        "chaintoolong",
-        "chainlength",
-        "inserts refused because a hash chain was too long (also counted in insert_failed): too few buckets, or a hash flood",
-    ),
-    (
-        "search_restart",
-        "search_restart",
-        "lookups restarted because an entry moved (a resize or a concurrent delete); high values mean hash churn",
-    ),
-    (
-        "invalid",
-        "invalid",
-        "packets conntrack could not classify (bad or out-of-window headers); they get no entry",
-    ),
-    (
-        "insert",
-        "insert",
-        "entries confirmed (new connections admitted) — the rate the table fills at",
-    ),
-];
-
-fn counters(start: Option<&Columns>, end: &Columns) -> Vec<Counter> {
-    COUNTERS
-        .iter()
-        .filter_map(|(name, col, meaning)| {
-            let e = end.per_cpu(col)?;
-            let s = start
-                .and_then(|s| s.per_cpu(col))
-                .unwrap_or_else(|| vec![0; e.len()]);
-            let per_cpu_delta: Vec<u64> = e
-                .iter()
-                .zip(s.iter().chain(std::iter::repeat(&0)))
-                .map(|(a, b)| a.wrapping_sub(*b))
-                .collect();
-            Some(Counter {
-                name,
-                column: col,
-                total: e.iter().sum(),
-                delta: per_cpu_delta.iter().sum(),
-                per_cpu_delta,
-                meaning,
-            })
-        })
-        .collect()
-}
-
-fn stats_of(c: &Columns) -> CtStats {
-    let g = |n: &str| c.sum(n).unwrap_or(0);
-    CtStats {
-        drop: g("drop"),
-        early_drop: g("early_drop"),
-        insert_failed: g("insert_failed"),
-        clash_resolve: g("clashres"),
-        chaintoolong: c.sum("chaintoolong").unwrap_or_else(|| g("chainlength")),
-        invalid: g("invalid"),
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Timeouts {
-    pub udp: Option<u64>,
-    pub udp_stream: Option<u64>,
-    pub tcp_syn_sent: Option<u64>,
-}
-
-/// The diagnosis of one namespace.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct NsReport {
-    pub netns: String,
-    pub inode: u32,
-    /// What its commands are prefixed with (`ip netns exec NAME `, empty
-    /// for the init namespace).
-    pub exec_prefix: String,
-    pub entries: u64,
-    pub max: u64,
-    pub buckets: u64,
-    pub fill_percent: f64,
-    /// Highest count sampled.
-    pub peak: u64,
-    pub forecast: Forecast,
-    pub status: Status,
-    /// Why the status is what it is.
-    pub reasons: Vec<String>,
-    /// Failures in the window per kind, from the kernel's counters.
-    pub failures: KindCounts,
-    pub counters: Vec<Counter>,
-    pub holders: Option<Holders>,
-    /// Why `holders` is absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub holders_unavailable: Option<String>,
-    /// Dropped services, most failures first (empty for the counters backend).
-    pub victims: Vec<Victim>,
-    pub timeouts: Timeouts,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct BackendReport {
-    /// What `auto` (or `--backend`) runs here.
-    pub chosen: String,
-    pub hooks: String,
-    pub refused: Vec<Refusal>,
-    /// Backends after the chosen one, which auto does not try.
-    pub not_tried: Vec<String>,
-    pub per_packet: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct MemoryReport {
-    #[serde(flatten)]
-    pub cost: EntryCost,
-    pub per_entry_bytes: u64,
-    pub ram_bytes: u64,
-    /// A full table at today's global max and buckets.
-    pub current_max: u64,
-    pub current_buckets: u64,
-    pub current_bytes: u64,
-    /// The share of RAM a proposal may take.
-    pub budget_share: f64,
-    /// Where the figures come from when they are not the diagnosed host's.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Settings {
-    pub at_risk_fill_percent: f64,
-    pub at_risk_within_s: f64,
-    pub sample_interval_s: f64,
-    pub forecast_window_s: f64,
-    pub forecast_min_samples: usize,
-}
-
-/// The whole diagnosis: `--format json` prints it as it is.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Diagnosis {
-    #[serde(rename = "type")]
-    pub ty: &'static str,
-    pub version: String,
-    /// `live` or `capture`.
-    pub source: String,
-    pub files: Vec<String>,
-    pub hostname: String,
-    pub kernel_release: String,
-    pub backend: BackendReport,
-    pub duration_s: f64,
-    /// Wall clock (Unix ns) of the last sample: forecasts count from here
-    /// (for a capture, its end).
-    pub sampled_unix_ns: u128,
-    pub settings: Settings,
-    pub status: Status,
-    pub exit_code: i32,
-    pub namespaces: Vec<NsReport>,
-    pub memory: MemoryReport,
-    pub advice: Vec<Advice>,
-    pub warnings: Vec<String>,
-}
-
 /// Per-namespace accumulation while sampling or reading.
 struct NsAcc {
     info: NsInfoLite,
-    est: Estimator,
     last_fill: Fill,
     start_cols: Option<Columns>,
     end_cols: Option<Columns>,
-    agg: Aggregator,
 }
 
 #[derive(Clone, Debug)]
@@ -348,19 +125,6 @@ fn victims(agg: &Aggregator, top: usize) -> Vec<Victim> {
     v
 }
 
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn read_timeouts() -> Timeouts {
-    let p = "/proc/sys/net/netfilter/";
-    Timeouts {
-        udp: read_u64(&format!("{p}nf_conntrack_udp_timeout")),
-        udp_stream: read_u64(&format!("{p}nf_conntrack_udp_timeout_stream")),
-        tcp_syn_sent: read_u64(&format!("{p}nf_conntrack_tcp_timeout_syn_sent")),
-    }
-}
-
 fn status_of(
     r: &NsReport,
     kernel: &CtStats,
@@ -404,7 +168,14 @@ fn status_of(
 }
 
 impl NsAcc {
-    fn report(&self, opts: &Options) -> (NsReport, CtStats) {
+    /// The namespace's report: its forecast and peak from `forecasts`, its
+    /// victims from `agg` (the events of the namespace).
+    fn report(
+        &self,
+        opts: &Options,
+        forecasts: &Watcher,
+        agg: Option<&Aggregator>,
+    ) -> (NsReport, CtStats) {
         let end = self.end_cols.as_ref();
         let kernel = match (self.start_cols.as_ref().map(stats_of), end.map(stats_of)) {
             // A counter that went backwards (another namespace reusing the
@@ -424,15 +195,15 @@ impl NsAcc {
             max: f.max,
             buckets: f.buckets,
             fill_percent: f.percent(),
-            peak: self.est.peak().max(f.count),
-            forecast: self.est.forecast(),
+            peak: forecasts.peak(self.info.inode).max(f.count),
+            forecast: forecasts.forecast(self.info.inode),
             status: Status::Healthy,
             reasons: Vec::new(),
             failures: kinds_from_stats(&kernel),
             counters,
             holders: None,
             holders_unavailable: None,
-            victims: victims(&self.agg, opts.top),
+            victims: agg.map(|a| victims(a, opts.top)).unwrap_or_default(),
             timeouts: Timeouts {
                 udp: None,
                 udp_stream: None,
@@ -449,22 +220,6 @@ impl NsAcc {
         r.reasons = why;
         (r, kernel)
     }
-}
-
-fn unix_now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn settings(opts: &Options, cfg: &forecast::Config) -> Settings {
@@ -541,357 +296,41 @@ fn finish(
 /// Diagnoses the live host (or, with `opts.files`, a capture).
 pub fn run(opts: &Options) -> Result<Diagnosis, TraceError> {
     if !opts.files.is_empty() {
-        return from_capture(opts);
+        return capture::diagnose(opts);
     }
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(TraceError::io("reading /proc/self/status"))?;
-    crate::kernel::error::check_privileges(&status)?;
-    let init_inode = netns::list()
-        .values()
-        .find(|i| i.name == "init")
-        .map(|i| i.inode);
-    let scope: Vec<NetnsInfo> = match &opts.netns {
-        Some(spec) => vec![netns::resolve(spec)?],
-        None => netns::list().into_values().collect(),
-    };
-    let fcfg = forecast::Config::default();
-    let sample = |path: &std::path::Path| {
-        netns::in_netns(path, || (kstats::read_fill(), kstats::read_columns().ok()))
-            .ok()
-            .and_then(|(f, c)| Some((f?, c)))
-    };
-    let mut accs: Vec<NsAcc> = scope
-        .iter()
-        .filter_map(|ns| {
-            let (fill, cols) = sample(&ns.path)?;
-            Some(NsAcc {
-                info: NsInfoLite {
-                    inode: ns.inode,
-                    name: ns.name.clone(),
-                    place: place_of(ns, init_inode),
-                    path: ns.path.clone(),
-                },
-                est: Estimator::new(fcfg),
-                last_fill: fill,
-                start_cols: cols,
-                end_cols: None,
-                agg: Aggregator::new(DEFAULT_MAX_SOURCES),
-            })
-        })
-        .collect();
-    if accs.is_empty() {
-        return Err(TraceError::Unsupported(
-            "no namespace with conntrack to diagnose (is nf_conntrack loaded?)".into(),
-        ));
-    }
-    let held = crate::kernel::netns::hold(&scope);
-    let (mut tp, refused) = backend::open(opts.choice, &opts.backend, &held, &|| {})?;
-    let mut ring = tp.take_ring()?;
-    let chosen = tp.name();
-    let mut warnings = Vec::new();
-    let index: HashMap<u32, usize> = accs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.info.inode, i))
-        .collect();
-    let mut decode_errors = 0u64;
-    let mut drain = |ring: &mut Option<aya::maps::RingBuf<aya::maps::MapData>>,
-                     accs: &mut [NsAcc]| {
-        let Some(ring) = ring.as_mut() else { return };
-        while let Some(item) = ring.next() {
-            match Event::decode(&item) {
-                Ok(e) => {
-                    if let Some(i) = index.get(&e.netns) {
-                        accs[*i].agg.record(&e);
-                    }
-                }
-                Err(_) => decode_errors += 1,
-            }
-        }
-    };
-    // The window starts now that the programs are attached: the kernel's
-    // counters, the events and the samples then cover the same time.
-    for a in accs.iter_mut() {
-        if let Some((_, cols)) = sample(&a.info.path) {
-            a.start_cols = cols;
-        }
-    }
-    let started = Instant::now();
-    let t0 = monotonic_ns();
-    let mut sampled_unix_ns;
-    loop {
-        // The samples' time (the forecast counts from the last one).
-        sampled_unix_ns = unix_now_ns();
-        let t_s = (monotonic_ns() - t0) as f64 / 1e9;
-        for a in accs.iter_mut() {
-            if let Some((fill, cols)) = sample(&a.info.path) {
-                a.est.push(
-                    Sample {
-                        t_s,
-                        entries: fill.count,
-                        inserted: cols.as_ref().and_then(|c| c.sum("insert")),
-                    },
-                    fill.max,
-                );
-                a.last_fill = fill;
-                a.end_cols = cols;
-            }
-        }
-        drain(&mut ring, &mut accs);
-        if started.elapsed() >= opts.duration {
-            break;
-        }
-        std::thread::sleep(
-            opts.interval
-                .min(opts.duration.saturating_sub(started.elapsed())),
-        );
-    }
-    tp.detach();
-    drain(&mut ring, &mut accs);
-    // The counters' window ends after the last event could happen.
-    for a in accs.iter_mut() {
-        if let Some((_, Some(cols))) = sample(&a.info.path) {
-            a.end_cols = Some(cols);
-        }
-    }
-    let bpf = tp.counters()?;
-    if bpf.lost.total() > 0 {
-        warnings.push(format!(
-            "{} events lost in the ring buffer: victims are undercounted",
-            bpf.lost.total()
-        ));
-    }
-    if decode_errors > 0 {
-        warnings.push(format!("{decode_errors} ring records could not be decoded"));
-    }
-    let duration_s = started.elapsed().as_secs_f64();
-    let mut kernels = Vec::new();
-    for a in &accs {
-        let (mut r, k) = a.report(opts);
-        match netns::in_netns(&a.info.path, || (table::read(), read_timeouts())) {
-            Ok((holders, timeouts)) => {
-                match holders {
-                    Ok(h) => r.holders = Some(h),
-                    Err(why) => r.holders_unavailable = Some(why),
-                }
-                r.timeouts = timeouts;
-            }
-            Err(e) => r.holders_unavailable = Some(format!("entering the namespace: {e}")),
-        }
-        kernels.push((r, k));
-    }
-    // Without --netns, show the namespaces that use conntrack.
-    if opts.netns.is_none() {
-        let keep: Vec<bool> = kernels
-            .iter()
-            .map(|(r, k)| r.peak > 0 || k.drop > 0 || k.early_drop > 0 || k.insert_failed > 0)
-            .collect();
-        if keep.iter().any(|k| *k) {
-            let mut i = 0;
-            accs.retain(|_| {
-                i += 1;
-                keep[i - 1]
-            });
-            let mut i = 0;
-            kernels.retain(|_| {
-                i += 1;
-                keep[i - 1]
-            });
-        } else {
-            accs.truncate(1);
-            kernels.truncate(1);
-        }
-    }
-    let global = accs
-        .iter()
-        .find(|a| a.info.place == Place::Init)
-        .or(accs.first())
-        .map(|a| a.last_fill)
-        .unwrap_or_default();
-    let order = [
-        crate::model::Name::Fexit,
-        crate::model::Name::Tracepoint,
-        crate::model::Name::Counters,
-    ];
-    let not_tried = match opts.choice {
-        Choice::Auto => order
-            .iter()
-            .skip_while(|n| **n != chosen)
-            .skip(1)
-            .map(|n| n.as_str().to_owned())
-            .collect(),
-        _ => Vec::new(),
-    };
-    let d = Diagnosis {
-        ty: "doctor",
-        version: env!("CARGO_PKG_VERSION").into(),
-        source: "live".into(),
-        files: Vec::new(),
-        hostname: crate::formats::capture::hostname(),
-        kernel_release: crate::formats::capture::kernel_release(),
-        backend: BackendReport {
-            chosen: chosen.as_str().into(),
-            hooks: tp.describe(),
-            refused,
-            not_tried,
-            per_packet: tp.per_packet(),
-        },
-        duration_s,
-        sampled_unix_ns,
-        settings: settings(opts, &fcfg),
-        status: Status::Healthy,
-        exit_code: 0,
-        namespaces: Vec::new(),
-        memory: memory_report(&opts.backend.btf_path, global.max, global.buckets),
-        advice: Vec::new(),
-        warnings,
-    };
-    Ok(finish(d, &accs, kernels, opts))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(TraceError::io("starting the runtime"))?;
+    rt.block_on(async {
+        let mut session = live::Live::start(opts)?;
+        session.sample().await?;
+        session.finish()
+    })
 }
 
-/// Diagnoses a capture: the recorded header (fill at start, kernel
-/// counters at start and end, backend choice) and events.
-fn from_capture(opts: &Options) -> Result<Diagnosis, TraceError> {
-    let usage = |e: String| TraceError::Usage(e);
-    let set = crate::formats::capture::open_set(&opts.files).map_err(|e| usage(e.to_string()))?;
-    let args = OfflineSpec {
-        netns: opts.netns.clone(),
-        ..Default::default()
-    };
-    let mut aggs: HashMap<u32, Aggregator> = HashMap::new();
-    let read = offline::read(set, &args, |e, _, matched| {
-        if matched {
-            aggs.entry(e.netns)
-                .or_insert_with(|| Aggregator::new(DEFAULT_MAX_SOURCES))
-                .record(e);
-        }
-    })
-    .map_err(|e| usage(e.to_string()))?;
-    let summary = read.summary(opts.top);
-    let header = &read.info.header;
-    let fcfg = forecast::Config::default();
-    let kernel_end = read
-        .info
-        .trailer
-        .as_ref()
-        .map(|t| t.kernel_end.clone())
-        .unwrap_or_default();
-    let mut accs = Vec::new();
-    let mut kernels = Vec::new();
-    for ns in &header.conntrack {
-        if let Some(spec) = &opts.netns
-            && *spec != ns.netns
-            && *spec != ns.inode.to_string()
-        {
-            continue;
-        }
-        let place = if ns.netns == "init" {
-            Place::Init
-        } else if let Some(pid) = ns
-            .netns
-            .strip_prefix("pid ")
-            .and_then(|r| r.split_whitespace().next())
-        {
-            Place::Path(format!("/proc/{pid}/ns/net"))
-        } else {
-            Place::Named(ns.netns.clone())
-        };
-        let mut est = Estimator::new(fcfg);
-        est.push(
-            Sample {
-                t_s: 0.0,
-                entries: ns.fill.count,
-                inserted: None,
-            },
-            ns.fill.max,
-        );
-        let a = NsAcc {
-            info: NsInfoLite {
-                inode: ns.inode,
-                name: ns.netns.clone(),
-                place,
-                path: PathBuf::new(),
-            },
-            est,
-            last_fill: ns.fill,
-            start_cols: None,
-            end_cols: None,
-            agg: aggs.remove(&ns.inode).unwrap_or_else(|| Aggregator::new(1)),
-        };
-        let (mut r, _) = a.report(opts);
-        // The kernel's counters as recorded at start and end.
-        let recorded = match (
-            header.kernel_start.get(&ns.inode),
-            kernel_end.get(&ns.inode),
-        ) {
-            (Some(s), Some(e)) => e.delta(s),
-            _ => None,
-        };
-        let k = recorded.unwrap_or_else(|| {
-            // No trailer: count the events instead.
-            let t = a.agg.totals;
-            CtStats {
-                drop: t.table_full + t.insert_failed,
-                early_drop: t.early_drop,
-                insert_failed: t.insert_failed,
-                ..Default::default()
-            }
-        });
-        r.failures = kinds_from_stats(&k);
-        let (st, why) = status_of(&r, &k, opts.at_risk_fill, opts.at_risk_within.as_secs_f64());
-        r.status = st;
-        r.reasons = why;
-        r.holders_unavailable = Some("a capture does not record the table's entries".into());
-        accs.push(a);
-        kernels.push((r, k));
+/// The backends `auto` would try after `chosen` (none with `--backend`).
+fn not_tried(choice: Choice, chosen: Name) -> Vec<Name> {
+    match choice {
+        Choice::Auto => Name::AUTO_ORDER
+            .into_iter()
+            .skip_while(|n| *n != chosen)
+            .skip(1)
+            .collect(),
+        _ => Vec::new(),
     }
-    let mut warnings = read.info.warnings.clone();
-    warnings.push("from a capture: the table size is recorded at the start only, so there is no forecast; the status is what happened during the capture".into());
-    let global = accs.first().map(|a| a.last_fill).unwrap_or_default();
-    let mut memory = memory_report(&opts.backend.btf_path, global.max, global.buckets);
-    if header.hostname != crate::formats::capture::hostname()
-        || header.kernel_release != crate::formats::capture::kernel_release()
-    {
-        memory.note = Some(format!(
-            "entry size measured on this host ({}, {}), not the capture's ({}, {})",
-            crate::formats::capture::hostname(),
-            crate::formats::capture::kernel_release(),
-            header.hostname,
-            header.kernel_release
-        ));
-    }
-    let d = Diagnosis {
-        ty: "doctor",
-        version: env!("CARGO_PKG_VERSION").into(),
-        source: "capture".into(),
-        files: opts.files.iter().map(|p| p.display().to_string()).collect(),
-        hostname: header.hostname.clone(),
-        kernel_release: header.kernel_release.clone(),
-        backend: BackendReport {
-            chosen: summary.backend.clone(),
-            hooks: header.backend.clone(),
-            refused: header.backend_refused.clone(),
-            not_tried: Vec::new(),
-            per_packet: header.per_packet,
-        },
-        duration_s: summary.duration_s,
-        sampled_unix_ns: header
-            .start_unix_ns
-            .saturating_add((summary.duration_s.max(0.0) * 1e9) as u128),
-        settings: settings(opts, &fcfg),
-        status: Status::Healthy,
-        exit_code: 0,
-        namespaces: Vec::new(),
-        memory,
-        advice: Vec::new(),
-        warnings,
-    };
-    Ok(finish(d, &accs, kernels, opts))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        analysis::{
+            aggregate::Aggregator,
+            forecast::{Estimator, Sample},
+        },
+        model::{KindCounts, event::Event},
+    };
 
     fn cols(drop: u64, insert: u64) -> Columns {
         Columns {

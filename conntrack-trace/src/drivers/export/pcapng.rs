@@ -46,7 +46,7 @@ fn section(h: &Header) -> SectionHeaderBlock<'static> {
             "conntrack drops recorded on {} from {} (backend {}, evictions {}, namespace scope {})",
             h.hostname,
             utc(h.start_unix_ns),
-            h.backend,
+            h.hooks,
             h.evictions,
             h.scope.netns
         ))),

@@ -249,7 +249,7 @@ pub fn build_set(
             tool_version: h.tool_version.clone(),
             hostname: h.hostname.clone(),
             kernel_release: h.kernel_release.clone(),
-            backend: h.backend.clone(),
+            backend: h.hooks.clone(),
             evictions: h.evictions.clone(),
             start_unix_ns: h.start_unix_ns,
             start_mono_ns: h.start_mono_ns,
@@ -523,7 +523,7 @@ mod tests {
         let mut h = tests::header();
         h.hostname = format!("host{FORGED}");
         h.kernel_release = format!("6.18{FORGED}");
-        h.backend = format!("tracepoint{FORGED}");
+        h.hooks = format!("tracepoint{FORGED}");
         h.evictions = format!("on{FORGED}");
         h.scope.netns = format!("srv{FORGED}");
         h.backend_refused.push(crate::model::Refusal {

@@ -44,7 +44,7 @@ use crate::{
     kernel::kstats::{CtStats, Fill},
     kernel::workload::NetnsNames,
     model::event::{DecodeError, Event, Proto},
-    model::{KindCounts, Scope},
+    model::{KindCounts, Name, Scope},
 };
 
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
@@ -127,7 +127,9 @@ pub struct Header {
     pub tool_version: String,
     pub hostname: String,
     pub kernel_release: String,
-    pub backend: String,
+    /// The backend with its hooks, as in the live header.
+    #[serde(rename = "backend")]
+    pub hooks: String,
     pub evictions: String,
     /// Wall clock (Unix ns) and CLOCK_MONOTONIC at the same instant, taken
     /// right after attach: `wall = start_unix_ns + (ts_ns - start_mono_ns)`.
@@ -153,7 +155,7 @@ pub struct Header {
     /// The backend's name (`backend` holds it with its hooks). Absent in
     /// captures written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_name: Option<String>,
+    pub backend_name: Option<Name>,
 }
 
 fn yes() -> bool {
@@ -167,19 +169,14 @@ impl Header {
         // ("tracepoint (tp_btf/...)") and, when finished, in the trailer.
         let backend = self
             .backend_name
-            .clone()
-            .or_else(|| trailer.map(|t| t.backend.clone()))
+            .or_else(|| trailer.map(|t| t.backend))
             .unwrap_or_else(|| {
-                self.backend
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
+                Name::parse(self.hooks.split_whitespace().next().unwrap_or_default())
             });
         crate::model::SessionFacts {
             version: self.tool_version.clone(),
             backend,
-            hooks: self.backend.clone(),
+            hooks: self.hooks.clone(),
             refused: self.backend_refused.clone(),
             per_packet: self.per_packet,
             evictions: self.evictions.clone(),
@@ -197,7 +194,7 @@ impl Header {
 pub struct Trailer {
     /// The backend as the live summary names it (the header's `backend`
     /// names the hooks).
-    pub backend: String,
+    pub backend: Name,
     pub duration_s: f64,
     pub end_mono_ns: u64,
     /// Events read from the ring (every one of them is in the capture).
@@ -244,7 +241,7 @@ impl Trailer {
         events_written: u64,
     ) -> Trailer {
         Trailer {
-            backend: s.backend.clone(),
+            backend: s.backend,
             duration_s: s.duration_s,
             end_mono_ns,
             events: s.events,

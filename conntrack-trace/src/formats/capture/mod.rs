@@ -85,7 +85,7 @@ pub(crate) mod tests {
             tool_version: "0.1.0".into(),
             hostname: "host".into(),
             kernel_release: "6.18.0".into(),
-            backend: "tracepoint".into(),
+            hooks: "tracepoint".into(),
             evictions: "on".into(),
             start_unix_ns: 1_700_000_000_000_000_000,
             start_mono_ns: 1_000_000_000,
