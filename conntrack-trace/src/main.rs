@@ -165,9 +165,11 @@ fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
         ReportFormat::Human => report::human::render(&r),
         ReportFormat::Markdown => report::markdown::render(&r),
         ReportFormat::Json => {
-            let mut s = serde_json::to_string(&r).map_err(|e| ReportError::Io {
-                context: "encoding the report".into(),
-                source: e.into(),
+            let mut s = serde_json::to_string(&report::Document::Report(&r)).map_err(|e| {
+                ReportError::Io {
+                    context: "encoding the report".into(),
+                    source: e.into(),
+                }
             })?;
             s.push('\n');
             s

@@ -90,10 +90,16 @@ pub enum State {
     },
 }
 
+/// A line of the agent's log, tagged by `type`.
 #[derive(Serialize)]
-struct Line<'a> {
-    #[serde(rename = "type")]
-    ty: &'static str,
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line<'a> {
+    State(Stamped<'a>),
+}
+
+/// A state change and when it was seen.
+#[derive(Serialize)]
+struct Stamped<'a> {
     ts_unix_ms: u128,
     #[serde(flatten)]
     state: &'a State,
@@ -104,11 +110,7 @@ pub fn emit(state: &State) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    if let Ok(s) = serde_json::to_string(&Line {
-        ty: "state",
-        ts_unix_ms,
-        state,
-    }) {
+    if let Ok(s) = serde_json::to_string(&Line::State(Stamped { ts_unix_ms, state })) {
         crate::formats::output::pipe::diag(s);
     }
 }
@@ -119,11 +121,10 @@ mod tests {
 
     #[test]
     fn one_tagged_line() {
-        let s = serde_json::to_value(Line {
-            ty: "state",
+        let s = serde_json::to_value(Line::State(Stamped {
             ts_unix_ms: 5,
             state: &State::DropsStarted { drops: 3 },
-        })
+        }))
         .unwrap();
         assert_eq!(
             s,

@@ -95,10 +95,15 @@ pub struct Timeline {
 /// Most timeline rows (an hour of seconds).
 pub const MAX_ROWS: u64 = 3600;
 
+/// `report --format json`: one document, tagged by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Document<'a> {
+    Report(&'a Report),
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    #[serde(rename = "type")]
-    pub ty: &'static str,
     pub capture: CaptureMeta,
     pub files: Vec<FileReport>,
     pub warnings: Vec<String>,
@@ -243,7 +248,6 @@ pub fn build_set(
     let t = info.trailer.as_ref();
     let duration_s = summary.duration_s;
     Ok(Report {
-        ty: "report",
         capture: CaptureMeta {
             format_version: h.format_version,
             tool_version: h.tool_version.clone(),
@@ -294,7 +298,7 @@ pub fn fuzz_report(data: &[u8], path: &std::path::Path) {
         let _ = human::render(&r);
         let _ = markdown::render(&r);
         let _ = svg::render(&r);
-        let _ = serde_json::to_string(&r);
+        let _ = serde_json::to_string(&Document::Report(&r));
     }
 }
 
@@ -458,7 +462,7 @@ mod tests {
             assert!(!human::render(&r).is_empty());
             assert!(!markdown::render(&r).is_empty());
             assert!(svg::render(&r).ends_with("</svg>\n"));
-            assert!(serde_json::to_string(&r).is_ok());
+            assert!(serde_json::to_string(&Document::Report(&r)).is_ok());
         }
     }
 
