@@ -17,8 +17,8 @@ use std::{
 use conntrack_trace::{
     analysis::aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
     analysis::filter::Filter,
-    analysis::filter::OfflineSpec,
     drivers::export,
+    drivers::offline::OfflineSpec,
     drivers::report,
     formats::capture::{self, WriteOptions, Writer, format::RecordedFilter},
     formats::output::{NetnsNames, Sink, ndjson::Ndjson},

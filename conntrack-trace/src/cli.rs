@@ -4,7 +4,17 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{analysis::amplify::AmpConfig, analysis::filter::Cidr, model::event::Proto};
+use crate::{
+    analysis::{
+        aggregate::DEFAULT_MAX_SOURCES,
+        amplify::AmpConfig,
+        filter::{Cidr, Filter},
+    },
+    drivers::trace::TraceOptions,
+    formats::capture::WriteOptions,
+    kernel::{backend, btf::VMLINUX_BTF},
+    model::event::Proto,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,9 +47,8 @@ pub enum Command {
 /// `agent` (see README "Agent").
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// How to observe conntrack (see README "Backends").
-    #[arg(long, value_enum, default_value = "auto")]
-    pub backend: BackendArg,
+    #[command(flatten)]
+    pub observe: BackendArgs,
     /// Serve /metrics, /healthz and /readyz here.
     #[arg(long, default_value = "127.0.0.1:9637", value_name = "ADDR:PORT")]
     pub metrics_addr: std::net::SocketAddr,
@@ -74,15 +83,6 @@ pub struct AgentArgs {
     /// Create this file once attached and serving (for scripts).
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
-    /// Track evictions (early_drop).
-    #[arg(long, value_enum, default_value = "on")]
-    pub evictions: OnOff,
-    /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.
-    #[arg(long, value_name = "FILE")]
-    pub btf: Option<PathBuf>,
-    /// Ring buffer size in bytes (power of two, >= page size).
-    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
-    pub ring_size: Option<u32>,
     /// Label per-namespace and per-source series with the namespace's pod
     /// (pod_namespace, pod_name) and container (container_name); empty
     /// where the namespace is not a pod's or a container's.
@@ -106,19 +106,8 @@ impl AgentArgs {
             return Err("--max-series must be at least 1".into());
         }
         Ok(crate::drivers::agent::AgentOptions {
-            choice: self.backend.into(),
-            backend: crate::kernel::backend::Options {
-                btf_explicit: self.btf.is_some(),
-                btf_path: self
-                    .btf
-                    .clone()
-                    .unwrap_or_else(|| crate::kernel::btf::VMLINUX_BTF.into()),
-                evictions: self.evictions == OnOff::On,
-                rule_drops: false,
-                ring_bytes: self
-                    .ring_size
-                    .unwrap_or(crate::kernel::backend::DEFAULT_RING_BYTES),
-            },
+            choice: self.observe.backend.into(),
+            backend: self.observe.options(false),
             metrics_addr: self.metrics_addr,
             max_series: self.max_series,
             amp: self.amp.config()?,
@@ -163,12 +152,8 @@ pub struct DoctorArgs {
     /// Time between samples of the entry count.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub interval: Duration,
-    /// How to observe conntrack (see README "Backends").
-    #[arg(long, value_enum, default_value = "auto")]
-    pub backend: BackendArg,
-    /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.
-    #[arg(long, value_name = "FILE")]
-    pub btf: Option<PathBuf>,
+    #[command(flatten)]
+    pub observe: BackendArgs,
     /// At risk at or above this fill (percent).
     #[arg(long, default_value_t = 80.0, value_name = "PERCENT")]
     pub at_risk_fill: f64,
@@ -187,17 +172,8 @@ impl DoctorArgs {
             netns: self.netns.clone(),
             duration: self.duration,
             interval: self.interval,
-            choice: self.backend.into(),
-            backend: crate::kernel::backend::Options {
-                btf_explicit: self.btf.is_some(),
-                btf_path: self
-                    .btf
-                    .clone()
-                    .unwrap_or_else(|| crate::kernel::btf::VMLINUX_BTF.into()),
-                evictions: true,
-                rule_drops: false,
-                ring_bytes: crate::kernel::backend::DEFAULT_RING_BYTES,
-            },
+            choice: self.observe.backend.into(),
+            backend: self.observe.options(false),
             at_risk_fill: self.at_risk_fill,
             at_risk_within: self.at_risk_within,
             top: self.top,
@@ -247,9 +223,8 @@ pub enum OnOff {
 
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
-    /// How to observe conntrack (see README "Backends").
-    #[arg(long, value_enum, default_value = "auto")]
-    pub backend: BackendArg,
+    #[command(flatten)]
+    pub observe: BackendArgs,
     /// Stop after this long (e.g. 30s, 5m, 1h30m; a bare number is seconds).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -266,30 +241,14 @@ pub struct TraceArgs {
     /// netns handle, or an inode number. Default: all namespaces.
     #[arg(long, value_name = "NAME|PATH|INODE")]
     pub netns: Option<String>,
-    /// Only this L4 protocol (udp, tcp, icmp, icmpv6, sctp, or a number).
-    #[arg(long, value_parser = parse_proto)]
-    pub proto: Option<Proto>,
-    /// Only packets with this source or destination port.
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Only sources in this prefix (e.g. 10.0.0.0/8, fd00::/64).
-    #[arg(long, value_name = "CIDR")]
-    pub src: Option<Cidr>,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Create this file once every program is attached (for scripts).
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
-    /// Track evictions (early_drop).
-    #[arg(long, value_enum, default_value = "on")]
-    pub evictions: OnOff,
     /// Also emit packets dropped by rules (not by conntrack), kind rule_drop.
     #[arg(long)]
     pub rule_drops: bool,
-    /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.
-    #[arg(long, value_name = "FILE")]
-    pub btf: Option<PathBuf>,
-    /// Ring buffer size in bytes (power of two, >= page size).
-    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
-    pub ring_size: Option<u32>,
     #[command(flatten)]
     pub amp: AmpArgs,
     /// Also record every event (before filters) to this capture file,
@@ -303,6 +262,86 @@ pub struct TraceArgs {
     /// exceed this size (e.g. 100M; at least 64k).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "write")]
     pub max_size: Option<u64>,
+}
+
+impl TraceArgs {
+    /// The trace's settings, or a one-line usage error (the output format
+    /// is the caller's: it depends on the terminal).
+    pub fn options(&self) -> Result<TraceOptions, String> {
+        Ok(TraceOptions {
+            duration: self.duration,
+            interval: self.interval,
+            top: self.top,
+            netns: self.netns.clone(),
+            filter: self.select.filter(),
+            ready_file: self.ready_file.clone(),
+            choice: self.observe.backend.into(),
+            backend: self.observe.options(self.rule_drops),
+            max_sources: DEFAULT_MAX_SOURCES,
+            amp: self.amp.config()?,
+            write: self.write.clone().map(|path| WriteOptions {
+                path,
+                force: self.force,
+                max_size: self.max_size,
+            }),
+        })
+    }
+}
+
+/// How conntrack is observed: `trace`, `agent` and `doctor` alike.
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    /// How to observe conntrack (see README "Backends").
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+    /// Track evictions (early_drop).
+    #[arg(long, value_enum, default_value = "on")]
+    pub evictions: OnOff,
+    /// Ring buffer size in bytes (power of two, >= page size).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
+}
+
+impl BackendArgs {
+    /// The backends' settings (`rule_drops`: `trace --rule-drops`).
+    pub fn options(&self, rule_drops: bool) -> backend::Options {
+        backend::Options {
+            btf_explicit: self.btf.is_some(),
+            btf_path: self.btf.clone().unwrap_or_else(|| VMLINUX_BTF.into()),
+            evictions: self.evictions == OnOff::On,
+            rule_drops,
+            ring_bytes: self.ring_size.unwrap_or(backend::DEFAULT_RING_BYTES),
+        }
+    }
+}
+
+/// Which packets: `trace` live, `report` and `export` from a capture.
+#[derive(Debug, Default, clap::Args)]
+pub struct SelectArgs {
+    /// Only this L4 protocol (udp, tcp, icmp, icmpv6, sctp, or a number).
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: Option<Proto>,
+    /// Only packets with this source or destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only sources in this prefix (e.g. 10.0.0.0/8, fd00::/64).
+    #[arg(long, value_name = "CIDR")]
+    pub src: Option<Cidr>,
+}
+
+impl SelectArgs {
+    /// As a filter (its namespace is set where it is resolved).
+    pub fn filter(&self) -> Filter {
+        Filter {
+            netns: None,
+            proto: self.proto,
+            port: self.port,
+            src: self.src,
+        }
+    }
 }
 
 /// Settings of the retransmission-amplification detector (`trace`,
@@ -353,15 +392,8 @@ pub struct OfflineFilterArgs {
     /// Only this network namespace: its name as recorded, or its inode.
     #[arg(long, value_name = "NAME|INODE")]
     pub netns: Option<String>,
-    /// Only this L4 protocol (udp, tcp, icmp, icmpv6, sctp, or a number).
-    #[arg(long, value_parser = parse_proto)]
-    pub proto: Option<Proto>,
-    /// Only packets with this source or destination port.
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Only sources in this prefix (e.g. 10.0.0.0/8, fd00::/64).
-    #[arg(long, value_name = "CIDR")]
-    pub src: Option<Cidr>,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Only events at or after this time: an offset from the capture's
     /// start (90s, 5m), `@UNIX_SECONDS`, or UTC `YYYY-MM-DDTHH:MM:SS[.f]Z`.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
@@ -377,12 +409,10 @@ pub struct OfflineFilterArgs {
 impl OfflineFilterArgs {
     /// The flags as plain values for the library (the amplification
     /// settings checked: a bad one is a usage error).
-    pub fn spec(&self) -> Result<crate::analysis::filter::OfflineSpec, String> {
-        Ok(crate::analysis::filter::OfflineSpec {
+    pub fn spec(&self) -> Result<crate::drivers::offline::OfflineSpec, String> {
+        Ok(crate::drivers::offline::OfflineSpec {
             netns: self.netns.clone(),
-            proto: self.proto,
-            port: self.port,
-            src: self.src,
+            select: self.select.filter(),
             since: self.since,
             until: self.until,
             amp: self.amp.config()?,
@@ -774,16 +804,16 @@ mod tests {
             panic!("not trace")
         };
         assert_eq!(t.duration, Some(Duration::from_secs(10)));
-        assert_eq!(t.proto, Some(Proto::UDP));
-        assert_eq!(t.port, Some(53));
+        assert_eq!(t.select.proto, Some(Proto::UDP));
+        assert_eq!(t.select.port, Some(53));
         assert_eq!(t.format, Some(Format::Ndjson));
-        assert_eq!(t.evictions, OnOff::Off);
-        assert_eq!(t.backend, BackendArg::Counters);
+        assert_eq!(t.observe.evictions, OnOff::Off);
+        assert_eq!(t.observe.backend, BackendArg::Counters);
         let cli = Cli::try_parse_from(["conntrack-trace", "trace"]).unwrap();
         let Command::Trace(t) = cli.command else {
             panic!("trace parses as trace")
         };
-        assert_eq!(t.backend, BackendArg::Auto, "auto by default");
+        assert_eq!(t.observe.backend, BackendArg::Auto, "auto by default");
     }
 
     #[test]

@@ -2,26 +2,19 @@ use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 use conntrack_trace::{
-    analysis::aggregate::DEFAULT_MAX_SOURCES,
-    analysis::filter::Filter,
     cli::{
-        self, Cli, Command, ExportArgs, ExportFormat, Format, OnOff, ReportArgs, ReportFormat,
-        TraceArgs,
+        self, Cli, Command, ExportArgs, ExportFormat, Format, ReportArgs, ReportFormat, TraceArgs,
     },
-    drivers::export,
-    drivers::offline::ReportError,
-    drivers::report,
-    drivers::trace::{TraceOptions, run},
-    formats::capture::{self, WriteOptions},
-    formats::outfile,
-    formats::output::{
-        Sink,
-        human::Human,
-        ndjson::Ndjson,
-        pipe::{Pipe, diag},
+    drivers::{export, offline::ReportError, report, trace::run},
+    formats::{
+        capture, outfile,
+        output::{
+            Sink,
+            human::Human,
+            ndjson::Ndjson,
+            pipe::{Pipe, diag},
+        },
     },
-    kernel::backend::{self, DEFAULT_RING_BYTES},
-    kernel::btf::VMLINUX_BTF,
     kernel::error::{TraceError, exit},
 };
 
@@ -62,69 +55,43 @@ fn clap_error(e: &clap::Error) -> i32 {
 }
 
 fn trace(args: TraceArgs) -> i32 {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(msg) => return usage(&msg),
+    };
     let stdout = std::io::stdout();
     let is_tty = stdout.is_terminal();
+    let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let format = args.format.unwrap_or(if is_tty {
         Format::Human
     } else {
         Format::Ndjson
     });
-    let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut sink: Box<dyn Sink> = match format {
         Format::Human => Box::new(Human::new(out, is_tty)),
         Format::Ndjson => Box::new(Ndjson::new(out)),
     };
-    let amp = match args.amp.config() {
-        Ok(c) => c,
-        Err(msg) => {
-            diag(format_args!("conntrack-trace: error: {msg}"));
-            return exit::USAGE;
-        }
-    };
-    let opts = TraceOptions {
-        duration: args.duration,
-        interval: args.interval,
-        top: args.top,
-        netns: args.netns,
-        filter: Filter {
-            netns: None,
-            proto: args.proto,
-            port: args.port,
-            src: args.src,
-        },
-        ready_file: args.ready_file,
-        choice: args.backend.into(),
-        backend: backend::Options {
-            btf_explicit: args.btf.is_some(),
-            btf_path: args.btf.unwrap_or_else(|| VMLINUX_BTF.into()),
-            evictions: args.evictions == OnOff::On,
-            rule_drops: args.rule_drops,
-            ring_bytes: args.ring_size.unwrap_or(DEFAULT_RING_BYTES),
-        },
-        max_sources: DEFAULT_MAX_SOURCES,
-        amp,
-        write: args.write.map(|path| WriteOptions {
-            path,
-            force: args.force,
-            max_size: args.max_size,
-        }),
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            return fail(&TraceError::Io {
-                context: "starting the runtime".into(),
-                source: e,
-            });
-        }
-    };
-    match rt.block_on(run(opts, sink.as_mut())) {
+    let run = runtime().and_then(|rt| rt.block_on(run(opts, sink.as_mut())));
+    match run {
         Ok(_) => exit::OK,
         Err(e) => fail(&e),
     }
+}
+
+/// The single-threaded runtime of the live commands: capabilities are per
+/// thread, and the agent drops them on this one before it starts any
+/// other (see agent::caps).
+fn runtime() -> Result<tokio::runtime::Runtime, TraceError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(TraceError::io("starting the runtime"))
+}
+
+/// A usage error: one line, exit 2.
+fn usage(msg: &str) -> i32 {
+    diag(format_args!("conntrack-trace: error: {msg}"));
+    exit::USAGE
 }
 
 fn fail(e: &TraceError) -> i32 {
@@ -161,29 +128,9 @@ fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
         outfile::check(p, args.force, &inputs)?;
     }
     let r = report::build_set(set, &spec, args.top, |_, _, _| {})?;
-    let text = match args.format {
-        ReportFormat::Human => report::human::render(&r),
-        ReportFormat::Markdown => report::markdown::render(&r),
-        ReportFormat::Json => {
-            let mut s = serde_json::to_string(&report::Document::Report(&r)).map_err(|e| {
-                ReportError::Io {
-                    context: "encoding the report".into(),
-                    source: e.into(),
-                }
-            })?;
-            s.push('\n');
-            s
-        }
-    };
+    let text = render_report(&r, args.format)?;
     if let Some(p) = &args.svg {
-        let mut f = outfile::create(p, args.force, &inputs)?;
-        f.file()
-            .write_all(report::svg::render(&r).as_bytes())
-            .map_err(|source| ReportError::Io {
-                context: format!("--svg {}", p.display()),
-                source,
-            })?;
-        let _ = f.keep();
+        write_svg(p, args.force, &inputs, &r)?;
     }
     let mut out = Pipe::new(std::io::stdout().lock());
     out.write_all(text.as_bytes())
@@ -193,6 +140,41 @@ fn report_cmd(args: ReportArgs) -> Result<Vec<String>, ReportError> {
             source,
         })?;
     Ok(r.warnings)
+}
+
+/// `report --svg`: the timeline, in a file created with mode 0600.
+fn write_svg(
+    p: &std::path::Path,
+    force: bool,
+    inputs: &[outfile::Input],
+    r: &report::Report,
+) -> Result<(), ReportError> {
+    let mut f = outfile::create(p, force, inputs)?;
+    f.file()
+        .write_all(report::svg::render(r).as_bytes())
+        .map_err(|source| ReportError::Io {
+            context: format!("--svg {}", p.display()),
+            source,
+        })?;
+    let _ = f.keep();
+    Ok(())
+}
+
+fn render_report(r: &report::Report, format: ReportFormat) -> Result<String, ReportError> {
+    Ok(match format {
+        ReportFormat::Human => report::human::render(r),
+        ReportFormat::Markdown => report::markdown::render(r),
+        ReportFormat::Json => {
+            let mut s = serde_json::to_string(&report::Document::Report(r)).map_err(|e| {
+                ReportError::Io {
+                    context: "encoding the report".into(),
+                    source: e.into(),
+                }
+            })?;
+            s.push('\n');
+            s
+        }
+    })
 }
 
 fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
@@ -215,12 +197,7 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
         ExportFormat::Pcapng => {
             let (r, stats) = export::pcapng::export(set, &spec, out.writer())?;
             let mut w = r.warnings;
-            if stats.without_bytes > 0 {
-                w.push(format!(
-                    "{} matching events carry no packet bytes (evictions have no packet) and are not in the pcapng; {} packets written",
-                    stats.without_bytes, stats.packets
-                ));
-            }
+            w.extend(stats.warning());
             w
         }
     };
@@ -232,21 +209,10 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
 fn agent(args: &conntrack_trace::cli::AgentArgs) -> i32 {
     let opts = match args.options() {
         Ok(o) => o,
-        Err(msg) => {
-            diag(format_args!("conntrack-trace: error: {msg}"));
-            return exit::USAGE;
-        }
+        Err(msg) => return usage(&msg),
     };
-    // Current-thread: capabilities are per thread, and the agent drops
-    // them on this one before it starts any other (see agent::caps).
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(&TraceError::io("starting the runtime")(e)),
-    };
-    match rt.block_on(conntrack_trace::drivers::agent::run(opts)) {
+    let run = runtime().and_then(|rt| rt.block_on(conntrack_trace::drivers::agent::run(opts)));
+    match run {
         Ok(()) => exit::OK,
         Err(e) => fail(&e),
     }

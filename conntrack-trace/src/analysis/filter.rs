@@ -113,21 +113,6 @@ pub enum TimeSpec {
     Unix(u128),
 }
 
-/// What `report`, `export` and `doctor FILE` select from a capture: the
-/// live filters, a time window, and the amplification settings — plain
-/// values (the command line's flags become these in `cli.rs`).
-#[derive(Clone, Debug, Default)]
-pub struct OfflineSpec {
-    /// A namespace's recorded name, or its inode.
-    pub netns: Option<String>,
-    pub proto: Option<Proto>,
-    pub port: Option<u16>,
-    pub src: Option<Cidr>,
-    pub since: Option<TimeSpec>,
-    pub until: Option<TimeSpec>,
-    pub amp: crate::analysis::amplify::AmpConfig,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use crate::{
     analysis::{
         aggregate::{DEFAULT_MAX_SOURCES, top_sources},
         amplify::AmpConfig,
-        filter::{Filter, OfflineSpec, TimeSpec},
+        filter::{Filter, TimeSpec},
         pipeline::{Pipeline, Select},
     },
     formats::capture::{self, CaptureInfo, Header, OpenSet, ReadError},
@@ -22,6 +22,20 @@ use crate::{
 };
 
 use super::report::MAX_ROWS;
+
+/// What `report`, `export` and `doctor FILE` select from a capture: the
+/// live filters, a time window, and the amplification settings — plain
+/// values (the command line's flags become these in `cli.rs`).
+#[derive(Clone, Debug, Default)]
+pub struct OfflineSpec {
+    /// A namespace's recorded name, or its inode.
+    pub netns: Option<String>,
+    /// `--proto`, `--port`, `--src` (its `netns` unused: see above).
+    pub select: Filter,
+    pub since: Option<TimeSpec>,
+    pub until: Option<TimeSpec>,
+    pub amp: AmpConfig,
+}
 
 /// The filters of `report` and `export`: the filter the capture was
 /// recorded with (so `matched` means what it meant live), the command
@@ -62,9 +76,7 @@ impl OfflineFilter {
                 .map_err(|e| format!("the capture's recorded filter: {e}"))?,
             cli: Filter {
                 netns: None,
-                proto: args.proto,
-                port: args.port,
-                src: args.src,
+                ..args.select.clone()
             },
             netns: args.netns.clone(),
             since_mono: args.since.map(|t| to_mono(t, header)),

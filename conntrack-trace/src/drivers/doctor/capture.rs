@@ -12,9 +12,9 @@ use super::{
 use crate::{
     analysis::{
         aggregate::{Aggregator, DEFAULT_MAX_SOURCES},
-        filter::OfflineSpec,
         forecast::{self, Sample, Watcher},
     },
+    drivers::offline::OfflineSpec,
     drivers::{doctor::advice::Place, offline},
     kernel::{backend::counters::kinds_from_stats, error::TraceError, kstats::CtStats},
 };

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use crate::{
-    analysis::filter::OfflineSpec,
+    drivers::offline::OfflineSpec,
     drivers::offline::ReportError,
     drivers::report::{self, Report},
     formats::capture::OpenSet,

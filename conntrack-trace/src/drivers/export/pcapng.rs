@@ -20,7 +20,7 @@ use pcap_file::{
 use conntrack_trace_common::PKT_BYTES;
 
 use crate::{
-    analysis::filter::OfflineSpec,
+    drivers::offline::OfflineSpec,
     drivers::offline::ReportError,
     drivers::report::{self, Report, utc},
     formats::capture::{Header, OpenSet},
@@ -33,6 +33,18 @@ pub struct PcapStats {
     pub packets: u64,
     /// Matching events without packet bytes (evictions have no skb).
     pub without_bytes: u64,
+}
+
+impl PcapStats {
+    /// What the pcapng leaves out, if anything.
+    pub fn warning(&self) -> Option<String> {
+        (self.without_bytes > 0).then(|| {
+            format!(
+                "{} matching events carry no packet bytes (evictions have no packet) and are not in the pcapng; {} packets written",
+                self.without_bytes, self.packets
+            )
+        })
+    }
 }
 
 fn section(h: &Header) -> SectionHeaderBlock<'static> {

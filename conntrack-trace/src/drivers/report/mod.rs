@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::offline::{self, Analysis, ReportError};
 use crate::{
-    analysis::filter::OfflineSpec,
+    drivers::offline::OfflineSpec,
     formats::capture::{
         self, CaptureInfo, OpenSet,
         format::{NsFill, RecordedFilter},
