@@ -1,7 +1,8 @@
 //! The user-space half of a live trace on synthetic events, without a
-//! kernel: ring records (the programs' `RawEvent` bytes) → decode →
-//! [`Pipeline::feed`] (aggregate + amplification) → one sink, as
-//! `trace`'s consumer does per record. `cargo xtask bench pipeline` runs
+//! kernel: ring records (the programs' `RawEvent` bytes) through the live
+//! core's own [`Consumer`] — decode, the capture, [`Pipeline::feed`]
+//! (aggregate + amplification), one sink — the code `trace` runs per
+//! record. `cargo xtask bench pipeline` runs
 //! it once per sink and divides the events by the CPU time it used.
 //!
 //! ```text
@@ -27,8 +28,10 @@ use conntrack_trace::{
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
     analysis::pipeline::Pipeline,
+    drivers::live::{Consumer, Tap},
     formats::capture::{Header, Trailer, WriteOptions, Writer, format::FORMAT_VERSION},
     formats::output::{NetnsNames, Sink, human::Human, ndjson::Ndjson},
+    kernel::error::TraceError,
     kernel::kstats::CtStats,
     model::event::Event,
     model::{KindCounts, Scope},
@@ -112,6 +115,29 @@ enum Out {
     None,
     Sink(Box<dyn Sink>),
     Capture(Box<Writer>),
+}
+
+/// The bench's [`Tap`]: the capture sees every event, a sink the selected.
+struct BenchTap {
+    out: Out,
+    selected: u64,
+}
+
+impl Tap for BenchTap {
+    fn record(&mut self, ev: &Event) {
+        if let Out::Capture(w) = &mut self.out {
+            w.event(ev);
+        }
+    }
+
+    fn selected(&mut self, ev: &Event, names: &NetnsNames) -> Result<(), TraceError> {
+        self.selected += 1;
+        if let Out::Sink(s) = &mut self.out {
+            s.event(ev, names)
+                .map_err(TraceError::io("writing an event"))?;
+        }
+        Ok(())
+    }
 }
 
 fn sink(a: &Args) -> Result<Out> {
@@ -234,29 +260,24 @@ fn trailer(k: KindCounts) -> Trailer {
 fn main() -> Result<()> {
     let a = args()?;
     let ring = records(&a);
-    let mut out = sink(&a)?;
-    let mut pipe = Pipeline::new(Filter::default(), DEFAULT_MAX_SOURCES, AmpConfig::default());
+    let tap = BenchTap {
+        out: sink(&a)?,
+        selected: 0,
+    };
+    let pipe = Pipeline::new(Filter::default(), DEFAULT_MAX_SOURCES, AmpConfig::default());
     let mut names = NetnsNames::new();
     names.insert(4026531840, "host".into());
+    let mut c = Consumer::new(pipe, names, tap);
     let size = std::mem::size_of::<RawEvent>();
     let rss_start = rss_kib("VmRSS");
     let started = Instant::now();
     let cpu_start = cpu_seconds();
-    let mut selected = 0u64;
     for rec in ring.chunks_exact(size) {
-        let e = Event::decode(rec).context("decoding a synthetic record")?;
-        if let Out::Capture(w) = &mut out {
-            w.event(&e);
-        }
-        if !pipe.feed(&e, &names) {
-            continue;
-        }
-        selected += 1;
-        if let Out::Sink(s) = &mut out {
-            s.event(&e, &names).context("writing an event")?;
-        }
+        let e = c.decode(rec).context("decoding a synthetic record")?;
+        c.handle(&e)?;
     }
-    match out {
+    let selected = c.tap.selected;
+    match std::mem::replace(&mut c.tap.out, Out::None) {
         Out::Capture(w) => {
             let k = KindCounts {
                 table_full: a.events,
@@ -273,8 +294,8 @@ fn main() -> Result<()> {
     // before the loop began.
     let grown_kib = rss_kib("VmHWM").saturating_sub(rss_start);
     // What the consumer found, so that a broken pipeline cannot look fast.
-    let amp = pipe.amp.summary();
-    let top = pipe.agg.top(1);
+    let amp = c.pipe.amp.summary();
+    let top = c.pipe.agg.top(1);
     let top_src = top.first().and_then(|t| t.key().src);
     println!(
         "{{\"events\":{},\"selected\":{selected},\"seconds\":{elapsed:.6},\"cpu_seconds\":{cpu:.6},\"grown_kib\":{grown_kib},\"retransmissions\":{},\"top_src\":\"{}\"}}",

@@ -16,7 +16,8 @@ use crate::{
     analysis::filter::Filter,
     analysis::pipeline::Pipeline,
     formats::capture::{self, format::NsFill},
-    formats::outfile::ReadyFile,
+    formats::outfile::{FileId, Input, ReadyFile},
+    formats::output::{NsView, pipe::diag},
     kernel::backend::{self, Backend, BpfCounters, Choice},
     kernel::error::TraceError,
     kernel::kstats::Uncovered,
@@ -484,6 +485,124 @@ pub fn selection_line(desc: &str, refused: &[Refusal]) -> String {
         s.push_str(&format!("; {} refused: {}", r.backend.as_str(), r.reason));
     }
     s
+}
+
+/// Entries / max / buckets of each namespace of the scope, fullest first.
+pub fn fills(scope: &[netns::Held]) -> Vec<NsView> {
+    let mut v: Vec<NsView> = scope
+        .iter()
+        .filter_map(
+            |ns| match ns.run(|| (kstats::read_fill(), kstats::read_stats().ok())) {
+                Ok((Some(fill), stats)) => Some(NsView {
+                    inode: ns.info.inode,
+                    name: ns.info.name.clone(),
+                    fill,
+                    forecast: None,
+                    stats,
+                }),
+                _ => None,
+            },
+        )
+        .collect();
+    v.sort_by(|a, b| b.fill.count.cmp(&a.fill.count).then(a.name.cmp(&b.name)));
+    v
+}
+
+/// Only the namespaces that use conntrack (or else the fullest one), for
+/// the header of a trace of every namespace.
+pub fn shown(mut v: Vec<NsView>, all: bool) -> Vec<NsView> {
+    if all {
+        let first = v.first().cloned();
+        v.retain(|ns| ns.fill.count > 0);
+        if v.is_empty() {
+            v.extend(first);
+        }
+    }
+    v
+}
+
+/// Each namespace's table at start, for the capture header.
+pub fn ns_fills(scope: &[netns::Held]) -> Vec<NsFill> {
+    scope
+        .iter()
+        .filter_map(|ns| match ns.run(kstats::read_fill) {
+            Ok(Some(fill)) => Some(NsFill {
+                netns: ns.info.name.clone(),
+                inode: ns.info.inode,
+                fill,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The outputs of a session, created before anything is loaded (a path we
+/// may not or cannot write fails the run first) and removed again if the
+/// run fails before it holds a result.
+pub fn prepare_outputs(
+    opts: &mut crate::drivers::trace::TraceOptions,
+) -> Result<(Option<capture::writer::Prepared>, Option<ReadyFile>), TraceError> {
+    let inputs: Vec<Input> = opts
+        .backend
+        .btf_path
+        .metadata()
+        .ok()
+        .filter(|_| opts.backend.btf_explicit)
+        .map(|m| Input {
+            path: opts.backend.btf_path.display().to_string(),
+            id: FileId::of(&m),
+        })
+        .into_iter()
+        .collect();
+    let prepared = match opts.write.take() {
+        Some(w) => Some(capture::writer::prepare(w, &inputs).map_err(write_error)?),
+        None => None,
+    };
+    let ready = match &opts.ready_file {
+        Some(path) => {
+            let mut protect = inputs.clone();
+            protect.extend(prepared.as_ref().map(|p| p.as_input()));
+            Some(ReadyFile::prepare(path, &protect).map_err(|e| {
+                let msg = format!("--ready-file: {e}");
+                if e.is_refusal() {
+                    TraceError::Usage(msg)
+                } else {
+                    TraceError::Other(msg)
+                }
+            })?)
+        }
+        None => None,
+    };
+    Ok((prepared, ready))
+}
+
+/// A capture file that may not be written is a usage error (exit 2); one
+/// the system fails to write, an I/O error (exit 1).
+pub fn write_error(e: capture::WriteError) -> TraceError {
+    if e.is_refusal() {
+        TraceError::Usage(e.to_string())
+    } else {
+        TraceError::Other(e.to_string())
+    }
+}
+
+/// The stderr lines at start: the backend and why `auto` passed over
+/// others, namespaces whose counters cannot be read, filters that do not
+/// apply.
+pub fn announce(facts: &SessionFacts, filter: &Filter) {
+    diag(selection_line(&facts.hooks, &facts.refused));
+    if let Some(line) = facts.scope.uncovered_line() {
+        diag(format_args!(
+            "conntrack-trace: warning: {line}; the summary lists them"
+        ));
+    }
+    if !facts.per_packet
+        && (filter.proto.is_some() || filter.port.is_some() || filter.src.is_some())
+    {
+        diag(
+            "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)",
+        );
+    }
 }
 
 #[cfg(test)]

@@ -16,12 +16,12 @@ use crate::{
     analysis::filter::Filter,
     analysis::forecast::{self, Sample, Watcher},
     analysis::pipeline::Pipeline,
-    drivers::live::{self, Consumer, Ring, Tap, selection_line},
-    formats::capture::{self, Writer, format::NsFill},
-    formats::outfile::{FileId, Input, ReadyFile},
+    drivers::live::{self, Consumer, Ring, Tap},
+    formats::capture::{self, Writer},
+    formats::outfile::ReadyFile,
     formats::output::{
         LiveView, NetnsNames, NsView, Sink,
-        pipe::{self, diag},
+        pipe::{Out, diag},
     },
     kernel::backend::{self, BpfCounters, Choice},
     kernel::error::TraceError,
@@ -29,7 +29,7 @@ use crate::{
     kernel::netns::{self, NetnsInfo},
     model::clock::Clock,
     model::event::Event,
-    model::{Finding, KindCounts, Scope, SessionFacts, Summary, TopSource},
+    model::{Finding, KindCounts, Scope, Summary, TopSource},
 };
 
 pub struct TraceOptions {
@@ -47,25 +47,6 @@ pub struct TraceOptions {
     pub amp: AmpConfig,
     /// `--write FILE`: record every event to a capture file.
     pub write: Option<capture::WriteOptions>,
-}
-
-/// The sink, minus a reader who left: EPIPE ends output quietly (the one
-/// place the live trace handles it; see [`pipe`]).
-struct Out<'s> {
-    sink: &'s mut dyn Sink,
-    closed: bool,
-}
-
-impl Out<'_> {
-    fn send(
-        &mut self,
-        w: impl FnOnce(&mut dyn Sink) -> std::io::Result<()>,
-    ) -> Result<(), TraceError> {
-        if self.closed {
-            return Ok(());
-        }
-        pipe::quiet(w(&mut *self.sink), &mut self.closed).map_err(TraceError::io("writing output"))
-    }
 }
 
 /// What `trace` does with the ring's events beyond the pipeline: every
@@ -117,40 +98,6 @@ fn report_findings(c: &mut Consumer<TraceTap<'_>>, clock: &Clock) -> Result<(), 
     Ok(())
 }
 
-/// Entries / max / buckets of each namespace of the scope, fullest first.
-fn fills(scope: &[netns::Held]) -> Vec<NsView> {
-    let mut v: Vec<NsView> = scope
-        .iter()
-        .filter_map(
-            |ns| match ns.run(|| (kstats::read_fill(), kstats::read_stats().ok())) {
-                Ok((Some(fill), stats)) => Some(NsView {
-                    inode: ns.info.inode,
-                    name: ns.info.name.clone(),
-                    fill,
-                    forecast: None,
-                    stats,
-                }),
-                _ => None,
-            },
-        )
-        .collect();
-    v.sort_by(|a, b| b.fill.count.cmp(&a.fill.count).then(a.name.cmp(&b.name)));
-    v
-}
-
-/// Only the namespaces that use conntrack (or else the fullest one), for
-/// the header of a trace of every namespace.
-fn shown(mut v: Vec<NsView>, all: bool) -> Vec<NsView> {
-    if all {
-        let first = v.first().cloned();
-        v.retain(|ns| ns.fill.count > 0);
-        if v.is_empty() {
-            v.extend(first);
-        }
-    }
-    v
-}
-
 /// The header's sparkline spans about this long.
 const HISTORY_S: f64 = 60.0;
 
@@ -160,15 +107,9 @@ const HISTORY_S: f64 = 60.0;
 /// trailer).
 struct Session<'s> {
     opts: TraceOptions,
-    facts: SessionFacts,
-    tp: backend::Backend,
-    /// Every namespace of the scope, held open so that both snapshots read
-    /// the same ones.
-    scope: Vec<netns::Held>,
-    start_stats: kstats::Snapshot,
+    live: live::Started,
     ready: Option<ReadyFile>,
     consumer: Consumer<TraceTap<'s>>,
-    ring: Option<Ring>,
     started: Instant,
     forecasts: Watcher,
     /// Failures per kind of each of the last intervals (≈ 60 s).
@@ -181,46 +122,6 @@ pub async fn run(opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, Tra
     let mut s = Session::start(opts, sink)?;
     s.run().await?;
     s.finish()
-}
-
-/// The outputs of a session, created before anything is loaded (a path we
-/// may not or cannot write fails the run first) and removed again if the
-/// run fails before it holds a result.
-fn prepare_outputs(
-    opts: &mut TraceOptions,
-) -> Result<(Option<capture::writer::Prepared>, Option<ReadyFile>), TraceError> {
-    let inputs: Vec<Input> = opts
-        .backend
-        .btf_path
-        .metadata()
-        .ok()
-        .filter(|_| opts.backend.btf_explicit)
-        .map(|m| Input {
-            path: opts.backend.btf_path.display().to_string(),
-            id: FileId::of(&m),
-        })
-        .into_iter()
-        .collect();
-    let prepared = match opts.write.take() {
-        Some(w) => Some(capture::writer::prepare(w, &inputs).map_err(write_error)?),
-        None => None,
-    };
-    let ready = match &opts.ready_file {
-        Some(path) => {
-            let mut protect = inputs.clone();
-            protect.extend(prepared.as_ref().map(|p| p.as_input()));
-            Some(ReadyFile::prepare(path, &protect).map_err(|e| {
-                let msg = format!("--ready-file: {e}");
-                if e.is_refusal() {
-                    TraceError::Usage(msg)
-                } else {
-                    TraceError::Other(msg)
-                }
-            })?)
-        }
-        None => None,
-    };
-    Ok((prepared, ready))
 }
 
 /// The namespaces to trace (`--netns` or all) and how the summary names
@@ -253,30 +154,22 @@ fn resolve_scope(
 impl<'s> Session<'s> {
     fn start(mut opts: TraceOptions, sink: &'s mut dyn Sink) -> Result<Session<'s>, TraceError> {
         let all = crate::kernel::workload::named(live::host()?);
-        let (prepared, ready) = prepare_outputs(&mut opts)?;
+        let (prepared, ready) = live::prepare_outputs(&mut opts)?;
         let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
-        let live::Started {
-            facts,
-            tp,
-            scope,
-            start: start_stats,
-            ring,
-        } = live::start(opts.choice, &opts.backend, &list, scope_desc)?;
-        announce(&facts, &opts.filter);
+        let started = live::start(opts.choice, &opts.backend, &list, scope_desc)?;
+        let (facts, scope) = (&started.facts, &started.scope);
+        live::announce(facts, &opts.filter);
         let names = crate::kernel::workload::names_of(&all);
         let writer = match prepared {
             None => None,
             Some(w) => {
-                let header =
-                    live::capture_header(&facts, &opts.filter, ns_fills(&scope), &start_stats);
-                Some(Writer::start(w, header, &names).map_err(write_error)?)
+                let fills = live::ns_fills(scope);
+                let header = live::capture_header(facts, &opts.filter, fills, &started.start);
+                Some(Writer::start(w, header, &names).map_err(live::write_error)?)
             }
         };
         let tap = TraceTap {
-            out: Out {
-                sink,
-                closed: false,
-            },
+            out: Out::new(sink),
             writer,
             write_warned: false,
         };
@@ -284,13 +177,9 @@ impl<'s> Session<'s> {
         let now = Instant::now();
         Ok(Session {
             opts,
-            facts,
-            tp,
-            scope,
-            start_stats,
+            live: started,
             ready,
             consumer: Consumer::new(pipe, names, tap),
-            ring,
             started: now,
             forecasts: Watcher::new(forecast::Config::default()),
             history: std::collections::VecDeque::new(),
@@ -331,7 +220,7 @@ impl<'s> Session<'s> {
                 _ = sigterm.recv() => break,
                 _ = &mut deadline => break,
                 _ = ticker.tick() => self.tick()?,
-                r = Ring::next_batch(&mut self.ring, c) => r?,
+                r = Ring::next_batch(&mut self.live.ring, c) => r?,
             }
         }
         Ok(())
@@ -341,15 +230,15 @@ impl<'s> Session<'s> {
     /// flush the capture, report findings and forecasts, redraw.
     fn tick(&mut self) -> Result<(), TraceError> {
         let c = &mut self.consumer;
-        let counters = c.interval(&mut self.ring, &self.tp)?;
+        let counters = c.interval(&mut self.live.ring, &self.live.tp)?;
         self.close_history();
         let c = &mut self.consumer;
         if c.wants_names() {
             c.refresh_names(&netns::list());
         }
         c.tap.flush_capture(&c.names);
-        report_findings(c, &self.facts.clock)?;
-        let mut views = fills(&self.scope);
+        report_findings(c, &self.live.facts.clock)?;
+        let mut views = live::fills(&self.live.scope);
         let t_s = self.started.elapsed().as_secs_f64();
         for ns in views.iter_mut() {
             let sample = Sample {
@@ -386,7 +275,7 @@ impl<'s> Session<'s> {
     fn kernel_since_start(&self, views: &[NsView]) -> kstats::CtStats {
         let mut kernel = kstats::CtStats::default();
         for ns in views {
-            if let (Some(now), Some(start)) = (&ns.stats, self.start_stats.stats.get(&ns.inode))
+            if let (Some(now), Some(start)) = (&ns.stats, self.live.start.stats.get(&ns.inode))
                 && let Some(d) = now.delta(start)
             {
                 kernel.add(&d);
@@ -400,7 +289,7 @@ impl<'s> Session<'s> {
     fn exact_top(&self) -> Result<(Vec<TopSource>, u64), TraceError> {
         let p = &self.consumer.pipe;
         let mut exact = ExactCounts::default();
-        self.tp.for_each_source_count(|e, n| {
+        self.live.tp.for_each_source_count(|e, n| {
             if p.select.matches(e) {
                 exact.add(e, n);
             }
@@ -415,26 +304,26 @@ impl<'s> Session<'s> {
         views: Vec<NsView>,
         kernel: kstats::CtStats,
     ) -> Result<(), TraceError> {
-        let f = shown(views, self.opts.netns.is_none());
+        let f = live::shown(views, self.opts.netns.is_none());
         let exact_top = match counters.lost.total() {
             0 => None,
             _ => Some(self.exact_top()?.0),
         };
         let history: Vec<KindCounts> = self.history.iter().copied().collect();
         let c = &mut self.consumer;
-        let findings = c.pipe.amp.findings(&self.facts.clock);
+        let findings = c.pipe.amp.findings(&self.live.facts.clock);
         let amp = c.pipe.amp.summary();
         let view = LiveView {
-            backend: &self.facts.hooks,
-            refused: &self.facts.refused,
-            per_packet: self.facts.per_packet,
-            evictions: &self.facts.evictions,
+            backend: &self.live.facts.hooks,
+            refused: &self.live.facts.refused,
+            per_packet: self.live.facts.per_packet,
+            evictions: &self.live.facts.evictions,
             elapsed_s: self.started.elapsed().as_secs_f64(),
             fills: &f,
             history: &history,
             agg: &c.pipe.agg,
             lost: counters.lost,
-            rule_drops: (self.tp.name() == crate::model::Name::Tracepoint)
+            rule_drops: (self.live.tp.name() == crate::model::Name::Tracepoint)
                 .then_some(counters.seen.rule_drop),
             kernel: Some(kernel),
             top_n: self.opts.top,
@@ -448,19 +337,19 @@ impl<'s> Session<'s> {
     /// Stops the producers and takes everything they left behind (see
     /// [`live::end`]), then writes the summary and the capture's trailer.
     fn finish(mut self) -> Result<Summary, TraceError> {
-        let scope = &self.scope;
+        let scope = &self.live.scope;
         let c = &mut self.consumer;
         let end = live::end(
-            &mut self.tp,
-            self.ring.take(),
+            &mut self.live.tp,
+            self.live.ring.take(),
             scope,
-            &self.start_stats,
+            &self.live.start,
             || kstats::snapshot(scope),
             self.ready.as_mut(),
             self.started,
             c,
         )?;
-        report_findings(&mut self.consumer, &self.facts.clock)?;
+        report_findings(&mut self.consumer, &self.live.facts.clock)?;
         // The ring overflowed: the counts of the top sources come from the
         // programs' exact per-source counts, not from the events.
         let sampled = end.counters.lost.total() > 0;
@@ -469,13 +358,13 @@ impl<'s> Session<'s> {
             false => (top_sources(&self.consumer.pipe.agg, self.opts.top), 0),
         };
         let c = &mut self.consumer;
-        let totals = live::totals(&self.facts, &c.pipe, &end, sampled, exact_sources);
+        let totals = live::totals(&self.live.facts, &c.pipe, &end, sampled, exact_sources);
         let summary = Summary::assemble(
-            &self.facts,
+            &self.live.facts,
             end.duration_s,
             totals,
             top,
-            c.pipe.analyses(&self.facts.clock),
+            c.pipe.analyses(&self.live.facts.clock),
         );
         let recorded = c.tap.writer.take().map(|w| {
             let (files, written) = (w.files(), w.events_written());
@@ -492,49 +381,5 @@ impl<'s> Session<'s> {
             Some(Err(e)) => return Err(TraceError::Other(e.to_string())),
         }
         Ok(summary)
-    }
-}
-
-/// The stderr lines at start: the backend and why `auto` passed over
-/// others, namespaces whose counters cannot be read, filters that do not
-/// apply.
-fn announce(facts: &SessionFacts, filter: &Filter) {
-    diag(selection_line(&facts.hooks, &facts.refused));
-    if let Some(line) = facts.scope.uncovered_line() {
-        diag(format_args!(
-            "conntrack-trace: warning: {line}; the summary lists them"
-        ));
-    }
-    if !facts.per_packet
-        && (filter.proto.is_some() || filter.port.is_some() || filter.src.is_some())
-    {
-        diag(
-            "conntrack-trace: note: --proto/--port/--src do not apply to the counters backend (no per-packet attribution)",
-        );
-    }
-}
-
-/// Each namespace's table at start, for the capture header.
-fn ns_fills(scope: &[netns::Held]) -> Vec<NsFill> {
-    scope
-        .iter()
-        .filter_map(|ns| match ns.run(kstats::read_fill) {
-            Ok(Some(fill)) => Some(NsFill {
-                netns: ns.info.name.clone(),
-                inode: ns.info.inode,
-                fill,
-            }),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A capture file that may not be written is a usage error (exit 2); one
-/// the system fails to write, an I/O error (exit 1).
-fn write_error(e: capture::WriteError) -> TraceError {
-    if e.is_refusal() {
-        TraceError::Usage(e.to_string())
-    } else {
-        TraceError::Other(e.to_string())
     }
 }

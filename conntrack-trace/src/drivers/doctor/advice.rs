@@ -216,15 +216,9 @@ fn dominant_udp(f: &NsFacts<'_>) -> Option<(u16, String)> {
     })
 }
 
-fn notrack(f: &NsFacts<'_>) -> Option<(u32, Advice)> {
-    let (port, evidence) = dominant_udp(f)?;
-    if port == 0 {
-        return None;
-    }
-    let known = STATELESS_UDP
-        .iter()
-        .find(|(p, _)| *p == port)
-        .map(|(_, n)| *n);
+/// The nftables commands that exempt udp/`port` from conntrack in `f`'s
+/// namespace, and the ruleset file that keeps them.
+fn notrack_steps(f: &NsFacts<'_>, port: u16) -> (Vec<String>, Vec<Persist>) {
     let p = f.place.prefix();
     let t = "conntrack_trace";
     let commands = vec![
@@ -256,6 +250,20 @@ fn notrack(f: &NsFacts<'_>) -> Option<(u32, Advice)> {
             content: ruleset,
         }],
     };
+    (commands, persist)
+}
+
+fn notrack(f: &NsFacts<'_>) -> Option<(u32, Advice)> {
+    let (port, evidence) = dominant_udp(f)?;
+    if port == 0 {
+        return None;
+    }
+    let known = STATELESS_UDP
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, n)| *n);
+    let p = f.place.prefix();
+    let (commands, persist) = notrack_steps(f, port);
     let service = known.map_or_else(|| format!("udp/{port}"), |n| format!("{n} (udp/{port})"));
     let why = format!(
         "{evidence}. {service} {}: untracked, its queries and answers need no entry, so they can neither fill the table nor be dropped by it.",
@@ -322,48 +330,13 @@ fn demand(f: &NsFacts<'_>, horizon_s: f64) -> (f64, String) {
     (d, why)
 }
 
-fn raise_max(facts: &[NsFacts<'_>], cost: &EntryCost, s: &Settings) -> Option<(u32, Advice)> {
-    // Only a full or filling table calls for a bigger one (an insert clash
-    // does not).
-    let needy: Vec<&NsFacts<'_>> = facts
-        .iter()
-        .filter(|f| {
-            f.troubled
-                && (f.drops.table_full > 0
-                    || f.drops.early_drop > 0
-                    || (f.max > 0 && f.entries.max(f.peak) as f64 >= 0.5 * f.max as f64))
-        })
-        .collect();
-    let (worst, (d, dwhy)) = needy
-        .iter()
-        .map(|f| (*f, demand(f, s.horizon_s)))
-        .max_by(|a, b| a.1.0.total_cmp(&b.1.0))?;
-    let sizing = match memory::propose(worst.max, worst.buckets, d, cost, s.ram) {
-        Ok(z) => z,
-        Err(why) => {
-            return Some((
-                100,
-                Advice {
-                    id: "raise_max".into(),
-                    rank: 0,
-                    netns: "all (global)".into(),
-                    title: "raising nf_conntrack_max does not fit in memory".into(),
-                    why: format!("{} needs ~{d:.0} entries ({dwhy}), but {why}", worst.name),
-                    cost: String::new(),
-                    risk: "shed the load instead (notrack, shorter timeouts)".into(),
-                    commands: Vec::new(),
-                    persist: Vec::new(),
-                    sizing: None,
-                },
-            ));
-        }
-    };
+/// The commands that apply `sizing` (buckets first, so the larger table
+/// never runs on longer chains) and the files that keep it.
+fn sysctl_steps(worst: &NsFacts<'_>, sizing: &memory::Sizing) -> (Vec<String>, Vec<Persist>) {
     let mut commands = Vec::new();
     let mut persist_sysctl = format!("net.netfilter.nf_conntrack_max = {}\n", sizing.max);
     let mut persist = Vec::new();
     if sizing.buckets > worst.buckets {
-        // Resize the hash first, so the larger table never runs on
-        // longer chains.
         commands.push(format!(
             "sysctl -w net.netfilter.nf_conntrack_buckets={}",
             sizing.buckets
@@ -388,6 +361,53 @@ fn raise_max(facts: &[NsFacts<'_>], cost: &EntryCost, s: &Settings) -> Option<(u
             content: persist_sysctl,
         },
     );
+    (commands, persist)
+}
+
+/// Raising the max is what the table needs, but not what memory allows.
+fn does_not_fit(why: String) -> Advice {
+    Advice {
+        id: "raise_max".into(),
+        rank: 0,
+        netns: "all (global)".into(),
+        title: "raising nf_conntrack_max does not fit in memory".into(),
+        why,
+        cost: String::new(),
+        risk: "shed the load instead (notrack, shorter timeouts)".into(),
+        commands: Vec::new(),
+        persist: Vec::new(),
+        sizing: None,
+    }
+}
+
+/// The namespace that needs the biggest table, and how big: only a full
+/// or filling table calls for a bigger one (an insert clash does not).
+fn neediest<'f, 'a>(
+    facts: &'f [NsFacts<'a>],
+    horizon_s: f64,
+) -> Option<(&'f NsFacts<'a>, (f64, String))> {
+    facts
+        .iter()
+        .filter(|f| {
+            f.troubled
+                && (f.drops.table_full > 0
+                    || f.drops.early_drop > 0
+                    || (f.max > 0 && f.entries.max(f.peak) as f64 >= 0.5 * f.max as f64))
+        })
+        .map(|f| (f, demand(f, horizon_s)))
+        .max_by(|a, b| a.1.0.total_cmp(&b.1.0))
+}
+
+fn raise_max(facts: &[NsFacts<'_>], cost: &EntryCost, s: &Settings) -> Option<(u32, Advice)> {
+    let (worst, (d, dwhy)) = neediest(facts, s.horizon_s)?;
+    let sizing = match memory::propose(worst.max, worst.buckets, d, cost, s.ram) {
+        Ok(z) => z,
+        Err(why) => {
+            let why = format!("{} needs ~{d:.0} entries ({dwhy}), but {why}", worst.name);
+            return Some((100, does_not_fit(why)));
+        }
+    };
+    let (commands, persist) = sysctl_steps(worst, &sizing);
     let cur = cost.table_bytes(worst.max, worst.buckets);
     let buckets_note = if sizing.buckets > worst.buckets {
         format!("{} buckets (one per entry)", sizing.buckets)
@@ -431,18 +451,16 @@ fn raise_max(facts: &[NsFacts<'_>], cost: &EntryCost, s: &Settings) -> Option<(u
     ))
 }
 
-fn udp_timeouts(f: &NsFacts<'_>) -> Option<(u32, Advice)> {
-    let cur = f.udp_timeout?;
-    if cur <= SHORT_UDP_TIMEOUT {
-        return None;
-    }
-    let evidence = match f.holders {
-        Some(h) if h.udp_unassured_share >= DOMINANT => format!(
+/// Why `f`'s UDP entries look like they outlive their use: the table's
+/// unassured UDP share, or (without the table) the failures' share.
+fn udp_evidence(f: &NsFacts<'_>) -> Option<String> {
+    match f.holders {
+        Some(h) if h.udp_unassured_share >= DOMINANT => Some(format!(
             "{:.0} % of {}'s entries are UDP without an assured stream ({})",
             h.udp_unassured_share * 100.0,
             f.name,
             h.summary
-        ),
+        )),
         Some(_) => return None,
         None => {
             // Without the table itself, the drops are the only evidence.
@@ -451,12 +469,20 @@ fn udp_timeouts(f: &NsFacts<'_>) -> Option<(u32, Advice)> {
             if v.proto != "udp" || total == 0 || (v.drops as f64) < DOMINANT * total as f64 {
                 return None;
             }
-            format!(
+            Some(format!(
                 "{} of {}'s failures are udp/{} (the table itself could not be read)",
                 v.drops, f.name, v.port
-            )
+            ))
         }
-    };
+    }
+}
+
+fn udp_timeouts(f: &NsFacts<'_>) -> Option<(u32, Advice)> {
+    let cur = f.udp_timeout?;
+    if cur <= SHORT_UDP_TIMEOUT {
+        return None;
+    }
+    let evidence = udp_evidence(f)?;
     let p = f.place.prefix();
     Some((
         100,

@@ -6,8 +6,8 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use super::{
-    BackendReport, Diagnosis, NsAcc, NsInfoLite, Options, Status, finish, memory_report, settings,
-    status_of,
+    BackendReport, Diagnosis, NsAcc, NsInfoLite, NsReport, Options, Status, finish, memory_report,
+    settings, status_of,
 };
 use crate::{
     analysis::{
@@ -16,7 +16,13 @@ use crate::{
     },
     drivers::offline::OfflineSpec,
     drivers::{doctor::advice::Place, offline},
-    kernel::{backend::counters::kinds_from_stats, error::TraceError, kstats::CtStats},
+    formats::capture::{Header, format::NsFill},
+    kernel::{
+        backend::counters::kinds_from_stats,
+        error::TraceError,
+        kstats::{CtStats, Fill},
+    },
+    model::Summary,
 };
 
 /// Diagnoses a capture: the recorded header (fill at start, kernel
@@ -55,37 +61,12 @@ pub(super) fn diagnose(opts: &Options) -> Result<Diagnosis, TraceError> {
         {
             continue;
         }
-        let place = if ns.netns == "init" {
-            Place::Init
-        } else if let Some(pid) = ns
-            .netns
-            .strip_prefix("pid ")
-            .and_then(|r| r.split_whitespace().next())
-        {
-            Place::Path(format!("/proc/{pid}/ns/net"))
-        } else {
-            Place::Named(ns.netns.clone())
-        };
         let first = Sample {
             t_s: 0.0,
             entries: ns.fill.count,
             inserted: None,
         };
         forecasts.push(ns.inode, first, ns.fill.max);
-        let a = NsAcc {
-            info: NsInfoLite {
-                inode: ns.inode,
-                name: ns.netns.clone(),
-                place,
-                path: PathBuf::new(),
-            },
-            last_fill: ns.fill,
-            start_cols: None,
-            end_cols: None,
-        };
-        let agg = aggs.get(&ns.inode);
-        let (mut r, _) = a.report(opts, &forecasts, agg);
-        // The kernel's counters as recorded at start and end.
         let recorded = match (
             header.kernel_start.get(&ns.inode),
             kernel_end.get(&ns.inode),
@@ -93,27 +74,77 @@ pub(super) fn diagnose(opts: &Options) -> Result<Diagnosis, TraceError> {
             (Some(s), Some(e)) => e.delta(s),
             _ => None,
         };
-        let k = recorded.unwrap_or_else(|| {
-            // No trailer: count the events instead.
-            let t = agg.map(|a| a.totals).unwrap_or_default();
-            CtStats {
-                drop: t.table_full + t.insert_failed,
-                early_drop: t.early_drop,
-                insert_failed: t.insert_failed,
-                ..Default::default()
-            }
-        });
-        r.failures = kinds_from_stats(&k);
-        let (st, why) = status_of(&r, &k, opts.at_risk_fill, opts.at_risk_within.as_secs_f64());
-        r.status = st;
-        r.reasons = why;
-        r.holders_unavailable = Some("a capture does not record the table's entries".into());
+        let (a, r, k) = namespace(opts, ns, &forecasts, aggs.get(&ns.inode), recorded);
         accs.push(a);
         kernels.push((r, k));
     }
     let mut warnings = read.info.warnings.clone();
     warnings.push("from a capture: the table size is recorded at the start only, so there is no forecast; the status is what happened during the capture".into());
     let global = accs.first().map(|a| a.last_fill).unwrap_or_default();
+    let d = document(opts, header, &summary, global, warnings);
+    Ok(finish(d, &accs, kernels, opts))
+}
+
+/// One recorded namespace's report: its kernel counters as recorded at
+/// start and end (`recorded`), else counted from its events (`agg`).
+fn namespace(
+    opts: &Options,
+    ns: &NsFill,
+    forecasts: &Watcher,
+    agg: Option<&Aggregator>,
+    recorded: Option<CtStats>,
+) -> (NsAcc, NsReport, CtStats) {
+    let place = if ns.netns == "init" {
+        Place::Init
+    } else if let Some(pid) = ns
+        .netns
+        .strip_prefix("pid ")
+        .and_then(|r| r.split_whitespace().next())
+    {
+        Place::Path(format!("/proc/{pid}/ns/net"))
+    } else {
+        Place::Named(ns.netns.clone())
+    };
+    let a = NsAcc {
+        info: NsInfoLite {
+            inode: ns.inode,
+            name: ns.netns.clone(),
+            place,
+            path: PathBuf::new(),
+        },
+        last_fill: ns.fill,
+        start_cols: None,
+        end_cols: None,
+    };
+    let (mut r, _) = a.report(opts, forecasts, agg);
+    let k = recorded.unwrap_or_else(|| {
+        // No trailer: count the events instead.
+        let t = agg.map(|a| a.totals).unwrap_or_default();
+        CtStats {
+            drop: t.table_full + t.insert_failed,
+            early_drop: t.early_drop,
+            insert_failed: t.insert_failed,
+            ..Default::default()
+        }
+    });
+    r.failures = kinds_from_stats(&k);
+    let (st, why) = status_of(&r, &k, opts.at_risk_fill, opts.at_risk_within.as_secs_f64());
+    r.status = st;
+    r.reasons = why;
+    r.holders_unavailable = Some("a capture does not record the table's entries".into());
+    (a, r, k)
+}
+
+/// The diagnosis of a capture, before its namespaces and advice: what the
+/// header recorded, the entry size measured here (said so when the capture
+/// is another host's).
+fn document(
+    opts: &Options,
+    header: &Header,
+    summary: &Summary,
+    global: Fill,
+    warnings: Vec<String>,
+) -> Diagnosis {
     let mut memory = memory_report(&opts.backend.btf_path, global.max, global.buckets);
     if header.hostname != crate::formats::capture::hostname()
         || header.kernel_release != crate::formats::capture::kernel_release()
@@ -126,7 +157,7 @@ pub(super) fn diagnose(opts: &Options) -> Result<Diagnosis, TraceError> {
             header.kernel_release
         ));
     }
-    let d = Diagnosis {
+    Diagnosis {
         version: env!("CARGO_PKG_VERSION").into(),
         source: "capture".into(),
         files: opts.files.iter().map(|p| p.display().to_string()).collect(),
@@ -143,13 +174,12 @@ pub(super) fn diagnose(opts: &Options) -> Result<Diagnosis, TraceError> {
         sampled_unix_ns: header
             .start_unix_ns
             .saturating_add((summary.duration_s.max(0.0) * 1e9) as u128),
-        settings: settings(opts, forecasts.config()),
+        settings: settings(opts, &forecast::Config::default()),
         status: Status::Healthy,
         exit_code: 0,
         namespaces: Vec::new(),
         memory,
         advice: Vec::new(),
         warnings,
-    };
-    Ok(finish(d, &accs, kernels, opts))
+    }
 }

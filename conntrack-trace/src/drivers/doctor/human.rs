@@ -46,6 +46,23 @@ fn namespace(s: &mut String, n: &NsReport, duration_s: f64) {
     if let (Some(i), Some(e)) = (f.insert_per_s, f.expire_per_s) {
         let _ = writeln!(s, "  new entries {i:.1}/s, leaving {e:.1}/s");
     }
+    failures(s, n, duration_s);
+    counters(s, n);
+    holders(s, n);
+    victims(s, n);
+    let t = &n.timeouts;
+    if let Some(u) = t.udp {
+        let _ = writeln!(
+            s,
+            "  timeouts: udp {u} s, udp stream {} s, tcp syn_sent {} s",
+            t.udp_stream.map_or("?".into(), |v| v.to_string()),
+            t.tcp_syn_sent.map_or("?".into(), |v| v.to_string())
+        );
+    }
+}
+
+/// The failures in the window, with their rates.
+fn failures(s: &mut String, n: &NsReport, duration_s: f64) {
     let rate = |n: u64| {
         if duration_s > 0.0 && n > 0 {
             format!(" ({:.0}/s)", n as f64 / duration_s)
@@ -64,23 +81,32 @@ fn namespace(s: &mut String, n: &NsReport, duration_s: f64) {
         fl.insert_failed,
         rate(fl.insert_failed)
     );
-    if !n.counters.is_empty() {
+}
+
+/// The kernel's per-CPU counters, with what each means.
+fn counters(s: &mut String, n: &NsReport) {
+    if n.counters.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "  kernel counters (total, change in the window, per CPU):"
+    );
+    for c in &n.counters {
         let _ = writeln!(
             s,
-            "  kernel counters (total, change in the window, per CPU):"
+            "    {:<15} {:>10} {:>+9}  [{}]  {}",
+            c.name,
+            c.total,
+            c.delta,
+            per_cpu(&c.per_cpu_delta),
+            c.meaning
         );
-        for c in &n.counters {
-            let _ = writeln!(
-                s,
-                "    {:<15} {:>10} {:>+9}  [{}]  {}",
-                c.name,
-                c.total,
-                c.delta,
-                per_cpu(&c.per_cpu_delta),
-                c.meaning
-            );
-        }
     }
+}
+
+/// Which entries hold the table (or why that is unknown).
+fn holders(s: &mut String, n: &NsReport) {
     match (&n.holders, &n.holders_unavailable) {
         (Some(h), _) => {
             let _ = writeln!(
@@ -107,29 +133,25 @@ fn namespace(s: &mut String, n: &NsReport, duration_s: f64) {
         }
         _ => {}
     }
-    if !n.victims.is_empty() {
-        let _ = writeln!(s, "  dropped services:");
-        for v in &n.victims {
-            let _ = writeln!(
-                s,
-                "    {:<12} {:>8} failures from {} source(s){}",
-                v.service,
-                v.drops,
-                v.sources,
-                v.top_src
-                    .as_ref()
-                    .map(|a| format!(", most from {a}"))
-                    .unwrap_or_default()
-            );
-        }
+}
+
+/// The services dropped, most failures first.
+fn victims(s: &mut String, n: &NsReport) {
+    if n.victims.is_empty() {
+        return;
     }
-    let t = &n.timeouts;
-    if let Some(u) = t.udp {
+    let _ = writeln!(s, "  dropped services:");
+    for v in &n.victims {
         let _ = writeln!(
             s,
-            "  timeouts: udp {u} s, udp stream {} s, tcp syn_sent {} s",
-            t.udp_stream.map_or("?".into(), |v| v.to_string()),
-            t.tcp_syn_sent.map_or("?".into(), |v| v.to_string())
+            "    {:<12} {:>8} failures from {} source(s){}",
+            v.service,
+            v.drops,
+            v.sources,
+            v.top_src
+                .as_ref()
+                .map(|a| format!(", most from {a}"))
+                .unwrap_or_default()
         );
     }
 }
@@ -186,6 +208,15 @@ pub fn render(d: &Diagnosis) -> String {
     if let Some(note) = &m.note {
         let _ = writeln!(s, "  ({})", field(note));
     }
+    advice(&mut s, d);
+    for w in &d.warnings {
+        let _ = writeln!(s, "\nnote: {}", field(w));
+    }
+    s
+}
+
+/// The advice, ranked, with its commands.
+fn advice(s: &mut String, d: &Diagnosis) {
     if d.advice.is_empty() {
         let _ = writeln!(s, "\nadvice: none — nothing to change");
     } else {
@@ -213,10 +244,6 @@ pub fn render(d: &Diagnosis) -> String {
             }
         }
     }
-    for w in &d.warnings {
-        let _ = writeln!(s, "\nnote: {}", field(w));
-    }
-    s
 }
 
 #[cfg(test)]

@@ -207,17 +207,7 @@ impl<'o> Live<'o> {
                 a.end_cols = Some(cols);
             }
         }
-        let mut warnings = Vec::new();
-        if end.counters.lost.total() > 0 {
-            warnings.push(format!(
-                "{} events lost in the ring buffer: victims are undercounted",
-                end.counters.lost.total()
-            ));
-        }
-        if end.decode_errors > 0 {
-            let n = end.decode_errors;
-            warnings.push(format!("{n} ring records could not be decoded"));
-        }
+        let warnings = warnings(&end);
         let kernels = self.reports();
         let (accs, kernels) = shown(self.accs, kernels, self.opts.netns.is_none());
         let global = accs
@@ -276,6 +266,22 @@ impl<'o> Live<'o> {
             })
             .collect()
     }
+}
+
+/// What the session could not see: events lost or undecodable.
+fn warnings(end: &live::Ending) -> Vec<String> {
+    let mut w = Vec::new();
+    if end.counters.lost.total() > 0 {
+        w.push(format!(
+            "{} events lost in the ring buffer: victims are undercounted",
+            end.counters.lost.total()
+        ));
+    }
+    if end.decode_errors > 0 {
+        let n = end.decode_errors;
+        w.push(format!("{n} ring records could not be decoded"));
+    }
+    w
 }
 
 /// Without --netns, the namespaces that use conntrack (or else the

@@ -9,6 +9,9 @@
 
 use std::io::{self, Write};
 
+use super::Sink;
+use crate::kernel::error::TraceError;
+
 /// The reader of this stream went away.
 pub fn is_closed(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::BrokenPipe
@@ -73,6 +76,34 @@ impl<W: Write> Write for Pipe<W> {
 /// ignored — there is nowhere else to say it.
 pub fn diag(line: impl std::fmt::Display) {
     let _ = writeln!(io::stderr(), "{line}");
+}
+
+/// The sink, minus a reader who left: EPIPE ends output quietly (the one
+/// place a live session's output handles it).
+pub struct Out<'s> {
+    sink: &'s mut dyn Sink,
+    pub closed: bool,
+}
+
+impl<'s> Out<'s> {
+    pub fn new(sink: &'s mut dyn Sink) -> Out<'s> {
+        Out {
+            sink,
+            closed: false,
+        }
+    }
+}
+
+impl Out<'_> {
+    pub fn send(
+        &mut self,
+        w: impl FnOnce(&mut dyn Sink) -> std::io::Result<()>,
+    ) -> Result<(), TraceError> {
+        if self.closed {
+            return Ok(());
+        }
+        quiet(w(&mut *self.sink), &mut self.closed).map_err(TraceError::io("writing output"))
+    }
 }
 
 #[cfg(test)]
