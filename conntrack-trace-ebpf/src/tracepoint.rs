@@ -232,21 +232,6 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
     }
 }
 
-/// The floor under [`kfree_skb`]'s cost: an empty program on the same
-/// hook. Never loaded by the tracer; `cargo xtask bench newflow` attaches
-/// it (conntrack-trace/examples/empty_hooks.rs) to measure what the hook
-/// itself costs a run, beside ours.
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb_empty(_ctx: BtfTracePointContext) -> i32 {
-    0
-}
-
-/// The floor under [`kmem_cache_free`]'s cost (see [`kfree_skb_empty`]).
-#[btf_tracepoint(function = "kmem_cache_free")]
-pub fn kmem_free_empty(_ctx: BtfTracePointContext) -> i32 {
-    0
-}
-
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
     let _ = try_kmem_cache_free(&ctx);

@@ -365,34 +365,6 @@ pub(crate) fn load_object(
         })
 }
 
-/// Loads and attaches the object's empty programs on `kfree_skb` and
-/// `kmem_cache_free` (`kfree_skb_empty`, `kmem_free_empty`): what a run
-/// of those hooks costs with nothing in it, the floor under the tracer's
-/// programs. For the benchmarks only (conntrack-trace/examples/empty_hooks.rs);
-/// detached when the returned object is dropped.
-#[doc(hidden)]
-pub fn attach_empty_hooks() -> Result<Ebpf, TraceError> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| TraceError::Other(format!("kernel BTF: {e}")))?;
-    let mut ebpf = load_object(&btf, &Offsets::default(), &Config::default(), 4096)?;
-    for (prog, hook) in [
-        ("kfree_skb_empty", "kfree_skb"),
-        ("kmem_free_empty", "kmem_cache_free"),
-    ] {
-        let load = |e: &dyn std::fmt::Display| TraceError::Load {
-            prog: prog.into(),
-            msg: e.to_string(),
-        };
-        let p: &mut aya::programs::BtfTracePoint = ebpf
-            .program_mut(prog)
-            .ok_or_else(|| load(&"missing from the object"))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| load(&e))?;
-        p.load(hook, &btf).map_err(|e| load(&e))?;
-        p.attach().map_err(|e| load(&e))?;
-    }
-    Ok(ebpf)
-}
-
 /// The line of a verifier log that names the rejection: the last one that
 /// is not a statistics line ("processed N insns", ...).
 pub(crate) fn verifier_verdict(log: &str) -> String {

@@ -101,6 +101,59 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, 
         })
 }
 
+/// The slab hook that sees evictions on this kernel, with the addresses it
+/// needs written into `config` — or why evictions are off.
+fn eviction_hook(kbtf: &KernelBtf, on: bool, config: &mut Config) -> (Hook, Evictions) {
+    let mut kmem = KMEM_BY_CACHE;
+    let mut evictions = if on {
+        Evictions::On
+    } else {
+        Evictions::Off("--evictions off".into())
+    };
+    if evictions.is_on() {
+        // Since 6.2 the tracepoint passes the cache (call_site, ptr, s);
+        // before, its name (call_site, ptr, name) — commit "mm, slab:
+        // pass kmem_cache to trace_kmem_cache_free" (6.2). Both forms
+        // work; the name form compares the name string until the
+        // pointer to it is learned (FREE_BY_NAME in the program).
+        let by_cache = kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::PtrTo("kmem_cache"));
+        let by_name = kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::CharPtr);
+        match (
+            by_cache,
+            by_name,
+            kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::VoidPtr),
+            kallsyms::function_range_from_proc("early_drop"),
+        ) {
+            (_, _, _, Err(e)) => evictions = Evictions::Off(e.to_string()),
+            (Ok(2), _, Ok(1), Ok(range)) => {
+                config.early_drop_start = range.start;
+                config.early_drop_end = range.end;
+            }
+            (Err(_), Ok(2), Ok(1), Ok(range)) => {
+                config.early_drop_start = range.start;
+                config.early_drop_end = range.end;
+                config.flags |= flags::KMEM_FREE_BY_NAME;
+            }
+            // Neither cache nor name (before 5.12): the call site.
+            (Err(_), Err(_), Ok(1), Ok(range)) => {
+                match kallsyms::function_range_from_proc("nf_conntrack_free") {
+                    Ok(site) => {
+                        config.early_drop_start = range.start;
+                        config.early_drop_end = range.end;
+                        config.ct_free_start = site.start;
+                        config.ct_free_end = site.end;
+                        kmem = KMEM_BY_SITE;
+                    }
+                    Err(e) => evictions = Evictions::Off(e.to_string()),
+                }
+            }
+            (Err(e), Err(_), _, _) | (_, _, Err(e), _) => evictions = Evictions::Off(e.to_string()),
+            _ => evictions = Evictions::Off("unexpected kmem_cache_free arguments".into()),
+        }
+    }
+    (kmem, evictions)
+}
+
 impl Tracepoints {
     /// Resolves layouts from BTF and loads the programs (not yet attached).
     pub(crate) fn load(opts: &Options, types: &KernelTypes) -> Result<Tracepoints, TraceError> {
@@ -139,55 +192,7 @@ impl Tracepoints {
             config.netfilter_drop_reason =
                 kbtf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?;
         }
-        let mut kmem = KMEM_BY_CACHE;
-        let mut evictions = if opts.evictions {
-            Evictions::On
-        } else {
-            Evictions::Off("--evictions off".into())
-        };
-        if evictions.is_on() {
-            // Since 6.2 the tracepoint passes the cache (call_site, ptr, s);
-            // before, its name (call_site, ptr, name) — commit "mm, slab:
-            // pass kmem_cache to trace_kmem_cache_free" (6.2). Both forms
-            // work; the name form compares the name string until the
-            // pointer to it is learned (FREE_BY_NAME in the program).
-            let by_cache = kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::PtrTo("kmem_cache"));
-            let by_name = kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::CharPtr);
-            match (
-                by_cache,
-                by_name,
-                kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::VoidPtr),
-                kallsyms::function_range_from_proc("early_drop"),
-            ) {
-                (_, _, _, Err(e)) => evictions = Evictions::Off(e.to_string()),
-                (Ok(2), _, Ok(1), Ok(range)) => {
-                    config.early_drop_start = range.start;
-                    config.early_drop_end = range.end;
-                }
-                (Err(_), Ok(2), Ok(1), Ok(range)) => {
-                    config.early_drop_start = range.start;
-                    config.early_drop_end = range.end;
-                    config.flags |= flags::KMEM_FREE_BY_NAME;
-                }
-                // Neither cache nor name (before 5.12): the call site.
-                (Err(_), Err(_), Ok(1), Ok(range)) => {
-                    match kallsyms::function_range_from_proc("nf_conntrack_free") {
-                        Ok(site) => {
-                            config.early_drop_start = range.start;
-                            config.early_drop_end = range.end;
-                            config.ct_free_start = site.start;
-                            config.ct_free_end = site.end;
-                            kmem = KMEM_BY_SITE;
-                        }
-                        Err(e) => evictions = Evictions::Off(e.to_string()),
-                    }
-                }
-                (Err(e), Err(_), _, _) | (_, _, Err(e), _) => {
-                    evictions = Evictions::Off(e.to_string())
-                }
-                _ => evictions = Evictions::Off("unexpected kmem_cache_free arguments".into()),
-            }
-        }
+        let (kmem, evictions) = eviction_hook(kbtf, opts.evictions, &mut config);
         let aya_btf = &types.aya;
         let mut ebpf = super::load_object(aya_btf, &offsets, &config, opts.ring_bytes)?;
 
