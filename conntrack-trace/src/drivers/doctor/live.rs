@@ -73,6 +73,27 @@ fn unix_now_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
+/// Each namespace of `list` that has a conntrack table, with its first
+/// sample (those without one are left out).
+fn first_samples(list: &[NetnsInfo], init_inode: Option<u32>) -> Vec<NsAcc> {
+    list.iter()
+        .filter_map(|ns| {
+            let (fill, cols) = sample(&ns.path)?;
+            Some(NsAcc {
+                info: NsInfoLite {
+                    inode: ns.inode,
+                    name: ns.name.clone(),
+                    place: place_of(ns, init_inode),
+                    path: ns.path.clone(),
+                },
+                last_fill: fill,
+                start_cols: cols,
+                end_cols: None,
+            })
+        })
+        .collect()
+}
+
 pub(super) struct Live<'o> {
     opts: &'o Options,
     session: live::Started,
@@ -92,23 +113,7 @@ impl<'o> Live<'o> {
             Some(spec) => vec![netns::resolve(spec)?],
             None => all.values().cloned().collect(),
         };
-        let accs: Vec<NsAcc> = list
-            .iter()
-            .filter_map(|ns| {
-                let (fill, cols) = sample(&ns.path)?;
-                Some(NsAcc {
-                    info: NsInfoLite {
-                        inode: ns.inode,
-                        name: ns.name.clone(),
-                        place: place_of(ns, init_inode),
-                        path: ns.path.clone(),
-                    },
-                    last_fill: fill,
-                    start_cols: cols,
-                    end_cols: None,
-                })
-            })
-            .collect();
+        let accs = first_samples(&list, init_inode);
         if accs.is_empty() {
             return Err(TraceError::Unsupported(
                 "no namespace with conntrack to diagnose (is nf_conntrack loaded?)".into(),
