@@ -540,25 +540,26 @@ pub fn ns_fills(scope: &[netns::Held]) -> Vec<NsFill> {
 /// may not or cannot write fails the run first) and removed again if the
 /// run fails before it holds a result.
 pub fn prepare_outputs(
-    opts: &mut crate::drivers::trace::TraceOptions,
+    backend: &backend::Options,
+    write: Option<capture::WriteOptions>,
+    ready_file: Option<&std::path::Path>,
 ) -> Result<(Option<capture::writer::Prepared>, Option<ReadyFile>), TraceError> {
-    let inputs: Vec<Input> = opts
-        .backend
+    let inputs: Vec<Input> = backend
         .btf_path
         .metadata()
         .ok()
-        .filter(|_| opts.backend.btf_explicit)
+        .filter(|_| backend.btf_explicit)
         .map(|m| Input {
-            path: opts.backend.btf_path.display().to_string(),
+            path: backend.btf_path.display().to_string(),
             id: FileId::of(&m),
         })
         .into_iter()
         .collect();
-    let prepared = match opts.write.take() {
+    let prepared = match write {
         Some(w) => Some(capture::writer::prepare(w, &inputs).map_err(write_error)?),
         None => None,
     };
-    let ready = match &opts.ready_file {
+    let ready = match ready_file {
         Some(path) => {
             let mut protect = inputs.clone();
             protect.extend(prepared.as_ref().map(|p| p.as_input()));

@@ -21,7 +21,8 @@ use crate::{
     },
 };
 
-use super::report::MAX_ROWS;
+/// Most timeline rows (an hour of seconds).
+pub const MAX_ROWS: u64 = 3600;
 
 /// What `report`, `export` and `doctor FILE` select from a capture: the
 /// live filters, a time window, and the amplification settings — plain

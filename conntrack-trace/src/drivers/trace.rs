@@ -154,7 +154,8 @@ fn resolve_scope(
 impl<'s> Session<'s> {
     fn start(mut opts: TraceOptions, sink: &'s mut dyn Sink) -> Result<Session<'s>, TraceError> {
         let all = crate::kernel::workload::named(live::host()?);
-        let (prepared, ready) = live::prepare_outputs(&mut opts)?;
+        let (prepared, ready) =
+            live::prepare_outputs(&opts.backend, opts.write.take(), opts.ready_file.as_deref())?;
         let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
         let started = live::start(opts.choice, &opts.backend, &list, scope_desc)?;
         let (facts, scope) = (&started.facts, &started.scope);

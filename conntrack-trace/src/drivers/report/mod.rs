@@ -92,8 +92,7 @@ pub struct Timeline {
     pub rows: Vec<TimelineRow>,
 }
 
-/// Most timeline rows (an hour of seconds).
-pub const MAX_ROWS: u64 = 3600;
+pub use super::offline::MAX_ROWS;
 
 /// `report --format json`: one document, tagged by `type`.
 #[derive(Debug, Serialize)]
