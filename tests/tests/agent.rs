@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, ensure};
 use conntrack_trace_tests::{
     Daemon, Sysctl, Topology,
     agent::{Agent, free_port, http_get, sample},
-    binary, in_netns, kernel_test, traffic,
+    binary, in_netns, json, kernel_test, traffic,
 };
 
 /// In the VM image there is no Prometheus (busybox userland).
@@ -215,6 +215,7 @@ fn prometheus_sees_exactly_the_kernels_drops() -> Result<()> {
         "table full: {fill:?}"
     );
     let err = agent.stop()?;
+    json::state_lines(&err, true)?;
     assert!(err.contains("\"event\":\"drops_started\""), "{err}");
     assert!(err.contains("\"event\":\"table_high\""), "{err}");
     Ok(())
@@ -299,7 +300,7 @@ fn cardinality_cap_holds_with_thousands_of_sources() -> Result<()> {
         .filter(|l| l.starts_with("conntrack_trace_source_drops_total{"))
         .count();
     assert!(lines <= CAP + 2, "{lines} exposed series");
-    agent.stop()?;
+    json::state_lines(&agent.stop()?, true)?;
     Ok(())
 }
 
@@ -311,7 +312,7 @@ fn report_json(files: &[PathBuf]) -> Result<(serde_json::Value, String)> {
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(out.status.success(), "report failed: {err}");
-    Ok((serde_json::from_slice(&out.stdout)?, err))
+    Ok((json::report_value(&String::from_utf8(out.stdout)?)?, err))
 }
 
 fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -401,6 +402,8 @@ fn recorder_survives_sigkill_and_restart() -> Result<()> {
     })?;
     let _ = killed_at;
     let err = agent.kill().unwrap_or_default();
+    // SIGKILL may cut the last line short: the complete ones are typed.
+    json::state_lines(&err, false)?;
     let runs = run_files(&dir)?;
     ensure!(runs.len() == 1, "one run: {runs:?}");
     let files: Vec<PathBuf> = runs.values().next().cloned().unwrap_or_default();
@@ -428,6 +431,7 @@ fn recorder_survives_sigkill_and_restart() -> Result<()> {
     unsafe { libc::kill(agent.pid(), libc::SIGUSR1) };
     std::thread::sleep(Duration::from_millis(600));
     let err2 = agent.stop()?;
+    json::state_lines(&err2, true)?;
     assert!(err2.contains("\"reason\":\"SIGUSR1\""), "{err2}");
     let runs = run_files(&dir)?;
     assert_eq!(runs.len(), 2, "the first run's files are kept: {runs:?}");
@@ -501,7 +505,7 @@ fn recorder_size_bound_holds_under_flood() -> Result<()> {
         ),
     )
     .unwrap_or(0.0);
-    agent.stop()?;
+    json::state_lines(&agent.stop()?, true)?;
     let end: u64 = files_in(&dir.join("rolling"))?
         .iter()
         .filter_map(|p| p.metadata().ok())
@@ -604,7 +608,7 @@ fn agent_cost_idle_and_under_flood() -> Result<()> {
         flood_cpu * 100.0,
         rss_flood as f64 / (1 << 20) as f64
     );
-    agent.stop()?;
+    json::state_lines(&agent.stop()?, true)?;
     assert!(rate > 5000.0, "a flood of thousands of drops/s: {rate}");
     assert!(rss_flood < 256 << 20, "within the DaemonSet's memory limit");
     assert!(idle_cpu < 0.05, "idle costs little: {idle_cpu}");
@@ -701,6 +705,7 @@ fn namespaces_that_appear_later_get_table_metrics() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let err = agent.stop()?;
+    json::state_lines(&err, true)?;
     for (event, ns) in [
         ("netns_added", &server),
         ("netns_removed", &server),

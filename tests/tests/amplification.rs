@@ -227,7 +227,7 @@ fn dns_query_retries_are_flagged() -> anyhow::Result<()> {
         );
         Ok(String::from_utf8(o.stdout)?)
     };
-    let rep: serde_json::Value = serde_json::from_str(&report("json")?)?;
+    let rep: serde_json::Value = json::report_value(&report("json")?)?;
     let offline: Vec<json::Finding> = serde_json::from_value(rep["summary"]["findings"].clone())?;
     ensure!(
         offline == out.summary.findings,

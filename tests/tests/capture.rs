@@ -81,7 +81,7 @@ fn capture_round_trip_equals_live_output() -> Result<()> {
     json::Output::parse(&exported).context("the export parses with the live schema")?;
 
     // report json: the same summary, and the counter check passes.
-    let rep: Value = serde_json::from_str(&ctt_ok(&[
+    let rep: Value = json::report_value(&ctt_ok(&[
         "report",
         s(&file),
         "--format",
@@ -118,7 +118,7 @@ fn capture_round_trip_equals_live_output() -> Result<()> {
     assert!(svg.starts_with("<svg") && svg.contains(r#"class="table_full""#));
 
     // Filters: another port matches nothing; --since past the end too.
-    let none: Value = serde_json::from_str(&ctt_ok(&[
+    let none: Value = json::report_value(&ctt_ok(&[
         "report",
         s(&file),
         "--format",
@@ -128,7 +128,7 @@ fn capture_round_trip_equals_live_output() -> Result<()> {
     ])?)?;
     assert_eq!(none["summary"]["matched"]["table_full"], 0);
     assert_eq!(none["summary"]["events"]["table_full"], delta.drop);
-    let late: Value = serde_json::from_str(&ctt_ok(&[
+    let late: Value = json::report_value(&ctt_ok(&[
         "report",
         s(&file),
         "--format",
@@ -286,7 +286,7 @@ fn capture_survives_sigkill() -> Result<()> {
 
     let (code, out, err) = ctt(&["report", s(&file), "--format", "json"])?;
     ensure!(code == 0, "report of a killed capture: {err}");
-    let r: Value = serde_json::from_str(&out)?;
+    let r: Value = json::report_value(&out)?;
     assert_eq!(r["check"]["trailer"], false);
     assert_eq!(r["summary"]["complete"], false);
     assert_eq!(r["check"]["all_captured"], false);
@@ -321,7 +321,7 @@ fn capture_survives_sigkill() -> Result<()> {
     );
     let torn = dir.path("torn.ctt");
     std::fs::write(&torn, &bytes[..whole - 5])?;
-    let r: Value = serde_json::from_str(&ctt_ok(&["report", s(&torn), "--format", "json"])?)?;
+    let r: Value = json::report_value(&ctt_ok(&["report", s(&torn), "--format", "json"])?)?;
     let torn_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(torn_ended.contains("torn record"), "{torn_ended}");
     let off = cut_offset(torn_ended)?;
@@ -334,7 +334,7 @@ fn capture_survives_sigkill() -> Result<()> {
     // last whole record is not always a table_full event).
     let prefix = dir.path("prefix.ctt");
     std::fs::write(&prefix, &bytes[..off])?;
-    let p: Value = serde_json::from_str(&ctt_ok(&["report", s(&prefix), "--format", "json"])?)?;
+    let p: Value = json::report_value(&ctt_ok(&["report", s(&prefix), "--format", "json"])?)?;
     assert_eq!(r["summary"]["events"], p["summary"]["events"]);
     let whole_events = events_total(&ctt_json(&file)?);
     let torn_events = events_total(&r);
@@ -362,7 +362,7 @@ fn capture_survives_sigkill() -> Result<()> {
         &mid_write,
         [&bytes[..whole], &bytes[off..off + 12]].concat(),
     )?;
-    let r: Value = serde_json::from_str(&ctt_ok(&["report", s(&mid_write), "--format", "json"])?)?;
+    let r: Value = json::report_value(&ctt_ok(&["report", s(&mid_write), "--format", "json"])?)?;
     assert_eq!(r["summary"]["events"]["table_full"].as_u64(), Some(got));
     let mid_ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(mid_ended.contains("torn record"), "{mid_ended}");
@@ -378,14 +378,9 @@ fn events_total(report: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// `report FILE --format json`, parsed.
+/// `report FILE --format json`, parsed (and checked against the typed view).
 fn ctt_json(file: &Path) -> Result<Value> {
-    Ok(serde_json::from_str(&ctt_ok(&[
-        "report",
-        s(file),
-        "--format",
-        "json",
-    ])?)?)
+    json::report_value(&ctt_ok(&["report", s(file), "--format", "json"])?)
 }
 
 /// Polls a capture being written until it holds at least `want` table_full
@@ -393,10 +388,13 @@ fn ctt_json(file: &Path) -> Result<Value> {
 fn wait_for_events(file: &Path, want: u64, within: Duration) -> Result<u64> {
     let deadline = Instant::now() + within;
     loop {
-        let got = ctt(&["report", s(file), "--format", "json"])
-            .ok()
-            .filter(|(code, _, _)| *code == 0)
-            .and_then(|(_, out, _)| serde_json::from_str::<Value>(&out).ok())
+        // A report that ran is checked against the typed view: a schema
+        // change fails here instead of looking like a capture still empty.
+        let report = match ctt(&["report", s(file), "--format", "json"]) {
+            Ok((0, out, _)) => Some(json::report_value(&out)?),
+            _ => None,
+        };
+        let got = report
             .and_then(|v| v["summary"]["events"]["table_full"].as_u64())
             .unwrap_or(0);
         if got >= want || Instant::now() > deadline {
@@ -471,8 +469,8 @@ fn rotated_capture_reads_as_one() -> Result<()> {
 
     let mut args = vec!["report", "--format", "json", "--top", "50"];
     args.extend(files.iter().map(String::as_str));
-    let rb: Value = serde_json::from_str(&ctt_ok(&args)?)?;
-    let ra: Value = serde_json::from_str(&ctt_ok(&[
+    let rb: Value = json::report_value(&ctt_ok(&args)?)?;
+    let ra: Value = json::report_value(&ctt_ok(&[
         "report",
         s(&one),
         "--format",
@@ -574,7 +572,7 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
     ensure!(delta.drop > 100_000, "the flood was too small: {delta:?}");
     assert_eq!(sum.lost.table_full, 0, "no event lost at this rate");
     assert_eq!(sum.events.table_full, delta.drop);
-    let r: Value = serde_json::from_str(&ctt_ok(&["report", s(&file), "--format", "json"])?)?;
+    let r: Value = json::report_value(&ctt_ok(&["report", s(&file), "--format", "json"])?)?;
     assert_eq!(r["check"]["all_captured"], true, "{}", r["check"]);
     assert_eq!(r["summary"]["events"]["table_full"], delta.drop);
     Ok(())

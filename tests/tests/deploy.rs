@@ -12,7 +12,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use conntrack_trace_tests::{backend_args, binary, http_metrics, kernel_test, manifest::DaemonSet};
+use conntrack_trace_tests::{
+    backend_args, binary, http_metrics, json, kernel_test, manifest::DaemonSet,
+};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -172,6 +174,8 @@ fn agent_with(caps: &[String]) -> Result<(bool, String, String)> {
     let _ = fs::remove_file(&ready);
     let text = fs::read_to_string(&err).unwrap_or_default();
     let _ = fs::remove_file(&err);
+    // Its state lines, through the typed view (the agent exited).
+    json::state_lines(&text, true)?;
     Ok((ok, text, metrics))
 }
 

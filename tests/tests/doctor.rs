@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use conntrack_trace_tests::{
-    Sysctl, Topology, backend_args, binary, dns, kernel_test, traffic, wait_bounded,
+    Sysctl, Topology, backend_args, binary, dns, json, kernel_test, traffic, wait_bounded,
 };
 use serde_json::Value;
 
@@ -41,6 +41,7 @@ fn doctor_json(args: &[&str]) -> Result<(i32, Value)> {
     let (code, out, err) = doctor(&a)?;
     let v: Value = serde_json::from_str(&out)
         .with_context(|| format!("doctor (exit {code}) printed no JSON: {out:?} {err}"))?;
+    json::Doctor::parse(&out)?;
     Ok((code, v))
 }
 

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use conntrack_trace_tests::{
-    Netns, Scratch, Tracer, binary, kernel_test, path_str as s, root_or_skip, wait_bounded,
+    Netns, Scratch, Tracer, binary, json, kernel_test, path_str as s, root_or_skip, wait_bounded,
 };
 use serde_json::Value;
 
@@ -468,7 +468,7 @@ fn sigkill_right_after_ready_leaves_a_capture_with_a_header() -> Result<()> {
     tracer.kill()?;
     let (code, out, err) = ctt(&["report", s(&file), "--format", "json"])?;
     ensure!(code == 0, "report after SIGKILL: {err}");
-    let r: Value = serde_json::from_str(&out)?;
+    let r: Value = json::report_value(&out)?;
     assert_eq!(r["check"]["trailer"], false);
     assert_eq!(r["capture"]["format_version"], 2);
     let ended = r["files"][0]["ended"].as_str().unwrap_or_default();

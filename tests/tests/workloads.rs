@@ -465,7 +465,7 @@ fn flood_and_check(
                 &w.netns_name,
             ],
         )?;
-        let v: serde_json::Value = serde_json::from_str(&r)?;
+        let v: serde_json::Value = json::report_value(&r)?;
         let n = v["summary"]["matched"]["table_full"]
             .as_u64()
             .context("report summary")?;
@@ -800,7 +800,7 @@ fn agent_labels_series_with_pods_and_containers() -> Result<()> {
     wait_metrics(&agent, "the removed container's series gone", |t| {
         Ok(!t.contains(WEB))
     })?;
-    agent.stop()?;
+    json::state_lines(&agent.stop()?, true)?;
     drop(pod);
     drop(rm);
     Ok(())
