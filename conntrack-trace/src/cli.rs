@@ -83,6 +83,11 @@ pub struct AgentArgs {
     /// Ring buffer size in bytes (power of two, >= page size).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    /// Events per second per CPU; beyond it events are sampled by flow and
+    /// the rest only counted (0: every drop an event).
+    #[arg(long, value_name = "N", default_value_t = crate::backend::DEFAULT_AGENT_EVENT_BUDGET,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(conntrack_trace_common::MAX_EVENT_BUDGET)))]
+    pub event_budget: u32,
     /// Label per-namespace and per-source series with the namespace's pod
     /// (pod_namespace, pod_name) and container (container_name); empty
     /// where the namespace is not a pod's or a container's.
@@ -116,6 +121,7 @@ impl AgentArgs {
                 evictions: self.evictions == OnOff::On,
                 rule_drops: false,
                 ring_bytes: self.ring_size.unwrap_or(crate::backend::DEFAULT_RING_BYTES),
+                event_budget: self.event_budget,
             },
             metrics_addr: self.metrics_addr,
             max_series: self.max_series,
@@ -196,6 +202,7 @@ impl DoctorArgs {
                 evictions: true,
                 rule_drops: false,
                 ring_bytes: crate::backend::DEFAULT_RING_BYTES,
+                event_budget: crate::backend::DEFAULT_TRACE_EVENT_BUDGET,
             },
             at_risk_fill: self.at_risk_fill,
             at_risk_within: self.at_risk_within,
@@ -289,6 +296,11 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes (power of two, >= page size).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    /// Events per second per CPU; beyond it events are sampled by flow and
+    /// the rest only counted (0: every drop an event).
+    #[arg(long, value_name = "N", default_value_t = crate::backend::DEFAULT_TRACE_EVENT_BUDGET,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(conntrack_trace_common::MAX_EVENT_BUDGET)))]
+    pub event_budget: u32,
     #[command(flatten)]
     pub amp: AmpArgs,
     /// Also record every event (before filters) to this capture file,

@@ -99,6 +99,7 @@ fn trace(args: TraceArgs) -> i32 {
             evictions: args.evictions == OnOff::On,
             rule_drops: args.rule_drops,
             ring_bytes: args.ring_size.unwrap_or(DEFAULT_RING_BYTES),
+            event_budget: args.event_budget,
         },
         max_sources: DEFAULT_MAX_SOURCES,
         amp,

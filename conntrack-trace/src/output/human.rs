@@ -191,7 +191,7 @@ pub fn render_live(v: &LiveView<'_>) -> String {
     if let Some(top) = v.exact_top {
         let _ = writeln!(
             s,
-            "(events were lost: counts below are the programs' exact per-source counts)"
+            "(events were lost or shed: counts below are the programs' exact per-source counts)"
         );
         s.push_str(&render_top(top, true));
     } else if v.per_packet {
@@ -355,7 +355,14 @@ pub fn render_summary(sum: &Summary) -> String {
     } else if !sum.complete {
         let _ = writeln!(
             s,
-            "WARNING: events + lost != observed: the event stream is incomplete"
+            "WARNING: events + lost + shed != observed: the event stream is incomplete"
+        );
+    }
+    if sum.shed.total() > 0 {
+        let _ = writeln!(
+            s,
+            "{} drops shed by the event budget (--event-budget: events sampled by flow, the rest counted only)",
+            sum.shed.total()
         );
     }
     if sum.lost.total() > 0 {
@@ -632,6 +639,7 @@ mod tests {
                 table_full: 2,
                 ..Default::default()
             },
+            shed: KindCounts::default(),
             observed: KindCounts {
                 table_full: 7,
                 ..Default::default()
@@ -664,7 +672,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("WARNING: events + lost != observed"),
+            text.contains("WARNING: events + lost + shed != observed"),
             "{text}"
         );
         assert!(text.contains("WARNING: 2 events lost"), "{text}");

@@ -38,6 +38,7 @@ impl Summary {
             events: t.events,
             matched: t.matched,
             lost: t.lost,
+            shed: t.shed,
             observed: t.observed,
             complete: t.complete,
             kernel: t.kernel,
