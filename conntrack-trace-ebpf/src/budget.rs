@@ -102,15 +102,21 @@ pub(crate) fn admit(ev: &RawEvent, now: u64) -> Admit {
     if denom > 1 && (flow_hash(ev) as u64) * denom >= 1 << 32 {
         return Admit::Shed;
     }
-    // Refill: at most a bucket's worth, so no product overflows.
+    // Refill: at most a bucket's worth, so no product overflows. The
+    // first drop finds the bucket full (at least one event, whatever the
+    // budget).
     let mut dt = now.wrapping_sub(s.refilled);
     if dt > BUCKET_NS {
         dt = BUCKET_NS;
     }
-    s.refilled = now;
     let cap = budget * BUCKET_NS;
     let cap = if cap < TOKEN { TOKEN } else { cap };
-    let mut tokens = s.tokens + dt * budget;
+    let mut tokens = if s.refilled == 0 {
+        cap
+    } else {
+        s.tokens + dt * budget
+    };
+    s.refilled = now;
     if tokens > cap {
         tokens = cap;
     }
