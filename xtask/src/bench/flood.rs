@@ -39,6 +39,10 @@ pub struct Args {
     /// build of the previous commit), for before/after ratios.
     #[arg(long)]
     pub compare: Option<PathBuf>,
+    /// More arguments for the `--compare` binary, in all of its rounds
+    /// (e.g. "--event-budget 1" to measure its shed path).
+    #[arg(long, allow_hyphen_values = true, requires = "compare")]
+    pub compare_args: Option<String>,
 }
 
 /// One measurement of one configuration.
@@ -195,12 +199,21 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             human: false,
         });
     }
+    let compare_extra: Vec<String> = args
+        .compare_args
+        .iter()
+        .flat_map(|a| a.split_whitespace().map(str::to_owned))
+        .collect();
+    let compare_label = |label: &str| match &args.compare_args {
+        Some(a) => format!("{label} {a}"),
+        None => label.to_owned(),
+    };
     if let Some((label, b)) = bins.get(1) {
         configs.push(Config {
-            label: label.clone(),
+            label: compare_label(label),
             bin: Some(b.clone()),
             stats: false,
-            extra: Vec::new(),
+            extra: compare_extra.clone(),
             human: false,
         });
     }
@@ -254,10 +267,10 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
     }
     if let Some((label, b)) = bins.get(1) {
         configs.push(Config {
-            label: format!("{label}, bpf_stats"),
+            label: format!("{}, bpf_stats", compare_label(label)),
             bin: Some(b.clone()),
             stats: true,
-            extra: Vec::new(),
+            extra: compare_extra,
             human: false,
         });
     }

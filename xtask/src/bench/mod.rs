@@ -144,6 +144,7 @@ pub fn run(args: Args) -> Result<()> {
     let flood_args = flood::Args {
         timed: timed.clone(),
         compare: None,
+        compare_args: None,
     };
     let (flood_md, backend) = flood::run(&bin, &flood_args)?;
     section("Table-full flood", flood_md);
