@@ -22,12 +22,15 @@
 //! * Each event carries `sample_denom`: the number of drops it stands for
 //!   (1 while every drop is an event), so user space can weigh flows.
 //!
-//! The flow: for a DNS query (UDP to port 53) the client and server
-//! addresses, the port and the question name — resolvers (dig, BIND,
-//! unbound, glibc) retry with a new DNS id and often a new source port,
-//! so the 5-tuple would split one query's retries into unrelated flows;
-//! otherwise the 5-tuple. The question's type and class are left out: a
-//! coarser key keeps whole flows together just the same.
+//! The flow is the one user space's amplification detector keys on
+//! (conntrack-trace/src/amplify.rs, `flow_fingerprint()`), so that a
+//! sampled flow's retries are all there for it: for a DNS query (UDP to
+//! any port, a standard query with one question in the captured bytes)
+//! the client and server addresses, the port and the question name —
+//! resolvers (dig, BIND, unbound) retry with a new DNS id and often a new
+//! source port, so the 5-tuple would split one query's retries into
+//! unrelated flows; otherwise the 5-tuple. The question's type is left
+//! out: a coarser key keeps whole flows together just the same.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use conntrack_trace_common::{MAX_EVENT_BUDGET, PKT_BYTES, RawEvent, l3};
@@ -184,15 +187,15 @@ fn flow_hash(ev: &RawEvent) -> u32 {
     h = mix(h, s1);
     h = mix(h, d0);
     h = mix(h, d1);
-    let dns = ev.l4 == 17 && ev.dport == 53;
-    let ports = if dns {
+    let question = if ev.l4 == 17 { dns_question(ev) } else { 0 };
+    let ports = if question != 0 {
         ev.dport as u64
     } else {
         (ev.sport as u64) << 16 | ev.dport as u64
     };
     h = mix(h, (ev.l4 as u64) << 32 | ports);
-    if dns {
-        h = question_hash(ev, h);
+    if question != 0 {
+        h = question_hash(ev, question, h);
     }
     // murmur3's finaliser: every input bit reaches the high half.
     h ^= h >> 33;
@@ -203,18 +206,40 @@ fn flow_hash(ev: &RawEvent) -> u32 {
     (h >> 32) as u32
 }
 
-/// Folds the DNS question name (after the UDP header and the 12-byte DNS
-/// header) into `h`, up to its terminating root label or the end of the
-/// captured bytes, FNV-1a style. Only while sampling: a name costs a few
-/// instructions a byte.
+/// Where the question of a DNS query starts in `ev.pkt`, or 0 when the
+/// datagram is not one: amplify.rs's `dns_question()` test (QR 0, opcode
+/// 0, one question; IPv6 only with UDP right after the fixed header).
 #[inline(always)]
-fn question_hash(ev: &RawEvent, mut h: u64) -> u64 {
+fn dns_question(ev: &RawEvent) -> usize {
     let l4 = match ev.l3 {
         l3::IPV4 => ((ev.pkt[0] & 0x0f) as usize) * 4,
-        l3::IPV6 => 40,
-        _ => return h,
+        l3::IPV6 if ev.pkt[6] == 17 => 40,
+        _ => return 0,
     };
-    let start = l4 + 8 + 12;
+    let dns = l4 + 8;
+    // The header and at least one byte of the name.
+    if dns + 13 > ev.caplen as usize {
+        return 0;
+    }
+    let (Some(&f), Some(&q0), Some(&q1)) = (
+        ev.pkt.get(dns + 2),
+        ev.pkt.get(dns + 4),
+        ev.pkt.get(dns + 5),
+    ) else {
+        return 0;
+    };
+    // QR (0x80) and opcode (0x78) of the flags' first byte.
+    if f & 0xf8 != 0 || q0 != 0 || q1 != 1 {
+        return 0;
+    }
+    dns + 12
+}
+
+/// Folds the DNS question name (from `start` in `ev.pkt`) into `h`, up to
+/// its terminating root label or the end of the captured bytes, FNV-1a
+/// style. Only while sampling: a name costs a few instructions a byte.
+#[inline(always)]
+fn question_hash(ev: &RawEvent, start: usize, mut h: u64) -> u64 {
     let end = ev.caplen as usize;
     let mut i = start;
     while i < PKT_BYTES {

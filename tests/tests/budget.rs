@@ -29,7 +29,10 @@ fn flood_beyond_the_budget_is_counted_not_emitted() -> anyhow::Result<()> {
         s.lost.table_full,
         s.observed.table_full
     );
-    assert!(delta.drop > 1_000, "the table must have overflowed: {delta:?}");
+    assert!(
+        delta.drop > 1_000,
+        "the table must have overflowed: {delta:?}"
+    );
     // What arrived is real: each event names a datagram the test sent.
     assert_events_from(&full, &topo, "udp", 53, sports)?;
     assert_eq!(full.len() as u64, s.events.table_full);
@@ -41,7 +44,10 @@ fn flood_beyond_the_budget_is_counted_not_emitted() -> anyhow::Result<()> {
         s.observed.table_full,
         "events + shed + lost == observed"
     );
-    assert_eq!(s.observed.table_full, delta.drop, "observed is the kernel's");
+    assert_eq!(
+        s.observed.table_full, delta.drop,
+        "observed is the kernel's"
+    );
     assert_eq!(s.kernel.drop, delta.drop);
     assert!(s.complete, "complete counts the shed drops");
     // The events are a sample, so the top source's count comes from the
@@ -72,11 +78,7 @@ fn no_budget_emits_every_drop() -> anyhow::Result<()> {
     let s = &out.summary;
     assert!(delta.drop > 1_000, "{delta:?}");
     assert_eq!(s.shed.table_full, 0);
-    assert_eq!(
-        s.events.table_full + s.lost.table_full,
-        delta.drop,
-        "{s:?}"
-    );
+    assert_eq!(s.events.table_full + s.lost.table_full, delta.drop, "{s:?}");
     assert!(s.complete);
     Ok(())
 }

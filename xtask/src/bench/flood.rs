@@ -188,7 +188,10 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
     // knows no --event-budget) with its own defaults.
     let budgets: [(&str, Vec<String>); 2] = [
         ("", Vec::new()),
-        (", --event-budget 0", vec!["--event-budget".into(), "0".into()]),
+        (
+            ", --event-budget 0",
+            vec!["--event-budget".into(), "0".into()],
+        ),
     ];
     for (suffix, extra) in &budgets {
         configs.push(Config {
@@ -317,7 +320,10 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
                 .collect()
         };
         let count = |f: fn(&Sample) -> Option<u64>| -> Vec<f64> {
-            samples.iter().filter_map(|s| f(s).map(|l| l as f64)).collect()
+            samples
+                .iter()
+                .filter_map(|s| f(s).map(|l| l as f64))
+                .collect()
         };
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
