@@ -40,9 +40,15 @@ pub mod counter {
     pub const fn lost(kind: u8) -> u32 {
         kind::COUNT + kind as u32
     }
+    /// Drops of `kind` beyond the event budget (`Config::event_budget`):
+    /// counted here and in the per-source counts, never emitted. For every
+    /// kind, `seen == emitted + lost + shed`.
+    pub const fn shed(kind: u8) -> u32 {
+        2 * kind::COUNT + kind as u32
+    }
     /// nf_conntrack slab frees inspected after the cache pointer was learned
     /// (how hot the eviction hook is).
-    pub const CT_FREES: u32 = 2 * kind::COUNT;
+    pub const CT_FREES: u32 = 3 * kind::COUNT;
     /// Netfilter drops without an entry whose cause the programs could not
     /// establish (the netns's conntrack counters were unreadable, or the
     /// baseline table was full): counted as `table_full`, as before this
@@ -54,8 +60,13 @@ pub mod counter {
     /// the increment and the free). Each one could have made a later rule
     /// drop on that CPU look like `table_full`.
     pub const DROP_UNMATCHED: u32 = CT_FREES + 2;
+    /// Of the `shed` drops, those whose flow the sampling had selected but
+    /// the token bucket refused (a burst beyond the budget before the
+    /// sampling rate caught up, or one flow above the budget on its own):
+    /// the only shed drops whose flow's other events may have arrived.
+    pub const SHED_BY_BUCKET: u32 = CT_FREES + 3;
     /// Number of entries in the `COUNTERS` map.
-    pub const LEN: u32 = CT_FREES + 3;
+    pub const LEN: u32 = CT_FREES + 4;
 }
 
 /// Layer-3 protocol numbers used in [`RawEvent::l3`] (the IP version).
@@ -104,8 +115,12 @@ pub struct RawEvent {
     /// Bytes of `pkt` that hold the dropped packet, from its network header
     /// on; 0 when the hook had no packet (evictions) or could not read it.
     pub caplen: u16,
-    /// Explicit padding; always zero.
-    pub _pad2: u16,
+    /// Sampling weight: this event stands for `sample_denom` drops of its
+    /// kind (the programs were keeping one flow in `sample_denom`, see
+    /// `Config::event_budget`); 1 while every drop is an event. 0 in records
+    /// written before the field existed (the bytes were padding): read it
+    /// as 1 ([`RawEvent::weight`]).
+    pub sample_denom: u16,
     /// Length of the whole packet from its network header on (what a
     /// capture file calls the original length).
     pub wire_len: u32,
@@ -121,6 +136,16 @@ pub const PKT_BYTES: usize = 96;
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 104 + PKT_BYTES);
 
 impl RawEvent {
+    /// How many drops of its kind this event stands for (see
+    /// [`RawEvent::sample_denom`]).
+    pub const fn weight(&self) -> u16 {
+        if self.sample_denom == 0 {
+            1
+        } else {
+            self.sample_denom
+        }
+    }
+
     pub const fn zeroed() -> Self {
         RawEvent {
             ts_ns: 0,
@@ -141,7 +166,7 @@ impl RawEvent {
             has_reply: 0,
             _pad3: [0; 3],
             caplen: 0,
-            _pad2: 0,
+            sample_denom: 0,
             wire_len: 0,
             pkt: [0; PKT_BYTES],
         }
@@ -263,12 +288,23 @@ pub struct Config {
     /// tells the nf_conntrack slab).
     pub ct_free_start: u64,
     pub ct_free_end: u64,
+    /// Events per second per CPU (0: unlimited, every drop an event). Above
+    /// it, events are sampled by flow and the rest shed (counted only):
+    /// see conntrack-trace-ebpf/src/budget.rs. At most [`MAX_EVENT_BUDGET`].
+    pub event_budget: u32,
+    /// Seed of the flow hash that selects the sampled flows (random per
+    /// load, so that no one can pick flows that are never sampled).
+    pub flow_seed: u32,
 }
 
 // Tracepoint argument positions are not here: ctx accesses need constant
 // offsets, so the programs hard-code them and user space checks them
 // against BTF before loading.
-const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
+
+/// The largest `--event-budget` (events/s per CPU): keeps the programs'
+/// rate arithmetic (budget × window in ns) far from overflow.
+pub const MAX_EVENT_BUDGET: u32 = 1 << 24;
 
 /// Bits of [`Config::flags`].
 pub mod flags {

@@ -7,7 +7,10 @@ use aya_ebpf::helpers::{
 };
 use conntrack_trace_common::{PKT_BYTES, RawEvent, SourceKey, counter, l3};
 
-use crate::{COUNTERS, EVENTS, SCRATCH, SOURCE_COUNTS};
+use crate::{
+    COUNTERS, EVENTS, SCRATCH, SOURCE_COUNTS,
+    budget::{Admit, admit},
+};
 
 /// `IP_CT_UNTRACKED` (include/uapi/linux/netfilter/nf_conntrack_common.h):
 /// `_nfct` of a packet exempted from tracking (`notrack`) — not ours.
@@ -64,14 +67,31 @@ pub(crate) fn scratch(k: u8) -> Result<&'static mut RawEvent, i64> {
     Ok(ev)
 }
 
+/// Counts the drop `ev` describes (its kind, its source) and, within the
+/// event budget ([`crate::budget`]), sends it to user space; beyond it the
+/// drop is shed (counted only).
 #[inline(always)]
 pub(crate) fn emit(ev: &mut RawEvent) -> Result<(), i64> {
-    // SAFETY: plain helper calls.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     let k = ev.kind;
     bump(counter::seen(k));
     count_source(ev);
+    match admit(ev, now) {
+        Admit::Emit(denom) => ev.sample_denom = denom,
+        Admit::Shed => {
+            bump(counter::shed(k));
+            return Ok(());
+        }
+        Admit::ShedByBucket => {
+            bump(counter::shed(k));
+            bump(counter::SHED_BY_BUCKET);
+            return Ok(());
+        }
+    }
+    ev.ts_ns = now;
+    // SAFETY: plain helper call.
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
     // bpf_ringbuf_output copies from the scratch slot. Flags 0 = adaptive
     // wakeup (kernel/bpf/ringbuf.c): user space is woken only when it had
     // consumed everything before this record, so a flood costs no wakeup per

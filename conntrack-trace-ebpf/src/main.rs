@@ -64,14 +64,17 @@ static CONFIG: Config = Config {
     nf_hook_slow_end: 0,
     ct_free_start: 0,
     ct_free_end: 0,
+    event_budget: 0,
+    flow_seed: 0,
 };
 
 /// One record per dropped packet / evicted entry. Size is set by user space.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Exact per-source counts, per CPU, of every emitted event (lost or
-/// not): what the top sources come from when the ring overflowed.
+/// Exact per-source counts, per CPU, of every drop of an emitted kind
+/// (emitted, lost or shed): what the top sources come from once the
+/// events are a sample.
 #[map]
 static SOURCE_COUNTS: LruPerCpuHashMap<SourceKey, u64> =
     LruPerCpuHashMap::with_max_entries(SOURCE_COUNTS_MAX, 0);
@@ -103,6 +106,7 @@ macro_rules! conf {
 
 // After the macros above: `macro_rules!` are visible to modules declared
 // later in the file.
+mod budget;
 mod common;
 mod fexit;
 mod tracepoint;

@@ -49,6 +49,11 @@ pub enum Command {
 pub struct AgentArgs {
     #[command(flatten)]
     pub observe: BackendArgs,
+    /// Events per second per CPU; beyond it events are sampled by flow and
+    /// the rest only counted (0: every drop an event).
+    #[arg(long, value_name = "N", default_value_t = backend::DEFAULT_AGENT_EVENT_BUDGET,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(conntrack_trace_common::MAX_EVENT_BUDGET)))]
+    pub event_budget: u32,
     /// Serve /metrics, /healthz and /readyz here.
     #[arg(long, default_value = "127.0.0.1:9637", value_name = "ADDR:PORT")]
     pub metrics_addr: std::net::SocketAddr,
@@ -107,7 +112,7 @@ impl AgentArgs {
         }
         Ok(crate::drivers::agent::AgentOptions {
             choice: self.observe.backend.into(),
-            backend: self.observe.options(false),
+            backend: self.observe.options(false, self.event_budget),
             metrics_addr: self.metrics_addr,
             max_series: self.max_series,
             amp: self.amp.config()?,
@@ -173,7 +178,9 @@ impl DoctorArgs {
             duration: self.duration,
             interval: self.interval,
             choice: self.observe.backend.into(),
-            backend: self.observe.options(false),
+            backend: self
+                .observe
+                .options(false, backend::DEFAULT_TRACE_EVENT_BUDGET),
             at_risk_fill: self.at_risk_fill,
             at_risk_within: self.at_risk_within,
             top: self.top,
@@ -225,6 +232,11 @@ pub enum OnOff {
 pub struct TraceArgs {
     #[command(flatten)]
     pub observe: BackendArgs,
+    /// Events per second per CPU; beyond it events are sampled by flow and
+    /// the rest only counted (0: every drop an event).
+    #[arg(long, value_name = "N", default_value_t = backend::DEFAULT_TRACE_EVENT_BUDGET,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(conntrack_trace_common::MAX_EVENT_BUDGET)))]
+    pub event_budget: u32,
     /// Stop after this long (e.g. 30s, 5m, 1h30m; a bare number is seconds).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -276,7 +288,7 @@ impl TraceArgs {
             filter: self.select.filter(),
             ready_file: self.ready_file.clone(),
             choice: self.observe.backend.into(),
-            backend: self.observe.options(self.rule_drops),
+            backend: self.observe.options(self.rule_drops, self.event_budget),
             max_sources: DEFAULT_MAX_SOURCES,
             amp: self.amp.config()?,
             write: self.write.clone().map(|path| WriteOptions {
@@ -306,14 +318,16 @@ pub struct BackendArgs {
 }
 
 impl BackendArgs {
-    /// The backends' settings (`rule_drops`: `trace --rule-drops`).
-    pub fn options(&self, rule_drops: bool) -> backend::Options {
+    /// The backends' settings (`rule_drops`: `trace --rule-drops`;
+    /// `event_budget`: the subcommand's `--event-budget`).
+    pub fn options(&self, rule_drops: bool, event_budget: u32) -> backend::Options {
         backend::Options {
             btf_explicit: self.btf.is_some(),
             btf_path: self.btf.clone().unwrap_or_else(|| VMLINUX_BTF.into()),
             evictions: self.evictions == OnOff::On,
             rule_drops,
             ring_bytes: self.ring_size.unwrap_or(backend::DEFAULT_RING_BYTES),
+            event_budget,
         }
     }
 }

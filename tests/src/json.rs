@@ -148,6 +148,7 @@ pub struct Summary {
     pub events: Kinds,
     pub matched: Kinds,
     pub lost: Kinds,
+    pub shed: Kinds,
     pub observed: Kinds,
     pub complete: bool,
     pub kernel: Kernel,

@@ -455,6 +455,7 @@ pub fn totals<S>(
             false => KindCounts::default(),
         },
         lost: c.lost,
+        shed: c.shed,
         observed: c.seen,
         kernel: end.kernel,
         unclassified_drops: c.unclassified,
@@ -468,13 +469,14 @@ pub fn totals<S>(
     }
 }
 
-/// Whether every event the programs saw either arrived or was counted as
-/// lost. Without events (counters backend) nothing is complete.
+/// Whether every drop the programs saw either arrived as an event or was
+/// counted as lost or shed. Without events (counters backend) nothing is
+/// complete.
 pub fn complete(per_packet: bool, received: &KindCounts, c: &BpfCounters) -> bool {
     per_packet
         && Kind::ALL
             .iter()
-            .all(|k| received.get(*k) + c.lost.get(*k) == c.seen.get(*k))
+            .all(|k| received.get(*k) + c.lost.get(*k) + c.shed.get(*k) == c.seen.get(*k))
 }
 
 /// The stderr line that says which backend runs and why `auto` passed over

@@ -306,9 +306,9 @@ impl<'s> Session<'s> {
         kernel: kstats::CtStats,
     ) -> Result<(), TraceError> {
         let f = live::shown(views, self.opts.netns.is_none());
-        let exact_top = match counters.lost.total() {
-            0 => None,
-            _ => Some(self.exact_top()?.0),
+        let exact_top = match counters.sampled() {
+            false => None,
+            true => Some(self.exact_top()?.0),
         };
         let history: Vec<KindCounts> = self.history.iter().copied().collect();
         let c = &mut self.consumer;
@@ -351,9 +351,10 @@ impl<'s> Session<'s> {
             c,
         )?;
         report_findings(&mut self.consumer, &self.live.facts.clock)?;
-        // The ring overflowed: the counts of the top sources come from the
-        // programs' exact per-source counts, not from the events.
-        let sampled = end.counters.lost.total() > 0;
+        // The ring overflowed or the budget shed drops: the counts of the
+        // top sources come from the programs' exact per-source counts, not
+        // from the events.
+        let sampled = end.counters.sampled();
         let (top, exact_sources) = match sampled {
             true => self.exact_top()?,
             false => (top_sources(&self.consumer.pipe.agg, self.opts.top), 0),

@@ -166,7 +166,14 @@ pub fn render_summary(sum: &Summary) -> String {
     } else if !sum.complete {
         let _ = writeln!(
             s,
-            "WARNING: events + lost != observed: the event stream is incomplete"
+            "WARNING: events + lost + shed != observed: the event stream is incomplete"
+        );
+    }
+    if sum.shed.total() > 0 {
+        let _ = writeln!(
+            s,
+            "{} drops shed by the event budget (--event-budget: events sampled by flow, the rest counted only)",
+            sum.shed.total()
         );
     }
     if sum.lost.total() > 0 {

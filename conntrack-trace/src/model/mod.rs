@@ -143,6 +143,7 @@ pub struct Totals {
     pub events: KindCounts,
     pub matched: KindCounts,
     pub lost: KindCounts,
+    pub shed: KindCounts,
     pub observed: KindCounts,
     pub kernel: CtStats,
     pub unclassified_drops: u64,
@@ -151,7 +152,7 @@ pub struct Totals {
     /// Namespaces whose kernel counters are in `kernel`.
     pub namespaces: usize,
     pub uncovered: Vec<Uncovered>,
-    /// `events + lost == observed` for every kind, and (offline) the
+    /// `events + lost + shed == observed` for every kind, and (offline) the
     /// capture holds all of it.
     pub complete: bool,
     /// See [`Summary::sampled`], [`Summary::exact_sources`].
@@ -230,10 +231,13 @@ pub struct Summary {
     pub matched: KindCounts,
     /// Events the kernel could not put in the ring buffer.
     pub lost: KindCounts,
+    /// Drops beyond the event budget (`--event-budget`): counted in
+    /// `observed` and in the exact per-source counts, not emitted.
+    pub shed: KindCounts,
     /// The programs' exact counters (every kind, emitted or not); for the
     /// counters backend, the kernel's counters per kind.
     pub observed: KindCounts,
-    /// `events + lost == observed` for every kind (always false for the
+    /// `events + lost + shed == observed` for every kind (always false for the
     /// counters backend, which has no events).
     pub complete: bool,
     /// Deltas of /proc/net/stat/nf_conntrack over the trace window.
@@ -391,6 +395,7 @@ impl Summary {
             events: t.events,
             matched: t.matched,
             lost: t.lost,
+            shed: t.shed,
             observed: t.observed,
             complete: t.complete,
             kernel: t.kernel,

@@ -9,12 +9,17 @@
 //! - the kernel's drop rate (the server's `drop` counter) and its ratio to
 //!   the rate without a tracer: a tracer must not slow a host that sheds
 //!   load;
-//! - events the tracer lost (from its summary) and its context switches
-//!   and CPU during the flood;
+//! - events the tracer emitted, lost and shed (beyond `--event-budget`,
+//!   counted only; issue 21), from its summary, and its context switches
+//!   and CPU during the flood, with the default budget and without one
+//!   (`--event-budget 0`) side by side;
 //! - in separate rounds with `kernel.bpf_stats_enabled=1` (restored
 //!   afterwards; the statistics themselves cost two clock reads per run,
 //!   which is why the rate rounds run without them): each program's
-//!   `run_time_ns / run_cnt` over the flood, from `bpftool prog show`.
+//!   `run_time_ns / run_cnt` over the flood, from `bpftool prog show`:
+//!   without a budget (every run emits), with the default budget, and with
+//!   `--event-budget 1` (after its first quarter second nearly every run
+//!   sheds: the cost of a drop that is only counted).
 
 use std::path::{Path, PathBuf};
 
@@ -22,8 +27,8 @@ use anyhow::{Context as _, Result, bail};
 use conntrack_trace_tests::{KernelLock, Sysctl, Topology};
 
 use super::{
-    Bound, Rounds, Traced, Traffic, fmt_spread, generate_all, hook_costs, human_lost, kinds_total,
-    prog_stats, ratios,
+    Bound, Rounds, Traced, Traffic, fmt_spread, generate_all, hook_costs, human_lost, human_shed,
+    kinds_total, prog_stats, ratios,
 };
 
 #[derive(clap::Args, Clone)]
@@ -34,13 +39,19 @@ pub struct Args {
     /// build of the previous commit), for before/after ratios.
     #[arg(long)]
     pub compare: Option<PathBuf>,
+    /// More arguments for the `--compare` binary, in all of its rounds
+    /// (e.g. "--event-budget 1" to measure its shed path).
+    #[arg(long, allow_hyphen_values = true, requires = "compare")]
+    pub compare_args: Option<String>,
 }
 
 /// One measurement of one configuration.
 #[derive(Default, Clone)]
 struct Sample {
     drops_per_s: f64,
+    events: Option<u64>,
     lost: Option<u64>,
+    shed: Option<u64>,
     ctx_switches_per_s: Option<f64>,
     cpu_pct: Option<f64>,
     /// (program name, ns per run, runs) for the stats rounds.
@@ -139,8 +150,12 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
                 );
             };
             sample.lost = Some(lost);
+            sample.shed = Some(human_shed(&text));
         } else if let (Some(sum), _) = t.stop()? {
+            sample.events = kinds_total(&sum, "events");
             sample.lost = kinds_total(&sum, "lost");
+            // A binary from before the budget has no `shed`: None.
+            sample.shed = kinds_total(&sum, "shed");
             sample.backend = sum["backend"].as_str().map(str::to_owned);
         }
     }
@@ -169,12 +184,39 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
     if let Some(c) = &args.compare {
         bins.push((format!("tracer ({})", c.display()), c.clone()));
     }
-    for (label, b) in &bins {
+    // The default budget and none, side by side; an older binary (which
+    // knows no --event-budget) with its own defaults.
+    let budgets: [(&str, Vec<String>); 2] = [
+        ("", Vec::new()),
+        (
+            ", --event-budget 0",
+            vec!["--event-budget".into(), "0".into()],
+        ),
+    ];
+    for (suffix, extra) in &budgets {
         configs.push(Config {
-            label: label.clone(),
+            label: format!("tracer{suffix}"),
+            bin: Some(bin.to_path_buf()),
+            stats: false,
+            extra: extra.clone(),
+            human: false,
+        });
+    }
+    let compare_extra: Vec<String> = args
+        .compare_args
+        .iter()
+        .flat_map(|a| a.split_whitespace().map(str::to_owned))
+        .collect();
+    let compare_label = |label: &str| match &args.compare_args {
+        Some(a) => format!("{label} {a}"),
+        None => label.to_owned(),
+    };
+    if let Some((label, b)) = bins.get(1) {
+        configs.push(Config {
+            label: compare_label(label),
             bin: Some(b.clone()),
             stats: false,
-            extra: Vec::new(),
+            extra: compare_extra.clone(),
             human: false,
         });
     }
@@ -194,20 +236,44 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             false,
         ),
     ] {
+        for (suffix, budget) in &budgets {
+            // The small ring only with the default budget: it shows where
+            // loss starts, which `--event-budget 0` already shows.
+            if !budget.is_empty() && label.contains("ring-size") {
+                continue;
+            }
+            let mut extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+            extra.extend(budget.iter().cloned());
+            configs.push(Config {
+                label: format!("{label}{suffix}"),
+                bin: Some(bin.to_path_buf()),
+                stats: false,
+                extra,
+                human,
+            });
+        }
+    }
+    // The kfree_skb run emitting (no budget), as it comes with the
+    // default budget, and shedding (a budget of 1/s: after its first
+    // quarter second nearly every drop is shed).
+    for (suffix, extra) in budgets.iter().cloned().chain([(
+        ", --event-budget 1",
+        vec!["--event-budget".to_owned(), "1".to_owned()],
+    )]) {
         configs.push(Config {
-            label: label.into(),
+            label: format!("tracer{suffix}, bpf_stats"),
             bin: Some(bin.to_path_buf()),
-            stats: false,
-            extra: extra.into_iter().map(str::to_owned).collect(),
-            human,
+            stats: true,
+            extra,
+            human: false,
         });
     }
-    for (label, b) in &bins {
+    if let Some((label, b)) = bins.get(1) {
         configs.push(Config {
-            label: format!("{label}, bpf_stats"),
+            label: format!("{}, bpf_stats", compare_label(label)),
             bin: Some(b.clone()),
             stats: true,
-            extra: Vec::new(),
+            extra: compare_extra,
             human: false,
         });
     }
@@ -217,10 +283,12 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             let s = measure(&topo, cfg, args)
                 .with_context(|| format!("round {round}, {}", cfg.label))?;
             eprintln!(
-                "round {round}: {:<40} {:>9.0} drops/s lost {:?} ctx/s {:?} {:?}",
+                "round {round}: {:<48} {:>9.0} drops/s events {:?} lost {:?} shed {:?} ctx/s {:?} {:?}",
                 cfg.label,
                 s.drops_per_s,
+                s.events,
                 s.lost,
+                s.shed,
                 s.ctx_switches_per_s.map(|c| c as u64),
                 s.ns_per_run
             );
@@ -233,8 +301,8 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
          server namespace whose table (max {MAX}) is full of assured entries; {} s x {} rounds, \
          rounds alternating; median [min–max]. Ratios are per round (rate with / rate without \
          in the same round).\n\n\
-         | configuration | kernel drops/s | ratio to no tracer | lost events | tracer context switches/s | tracer CPU % | kfree_skb ns/run | kmem_cache_free ns/run |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | configuration | kernel drops/s | ratio to no tracer | events | lost events | shed drops | tracer context switches/s | tracer CPU % | kfree_skb ns/run | kmem_cache_free ns/run |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         args.timed.generators, args.timed.seconds, args.timed.rounds
     );
     for (cfg, samples) in configs.iter().zip(&results) {
@@ -251,12 +319,14 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
                 })
                 .collect()
         };
-        let lost: Vec<f64> = samples
-            .iter()
-            .filter_map(|s| s.lost.map(|l| l as f64))
-            .collect();
+        let count = |f: fn(&Sample) -> Option<u64>| -> Vec<f64> {
+            samples
+                .iter()
+                .filter_map(|s| f(s).map(|l| l as f64))
+                .collect()
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             cfg.label,
             fmt_spread(rates, 0),
             if cfg.bin.is_none() {
@@ -264,7 +334,9 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             } else {
                 fmt_spread(ratio, 2)
             },
-            fmt_spread(lost, 0),
+            fmt_spread(count(|s| s.events), 0),
+            fmt_spread(count(|s| s.lost), 0),
+            fmt_spread(count(|s| s.shed), 0),
             fmt_spread(
                 samples
                     .iter()

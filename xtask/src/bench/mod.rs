@@ -144,6 +144,7 @@ pub fn run(args: Args) -> Result<()> {
     let flood_args = flood::Args {
         timed: timed.clone(),
         compare: None,
+        compare_args: None,
     };
     let (flood_md, backend) = flood::run(&bin, &flood_args)?;
     section("Table-full flood", flood_md);
@@ -670,6 +671,18 @@ pub fn human_lost(text: &str) -> Option<u64> {
     Some(total)
 }
 
+/// Drops shed by the event budget in a `--format human` summary (its
+/// "N drops shed by the event budget" line; 0 without one).
+pub fn human_shed(text: &str) -> u64 {
+    text.lines()
+        .rev()
+        .find_map(|l| {
+            l.split_once(" drops shed by the event budget")
+                .and_then(|(n, _)| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The sum over kinds of a summary's `events` or `lost` object.
 pub fn kinds_total(summary: &serde_json::Value, field: &str) -> Option<u64> {
     summary[field]
@@ -839,6 +852,13 @@ insert_failed              2          1          3
 rule drops (not conntrack's): 0
 WARNING: 437002 events lost (ring buffer full; try --ring-size)
 ";
+
+    #[test]
+    fn human_shed_reads_the_budget_line() {
+        let text = "x\n123 drops shed by the event budget (--event-budget: events sampled by flow, the rest counted only)\ny\n";
+        assert_eq!(human_shed(text), 123);
+        assert_eq!(human_shed("no such line\n"), 0);
+    }
 
     #[test]
     fn human_lost_sums_the_lost_column() {

@@ -168,6 +168,8 @@ pub struct Snapshot {
     /// Counters backend: totals only.
     pub drops_total_only: KindCounts,
     pub lost: KindCounts,
+    /// Drops beyond `--event-budget`: counted, not emitted.
+    pub shed: KindCounts,
     pub decode_errors: u64,
     /// (kind, netns, src, proto, port) → drops.
     pub sources: Vec<([String; 5], u64)>,
@@ -360,6 +362,16 @@ impl Collector for Metrics {
             Kind::ALL
                 .iter()
                 .map(|k| (vec![("kind", k.as_str())], counter(s.lost.get(*k)))),
+        )?;
+        family(
+            &mut enc,
+            "shed_events",
+            "Drops beyond --event-budget: counted by the kernel, not emitted; counted in drops_total of no namespace.",
+            None,
+            Counter,
+            Kind::ALL
+                .iter()
+                .map(|k| (vec![("kind", k.as_str())], counter(s.shed.get(*k)))),
         )?;
         family(
             &mut enc,

@@ -563,6 +563,7 @@ impl Agent {
             .collect();
         s.drops_total_only = c.pipe.agg.totals;
         s.lost = counters.lost;
+        s.shed = counters.shed;
         s.decode_errors = decode_errors;
         s.set_sources(&c.tap.series, |i| c.name(i));
         s.namespaces = tables;

@@ -527,6 +527,7 @@ mod tests {
                 evictions: true,
                 rule_drops: false,
                 ring_bytes: 1 << 20,
+                event_budget: 0,
             },
             at_risk_fill: 80.0,
             at_risk_within: Duration::from_secs(600),

@@ -197,7 +197,7 @@ pub fn render_live(v: &LiveView<'_>) -> String {
     if let Some(top) = v.exact_top {
         let _ = writeln!(
             s,
-            "(events were lost: counts below are the programs' exact per-source counts)"
+            "(events were lost or shed: counts below are the programs' exact per-source counts)"
         );
         s.push_str(&render_top(top, true));
     } else if v.per_packet {
@@ -450,6 +450,7 @@ mod tests {
                 table_full: 2,
                 ..Default::default()
             },
+            shed: KindCounts::default(),
             observed: KindCounts {
                 table_full: 7,
                 ..Default::default()
@@ -482,7 +483,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("WARNING: events + lost != observed"),
+            text.contains("WARNING: events + lost + shed != observed"),
             "{text}"
         );
         assert!(text.contains("WARNING: 2 events lost"), "{text}");

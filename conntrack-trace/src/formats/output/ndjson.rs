@@ -260,6 +260,7 @@ mod tests {
                 ..Default::default()
             },
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
             observed: KindCounts {
                 table_full: 3,
                 ..Default::default()
@@ -402,7 +403,7 @@ mod tests {
                 pinned(
                     "summary",
                     "type version backend hooks backend_refused per_packet evictions \
-                     duration_s start_unix_ns start_mono_ns events matched lost observed \
+                     duration_s start_unix_ns start_mono_ns events matched lost shed observed \
                      complete kernel unclassified_drops unmatched_drop_counts scope \
                      decode_errors top untracked_sources sampled exact_sources \
                      amplification findings"

@@ -91,6 +91,8 @@ impl Counters {
         BpfCounters {
             seen: self.end.unwrap_or_else(|| self.totals()),
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
+            shed_by_bucket: 0,
             ct_frees: 0,
             unclassified: 0,
             drop_unmatched: 0,

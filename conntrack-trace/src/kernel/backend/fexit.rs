@@ -194,6 +194,8 @@ impl Fexit {
         let offsets: Offsets = kbtf.offsets()?;
         let config = Config {
             confirmed_bit: kbtf.enum_value("ip_conntrack_status", "IPS_CONFIRMED_BIT")?,
+            event_budget: opts.event_budget,
+            flow_seed: super::flow_seed(),
             ..Config::default()
         };
         let (hooks, evictions) = resolve(kbtf, opts.evictions)?;

@@ -40,6 +40,12 @@ pub struct BpfCounters {
     pub seen: KindCounts,
     /// Events that could not be reserved in the ring buffer.
     pub lost: KindCounts,
+    /// Drops beyond the event budget: counted (here and in the per-source
+    /// counts), not emitted. `events + lost + shed == seen` per kind.
+    pub shed: KindCounts,
+    /// Of `shed`, those the token bucket refused although their flow was
+    /// sampled (`counter::SHED_BY_BUCKET`).
+    pub shed_by_bucket: u64,
     /// nf_conntrack slab frees inspected by the eviction hook.
     pub ct_frees: u64,
     /// Drops without an entry that could not be classified (counted as
@@ -48,6 +54,15 @@ pub struct BpfCounters {
     /// Increments of conntrack's `drop` counter that no drop seen on that
     /// CPU accounted for; see `counter::DROP_UNMATCHED`.
     pub drop_unmatched: u64,
+}
+
+impl BpfCounters {
+    /// The events are a sample of the drops (the ring lost some, or the
+    /// budget shed some): per-source answers must come from the exact
+    /// per-source counts, not from the events.
+    pub fn sampled(&self) -> bool {
+        self.lost.total() + self.shed.total() > 0
+    }
 }
 
 /// Whether evictions (`early_drop`) are being tracked, and if not, why.
@@ -92,6 +107,9 @@ pub struct Options {
     pub rule_drops: bool,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// `--event-budget`: events per second per CPU, 0 for unlimited (see
+    /// conntrack-trace-ebpf/src/budget.rs).
+    pub event_budget: u32,
 }
 
 /// The running backend.
@@ -405,12 +423,23 @@ fn read_counters(ebpf: &Ebpf) -> Result<BpfCounters, TraceError> {
     for k in Kind::ALL {
         *c.seen.get_mut(k) = sum(counter::seen(k.raw()))?;
         *c.lost.get_mut(k) = sum(counter::lost(k.raw()))?;
+        *c.shed.get_mut(k) = sum(counter::shed(k.raw()))?;
     }
+    c.shed_by_bucket = sum(counter::SHED_BY_BUCKET)?;
     c.ct_frees = sum(counter::CT_FREES)?;
     c.unclassified = sum(counter::UNCLASSIFIED)?;
     c.drop_unmatched = sum(counter::DROP_UNMATCHED)?;
     debug_assert_eq!(kind::COUNT as usize, Kind::ALL.len());
     Ok(c)
+}
+
+/// A fresh seed for the programs' flow hash (`Config::flow_seed`): std's
+/// per-process random keys, so the sampled flows differ from run to run.
+pub(crate) fn flow_seed() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
@@ -425,6 +454,21 @@ fn raise_memlock() {
 
 /// Default ring size: 8 MiB holds ~40k events (200 B + 8 B record header).
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// Default `--event-budget` of `trace` (events/s per CPU): 20× the
+/// founding incident's whole rate (the tests' DNS scenario, ~1 000
+/// drops/s), so it is never sampled; see README's cost section for the
+/// flood figures behind it.
+pub const DEFAULT_TRACE_EVENT_BUDGET: u32 = 20_000;
+/// Default `--event-budget` of `agent`: an always-on agent spends a
+/// quarter of what an interactive trace may, still 5× the founding
+/// incident.
+pub const DEFAULT_AGENT_EVENT_BUDGET: u32 = 5_000;
+
+/// Checks an `--event-budget` value.
+pub fn valid_event_budget(n: u64) -> bool {
+    n <= u64::from(conntrack_trace_common::MAX_EVENT_BUDGET)
+}
 
 /// Checks a `--ring-size` value.
 pub fn valid_ring_bytes(n: u64) -> bool {

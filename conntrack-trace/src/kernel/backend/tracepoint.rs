@@ -175,6 +175,8 @@ impl Tracepoints {
             nf_hook_slow_end: 0,
             ct_free_start: 0,
             ct_free_end: 0,
+            event_budget: opts.event_budget,
+            flow_seed: super::flow_seed(),
         };
         // Where netfilter's verdicts are freed (see the kfree_skb program).
         // With a drop reason it is optional (every drop is then judged by

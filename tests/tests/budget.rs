@@ -1,0 +1,84 @@
+//! The event budget (issue 21): beyond `--event-budget` events per second
+//! per CPU the programs sample by flow and shed the rest, and every shed
+//! drop is still counted — in the per-kind counters and in the exact
+//! per-source counts the top sources come from.
+
+use conntrack_trace_tests::{Sysctl, Topology, assert_events_from, kernel_test};
+
+/// 2 000 datagrams against a full table under a budget of 50 events/s per
+/// CPU. The budget cannot hold them whatever the machine's speed: the
+/// token bucket emits at most a quarter second of budget at once plus 50/s,
+/// so shedding is certain unless the flood lasted ~20 s.
+#[test]
+fn flood_beyond_the_budget_is_counted_not_emitted() -> anyhow::Result<()> {
+    let Some(_lock) = kernel_test("flood_beyond_the_budget_is_counted_not_emitted")? else {
+        return Ok(());
+    };
+    let topo = Topology::new("bu", 36)?;
+    const MAX: u64 = 16;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
+    let sports = 26_000..28_000;
+    let (sent, out, delta) = topo.udp_flood(false, sports.clone(), &["--event-budget", "50"])?;
+    let s = &out.summary;
+    let full = out.of_kind("table_full");
+    eprintln!(
+        "budget 50/s: sent {sent}, kernel drop +{}, events {}, shed {}, lost {}, observed {}",
+        delta.drop,
+        full.len(),
+        s.shed.table_full,
+        s.lost.table_full,
+        s.observed.table_full
+    );
+    assert!(
+        delta.drop > 1_000,
+        "the table must have overflowed: {delta:?}"
+    );
+    // What arrived is real: each event names a datagram the test sent.
+    assert_events_from(&full, &topo, "udp", 53, sports)?;
+    assert_eq!(full.len() as u64, s.events.table_full);
+    // Nothing uncounted: events + shed + lost == observed == the kernel's.
+    assert!(s.shed.table_full > 0, "the budget must have shed: {s:?}");
+    assert_eq!(s.lost.table_full, 0, "a sample fits the ring");
+    assert_eq!(
+        s.events.table_full + s.shed.table_full + s.lost.table_full,
+        s.observed.table_full,
+        "events + shed + lost == observed"
+    );
+    assert_eq!(
+        s.observed.table_full, delta.drop,
+        "observed is the kernel's"
+    );
+    assert_eq!(s.kernel.drop, delta.drop);
+    assert!(s.complete, "complete counts the shed drops");
+    // The events are a sample, so the top source's count comes from the
+    // programs' exact per-source counts: equal to the kernel's.
+    assert!(s.sampled, "{s:?}");
+    let client = topo.client_ip.to_string();
+    let top = s
+        .top
+        .iter()
+        .find(|t| t.src.as_deref() == Some(client.as_str()) && t.port == 53)
+        .ok_or_else(|| anyhow::anyhow!("client not in top: {:?}", s.top))?;
+    assert_eq!(top.counts.table_full, delta.drop, "exact per-source count");
+    assert_eq!(top.service, "udp/53");
+    Ok(())
+}
+
+/// `--event-budget 0` is today's behaviour: every drop an event, nothing
+/// shed, under the same flood.
+#[test]
+fn no_budget_emits_every_drop() -> anyhow::Result<()> {
+    let Some(_lock) = kernel_test("no_budget_emits_every_drop")? else {
+        return Ok(());
+    };
+    let topo = Topology::new("bn", 37)?;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 16)?;
+    let sports = 28_000..30_000;
+    let (_, out, delta) = topo.udp_flood(false, sports, &["--event-budget", "0"])?;
+    let s = &out.summary;
+    assert!(delta.drop > 1_000, "{delta:?}");
+    assert_eq!(s.shed.table_full, 0);
+    assert_eq!(s.events.table_full + s.lost.table_full, delta.drop, "{s:?}");
+    assert!(s.complete);
+    Ok(())
+}
