@@ -47,6 +47,7 @@ fn udp(ts: u64, src: u32, sport: u16) -> Event {
         dport: 53,
         reply: None,
         packet: Packet::EMPTY,
+        sample: 1,
     }
 }
 

@@ -152,6 +152,7 @@ fn main() {
         events: counts,
         matched: counts,
         lost: Default::default(),
+        shed: Default::default(),
         observed: counts,
         complete: true,
         decode_errors: 0,

@@ -86,6 +86,7 @@ fn events(distinct: u64) -> impl Iterator<Item = Event> {
             dport,
             reply: None,
             packet: Packet::EMPTY,
+            sample: 1,
         })
     })
 }
@@ -157,6 +158,7 @@ fn main() -> ExitCode {
         events: counts,
         matched: counts,
         lost: Default::default(),
+        shed: Default::default(),
         observed: counts,
         complete: true,
         decode_errors: 0,

@@ -232,6 +232,7 @@ fn trailer(k: KindCounts) -> Trailer {
         events: k,
         matched: k,
         lost: KindCounts::default(),
+        shed: KindCounts::default(),
         observed: k,
         complete: true,
         decode_errors: 0,

@@ -41,6 +41,8 @@ pub struct Event {
     pub reply_dport: Option<u16>,
     #[serde(default)]
     pub nat: Option<String>,
+    /// Drops the event stands for (1 unless `--event-budget` sampled).
+    pub sample: u16,
 }
 
 /// `container` of an event (README "ndjson schema").
@@ -877,7 +879,7 @@ mod tests {
             "type": "summary", "version": "0.1.0", "backend": "tracepoint", "hooks": "tp",
             "backend_refused": [], "per_packet": true, "evictions": "on", "duration_s": 1.0,
             "start_unix_ns": 1_764_000_000_000_000_000_u64, "start_mono_ns": 5,
-            "events": kinds(), "matched": kinds(), "lost": kinds(), "observed": kinds(),
+            "events": kinds(), "matched": kinds(), "lost": kinds(), "shed": kinds(), "observed": kinds(),
             "complete": true, "kernel": kernel(), "unclassified_drops": 0,
             "unmatched_drop_counts": 0,
             "scope": {"netns": "all", "netns_inode": null, "namespaces": 1, "uncovered": []},

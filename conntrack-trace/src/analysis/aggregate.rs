@@ -223,6 +223,7 @@ mod tests {
             dport,
             reply: None,
             packet: Default::default(),
+            sample: 1,
         }
     }
 

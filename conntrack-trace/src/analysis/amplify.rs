@@ -603,6 +603,7 @@ mod tests {
             dport,
             reply: None,
             packet: Packet::EMPTY,
+            sample: 1,
         }
     }
 

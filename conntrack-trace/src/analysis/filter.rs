@@ -131,6 +131,7 @@ mod tests {
             dport,
             reply: None,
             packet: Default::default(),
+            sample: 1,
         }
     }
 

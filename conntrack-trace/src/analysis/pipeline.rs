@@ -89,6 +89,7 @@ mod tests {
             dport,
             reply: None,
             packet: Packet::EMPTY,
+            sample: 1,
         }
     }
 

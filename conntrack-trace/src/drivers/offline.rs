@@ -300,8 +300,7 @@ impl Read {
             events: a.pipe.received,
             matched: a.pipe.agg.totals,
             lost: t.map(|t| t.lost).unwrap_or_default(),
-            // Captures do not carry it yet (issue 21: the trailer's format).
-            shed: Default::default(),
+            shed: t.map(|t| t.shed).unwrap_or_default(),
             observed: t.map(|t| t.observed).unwrap_or_default(),
             kernel: t.map(|t| t.kernel).unwrap_or_default(),
             unclassified_drops: t.map_or(0, |t| t.unclassified_drops),

@@ -156,6 +156,11 @@ pub struct Event {
     pub reply: Option<Reply>,
     /// The first bytes of the dropped packet (empty for evictions).
     pub packet: Packet,
+    /// How many drops of its kind this event stands for: 1 while every
+    /// drop is an event; N while the programs keep one flow in N
+    /// (`--event-budget`: a sampled flow's events all arrive, so counts per
+    /// flow stay whole and ratios over flows unbiased).
+    pub sample: u16,
 }
 
 /// The reply direction of a conntrack entry: who answers, and to whom.
@@ -331,6 +336,7 @@ impl Event {
                     raw.wire_len,
                 )
             },
+            sample: raw.weight(),
         })
     }
 

@@ -589,6 +589,7 @@ mod tests {
             dport,
             reply: None,
             packet: Packet::EMPTY,
+            sample: 1,
         }
     }
 

@@ -448,6 +448,7 @@ mod tests {
             dport,
             reply: None,
             packet: Default::default(),
+            sample: 1,
         };
         for _ in 0..5 {
             a.record(&ev("10.0.0.2", 53, crate::model::event::Kind::TableFull));

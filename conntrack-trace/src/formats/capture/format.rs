@@ -48,12 +48,18 @@ use crate::{
 };
 
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
-/// Current format version (in [`Header::format_version`]).
-pub const FORMAT_VERSION: u32 = 2;
+/// Current format version (in [`Header::format_version`]). 3: an event may
+/// carry its sampling weight ([`EVENT_SAMPLED`]) and the trailer the drops
+/// the event budget shed; versions 1 and 2 read as unsampled.
+pub const FORMAT_VERSION: u32 = 3;
 /// Oldest format version this reader reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// EVENT `flags`: the reply tuple follows the addresses.
 pub const EVENT_REPLY: u8 = 1;
+/// EVENT `flags`: the event's sampling weight (u16, > 1) follows the
+/// packet (`--event-budget`); absent, the event stands for one drop —
+/// as every event of a capture written before sampling existed.
+pub const EVENT_SAMPLED: u8 = 2;
 /// Frame: length + checksum.
 pub const FRAME_BYTES: usize = 8;
 /// No record may be longer than this (JSON header/trailer with a few
@@ -202,6 +208,10 @@ pub struct Trailer {
     /// Events that passed the live filter.
     pub matched: KindCounts,
     pub lost: KindCounts,
+    /// Drops the event budget shed: counted, never events (absent before
+    /// format 3).
+    #[serde(default)]
+    pub shed: KindCounts,
     pub observed: KindCounts,
     pub complete: bool,
     pub decode_errors: u64,
@@ -247,6 +257,7 @@ impl Trailer {
             events: s.events,
             matched: s.matched,
             lost: s.lost,
+            shed: s.shed,
             observed: s.observed,
             complete: s.complete,
             decode_errors: s.decode_errors,
@@ -325,7 +336,10 @@ pub fn encode_event(out: &mut Vec<u8>, e: &Event) {
         None => 0,
     };
     let reply = e.reply.filter(|_| fam != 0);
-    let flags = if reply.is_some() { EVENT_REPLY } else { 0 };
+    let mut flags = if reply.is_some() { EVENT_REPLY } else { 0 };
+    if e.sample > 1 {
+        flags |= EVENT_SAMPLED;
+    }
     out.extend_from_slice(&[e.kind.raw(), fam, e.proto.0, flags]);
     out.extend_from_slice(&e.sport.to_le_bytes());
     out.extend_from_slice(&e.dport.to_le_bytes());
@@ -349,6 +363,9 @@ pub fn encode_event(out: &mut Vec<u8>, e: &Event) {
     out.extend_from_slice(&e.packet.wire_len.to_le_bytes());
     out.extend_from_slice(&(pkt.len() as u16).to_le_bytes());
     out.extend_from_slice(pkt);
+    if e.sample > 1 {
+        out.extend_from_slice(&e.sample.to_le_bytes());
+    }
 }
 
 /// Why an EVENT payload could not be decoded.
@@ -433,6 +450,9 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, EventError> {
     }
     r.caplen = caplen;
     r.pkt[..caplen as usize].copy_from_slice(c.take(caplen as usize)?);
+    if flags & EVENT_SAMPLED != 0 {
+        r.sample_denom = c.u16()?;
+    }
     if !c.0.is_empty() {
         return Err(EventError::Trailing(c.0.len()));
     }
@@ -476,7 +496,8 @@ pub fn event_record_len(e: &Event) -> usize {
     } else {
         0
     };
-    FRAME_BYTES + 1 + 24 + alen + reply + 6 + e.packet.bytes().len()
+    let sample = if e.sample > 1 { 2 } else { 0 };
+    FRAME_BYTES + 1 + 24 + alen + reply + 6 + e.packet.bytes().len() + sample
 }
 
 #[cfg(test)]
@@ -531,6 +552,7 @@ pub(crate) mod tests {
                 dport: 20_000 + (i % 1000) as u16,
             }),
             packet,
+            sample: 1,
         }
     }
 
@@ -545,6 +567,21 @@ pub(crate) mod tests {
             assert_eq!(len, buf.len() - FRAME_BYTES);
             let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap());
             assert_eq!(crc, crc32fast::hash(&buf[8..]));
+            assert_eq!(decode_body(&buf[8..]), Ok(Record::Event(e)));
+        }
+    }
+
+    /// Issue 21: a sampled event keeps its weight through a capture, and
+    /// an unsampled one is written as before (no weight bytes).
+    #[test]
+    fn sampled_events_keep_their_weight() {
+        for (i, sample) in [(0, 1), (1, 7), (4, u16::MAX)] {
+            let mut e = sample_event(i);
+            e.sample = sample;
+            let mut buf = Vec::new();
+            frame(&mut buf, rtype::EVENT, |o| encode_event(o, &e));
+            assert_eq!(buf.len(), event_record_len(&e));
+            assert_eq!(buf[8 + 1 + 19] & EVENT_SAMPLED != 0, sample > 1);
             assert_eq!(decode_body(&buf[8..]), Ok(Record::Event(e)));
         }
     }

@@ -118,6 +118,7 @@ pub(crate) mod tests {
             events: k,
             matched: k,
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
             observed: k,
             complete: true,
             decode_errors: 0,

@@ -275,6 +275,7 @@ mod tests {
                 dport: 53,
                 reply: None,
                 packet: Default::default(),
+                sample: 1,
             });
         }
         a.tick(std::time::Duration::from_secs(2));

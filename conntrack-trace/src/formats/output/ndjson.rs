@@ -96,6 +96,7 @@ mod tests {
             dport,
             reply: None,
             packet: Default::default(),
+            sample: 1,
         }
     }
 
@@ -108,7 +109,7 @@ mod tests {
         let line = String::from_utf8(s.into_inner()).unwrap();
         assert_eq!(
             line,
-            r#"{"type":"event","kind":"table_full","ts_ns":123,"cpu":1,"netns":4026532000,"netns_name":"srv","family":"ipv4","proto":"udp","src":"10.0.0.7","dst":"10.0.0.53","sport":40001,"dport":53}"#
+            r#"{"type":"event","kind":"table_full","ts_ns":123,"cpu":1,"netns":4026532000,"netns_name":"srv","family":"ipv4","proto":"udp","src":"10.0.0.7","dst":"10.0.0.53","sport":40001,"dport":53,"sample":1}"#
                 .to_owned()
                 + "\n"
         );
@@ -222,6 +223,7 @@ mod tests {
                                 dport: (8 << 8) | 3,
                                 reply,
                                 packet: Packet::EMPTY,
+                                sample: 1,
                             };
                             let line = EventLine::new(&e, &names);
                             let mut hand = Vec::new();
@@ -391,7 +393,7 @@ mod tests {
                 pinned(
                     "event",
                     "type kind ts_ns cpu netns netns_name family proto src dst sport dport \
-                     reply_src reply_sport reply_dst reply_dport nat"
+                     reply_src reply_sport reply_dst reply_dport nat sample"
                 ),
                 pinned("finding", finding_keys),
                 pinned(

@@ -76,6 +76,8 @@ pub struct EventLine<'a> {
     pub reply_dport: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nat: Option<Nat>,
+    /// Drops this event stands for (1 unless `--event-budget` sampled).
+    pub sample: u16,
 }
 
 impl<'a> EventLine<'a> {
@@ -109,6 +111,7 @@ impl<'a> EventLine<'a> {
             reply_dst: e.reply.map(|r| r.dst),
             reply_dport: e.reply.filter(|_| ports).map(|r| r.dport),
             nat: e.nat(),
+            sample: e.sample,
         }
     }
 }
@@ -183,6 +186,8 @@ impl EventLine<'_> {
             out.extend_from_slice(nat.as_str().as_bytes());
             out.push(b'"');
         }
+        out.extend_from_slice(b",\"sample\":");
+        out.extend_from_slice(n.format(self.sample).as_bytes());
         out.push(b'}');
     }
 }

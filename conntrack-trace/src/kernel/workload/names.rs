@@ -151,13 +151,14 @@ mod tests {
             dport: 53,
             reply: None,
             packet: Default::default(),
+            sample: 1,
         };
         let mut s = Ndjson::new(Vec::new());
         s.event(&e, &n).unwrap();
         let line = String::from_utf8(s.into_inner()).unwrap();
         assert_eq!(
             line.trim(),
-            r#"{"type":"event","kind":"table_full","ts_ns":1,"cpu":0,"netns":7,"netns_name":"docker:web","container":{"runtime":"docker","id":"bc476804eb2af2157d625626809925a1bfa429e356d96195f836ba4a4dc30f0d","name":"web","image":"ctt-busybox:test","source":"api"},"family":"ipv4","proto":"udp","src":"10.0.0.7","dst":"10.0.0.53","sport":4000,"dport":53}"#
+            r#"{"type":"event","kind":"table_full","ts_ns":1,"cpu":0,"netns":7,"netns_name":"docker:web","container":{"runtime":"docker","id":"bc476804eb2af2157d625626809925a1bfa429e356d96195f836ba4a4dc30f0d","name":"web","image":"ctt-busybox:test","source":"api"},"family":"ipv4","proto":"udp","src":"10.0.0.7","dst":"10.0.0.53","sport":4000,"dport":53,"sample":1}"#
         );
     }
 
