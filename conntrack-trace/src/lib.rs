@@ -14,6 +14,7 @@ pub mod btf;
 pub mod capture;
 pub mod cli;
 pub mod clock;
+pub mod docgen;
 pub mod doctor;
 pub mod error;
 pub mod event;

@@ -1,0 +1,83 @@
+//! Documentation generated from the command line itself: man pages
+//! (`clap_mangen`, one for the tool and one per subcommand) and shell
+//! completions (`clap_complete`). Both read [`Cli::command`], so they
+//! cannot drift from the flags; `cargo xtask package` ships their output
+//! and `conntrack-trace man` / `completions` give them to people who build
+//! from source.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use clap::CommandFactory as _;
+pub use clap_complete::Shell;
+
+use crate::cli::Cli;
+
+/// The name of the binary (and of every page and completion).
+pub const BIN: &str = "conntrack-trace";
+
+/// The complete command tree, subcommands built (so each knows its full
+/// name, `conntrack-trace-trace`, as man pages need).
+pub fn command() -> clap::Command {
+    let mut c = Cli::command();
+    c.build();
+    c
+}
+
+/// The completion script for `shell`. Generated into memory: clap_complete
+/// panics on a write error, and writing is the caller's (EPIPE, ENOSPC).
+pub fn completions(shell: Shell) -> Vec<u8> {
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), BIN, &mut buf);
+    buf
+}
+
+/// The file name each shell looks for (bash-completion, zsh's fpath,
+/// fish's vendor completions).
+pub fn completion_file(shell: Shell) -> String {
+    match shell {
+        Shell::Bash => BIN.to_owned(),
+        Shell::Zsh => format!("_{BIN}"),
+        Shell::Fish => format!("{BIN}.fish"),
+        Shell::Elvish => format!("{BIN}.elv"),
+        Shell::PowerShell => format!("_{BIN}.ps1"),
+        _ => BIN.to_owned(),
+    }
+}
+
+/// The subcommands a user types (not clap's `help`, nor hidden ones).
+pub fn subcommands(cmd: &clap::Command) -> impl Iterator<Item = &clap::Command> {
+    cmd.get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+}
+
+/// Renders the main page (`conntrack-trace.1`) to `out`.
+pub fn man_main(out: &mut dyn io::Write) -> io::Result<()> {
+    clap_mangen::Man::new(command()).render(out)
+}
+
+/// Writes `conntrack-trace.1` and one `conntrack-trace-SUB.1` per
+/// subcommand into `dir` (created if missing); returns the files written.
+pub fn man_pages(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    fs::create_dir_all(dir)?;
+    let cmd = command();
+    let mut written = Vec::new();
+    let mut page = |c: clap::Command, name: String| -> io::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        // Built, a subcommand's display name is `conntrack-trace-SUB` (the
+        // page's title and NAME) and its bin name `conntrack-trace SUB`
+        // (its SYNOPSIS).
+        clap_mangen::Man::new(c).render(&mut buf)?;
+        fs::write(&path, buf)?;
+        written.push(path);
+        Ok(())
+    };
+    page(cmd.clone(), BIN.to_owned())?;
+    for sub in subcommands(&cmd) {
+        page(sub.clone(), format!("{BIN}-{}", sub.get_name()))?;
+    }
+    Ok(written)
+}
