@@ -125,7 +125,11 @@ fn stage(root: &Path, bin: &Path, version: &str) -> Result<()> {
     let target = root.join("usr/bin/conntrack-trace");
     write(&target, &binary, 0o755)?;
     // Symbols stripped (Debian policy 10.1); the image keeps its own copy.
-    crate::setup::quiet(Command::new("strip").arg("--strip-unneeded").arg(&target))?;
+    crate::setup::quiet(
+        Command::new("strip")
+            .args(["--strip-unneeded", "--remove-section=.comment"])
+            .arg(&target),
+    )?;
     // Man pages: generated into a scratch directory, shipped compressed.
     let scratch = root.with_file_name("man");
     let _ = fs::remove_dir_all(&scratch);
