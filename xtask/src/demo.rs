@@ -14,7 +14,8 @@
 //!
 //! The scenario is built from the tests' own harness
 //! (`conntrack-trace-tests`: [`Topology`], [`dns::start_dnsmasq`],
-//! [`Sysctl`], [`KernelLock`]), whose guards undo every change on drop.
+//! [`Sysctl`]), whose guards undo every change on drop, under the tests'
+//! kernel lock.
 //! SIGINT, SIGTERM and SIGHUP only set a flag here, so Ctrl-C unwinds
 //! through those guards too: the sysctls are restored, the namespaces
 //! deleted and dnsmasq stopped on every exit path but SIGKILL (after which
@@ -30,7 +31,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use conntrack_trace_tests::{Daemon, KernelLock, Sysctl, Topology, dns, in_netns, spawn_in};
+use conntrack_trace_tests::{Daemon, Sysctl, Topology, dns, in_netns, spawn_in};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -86,8 +87,7 @@ pub fn run(a: &Args) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the demo needs root (namespaces, a sysctl, eBPF): run it as root"
     );
-    step("waiting for the kernel lock /run/conntrack-trace-tests.lock (tests hold it too)");
-    let _lock = KernelLock::acquire()?;
+    let _lock = kernel_lock()?;
     check_host_table(a.max)?;
     step(
         "creating namespaces ctt-demo-cli and ctt-demo-srv (a veth pair, conntrack on in the server)",
@@ -192,6 +192,41 @@ impl Drop for Reaped {
 fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
     h.join()
         .map_err(|_| anyhow::anyhow!("a demo thread panicked"))?
+}
+
+/// The flock the scenario tests hold (tests/src/lib.rs `KernelLock`), taken
+/// without blocking in the kernel, so Ctrl-C while another run holds it
+/// ends the demo at once (a blocked flock(2) is restarted after the
+/// signal handler).
+fn kernel_lock() -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    const PATH: &str = "/run/conntrack-trace-tests.lock";
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PATH)
+        .with_context(|| format!("opening {PATH}"))?;
+    let mut said = false;
+    loop {
+        // SAFETY: flock on an owned fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        ensure!(
+            e.raw_os_error() == Some(libc::EWOULDBLOCK),
+            "flock {PATH}: {e}"
+        );
+        if !said {
+            step(format!(
+                "waiting for {PATH}: a test or another demo is changing the kernel's state"
+            ));
+            said = true;
+        }
+        ensure!(!stopping(), "interrupted while waiting for {PATH}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Refuses a small table when the host's own is larger: lowering the
