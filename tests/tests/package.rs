@@ -165,8 +165,7 @@ fn extracted_binary_runs() -> Result<()> {
         return Ok(());
     };
     let root = extracted(&deb, "bin")?;
-    let (ok, out, err) =
-        run(&mut Command::new(root.path("usr/bin/conntrack-trace")).arg("--version"))?;
+    let (ok, out, err) = run(Command::new(root.path("usr/bin/conntrack-trace")).arg("--version"))?;
     ensure!(ok, "--version: {err}");
     ensure!(
         out.trim() == format!("conntrack-trace {}", env!("CARGO_PKG_VERSION")),
