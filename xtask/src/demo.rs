@@ -174,6 +174,8 @@ pub fn run(a: &Args) -> Result<()> {
     step(format!(
         "cleaning up: nf_conntrack_max back to {old_max}, namespaces deleted, dnsmasq stopped"
     ));
+    // The guards above undo everything as this returns.
+    ensure!(!stopping(), "interrupted");
     Ok(())
 }
 
