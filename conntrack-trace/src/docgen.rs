@@ -34,25 +34,6 @@ pub fn completions(shell: Shell) -> Vec<u8> {
     buf
 }
 
-/// The file name each shell looks for (bash-completion, zsh's fpath,
-/// fish's vendor completions).
-pub fn completion_file(shell: Shell) -> String {
-    match shell {
-        Shell::Bash => BIN.to_owned(),
-        Shell::Zsh => format!("_{BIN}"),
-        Shell::Fish => format!("{BIN}.fish"),
-        Shell::Elvish => format!("{BIN}.elv"),
-        Shell::PowerShell => format!("_{BIN}.ps1"),
-        _ => BIN.to_owned(),
-    }
-}
-
-/// The subcommands a user types (not clap's `help`, nor hidden ones).
-pub fn subcommands(cmd: &clap::Command) -> impl Iterator<Item = &clap::Command> {
-    cmd.get_subcommands()
-        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
-}
-
 /// Renders the main page (`conntrack-trace.1`) to `out`.
 pub fn man_main(out: &mut dyn io::Write) -> io::Result<()> {
     clap_mangen::Man::new(command()).render(out)
@@ -80,4 +61,41 @@ pub fn man_pages(dir: &Path) -> io::Result<Vec<PathBuf>> {
         page(sub.clone(), format!("{BIN}-{}", sub.get_name()))?;
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_page_per_subcommand_each_titled_with_its_name() {
+        let dir = std::env::temp_dir().join(format!("ctt-docgen-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let pages = man_pages(&dir).unwrap();
+        let cmd = command();
+        let mut want = vec![format!("{BIN}.1")];
+        want.extend(subcommands(&cmd).map(|s| format!("{BIN}-{}.1", s.get_name())));
+        let mut got: Vec<String> = pages
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        assert!(got.contains(&"conntrack-trace-trace.1".to_owned()));
+        let trace = fs::read_to_string(dir.join("conntrack-trace-trace.1")).unwrap();
+        assert!(trace.contains(".TH conntrack-trace-trace 1"), "{trace}");
+        // SYNOPSIS names the command as typed.
+        assert!(trace.contains("conntrack\\-trace trace"), "{trace}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn completions_name_the_binary_and_its_flags() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let s = String::from_utf8(completions(shell)).unwrap();
+            assert!(s.contains(BIN), "{shell}");
+            assert!(s.contains("ready-file"), "{shell}: flags of subcommands");
+        }
+    }
 }
