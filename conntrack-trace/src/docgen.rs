@@ -34,6 +34,12 @@ pub fn completions(shell: Shell) -> Vec<u8> {
     buf
 }
 
+/// The subcommands a user types (not clap's `help`, nor hidden ones).
+pub fn subcommands(cmd: &clap::Command) -> impl Iterator<Item = &clap::Command> {
+    cmd.get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+}
+
 /// Renders the main page (`conntrack-trace.1`) to `out`.
 pub fn man_main(out: &mut dyn io::Write) -> io::Result<()> {
     clap_mangen::Man::new(command()).render(out)
