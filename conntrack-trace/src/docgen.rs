@@ -13,7 +13,11 @@ use std::{
 use clap::CommandFactory as _;
 pub use clap_complete::Shell;
 
-use crate::cli::Cli;
+use crate::{
+    cli::Cli,
+    error::exit,
+    output::pipe::{Pipe, diag},
+};
 
 /// The name of the binary (and of every page and completion).
 pub const BIN: &str = "conntrack-trace";
@@ -67,6 +71,49 @@ pub fn man_pages(dir: &Path) -> io::Result<Vec<PathBuf>> {
         page(sub.clone(), format!("{BIN}-{}", sub.get_name()))?;
     }
     Ok(written)
+}
+
+/// `conntrack-trace completions SHELL`: the script on stdout; returns the
+/// exit code (a reader who left is fine, any other write error is one
+/// line on stderr).
+pub fn completions_cmd(shell: Shell) -> i32 {
+    to_stdout(|out| out.write_all(&completions(shell)))
+}
+
+/// `conntrack-trace man [DIR]`: every page into DIR (one line per file on
+/// stderr), or the main page on stdout; returns the exit code.
+pub fn man_cmd(dir: Option<&Path>) -> i32 {
+    let Some(dir) = dir else {
+        return to_stdout(|out| man_main(out));
+    };
+    match man_pages(dir) {
+        Ok(pages) => {
+            for p in pages {
+                diag(format_args!("conntrack-trace: wrote {}", p.display()));
+            }
+            exit::OK
+        }
+        Err(e) => {
+            diag(format_args!(
+                "conntrack-trace: error: writing man pages into {}: {e}",
+                dir.display()
+            ));
+            exit::FAILURE
+        }
+    }
+}
+
+fn to_stdout(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> i32 {
+    let mut out = Pipe::new(io::stdout().lock());
+    match write(&mut out).and_then(|_| io::Write::flush(&mut out)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            diag(format_args!(
+                "conntrack-trace: error: writing to stdout: {e}"
+            ));
+            exit::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -35,22 +35,8 @@ fn main() {
         Command::Export(args) => offline(export_cmd(args)),
         Command::Doctor(args) => doctor(&args),
         Command::Agent(args) => agent(&args),
-        Command::Completions { shell } => {
-            docs(|out| out.write_all(&conntrack_trace::docgen::completions(shell)))
-        }
-        Command::Man { dir: None } => docs(conntrack_trace::docgen::man_main),
-        Command::Man { dir: Some(dir) } => match conntrack_trace::docgen::man_pages(&dir) {
-            Ok(pages) => {
-                for p in pages {
-                    diag(format_args!("conntrack-trace: wrote {}", p.display()));
-                }
-                exit::OK
-            }
-            Err(e) => fail(&TraceError::io(format!(
-                "writing man pages into {}",
-                dir.display()
-            ))(e)),
-        },
+        Command::Completions { shell } => conntrack_trace::docgen::completions_cmd(shell),
+        Command::Man { dir } => conntrack_trace::docgen::man_cmd(dir.as_deref()),
     };
     std::process::exit(code);
 }
@@ -239,15 +225,6 @@ fn export_cmd(args: ExportArgs) -> Result<Vec<String>, ReportError> {
     };
     out.keep();
     Ok(warnings)
-}
-
-/// `completions`, `man`: generated text on stdout (a closed pipe is fine).
-fn docs(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> i32 {
-    let mut out = Pipe::new(std::io::stdout().lock());
-    match write(&mut out).and_then(|_| out.flush()) {
-        Ok(()) => exit::OK,
-        Err(e) => fail(&TraceError::io("writing to stdout")(e)),
-    }
 }
 
 /// `agent`: runs until SIGTERM/SIGINT.
