@@ -400,3 +400,30 @@ pub fn vm() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    /// Issue 22: apt's output went to stdout on a first run, into the
+    /// trace's ndjson. An installer's stdout is our stderr: the same open
+    /// file, by device and inode.
+    #[test]
+    fn installers_write_to_our_stderr() {
+        let out = std::env::temp_dir().join(format!("xtask-setup-fd1-{}", std::process::id()));
+        let status = super::Command::new("sh")
+            .args([
+                "-c",
+                "x=$(stat -L -c %d:%i /proc/$$/fd/1); echo \"$x\" > \"$0\"",
+            ])
+            .arg(&out)
+            .stdout(super::stderr_as_stdout())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let child = std::fs::read_to_string(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        let ours = std::fs::metadata("/proc/self/fd/2").unwrap();
+        assert_eq!(child.trim(), format!("{}:{}", ours.dev(), ours.ino()));
+    }
+}
