@@ -42,6 +42,18 @@ pub enum Command {
     /// Run always-on: Prometheus metrics, JSON state changes on stderr, and
     /// an optional flight recorder (needs root or CAP_BPF+CAP_PERFMON).
     Agent(AgentArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish,
+    /// elvish, powershell) on stdout.
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: crate::docgen::Shell,
+    },
+    /// Write the man pages (conntrack-trace.1 and one per subcommand) into
+    /// DIR; without DIR, print the main page on stdout.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `agent` (see README "Agent").

@@ -27,10 +27,11 @@
 //!    offline path ([`drivers::offline`]) that `report`, `export` and
 //!    `doctor --file` read captures through.
 //! 6. [`cli`] — the command line; flags stop here and become the drivers'
-//!    plain options.
+//!    plain options. [`docgen`] writes its man pages and shell completions.
 
 pub mod analysis;
 pub mod cli;
+pub mod docgen;
 pub mod drivers;
 pub mod formats;
 pub mod kernel;

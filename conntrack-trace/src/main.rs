@@ -29,6 +29,8 @@ fn main() {
         Command::Export(args) => offline(export_cmd(args)),
         Command::Doctor(args) => doctor(&args),
         Command::Agent(args) => agent(&args),
+        Command::Completions { shell } => conntrack_trace::docgen::completions_cmd(shell),
+        Command::Man { dir } => conntrack_trace::docgen::man_cmd(dir.as_deref()),
     };
     std::process::exit(code);
 }

@@ -1,8 +1,10 @@
-//! Project tasks: `cargo xtask <setup|build|run|image|test|vm-test|bench|fuzz>`.
+//! Project tasks: `cargo xtask <setup|build|run|demo|image|package|test|vm-test|bench|fuzz>`.
 
 mod bench;
+mod demo;
 mod fuzz;
 mod image;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -25,16 +27,26 @@ enum Cmd {
     Setup,
     /// Set up, then build the release binary.
     Build,
-    /// Set up, build, and run conntrack-trace with the given arguments
-    /// (e.g. `cargo xtask run -- trace`).
+    /// Set up what building needs (nothing else), build, and run
+    /// conntrack-trace with the given arguments (e.g. `cargo xtask run --
+    /// trace`). Setup and build print on stderr only: stdout is the tool's.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then show the founding incident in throwaway network
+    /// namespaces (dnsmasq, retrying dig clients, a small table) under the
+    /// live view for about 30 s, and `doctor` on it; applies nothing and
+    /// restores every sysctl on every exit path (as root).
+    Demo(demo::Args),
     /// Build the agent's container image (deploy/Containerfile) as an OCI
     /// image layout, without a daemon or a registry: the static musl
     /// binary in one layer; the same digests on every run.
     Image(image::Args),
+    /// Build the Debian package (target/package/conntrack-trace_VERSION_amd64.deb):
+    /// the static binary, man pages, completions, the agent's systemd unit
+    /// and its defaults file.
+    Package(package::Args),
     /// Set up, build, and run every test: unit tests, the root netns
     /// scenarios on this kernel, then the same scenarios in VMs (vm-test's
     /// default matrix, and 5.10 with the tracepoint backend).
@@ -83,8 +95,9 @@ pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The release build; cargo's output on stderr (stdout stays the tool's).
 pub fn build_release() -> Result<PathBuf> {
-    cmd(
+    setup::quiet_cmd(
         "cargo",
         &["build", "--release", "--package", "conntrack-trace"],
     )?;
@@ -94,9 +107,9 @@ pub fn build_release() -> Result<PathBuf> {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Setup => setup::run(),
-        Cmd::Build => setup::run().and_then(|_| build_release().map(|_| ())),
-        Cmd::Run { args } => setup::run().and_then(|_| {
+        Cmd::Setup => setup::test(),
+        Cmd::Build => setup::build().and_then(|_| build_release().map(|_| ())),
+        Cmd::Run { args } => setup::build().and_then(|_| {
             let bin = build_release()?;
             let status = Command::new(&bin)
                 .args(&args)
@@ -104,8 +117,10 @@ fn main() {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }),
-        Cmd::Image(a) => setup::run().and_then(|_| image::run(&a).map(|_| ())),
-        Cmd::Test { no_vm } => setup::run().and_then(|_| {
+        Cmd::Demo(a) => setup::demo().and_then(|_| demo::run(&a)),
+        Cmd::Image(a) => setup::build().and_then(|_| image::run(&a).map(|_| ())),
+        Cmd::Package(a) => setup::build().and_then(|_| package::run(&a).map(|_| ())),
+        Cmd::Test { no_vm } => setup::test().and_then(|_| {
             test::run()?;
             if no_vm {
                 eprintln!("xtask test: VM matrix skipped (--no-vm)");
@@ -123,11 +138,12 @@ fn main() {
             });
             matrix.and(old)
         }),
-        Cmd::VmTest(a) => setup::run()
+        // The guests run the scenario tests with the host's tools.
+        Cmd::VmTest(a) => setup::test()
             .and_then(|_| setup::vm())
             .and_then(|_| vm::run(&a)),
-        Cmd::Bench(a) => setup::run().and_then(|_| bench::run(a)),
-        Cmd::Fuzz(a) => setup::run()
+        Cmd::Bench(a) => setup::bench().and_then(|_| bench::run(a)),
+        Cmd::Fuzz(a) => setup::build()
             .and_then(|_| setup::fuzz())
             .and_then(|_| fuzz::run(&a)),
     };

@@ -1,20 +1,33 @@
-//! Installs, idempotently, what building and testing need on a fresh
-//! machine of our kind (stable default, nightly present):
-//! - `rust-src` for the nightly toolchain (the eBPF crate uses build-std);
-//! - `bpf-linker`, built against the nightly's own libLLVM (see
-//!   DEVELOPERS.md: LLVM_PREFIX pointing at a directory whose lib/ links
-//!   libLLVM.so to the toolchain's versioned libLLVM);
-//! - Debian packages the tests use (iproute2, nftables, util-linux,
-//!   tshark, dnsmasq-base, bind9-dnsutils, bpftool, bpftrace, conntrack, iptables, docker.io,
-//!   containerd, busybox-static, strace, prometheus, runc, python3-pip)
-//!   and PyPI's kubernetes-validate;
+//! Installs, idempotently, what each task needs on a fresh machine of our
+//! kind (stable default, nightly present) — and only that:
+//! - [`build`] (`build`, `run`, `image`, `package`, and every task that
+//!   builds): `rust-src` for the nightly toolchain (the eBPF crate uses
+//!   build-std) and `bpf-linker`, built against the nightly's own libLLVM
+//!   (LLVM_PREFIX pointing at a directory whose lib/ links libLLVM.so to
+//!   the toolchain's versioned libLLVM). Running the tool needs nothing
+//!   else: it talks to the kernel itself (bpf(2), netlink, /proc);
+//! - [`demo`]: the incident's parts (iproute2, nftables, dnsmasq-base,
+//!   bind9-dnsutils);
+//! - [`test`]: Debian packages the tests use (iproute2, nftables,
+//!   util-linux, tshark, dnsmasq-base, bind9-dnsutils, iptables,
+//!   docker.io, containerd, busybox-static, strace, prometheus,
+//!   runc, python3-pip, and for the package checks lintian,
+//!   man-db and systemd) and PyPI's kubernetes-validate;
+//! - [`bench`]: bpftool, bpftrace, conntrack and the scenario tools;
 //! - for `fuzz` only ([`fuzz`]): cargo-fuzz (it runs on the nightly);
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries;
-//! - for `image` (and `test`, which builds the image): the musl target
-//!   ([`musl_target`]).
+//! - for `image` and `package` (and `test`, which builds both): the musl
+//!   target ([`musl_target`]).
+//!
+//! Everything an installer prints goes to stderr ([`quiet_cmd`]): stdout is
+//! the tool's (`cargo xtask run -- trace --format ndjson | jq` works on a
+//! first run too).
 
-use std::{path::Path, process::Command};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -32,13 +45,120 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn run() -> Result<()> {
-    nightly_rust_src()?;
-    bpf_linker()?;
-    debian_packages()?;
-    python_tools()?;
+/// Our stderr, as a child's stdout.
+pub fn stderr_as_stdout() -> Stdio {
+    use std::os::fd::AsFd as _;
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// [`crate::cmd`] with the child's stdout sent to our stderr.
+pub fn quiet_cmd(program: &str, args: &[&str]) -> Result<()> {
+    quiet(Command::new(program).args(args))
+}
+
+/// Runs `c` in the workspace root with its stdout on our stderr.
+pub fn quiet(c: &mut Command) -> Result<()> {
+    let line = format!("{c:?}");
+    let status = c
+        .current_dir(crate::workspace_root())
+        .stdout(stderr_as_stdout())
+        .status()
+        .with_context(|| format!("running {line}"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
     Ok(())
 }
+
+/// What building needs (every task builds).
+pub fn build() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+/// What `cargo xtask demo` needs: building, and the incident's parts.
+pub fn demo() -> Result<()> {
+    build()?;
+    debian_packages(DEMO)
+}
+
+/// What `cargo xtask test` needs (and `xtask setup` installs).
+pub fn test() -> Result<()> {
+    build()?;
+    debian_packages(TEST)?;
+    python_tools()
+}
+
+/// What `cargo xtask bench` needs.
+pub fn bench() -> Result<()> {
+    build()?;
+    debian_packages(BENCH)
+}
+
+/// (program looked for, Debian package providing it).
+type Wanted = [(&'static str, &'static str)];
+
+/// The founding incident: namespaces, a ruleset that turns conntrack on,
+/// a real DNS server and a resolver client that retries.
+const DEMO: &Wanted = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
+];
+
+const TEST: &Wanted = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("setpriv", "util-linux"),
+    // Real DNS server and client for the amplification tests.
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
+    // The capture tests decode exported pcapng (tshark, capinfos).
+    ("tshark", "tshark"),
+    // Legacy iptables rulesets in the rule-drop scenarios.
+    ("iptables-legacy", "iptables"),
+    // Real container runtimes for the workload-naming tests (their
+    // daemons are started by the tests, on private sockets), and the
+    // static busybox their image is made of.
+    ("dockerd", "docker.io"),
+    ("containerd", "containerd"),
+    ("busybox", "busybox-static"),
+    // The tracer's own system calls: when the start snapshot is taken.
+    ("strace", "strace"),
+    // The agent's tests: a real Prometheus scrapes it; promtool checks
+    // and unit-tests deploy/prometheus/ (both in Debian's package).
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    // The OCI runtime the container tests run the image under.
+    ("runc", "runc"),
+    // pip, for kubernetes-validate (below).
+    ("pip3", "python3-pip"),
+    // The Debian package's checks (tests/tests/package.rs): dpkg-deb
+    // builds it, lintian judges it, man renders its pages,
+    // systemd-analyze verifies its unit.
+    ("dpkg-deb", "dpkg"),
+    ("lintian", "lintian"),
+    ("man", "man-db"),
+    ("systemd-analyze", "systemd"),
+];
+
+const BENCH: &Wanted = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
+    // bench: each program's run_time_ns / run_cnt (bpf_stats).
+    ("bpftool", "bpftool"),
+    // bench newflow: the bpftrace one-liner the tracer is compared with.
+    ("bpftrace", "bpftrace"),
+    // bench newflow: empties the server's table between measurements.
+    ("conntrack", "conntrack"),
+];
 
 /// kubernetes-validate (PyPI; its Kubernetes schemas ship inside it, so
 /// the manifest check needs no network): deploy/kubernetes/ is validated
@@ -49,11 +169,11 @@ fn python_tools() -> Result<()> {
     }
     eprintln!("xtask setup: pip3 install kubernetes-validate");
     let base = ["install", "--quiet", "kubernetes-validate"];
-    if crate::cmd("pip3", &base).is_ok() {
+    if quiet_cmd("pip3", &base).is_ok() {
         return Ok(());
     }
     // Debian's own python refuses pip outside a venv (PEP 668).
-    crate::cmd(
+    quiet_cmd(
         "pip3",
         &[
             "install",
@@ -67,7 +187,7 @@ fn python_tools() -> Result<()> {
 fn nightly_rust_src() -> Result<()> {
     if output("rustup", &["run", "nightly", "rustc", "--version"]).is_none() {
         eprintln!("xtask setup: installing the nightly toolchain");
-        crate::cmd(
+        quiet_cmd(
             "rustup",
             &["toolchain", "install", "nightly", "--profile", "minimal"],
         )?;
@@ -79,7 +199,7 @@ fn nightly_rust_src() -> Result<()> {
     .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask setup: adding rust-src to nightly");
-        crate::cmd(
+        quiet_cmd(
             "rustup",
             &["component", "add", "rust-src", "--toolchain", "nightly"],
         )?;
@@ -137,59 +257,21 @@ fn bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(lib.join(&name), &dst)
             .with_context(|| format!("linking {}", dst.display()))?;
     }
-    let status = Command::new("cargo")
-        .args([
-            "install",
-            "--force",
-            "bpf-linker",
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{major}"),
-        ])
-        .env("LLVM_PREFIX", &prefix)
-        .status()
-        .context("cargo install bpf-linker")?;
-    if !status.success() {
-        bail!("cargo install bpf-linker failed ({status})");
-    }
-    Ok(())
+    quiet(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
-fn debian_packages() -> Result<()> {
-    let wanted = [
-        ("ip", "iproute2"),
-        ("nft", "nftables"),
-        ("setpriv", "util-linux"),
-        // Real DNS server and client for the amplification tests.
-        ("dnsmasq", "dnsmasq-base"),
-        ("dig", "bind9-dnsutils"),
-        // The capture tests decode exported pcapng (tshark, capinfos).
-        ("tshark", "tshark"),
-        // bench: each program's run_time_ns / run_cnt (bpf_stats).
-        ("bpftool", "bpftool"),
-        // bench newflow: the bpftrace one-liner the tracer is compared with.
-        ("bpftrace", "bpftrace"),
-        // bench newflow: empties the server's table between measurements.
-        ("conntrack", "conntrack"),
-        // Legacy iptables rulesets in the rule-drop scenarios.
-        ("iptables-legacy", "iptables"),
-        // Real container runtimes for the workload-naming tests (their
-        // daemons are started by the tests, on private sockets), and the
-        // static busybox their image is made of.
-        ("dockerd", "docker.io"),
-        ("containerd", "containerd"),
-        ("busybox", "busybox-static"),
-        // The tracer's own system calls: when the start snapshot is taken.
-        ("strace", "strace"),
-        // The agent's tests: a real Prometheus scrapes it; promtool checks
-        // and unit-tests deploy/prometheus/ (both in Debian's package).
-        ("prometheus", "prometheus"),
-        ("promtool", "prometheus"),
-        // The OCI runtime the container tests run the image under.
-        ("runc", "runc"),
-        // pip, for kubernetes-validate (below).
-        ("pip3", "python3-pip"),
-    ];
+fn debian_packages(wanted: &Wanted) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| !have(bin))
@@ -210,10 +292,10 @@ fn debian_packages() -> Result<()> {
     // the default instead of waiting on a terminal.
     // SAFETY: xtask is single-threaded here.
     unsafe { std::env::set_var("DEBIAN_FRONTEND", "noninteractive") };
-    crate::cmd("apt-get", &["update", "-q"])?;
+    quiet_cmd("apt-get", &["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter());
-    crate::cmd("apt-get", &args)
+    quiet_cmd("apt-get", &args)
 }
 
 /// What `cargo xtask fuzz` needs: cargo-fuzz (run as `cargo +nightly fuzz`;
@@ -223,7 +305,7 @@ pub fn fuzz() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask setup: installing cargo-fuzz (a few minutes, once)");
-    crate::cmd("cargo", &["install", "--locked", "cargo-fuzz"])
+    quiet_cmd("cargo", &["install", "--locked", "cargo-fuzz"])
 }
 
 fn is_root() -> bool {
@@ -258,7 +340,7 @@ pub fn musl_target() -> Result<()> {
     let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
     if !installed.lines().any(|l| l.trim() == crate::vm::MUSL) {
         eprintln!("xtask setup: adding the {} target", crate::vm::MUSL);
-        crate::cmd("rustup", &["target", "add", crate::vm::MUSL])?;
+        quiet_cmd("rustup", &["target", "add", crate::vm::MUSL])?;
     }
     Ok(())
 }
@@ -317,4 +399,31 @@ pub fn vm() -> Result<()> {
         bail!("qemu-system-x86_64 {QEMU_MIN} or newer still missing after the install");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    /// Issue 22: apt's output went to stdout on a first run, into the
+    /// trace's ndjson. An installer's stdout is our stderr: the same open
+    /// file, by device and inode.
+    #[test]
+    fn installers_write_to_our_stderr() {
+        let out = std::env::temp_dir().join(format!("xtask-setup-fd1-{}", std::process::id()));
+        let status = super::Command::new("sh")
+            .args([
+                "-c",
+                "x=$(stat -L -c %d:%i /proc/$$/fd/1); echo \"$x\" > \"$0\"",
+            ])
+            .arg(&out)
+            .stdout(super::stderr_as_stdout())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let child = std::fs::read_to_string(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        let ours = std::fs::metadata("/proc/self/fd/2").unwrap();
+        assert_eq!(child.trim(), format!("{}:{}", ours.dev(), ours.ino()));
+    }
 }

@@ -95,6 +95,11 @@ pub fn run() -> Result<()> {
     let layout = crate::image::run(&crate::image::Args::default())?;
     // SAFETY: as above.
     unsafe { std::env::set_var("CONNTRACK_TRACE_OCI_LAYOUT", &layout) };
+    // The Debian package tests/tests/package.rs checks (the same musl
+    // binary as the image: no second build).
+    let deb = crate::package::run(&crate::package::Args::default())?;
+    // SAFETY: as above.
+    unsafe { std::env::set_var("CONNTRACK_TRACE_DEB", &deb) };
     cmd(
         "cargo",
         &[
