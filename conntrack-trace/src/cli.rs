@@ -56,7 +56,7 @@ pub enum Command {
     },
 }
 
-/// `agent` (see README "Agent").
+/// `agent` (see docs/agent.md).
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
     #[command(flatten)]
@@ -315,7 +315,7 @@ impl TraceArgs {
 /// How conntrack is observed: `trace`, `agent` and `doctor` alike.
 #[derive(Debug, clap::Args)]
 pub struct BackendArgs {
-    /// How to observe conntrack (see README "Backends").
+    /// How to observe conntrack (see docs/backends.md).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendArg,
     /// Kernel BTF to use instead of /sys/kernel/btf/vmlinux.

@@ -45,7 +45,7 @@ fn clap_error(e: &clap::Error) -> i32 {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         // `conntrack-trace` alone: the help is the answer.
         diag(format_args!(
-            "conntrack-trace: error: a subcommand is required (trace, report, export, doctor or agent; see --help)"
+            "conntrack-trace: error: a subcommand is required (trace, report, export, doctor, agent, completions or man; see --help)"
         ));
         return exit::USAGE;
     }

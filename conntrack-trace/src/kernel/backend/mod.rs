@@ -457,7 +457,7 @@ pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
 /// Default `--event-budget` of `trace` (events/s per CPU): 20× the
 /// founding incident's whole rate (the tests' DNS scenario, ~1 000
-/// drops/s), so it is never sampled; see README's cost section for the
+/// drops/s), so it is never sampled; see docs/performance.md for the
 /// flood figures behind it.
 pub const DEFAULT_TRACE_EVENT_BUDGET: u32 = 20_000;
 /// Default `--event-budget` of `agent`: an always-on agent spends a
