@@ -79,6 +79,32 @@ impl SeriesTable {
         }
     }
 
+    /// Takes the programs' exact per-source counts (cumulative since the
+    /// programs loaded) instead of the events' once the events are a sample
+    /// (lost or shed): every kept series gets its exact count, every other
+    /// source is summed into its `other`. A count never goes down (a
+    /// source the kernel's LRU map forgot keeps its last value), so the
+    /// series stay Prometheus counters.
+    pub fn set_exact(&mut self, exact: &HashMap<SeriesKey, u64>) {
+        let mut other: HashMap<(Kind, u32), u64> = HashMap::new();
+        for (key, n) in exact {
+            if let Some(v) = self.kept.get_mut(key) {
+                *v = (*v).max(*n);
+            } else if self.kept.len() < self.cap {
+                self.kept.insert(*key, *n);
+            } else {
+                *other.entry((key.kind, key.netns)).or_default() += n;
+                if self.folded_seen.len() < FOLDED_MEMORY && self.folded_seen.insert(*key) {
+                    self.folded += 1;
+                }
+            }
+        }
+        for (k, n) in other {
+            let v = self.other.entry(k).or_default();
+            *v = (*v).max(n);
+        }
+    }
+
     pub fn record(&mut self, e: &Event) {
         let key = SeriesKey {
             kind: e.kind,

@@ -20,7 +20,7 @@ pub mod recorder;
 pub mod selfstat;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
@@ -35,6 +35,7 @@ use crate::{
     analysis::filter::Filter,
     analysis::forecast::{self, Trend, Watcher},
     analysis::pipeline::Pipeline,
+    analysis::sources::SourceKey,
     drivers::live::{self, Ring, Tap, selection_line},
     formats::capture::{self, format::NsFill},
     formats::outfile::ReadyFile,
@@ -50,7 +51,7 @@ use crate::{
 
 use self::{
     log::State,
-    metrics::{AmpGauge, Metrics, NsState, SeriesTable, WorkloadLabels},
+    metrics::{AmpGauge, Metrics, NsState, SeriesKey, SeriesTable, WorkloadLabels},
     nsfiles::{Rescan, Tables},
     recorder::{RecordOptions, Recorder},
 };
@@ -101,6 +102,32 @@ impl Tap for AgentTap {
 }
 
 impl AgentTap {
+    /// Once the events are a sample (the ring lost some, or the event
+    /// budget shed some), the per-namespace and per-source counts come
+    /// from the programs' exact per-source counts: what Prometheus sums
+    /// stays the kernel's count (never less than what the events said).
+    fn take_exact(&mut self, tp: &Backend) -> Result<(), TraceError> {
+        let mut exact: HashMap<SeriesKey, u64> = HashMap::new();
+        tp.for_each_source_count(|e, n| {
+            let key = SeriesKey {
+                kind: e.kind,
+                netns: e.netns,
+                source: SourceKey::of(e),
+            };
+            *exact.entry(key).or_default() += n;
+        })?;
+        let mut per_netns: BTreeMap<(Kind, u32), u64> = BTreeMap::new();
+        for (k, n) in &exact {
+            *per_netns.entry((k.kind, k.netns)).or_default() += n;
+        }
+        for (k, n) in per_netns {
+            let v = self.per_netns.entry(k).or_default();
+            *v = (*v).max(n);
+        }
+        self.series.set_exact(&exact);
+        Ok(())
+    }
+
     /// SIGUSR1: keep the minutes around now as an incident capture.
     fn incident(&mut self, why: &str) {
         match &mut self.recorder {
@@ -402,6 +429,9 @@ impl Agent {
     fn tick(&mut self) -> Result<(), TraceError> {
         let c = &mut self.consumer;
         let counters = c.interval(&mut self.ring, &self.tp)?;
+        if counters.sampled() {
+            c.tap.take_exact(&self.tp)?;
+        }
         if self.follow {
             follow_namespaces(&mut self.tables, c, &mut self.forecasts, &mut self.watch);
         } else if c.wants_names() {
