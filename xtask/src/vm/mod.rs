@@ -45,7 +45,8 @@ const DEFAULT_BACKENDS: &str = "fexit,tracepoint";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Kernels to boot: comma-separated labels (6.1, 6.12, 5.10) or `all`.
+    /// Kernels to boot: comma-separated labels (6.1, 6.12, 5.10; `newest`:
+    /// the newest cloud kernel of trixie-backports) or `all`.
     #[arg(long, default_value = DEFAULT_KERNELS)]
     pub kernel: String,
     /// Backends to test on each kernel, comma-separated. `tracepoint` with
@@ -395,7 +396,10 @@ pub fn run(args: &Args) -> Result<()> {
         };
         eprintln!(
             "vm-test: {}: {} {} ({})",
-            k.label, k.package, k.version, k.release
+            k.label,
+            k.package(),
+            k.version,
+            k.release
         );
         let initrd = build_initramfs(&k, &bins, &out_dir)?;
         for b in &backends {
@@ -540,7 +544,7 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         assert_eq!(l("6.1,6.12").unwrap(), ["6.1", "6.12"]);
-        assert_eq!(l("all").unwrap(), ["6.1", "6.12", "5.10"]);
+        assert_eq!(l("all").unwrap(), ["6.1", "6.12", "newest", "5.10"]);
         assert!(l("4.19").unwrap_err().contains("--kernel 4.19: unknown"));
     }
 
