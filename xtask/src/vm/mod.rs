@@ -318,7 +318,13 @@ impl Row {
                     .map(|t| {
                         (
                             t,
-                            known::judge(known::KNOWN, &self.kernel, &self.backend, t),
+                            known::judge(
+                                known::KNOWN,
+                                &self.kernel,
+                                &self.release,
+                                &self.backend,
+                                t,
+                            ),
                         )
                     })
                     .collect()
