@@ -38,11 +38,8 @@ ip link set lo up
 # one global, read-only in every namespace but the first
 # (nf_conntrack_standalone.c, nf_conntrack_standalone_init_sysctl(): mode
 # 0444 unless net_eq(&init_net, net)); a per-namespace max is writable there.
-if ip netns add ctt-vm-probe 2>/dev/null; then
-    mode=$(ip netns exec ctt-vm-probe stat -c %a /proc/sys/net/netfilter/nf_conntrack_max 2>/dev/null)
-    ip netns del ctt-vm-probe
-    say "nf_conntrack_max in a child namespace: mode ${mode:-absent}"
-fi
+mode=$(unshare -n stat -c %a /proc/sys/net/netfilter/nf_conntrack_max 2>&1)
+say "nf_conntrack_max in a child namespace: mode $mode"
 
 export CONNTRACK_TRACE_BIN=/usr/local/bin/conntrack-trace
 export CONNTRACK_TRACE_REQUIRE_ROOT=1

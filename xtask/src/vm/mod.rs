@@ -35,8 +35,10 @@ use crate::workspace_root;
 
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// The kernels run when `--kernel` is not given.
-const DEFAULT_KERNELS: &str = "6.1,6.12";
+/// The kernels run when `--kernel` is not given (and by `cargo xtask
+/// test`): Debian 12's kernel, its backports kernel, and Debian's newest
+/// cloud kernel (trixie-backports).
+const DEFAULT_KERNELS: &str = "6.1,6.12,newest";
 
 /// The backends run on each kernel when `--backend` is not given: both BPF
 /// backends (the scenario tests' exact counter checks do not apply to
