@@ -49,13 +49,15 @@ enum Cmd {
     Package(package::Args),
     /// Set up, build, and run every test: unit tests, the root netns
     /// scenarios on this kernel, then the same scenarios in VMs (vm-test's
-    /// default matrix, and 5.10 with the tracepoint backend).
+    /// default matrix: 6.1, 6.12 and the newest Debian kernel with both
+    /// backends; and 5.10 with the tracepoint backend).
     Test {
         /// Skip the VM matrix (quick local runs).
         #[arg(long)]
         no_vm: bool,
     },
-    /// Run the scenario tests inside VMs on Debian kernels (6.1, 6.12, ...).
+    /// Run the scenario tests inside VMs on Debian kernels (6.1, 6.12,
+    /// newest, 5.10).
     VmTest(vm::Args),
     /// Measure the tracer: every figure but the soak, written to
     /// BENCHMARKS.md; or one figure (`bench flood|evictions|newflow|
@@ -127,6 +129,8 @@ fn main() {
                 return Ok(());
             }
             setup::vm()?;
+            // 6.1, 6.12 and Debian's newest kernel (trixie-backports,
+            // 7.3.4 in December 2026), both backends.
             let matrix = vm::run(&vm::Args::default());
             // Debian 11's 5.10 for the tracepoint backend's older-kernel
             // variants (its fexit cell would only repeat known failures:

@@ -194,20 +194,31 @@ impl Apt {
         )
     }
 
-    /// Downloads `package` (name or name=version) into `dest`; returns the
-    /// .deb's path.
-    pub fn download(&self, package: &str, dest: &Path) -> Result<PathBuf> {
+    /// Downloads `packages` (names or name=version) into `dest`; returns
+    /// the .debs' paths, in the order of `packages`.
+    pub fn download(&self, packages: &[String], dest: &Path) -> Result<Vec<PathBuf>> {
         fs::create_dir_all(dest)?;
-        self.run("apt-get", false, &["-q", "download", package], dest)?;
-        // apt-get download names the file <name>_<version>_<arch>.deb.
-        let prefix = format!("{}_", package.split('=').next().unwrap_or(package));
-        debs(dest)
-            .into_iter()
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|f| f.to_string_lossy().starts_with(&prefix))
+        let mut args = vec!["-q", "download"];
+        args.extend(packages.iter().map(String::as_str));
+        self.run("apt-get", false, &args, dest)?;
+        let files = debs(dest);
+        packages
+            .iter()
+            .map(|package| {
+                // apt-get download names the file <name>_<version>_<arch>.deb.
+                let prefix = format!("{}_", package.split('=').next().unwrap_or(package));
+                files
+                    .iter()
+                    .find(|p| {
+                        p.file_name()
+                            .is_some_and(|f| f.to_string_lossy().starts_with(&prefix))
+                    })
+                    .cloned()
+                    .with_context(|| {
+                        format!("apt-get download {package}: no .deb in {}", dest.display())
+                    })
             })
-            .with_context(|| format!("apt-get download {package}: no .deb in {}", dest.display()))
+            .collect()
     }
 
     /// Installs packages into the host (setup's host tools), resolving with
@@ -259,13 +270,31 @@ pub fn field<'a>(record: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// The package a metapackage depends on first (`Depends: pkg (= v), ...`).
-pub fn first_dependency(record: &str) -> Option<&str> {
-    field(record, "Depends")?
-        .split([',', '|'])
-        .next()?
-        .split_whitespace()
-        .next()
+/// The dependencies of a control record pinned to one version
+/// (`Depends:`/`Pre-Depends:` `name (= version)`), as (name, version): the
+/// parts of a kernel its metapackages name. Of alternatives (`a (= 1) | b`)
+/// the first pinned one; unpinned clauses (`kmod`, `linux-base (>= 4.3~)`)
+/// are the installed system's, not the kernel's, and are left out.
+pub fn pinned_dependencies(record: &str) -> Vec<(&str, &str)> {
+    ["Pre-Depends", "Depends"]
+        .iter()
+        .filter_map(|f| field(record, f))
+        .flat_map(|deps| deps.split(','))
+        .filter_map(|clause| {
+            clause.split('|').find_map(|alt| {
+                let (name, rest) = alt.trim().split_once(char::is_whitespace)?;
+                let version = rest
+                    .trim()
+                    .strip_prefix('(')?
+                    .strip_suffix(')')?
+                    .trim()
+                    .strip_prefix('=')?
+                    .trim();
+                // `(= v)` only: `(>= v)` starts with '>' and is not stripped.
+                Some((name.split(':').next().unwrap_or(name), version))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -308,17 +337,35 @@ mod tests {
     }
 
     #[test]
-    fn metapackage_dependency() {
+    fn pinned_dependencies_of_metapackages() {
+        // bookworm: one image package holds kernel and modules.
         let rec = "Package: linux-image-cloud-amd64\nVersion: 6.1.192-2\n\
                    Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\nDescription: x\n";
         assert_eq!(
-            first_dependency(rec),
-            Some("linux-image-6.1.0-56-cloud-amd64")
+            pinned_dependencies(rec),
+            [("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")]
         );
         assert_eq!(field(rec, "Version"), Some("6.1.192-2"));
+        // trixie-backports 7.x: the image is an empty meta; base, binary
+        // and modules are pinned beside loose system dependencies.
+        let rec = "Package: linux-image-7.3.4+deb13-cloud-amd64\nVersion: 7.3.4-1~bpo13+1\n\
+                   Depends: dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, \
+                   linux-base-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1), \
+                   linux-binary-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1), \
+                   linux-modules-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1)\n\
+                   Pre-Depends: linux-base (>= 4.17~)\n";
         assert_eq!(
-            first_dependency("Depends: a-unsigned (= 1) | a, b\n"),
-            Some("a-unsigned")
+            pinned_dependencies(rec),
+            [
+                ("linux-base-7.3.4+deb13-cloud-amd64", "7.3.4-1~bpo13+1"),
+                ("linux-binary-7.3.4+deb13-cloud-amd64", "7.3.4-1~bpo13+1"),
+                ("linux-modules-7.3.4+deb13-cloud-amd64", "7.3.4-1~bpo13+1"),
+            ]
         );
+        assert_eq!(
+            pinned_dependencies("Depends: kmod, a-unsigned (= 1) | a, b (>= 2), c:any (= 3)\n"),
+            [("a-unsigned", "1"), ("c", "3")]
+        );
+        assert!(pinned_dependencies("Package: x\n").is_empty());
     }
 }

@@ -34,6 +34,12 @@ for m in $(cat /etc/ctt/modules); do
     fi
 done
 ip link set lo up
+# Whether this kernel keeps nf_conntrack_max per namespace: up to 7.3 it is
+# one global, read-only in every namespace but the first
+# (nf_conntrack_standalone.c, nf_conntrack_standalone_init_sysctl(): mode
+# 0444 unless net_eq(&init_net, net)); a per-namespace max is writable there.
+mode=$(unshare -n stat -c %a /proc/sys/net/netfilter/nf_conntrack_max 2>&1)
+say "nf_conntrack_max in a child namespace: mode $mode"
 
 export CONNTRACK_TRACE_BIN=/usr/local/bin/conntrack-trace
 export CONNTRACK_TRACE_REQUIRE_ROOT=1

@@ -1,11 +1,21 @@
 //! Debian cloud kernels for the VM matrix: resolve the current
 //! `linux-image-cloud-amd64` of a suite (its ABI name changes with security
-//! updates), download it with the private apt configuration, unpack it with
-//! `dpkg -x` (never installed into /), and extract the uncompressed vmlinux
-//! that qemu boots directly (PVH entry; decompressing a bzImage under TCG
-//! costs seconds per boot).
+//! updates), download what it pins with the private apt configuration,
+//! unpack it with `dpkg -x` (never installed into /), and extract the
+//! uncompressed vmlinux that qemu boots directly (PVH entry; decompressing a
+//! bzImage under TCG costs seconds per boot).
+//!
+//! The packaging is followed, not assumed: up to 6.12 the metapackage pins
+//! one `linux-image-ABI` that holds `boot/vmlinuz-ABI` and
+//! `lib/modules/ABI/`; from 7.x it pins `linux-base-cloud-amd64`, an empty
+//! `linux-image-ABI` and `linux-modules-cloud-amd64`, which pin in turn
+//! `linux-base-ABI`, `linux-binary-ABI` (`usr/lib/modules/ABI/vmlinuz`) and
+//! `linux-modules-ABI` (merged /usr). Every package reached through exact
+//! `(= version)` pins is the kernel's; loose dependencies (`kmod`,
+//! `linux-base (>= ...)`, an initramfs tool) are the installed system's.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::Write as _,
     path::{Path, PathBuf},
@@ -26,7 +36,7 @@ pub struct Spec {
     pub security: &'static [&'static str],
 }
 
-pub const SPECS: [Spec; 3] = [
+pub const SPECS: [Spec; 4] = [
     Spec {
         label: "6.1",
         archive: &["bookworm"],
@@ -36,6 +46,15 @@ pub const SPECS: [Spec; 3] = [
     Spec {
         label: "6.12",
         archive: &["bookworm-backports"],
+        security: &[],
+    },
+    // Debian's newest cloud kernel (7.3.4 in December 2026): whatever
+    // trixie-backports ships when the cache is filled or `--refresh`ed. Its
+    // version shows in every summary; known failures name the version
+    // (known.rs), so a newer kernel is judged afresh.
+    Spec {
+        label: "newest",
+        archive: &["trixie-backports"],
         security: &[],
     },
     Spec {
@@ -51,21 +70,40 @@ const METAPACKAGE: &str = "linux-image-cloud-amd64";
 #[derive(Debug, Clone)]
 pub struct Kernel {
     pub label: &'static str,
-    /// Package and version it came from.
-    pub package: String,
+    /// The packages unpacked, as `name=version`.
+    pub packages: Vec<String>,
+    /// The metapackage's version.
     pub version: String,
-    /// `uname -r`, the directory under lib/modules.
+    /// `uname -r`, the directory under (usr/)lib/modules.
     pub release: String,
     pub vmlinux: PathBuf,
-    /// The unpacked package (boot/, lib/modules/<release>/).
+    /// The unpacked packages, one tree.
     pub root: PathBuf,
 }
 
 impl Kernel {
+    /// `lib/modules/<release>`, or `usr/lib/modules/<release>` (merged /usr).
     pub fn modules_dir(&self) -> PathBuf {
-        self.root.join("lib/modules").join(&self.release)
+        MODULE_DIRS
+            .iter()
+            .map(|d| self.root.join(d).join(&self.release))
+            .find(|d| d.is_dir())
+            .unwrap_or_else(|| self.root.join(MODULE_DIRS[0]).join(&self.release))
+    }
+
+    /// The package that carries the kernel image, for the summary.
+    pub fn package(&self) -> &str {
+        self.packages
+            .iter()
+            .find(|p| p.starts_with("linux-binary-"))
+            .or_else(|| self.packages.iter().find(|p| p.starts_with("linux-image-")))
+            .or(self.packages.first())
+            .map_or("?", |p| p.split('=').next().unwrap_or(p))
     }
 }
+
+/// Where packages put modules: before and after Debian merged /usr.
+const MODULE_DIRS: [&str; 2] = ["lib/modules", "usr/lib/modules"];
 
 const STAMP: &str = "kernel.txt";
 
@@ -100,49 +138,95 @@ pub fn fetch(spec: &Spec, cache: &Path, refresh: bool) -> Result<Kernel> {
     );
     apt.update()?;
     let meta = apt.show(METAPACKAGE)?;
-    let package = apt::first_dependency(&meta)
-        .with_context(|| format!("{METAPACKAGE} has no Depends: {meta}"))?
+    let version = apt::field(&meta, "Version")
+        .with_context(|| format!("{METAPACKAGE} has no Version"))?
         .to_owned();
-    let version = apt::field(&apt.show(&package)?, "Version")
-        .with_context(|| format!("{package} has no Version"))?
-        .to_owned();
+    let packages = pinned_closure(&apt, &meta)?;
+    ensure!(
+        !packages.is_empty(),
+        "{METAPACKAGE} {version} pins no package with `(= version)`: {meta}"
+    );
     if let Some(k) = cached(spec, &dir)
-        && k.package == package
-        && k.version == version
+        && k.packages == packages
     {
         return Ok(k);
     }
-    eprintln!("vm-test: {}: downloading {package} {version}", spec.label);
+    eprintln!(
+        "vm-test: {}: downloading {}",
+        spec.label,
+        packages.join(" ")
+    );
     let debs = dir.join("debs");
     let _ = fs::remove_dir_all(&debs);
-    let deb = apt.download(&format!("{package}={version}"), &debs)?;
+    let files = apt.download(&packages, &debs)?;
     let root = dir.join("root");
     let _ = fs::remove_dir_all(&root);
-    crate::cmd(
-        "dpkg",
-        &["-x", &deb.to_string_lossy(), &root.to_string_lossy()],
-    )?;
+    for deb in &files {
+        crate::cmd(
+            "dpkg",
+            &["-x", &deb.to_string_lossy(), &root.to_string_lossy()],
+        )?;
+    }
     let release = release_of(&root)?;
-    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+    let vmlinuz = image_of(&root, &release)?;
     let image = fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
     let vmlinux = extract_vmlinux(&image).with_context(|| format!("{}", vmlinuz.display()))?;
     fs::write(dir.join("vmlinux"), vmlinux)?;
-    // The .deb is unpacked: keep the cache small.
+    // The .debs are unpacked: keep the cache small.
     let _ = fs::remove_dir_all(&debs);
     fs::write(
         dir.join(STAMP),
-        format!("{package}\n{version}\n{release}\n"),
+        format!("{}\n{version}\n{release}\n", packages.join(" ")),
     )?;
     cached(spec, &dir).context("kernel cache incomplete right after unpacking")
+}
+
+/// Every package the metapackage `record` reaches through exact
+/// `(= version)` pins, as sorted `name=version` strings. Each pinned
+/// record is shown at its pinned version, so the closure is the one the
+/// metapackage names even when a newer kernel is the candidate.
+fn pinned_closure(apt: &Apt, record: &str) -> Result<Vec<String>> {
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<String> = apt::pinned_dependencies(record)
+        .into_iter()
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    while let Some(p) = todo.pop() {
+        if !seen.insert(p.clone()) {
+            continue;
+        }
+        ensure!(
+            seen.len() <= 32,
+            "{METAPACKAGE}: more than 32 pinned packages ({seen:?})"
+        );
+        let rec = apt.show(&p)?;
+        todo.extend(
+            apt::pinned_dependencies(&rec)
+                .into_iter()
+                .map(|(n, v)| format!("{n}={v}")),
+        );
+    }
+    Ok(seen.into_iter().collect())
 }
 
 fn cached(spec: &Spec, dir: &Path) -> Option<Kernel> {
     let stamp = fs::read_to_string(dir.join(STAMP)).ok()?;
     let mut l = stamp.lines();
-    let (package, version, release) = (l.next()?, l.next()?, l.next()?);
+    let (packages, version, release) = (l.next()?, l.next()?, l.next()?);
+    let packages: Vec<String> = packages
+        .split_whitespace()
+        .map(|p| {
+            // Stamps written before 7.x name one package, without its version.
+            if p.contains('=') {
+                p.to_owned()
+            } else {
+                format!("{p}={version}")
+            }
+        })
+        .collect();
     let k = Kernel {
         label: spec.label,
-        package: package.to_owned(),
+        packages,
         version: version.to_owned(),
         release: release.to_owned(),
         vmlinux: dir.join("vmlinux"),
@@ -151,21 +235,40 @@ fn cached(spec: &Spec, dir: &Path) -> Option<Kernel> {
     (k.vmlinux.exists() && k.modules_dir().is_dir()).then_some(k)
 }
 
-/// The one `lib/modules/<release>` directory of an unpacked image package.
+/// The one `<release>` directory under `lib/modules` and `usr/lib/modules`
+/// of the unpacked packages.
 fn release_of(root: &Path) -> Result<String> {
-    let dir = root.join("lib/modules");
-    let names: Vec<String> = fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
+    let names: BTreeSet<String> = MODULE_DIRS
+        .iter()
+        .filter_map(|d| fs::read_dir(root.join(d)).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    match names.as_slice() {
-        [one] => Ok(one.clone()),
+    match names.len() {
+        1 => Ok(names.into_iter().next().unwrap_or_default()),
         _ => bail!(
-            "expected one kernel under {}, found {names:?}",
-            dir.display()
+            "expected one kernel under {} or {} of {}, found {names:?}",
+            MODULE_DIRS[0],
+            MODULE_DIRS[1],
+            root.display()
         ),
     }
+}
+
+/// The compressed kernel image of `release`: `boot/vmlinuz-<release>` up to
+/// 6.12, `usr/lib/modules/<release>/vmlinuz` from 7.x.
+fn image_of(root: &Path, release: &str) -> Result<PathBuf> {
+    let candidates = [
+        root.join("boot").join(format!("vmlinuz-{release}")),
+        root.join("usr/lib/modules").join(release).join("vmlinuz"),
+        root.join("lib/modules").join(release).join("vmlinuz"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| format!("no kernel image among {candidates:?}"))
 }
 
 /// A compression format of the kernel payload, by its magic bytes (the

@@ -35,8 +35,10 @@ use crate::workspace_root;
 
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// The kernels run when `--kernel` is not given.
-const DEFAULT_KERNELS: &str = "6.1,6.12";
+/// The kernels run when `--kernel` is not given (and by `cargo xtask
+/// test`): Debian 12's kernel, its backports kernel, and Debian's newest
+/// cloud kernel (trixie-backports).
+const DEFAULT_KERNELS: &str = "6.1,6.12,newest";
 
 /// The backends run on each kernel when `--backend` is not given: both BPF
 /// backends (the scenario tests' exact counter checks do not apply to
@@ -45,7 +47,8 @@ const DEFAULT_BACKENDS: &str = "fexit,tracepoint";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Kernels to boot: comma-separated labels (6.1, 6.12, 5.10) or `all`.
+    /// Kernels to boot: comma-separated labels (6.1, 6.12, 5.10; `newest`:
+    /// the newest cloud kernel of trixie-backports) or `all`.
     #[arg(long, default_value = DEFAULT_KERNELS)]
     pub kernel: String,
     /// Backends to test on each kernel, comma-separated. `tracepoint` with
@@ -317,7 +320,13 @@ impl Row {
                     .map(|t| {
                         (
                             t,
-                            known::judge(known::KNOWN, &self.kernel, &self.backend, t),
+                            known::judge(
+                                known::KNOWN,
+                                &self.kernel,
+                                &self.release,
+                                &self.backend,
+                                t,
+                            ),
                         )
                     })
                     .collect()
@@ -395,7 +404,10 @@ pub fn run(args: &Args) -> Result<()> {
         };
         eprintln!(
             "vm-test: {}: {} {} ({})",
-            k.label, k.package, k.version, k.release
+            k.label,
+            k.package(),
+            k.version,
+            k.release
         );
         let initrd = build_initramfs(&k, &bins, &out_dir)?;
         for b in &backends {
@@ -540,7 +552,7 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         assert_eq!(l("6.1,6.12").unwrap(), ["6.1", "6.12"]);
-        assert_eq!(l("all").unwrap(), ["6.1", "6.12", "5.10"]);
+        assert_eq!(l("all").unwrap(), ["6.1", "6.12", "newest", "5.10"]);
         assert!(l("4.19").unwrap_err().contains("--kernel 4.19: unknown"));
     }
 

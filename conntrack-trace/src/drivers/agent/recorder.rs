@@ -20,6 +20,12 @@
 //!   An incident directory is one capture's consecutive files: `report
 //!   DIR/incident-*/*` reads it (saying which earlier files are missing).
 //!
+//! What a killed agent loses: the capture writer hands its records to the
+//! kernel at least every 100 ms (`capture::writer::HANDOVER`) whatever
+//! `--interval` is, so SIGKILL (an OOM kill, a container runtime's kill
+//! after its grace period) loses at most the last 100 ms; each tick also
+//! fdatasyncs, for a crash of the machine.
+//!
 //! A restarted agent starts a new run in the same directory: the earlier
 //! runs' files are kept and take part in the rolling bound; incidents are
 //! never touched except by the incident cap.
@@ -238,7 +244,8 @@ impl Recorder {
         }
     }
 
-    /// Per tick: names, durability, bounds, incident progress.
+    /// Per tick: names, durability on disk (fdatasync), bounds, incident
+    /// progress.
     pub fn tick(&mut self, names: &NetnsNames) {
         if let Some(w) = &mut self.writer {
             w.names(names);
