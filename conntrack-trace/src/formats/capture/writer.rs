@@ -646,7 +646,7 @@ impl Drop for Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{
+    use crate::formats::capture::{
         format::tests::sample_event,
         read_set,
         tests::{TempDir, header},
