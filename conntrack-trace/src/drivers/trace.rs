@@ -29,7 +29,7 @@ use crate::{
     kernel::netns::{self, NetnsInfo},
     model::clock::Clock,
     model::event::Event,
-    model::{Finding, KindCounts, Scope, Summary, TopSource},
+    model::{Finding, KindCounts, Sampling, Scope, Summary, TopSource},
 };
 
 pub struct TraceOptions {
@@ -116,6 +116,10 @@ struct Session<'s> {
     history: std::collections::VecDeque<KindCounts>,
     /// The pipeline's totals at the last tick.
     last_totals: KindCounts,
+    /// The programs' counters at the last tick, and the sampling the
+    /// interval since then saw.
+    last_counters: BpfCounters,
+    sampling: Option<Sampling>,
 }
 
 pub async fn run(opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
@@ -185,6 +189,8 @@ impl<'s> Session<'s> {
             forecasts: Watcher::new(forecast::Config::default()),
             history: std::collections::VecDeque::new(),
             last_totals: KindCounts::default(),
+            last_counters: BpfCounters::default(),
+            sampling: None,
         })
     }
 
@@ -232,6 +238,7 @@ impl<'s> Session<'s> {
     fn tick(&mut self) -> Result<(), TraceError> {
         let c = &mut self.consumer;
         let counters = c.interval(&mut self.live.ring, &self.live.tp)?;
+        self.close_sampling(&counters);
         self.close_history();
         let c = &mut self.consumer;
         if c.wants_names() {
@@ -255,6 +262,19 @@ impl<'s> Session<'s> {
         }
         let kernel = self.kernel_since_start(&views);
         self.draw(&counters, views, kernel)
+    }
+
+    /// What the programs did over the interval: how many drops they saw,
+    /// emitted and shed.
+    fn close_sampling(&mut self, now: &BpfCounters) {
+        let (seen, shed, lost) = (
+            now.seen.sub(&self.last_counters.seen).total(),
+            now.shed.sub(&self.last_counters.shed).total(),
+            now.lost.sub(&self.last_counters.lost).total(),
+        );
+        let emitted = seen.saturating_sub(shed + lost);
+        self.sampling = Sampling::of(seen, emitted, shed, self.opts.backend.event_budget);
+        self.last_counters = now.clone();
     }
 
     /// Ends the sparkline's interval.
@@ -324,6 +344,8 @@ impl<'s> Session<'s> {
             history: &history,
             agg: &c.pipe.agg,
             lost: counters.lost,
+            shed: counters.shed,
+            sampling: self.sampling,
             rule_drops: (self.live.tp.name() == crate::model::Name::Tracepoint)
                 .then_some(counters.seen.rule_drop),
             kernel: Some(kernel),

@@ -422,6 +422,26 @@ impl Summary {
     }
 }
 
+/// Sampling as the last interval saw it: about one flow in `denom` was
+/// kept (the interval's drops over its events), under `budget` events/s
+/// per CPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub denom: u64,
+    pub budget: u32,
+}
+
+impl Sampling {
+    /// From the interval's drops seen, events emitted and drops shed
+    /// (None when nothing was shed).
+    pub fn of(seen: u64, emitted: u64, shed: u64, budget: u32) -> Option<Sampling> {
+        (shed > 0).then(|| Sampling {
+            denom: seen.div_ceil(emitted.max(1)),
+            budget,
+        })
+    }
+}
+
 /// Values nested in a document are tagged by `type` as their own ndjson
 /// lines are (`crate::formats::output::wire::Line`; the ndjson tests pin
 /// both to the same bytes).
@@ -445,5 +465,19 @@ pub mod tagged {
     /// A summary nested in a report.
     pub fn summary<S: Serializer>(v: &Summary, s: S) -> Result<S::Ok, S::Error> {
         Tagged::Summary(v).serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod sampling_tests {
+    use super::Sampling;
+
+    #[test]
+    fn sampling_is_the_intervals_drops_over_its_events() {
+        assert_eq!(Sampling::of(1000, 1000, 0, 50), None, "nothing shed");
+        let p = Sampling::of(10_000, 2_500, 7_500, 20_000).unwrap();
+        assert_eq!((p.denom, p.budget), (4, 20_000));
+        // Everything shed (the bucket empty): no division by zero.
+        assert_eq!(Sampling::of(300, 0, 300, 50).unwrap().denom, 300);
     }
 }

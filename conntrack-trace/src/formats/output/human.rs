@@ -177,6 +177,19 @@ pub fn render_live(v: &LiveView<'_>) -> String {
             v.lost.get(k)
         );
     }
+    if v.shed.total() > 0 {
+        let shed = Kind::FAILURES
+            .iter()
+            .filter(|k| v.shed.get(**k) > 0)
+            .map(|k| format!("{} {}", k.as_str(), v.shed.get(*k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let now = match v.sampling {
+            Some(p) => format!("sampling 1/{} (budget {}/s per CPU)", p.denom, p.budget),
+            None => "not sampling now".into(),
+        };
+        let _ = writeln!(s, "{now}; shed so far (counted, not shown): {shed}");
+    }
     if let Some(k) = &v.kernel {
         let _ = writeln!(
             s,
@@ -306,6 +319,8 @@ mod tests {
             history: &[],
             agg: &a,
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
+            sampling: None,
             rule_drops: Some(0),
             kernel: None,
             top_n: 5,
@@ -370,6 +385,8 @@ mod tests {
             history: &[],
             agg: &a,
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
+            sampling: None,
             rule_drops: Some(0),
             kernel: None,
             top_n: 5,
@@ -518,6 +535,8 @@ mod tests {
             history: &[],
             agg: &a,
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
+            sampling: None,
             rule_drops: None,
             kernel: None,
             top_n: 5,
@@ -640,6 +659,8 @@ mod tests {
             history: &[],
             agg: &a,
             lost: KindCounts::default(),
+            shed: KindCounts::default(),
+            sampling: None,
             rule_drops: Some(0),
             kernel: Some(k),
             top_n: 5,
@@ -653,6 +674,49 @@ mod tests {
                 "kernel since start: drop +7, early_drop +0, insert_failed +0, clash_resolve +3, invalid +0"
             ),
             "{text}"
+        );
+    }
+
+    /// Issue 21: while the budget sheds, the header says so and how much.
+    #[test]
+    fn live_header_says_when_it_samples() {
+        let a = agg();
+        let shed = KindCounts {
+            table_full: 900,
+            ..Default::default()
+        };
+        let mut v = LiveView {
+            backend: "tracepoint",
+            refused: &[],
+            per_packet: true,
+            evictions: "on",
+            elapsed_s: 2.0,
+            fills: &[],
+            history: &[],
+            agg: &a,
+            lost: KindCounts::default(),
+            shed,
+            sampling: crate::model::Sampling::of(1000, 100, 900, 50),
+            rule_drops: Some(0),
+            kernel: None,
+            top_n: 5,
+            exact_top: None,
+            findings: &[],
+            amp: &AmpSummary::default(),
+        };
+        let text = render_live(&v);
+        assert!(
+            text.contains(
+                "sampling 1/10 (budget 50/s per CPU); shed so far (counted, not shown): table_full 900"
+            ),
+            "{text}"
+        );
+        v.sampling = None;
+        assert!(render_live(&v).contains("not sampling now; shed so far"));
+        v.shed = KindCounts::default();
+        assert!(
+            !render_live(&v).contains("shed so far"),
+            "nothing shed, nothing said"
         );
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     formats::text,
     kernel::kstats::{CtStats, Fill},
     model::event::Event,
-    model::{AmpSummary, Finding, KindCounts, Refusal, Scope, Summary, TopSource},
+    model::{AmpSummary, Finding, KindCounts, Refusal, Sampling, Scope, Summary, TopSource},
 };
 
 /// Known namespace names by inode (and the containers/pods behind them).
@@ -33,6 +33,11 @@ pub struct LiveView<'a> {
     pub history: &'a [KindCounts],
     pub agg: &'a Aggregator,
     pub lost: KindCounts,
+    /// Drops the event budget shed so far: counted, never events.
+    pub shed: KindCounts,
+    /// The programs were sampling during the last interval (None: every
+    /// drop was an event).
+    pub sampling: Option<Sampling>,
     /// Rule drops counted so far; None when the backend cannot see them
     /// (only the tracepoint backend hooks kfree_skb).
     pub rule_drops: Option<u64>,
