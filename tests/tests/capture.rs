@@ -424,11 +424,23 @@ fn rotated_capture_reads_as_one() -> Result<()> {
     let topo = Topology::new("co", 62)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
     // Two tracers see the same packets: one writes a single file, the
-    // other rotates every 64 KiB.
-    let a = Tracer::start(&["--netns", &topo.server.name, "--write", s(&one)])?;
+    // other rotates every 64 KiB. Without an event budget: each tracer's
+    // programs sample by their own windows (conntrack-trace-ebpf/src/
+    // budget.rs), so two tracers over budget keep different flows, while
+    // this test compares their captures event for event.
+    let a = Tracer::start(&[
+        "--netns",
+        &topo.server.name,
+        "--event-budget",
+        "0",
+        "--write",
+        s(&one),
+    ])?;
     let b = Tracer::start(&[
         "--netns",
         &topo.server.name,
+        "--event-budget",
+        "0",
         "--write",
         s(&rot),
         "--max-size",
