@@ -542,7 +542,19 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
     let file = dir.path("rate.ctt");
     let topo = Topology::new("cf", 63)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
-    let tracer = Tracer::start_bin(&bin, &["--netns", &topo.server.name, "--write", s(&file)])?;
+    // Every drop an event (no budget): what is measured is the capture
+    // writer keeping up with all of them, not the sampling (tests/budget.rs).
+    let tracer = Tracer::start_bin(
+        &bin,
+        &[
+            "--netns",
+            &topo.server.name,
+            "--event-budget",
+            "0",
+            "--write",
+            s(&file),
+        ],
+    )?;
     let before = topo.server.ct_stats()?;
     let started = Instant::now();
     // Bounded in count (2 x 150 000 datagrams) and in time (8 s).
