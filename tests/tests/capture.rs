@@ -532,7 +532,19 @@ fn capture_keeps_up_with_a_sustained_flood() -> Result<()> {
     let file = dir.path("rate.ctt");
     let topo = Topology::new("cf", 63)?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
-    let tracer = Tracer::start_bin(&bin, &["--netns", &topo.server.name, "--write", s(&file)])?;
+    // The writer at the full event rate: every drop an event (the default
+    // budget would sample this flood; issue 21).
+    let tracer = Tracer::start_bin(
+        &bin,
+        &[
+            "--netns",
+            &topo.server.name,
+            "--write",
+            s(&file),
+            "--event-budget",
+            "0",
+        ],
+    )?;
     let before = topo.server.ct_stats()?;
     let started = Instant::now();
     // Bounded in count (2 x 150 000 datagrams) and in time (8 s).
