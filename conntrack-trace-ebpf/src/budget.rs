@@ -147,17 +147,7 @@ fn next_denom(old: u64, seen: u64, elapsed: u64, budget: u64) -> u64 {
     }
     let need = (seen * TOKEN).div_ceil(allowed);
     let lower = (seen * (TOKEN + TOKEN / 4)).div_ceil(allowed);
-    let mut d = if old < lower { old } else { lower };
-    if d < need {
-        d = need;
-    }
-    if d < 1 {
-        1
-    } else if d > MAX_DENOM {
-        MAX_DENOM
-    } else {
-        d
-    }
+    old.min(lower).max(need).clamp(1, MAX_DENOM)
 }
 
 const K: u64 = 0x9e37_79b9_7f4a_7c15;

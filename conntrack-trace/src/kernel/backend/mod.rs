@@ -462,7 +462,9 @@ pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 pub const DEFAULT_TRACE_EVENT_BUDGET: u32 = 20_000;
 /// Default `--event-budget` of `agent`: an always-on agent spends a
 /// quarter of what an interactive trace may, still 5× the founding
-/// incident.
+/// incident. Its drop counts stay exact under it: once the events are a
+/// sample, `drops_total` and the per-source series come from the
+/// programs' exact counts (drivers/agent/mod.rs, `AgentTap::take_exact`).
 pub const DEFAULT_AGENT_EVENT_BUDGET: u32 = 5_000;
 
 /// Checks an `--event-budget` value.
