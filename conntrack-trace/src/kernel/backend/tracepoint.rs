@@ -101,9 +101,42 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, 
         })
 }
 
+/// The functions the programs recognise by address (their text ranges from
+/// /proc/kallsyms, read once).
+struct Symbols {
+    hook_slow: Result<kallsyms::Range, kallsyms::KallsymsError>,
+    early_drop: Result<kallsyms::Range, kallsyms::KallsymsError>,
+    ct_free: Result<kallsyms::Range, kallsyms::KallsymsError>,
+}
+
+impl Symbols {
+    fn read() -> Symbols {
+        let mut r = kallsyms::function_ranges_from_proc(&[
+            "nf_hook_slow",
+            "early_drop",
+            "nf_conntrack_free",
+        ])
+        .into_iter();
+        let mut next = || {
+            r.next()
+                .unwrap_or(Err(kallsyms::KallsymsError::NotFound("?".into())))
+        };
+        Symbols {
+            hook_slow: next(),
+            early_drop: next(),
+            ct_free: next(),
+        }
+    }
+}
+
 /// The slab hook that sees evictions on this kernel, with the addresses it
 /// needs written into `config` — or why evictions are off.
-fn eviction_hook(kbtf: &KernelBtf, on: bool, config: &mut Config) -> (Hook, Evictions) {
+fn eviction_hook(
+    kbtf: &KernelBtf,
+    on: bool,
+    syms: Symbols,
+    config: &mut Config,
+) -> (Hook, Evictions) {
     let mut kmem = KMEM_BY_CACHE;
     let mut evictions = if on {
         Evictions::On
@@ -122,7 +155,7 @@ fn eviction_hook(kbtf: &KernelBtf, on: bool, config: &mut Config) -> (Hook, Evic
             by_cache,
             by_name,
             kbtf.tracepoint_arg(KMEM_CACHE_FREE, TpArg::VoidPtr),
-            kallsyms::function_range_from_proc("early_drop"),
+            syms.early_drop,
         ) {
             (_, _, _, Err(e)) => evictions = Evictions::Off(e.to_string()),
             (Ok(2), _, Ok(1), Ok(range)) => {
@@ -135,18 +168,16 @@ fn eviction_hook(kbtf: &KernelBtf, on: bool, config: &mut Config) -> (Hook, Evic
                 config.flags |= flags::KMEM_FREE_BY_NAME;
             }
             // Neither cache nor name (before 5.12): the call site.
-            (Err(_), Err(_), Ok(1), Ok(range)) => {
-                match kallsyms::function_range_from_proc("nf_conntrack_free") {
-                    Ok(site) => {
-                        config.early_drop_start = range.start;
-                        config.early_drop_end = range.end;
-                        config.ct_free_start = site.start;
-                        config.ct_free_end = site.end;
-                        kmem = KMEM_BY_SITE;
-                    }
-                    Err(e) => evictions = Evictions::Off(e.to_string()),
+            (Err(_), Err(_), Ok(1), Ok(range)) => match syms.ct_free {
+                Ok(site) => {
+                    config.early_drop_start = range.start;
+                    config.early_drop_end = range.end;
+                    config.ct_free_start = site.start;
+                    config.ct_free_end = site.end;
+                    kmem = KMEM_BY_SITE;
                 }
-            }
+                Err(e) => evictions = Evictions::Off(e.to_string()),
+            },
             (Err(e), Err(_), _, _) | (_, _, Err(e), _) => evictions = Evictions::Off(e.to_string()),
             _ => evictions = Evictions::Off("unexpected kmem_cache_free arguments".into()),
         }
@@ -181,7 +212,8 @@ impl Tracepoints {
         // Where netfilter's verdicts are freed (see the kfree_skb program).
         // With a drop reason it is optional (every drop is then judged by
         // conntrack's counters alone); without one it is the only filter.
-        let hook_slow = kallsyms::function_range_from_proc("nf_hook_slow");
+        let syms = Symbols::read();
+        let hook_slow = syms.hook_slow.clone();
         if let Ok(r) = &hook_slow {
             config.nf_hook_slow_start = r.start;
             config.nf_hook_slow_end = r.end;
@@ -194,7 +226,7 @@ impl Tracepoints {
             config.netfilter_drop_reason =
                 kbtf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?;
         }
-        let (kmem, evictions) = eviction_hook(kbtf, opts.evictions, &mut config);
+        let (kmem, evictions) = eviction_hook(kbtf, opts.evictions, syms, &mut config);
         let aya_btf = &types.aya;
         let mut ebpf = super::load_object(aya_btf, &offsets, &config, opts.ring_bytes)?;
 
