@@ -238,7 +238,9 @@ impl<'s> Session<'s> {
     fn tick(&mut self) -> Result<(), TraceError> {
         let c = &mut self.consumer;
         let counters = c.interval(&mut self.live.ring, &self.live.tp)?;
-        self.close_sampling(&counters);
+        let budget = self.opts.backend.event_budget;
+        self.sampling = counters.sampling_since(&self.last_counters, budget);
+        self.last_counters = counters.clone();
         self.close_history();
         let c = &mut self.consumer;
         if c.wants_names() {
@@ -262,19 +264,6 @@ impl<'s> Session<'s> {
         }
         let kernel = self.kernel_since_start(&views);
         self.draw(&counters, views, kernel)
-    }
-
-    /// What the programs did over the interval: how many drops they saw,
-    /// emitted and shed.
-    fn close_sampling(&mut self, now: &BpfCounters) {
-        let (seen, shed, lost) = (
-            now.seen.sub(&self.last_counters.seen).total(),
-            now.shed.sub(&self.last_counters.shed).total(),
-            now.lost.sub(&self.last_counters.lost).total(),
-        );
-        let emitted = seen.saturating_sub(shed + lost);
-        self.sampling = Sampling::of(seen, emitted, shed, self.opts.backend.event_budget);
-        self.last_counters = now.clone();
     }
 
     /// Ends the sparkline's interval.

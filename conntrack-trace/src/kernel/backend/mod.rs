@@ -30,7 +30,7 @@ use crate::{
     kernel::error::TraceError,
     kernel::netns::Held,
     model::event::{Event, Kind},
-    model::{KindCounts, Name, Refusal},
+    model::{KindCounts, Name, Refusal, Sampling},
 };
 
 /// Exact in-kernel counters of a backend since it was loaded.
@@ -62,6 +62,15 @@ impl BpfCounters {
     /// per-source counts, not from the events.
     pub fn sampled(&self) -> bool {
         self.lost.total() + self.shed.total() > 0
+    }
+
+    /// The sampling of the interval since `before`: its drops over its
+    /// events, while the budget (`budget` events/s per CPU) shed some.
+    pub fn sampling_since(&self, before: &BpfCounters, budget: u32) -> Option<Sampling> {
+        let seen = self.seen.sub(&before.seen).total();
+        let shed = self.shed.sub(&before.shed).total();
+        let lost = self.lost.sub(&before.lost).total();
+        Sampling::of(seen, seen.saturating_sub(shed + lost), shed, budget)
     }
 }
 
@@ -482,6 +491,26 @@ pub fn valid_ring_bytes(n: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_since_is_the_intervals_drops_over_its_events() {
+        let kc = |n| KindCounts {
+            table_full: n,
+            ..Default::default()
+        };
+        let before = BpfCounters {
+            seen: kc(100),
+            ..Default::default()
+        };
+        let now = BpfCounters {
+            seen: kc(1_100),
+            shed: kc(750),
+            ..Default::default()
+        };
+        let p = now.sampling_since(&before, 50).expect("shed: sampling");
+        assert_eq!((p.denom, p.budget), (4, 50));
+        assert_eq!(before.sampling_since(&before, 50), None);
+    }
 
     #[test]
     fn verdict_skips_statistics() {
