@@ -46,7 +46,7 @@ pub enum Command {
     /// elvish, powershell) on stdout.
     Completions {
         #[arg(value_enum, value_name = "SHELL")]
-        shell: crate::docgen::Shell,
+        shell: clap_complete::Shell,
     },
     /// Write the man pages (conntrack-trace.1 and one per subcommand) into
     /// DIR; without DIR, print the main page on stdout.
