@@ -84,6 +84,16 @@ pub fn home() -> std::path::PathBuf {
         .unwrap_or_else(|| "/root".into())
 }
 
+/// Our stderr, as a child's stdout.
+pub fn stderr_as_stdout() -> std::process::Stdio {
+    use std::os::fd::AsFd as _;
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::process::Stdio::from)
+        .unwrap_or_else(|_| std::process::Stdio::null())
+}
+
 /// Runs a command in the workspace root, failing on a non-zero exit.
 pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
     let status = Command::new(program)

@@ -24,10 +24,7 @@
 //! the tool's (`cargo xtask run -- trace --format ndjson | jq` works on a
 //! first run too).
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -45,16 +42,6 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Our stderr, as a child's stdout.
-pub fn stderr_as_stdout() -> Stdio {
-    use std::os::fd::AsFd as _;
-    std::io::stderr()
-        .as_fd()
-        .try_clone_to_owned()
-        .map(Stdio::from)
-        .unwrap_or_else(|_| Stdio::null())
-}
-
 /// [`crate::cmd`] with the child's stdout sent to our stderr.
 pub fn quiet_cmd(program: &str, args: &[&str]) -> Result<()> {
     quiet(Command::new(program).args(args))
@@ -65,7 +52,7 @@ pub fn quiet(c: &mut Command) -> Result<()> {
     let line = format!("{c:?}");
     let status = c
         .current_dir(crate::workspace_root())
-        .stdout(stderr_as_stdout())
+        .stdout(crate::stderr_as_stdout())
         .status()
         .with_context(|| format!("running {line}"))?;
     if !status.success() {
@@ -417,7 +404,7 @@ mod tests {
                 "x=$(stat -L -c %d:%i /proc/$$/fd/1); echo \"$x\" > \"$0\"",
             ])
             .arg(&out)
-            .stdout(super::stderr_as_stdout())
+            .stdout(crate::stderr_as_stdout())
             .status()
             .unwrap();
         assert!(status.success());

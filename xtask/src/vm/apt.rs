@@ -238,7 +238,7 @@ impl Apt {
             .args(self.options(true))
             .args(&args)
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(crate::setup::stderr_as_stdout())
+            .stdout(crate::stderr_as_stdout())
             .status()
             .context("running apt-get install")?;
         ensure!(
