@@ -94,7 +94,12 @@ fn tiny_ring_counts_what_it_loses() -> anyhow::Result<()> {
     // lost events, the top source's count is the kernel's — from the
     // events when none were lost, from the programs' per-source counts
     // when some were (then the summary says it is a sample).
-    assert_eq!(s.sampled, s.lost.table_full > 0, "{s:?}");
+    // `sampled` is about every kind: an eviction event the page could not
+    // take makes the stream a sample too (seen on 7.3/tracepoint in the
+    // VM: early_drop lost 1, table_full lost 0).
+    let lost = s.lost.table_full + s.lost.early_drop + s.lost.insert_failed + s.lost.rule_drop;
+    let shed = s.shed.table_full + s.shed.early_drop + s.shed.insert_failed + s.shed.rule_drop;
+    assert_eq!(s.sampled, lost + shed > 0, "{s:?}");
     let client = topo.client_ip.to_string();
     let top = s
         .top
