@@ -26,6 +26,43 @@ pub(crate) fn read<T>(addr: u64) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|e| e as i64)
 }
 
+/// How a builder reads the kernel memory a pointer leads to. The same
+/// builders serve pointers the verifier knows the type of and plain
+/// numbers, and each caller says which it holds.
+pub(crate) trait Mem {
+    fn get<T>(addr: u64) -> Result<T, i64>;
+}
+
+/// `bpf_probe_read_kernel()`: any address — a pointer kept in a map
+/// between two programs (fexit's scopes), an entry derived from `_nfct`'s
+/// bits. A helper call each: ~40 ns on the flood's drop path (issue 21).
+pub(crate) struct Probe;
+
+impl Mem for Probe {
+    #[inline(always)]
+    fn get<T>(addr: u64) -> Result<T, i64> {
+        read(addr)
+    }
+}
+
+/// A plain load through a pointer the verifier typed from BTF: a
+/// `tp_btf` argument (`struct sk_buff *skb` of `kfree_skb`) or a pointer
+/// member read through one (`skb->dev`, `dev->nd_net.net`, `skb->sk`).
+/// kernel/bpf/verifier.c, check_ptr_to_btf_access(): the offset (a frozen
+/// `.rodata` value, so a constant to the verifier) is checked against the
+/// struct's BTF, and the load is JITed as BPF_PROBE_MEM — an ordinary
+/// load whose fault yields 0 — instead of a helper call. Only for such
+/// pointers: on a number the verifier refuses the program at load.
+pub(crate) struct Direct;
+
+impl Mem for Direct {
+    #[inline(always)]
+    fn get<T>(addr: u64) -> Result<T, i64> {
+        // SAFETY: see above; a faulting address reads as 0, never traps.
+        Ok(unsafe { core::ptr::read_volatile(addr as *const T) })
+    }
+}
+
 #[inline(always)]
 pub(crate) fn add(index: u32, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {
@@ -130,15 +167,15 @@ fn count_source(ev: &RawEvent) {
 /// it arrived on, else (locally generated, before ip_output() sets
 /// skb->dev) its socket.
 #[inline(always)]
-pub(crate) fn skb_net(skb: u64) -> u64 {
-    let Ok(dev) = read::<u64>(skb + off!(skb_dev)) else {
+pub(crate) fn skb_net<M: Mem>(skb: u64) -> u64 {
+    let Ok(dev) = M::get::<u64>(skb + off!(skb_dev)) else {
         return 0;
     };
     if dev != 0 {
-        return read(dev + off!(dev_net)).unwrap_or(0);
+        return M::get(dev + off!(dev_net)).unwrap_or(0);
     }
-    match read::<u64>(skb + off!(skb_sk)) {
-        Ok(sk) if sk != 0 => read(sk + off!(sk_net)).unwrap_or(0),
+    match M::get::<u64>(skb + off!(skb_sk)) {
+        Ok(sk) if sk != 0 => M::get(sk + off!(sk_net)).unwrap_or(0),
         _ => 0,
     }
 }
@@ -150,8 +187,8 @@ pub(crate) fn skb_net(skb: u64) -> u64 {
 /// past the linear part (rare: netfilter runs after ip_rcv() pulled the IP
 /// header) is read from memory instead.
 #[inline(always)]
-pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
-    fill_packet(ev, skb);
+pub(crate) fn fill_from_skb<M: Mem>(ev: &mut RawEvent, skb: u64) {
+    fill_packet::<M>(ev, skb);
     let n = ev.caplen as usize;
     let Some(&b0) = ev.pkt.first().filter(|_| n >= 1) else {
         return;
@@ -199,8 +236,8 @@ pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
         ],
         None => {
             let (Ok(head), Ok(nh)) = (
-                read::<u64>(skb + off!(skb_head)),
-                read::<u16>(skb + off!(skb_network_header)),
+                M::get::<u64>(skb + off!(skb_head)),
+                M::get::<u16>(skb + off!(skb_network_header)),
             ) else {
                 return;
             };
@@ -223,13 +260,13 @@ pub(crate) fn fill_from_skb(ev: &mut RawEvent, skb: u64) {
 /// files. Only the linear part is read (`head + network_header` up to
 /// `head + tail`); a header split into page fragments is cut short there.
 #[inline(always)]
-pub(crate) fn fill_packet(ev: &mut RawEvent, skb: u64) {
+pub(crate) fn fill_packet<M: Mem>(ev: &mut RawEvent, skb: u64) {
     let (Ok(head), Ok(nh), Ok(tail), Ok(len), Ok(data)) = (
-        read::<u64>(skb + off!(skb_head)),
-        read::<u16>(skb + off!(skb_network_header)),
-        read::<u32>(skb + off!(skb_tail)),
-        read::<u32>(skb + off!(skb_len)),
-        read::<u64>(skb + off!(skb_data)),
+        M::get::<u64>(skb + off!(skb_head)),
+        M::get::<u16>(skb + off!(skb_network_header)),
+        M::get::<u32>(skb + off!(skb_tail)),
+        M::get::<u32>(skb + off!(skb_len)),
+        M::get::<u64>(skb + off!(skb_data)),
     ) else {
         return;
     };
@@ -254,8 +291,8 @@ pub(crate) fn fill_packet(ev: &mut RawEvent, skb: u64) {
 /// The conntrack entry attached to a packet (`skb->_nfct` without the
 /// ctinfo bits), if any.
 #[inline(always)]
-pub(crate) fn skb_ct(skb: u64) -> Option<u64> {
-    let nfct: u64 = read(skb + off!(skb_nfct)).ok()?;
+pub(crate) fn skb_ct<M: Mem>(skb: u64) -> Option<u64> {
+    let nfct: u64 = M::get(skb + off!(skb_nfct)).ok()?;
     let ct = nfct & !NFCT_INFOMASK;
     if ct == 0 { None } else { Some(ct) }
 }
@@ -287,17 +324,17 @@ pub(crate) fn fill_from_ct(ev: &mut RawEvent, ct: u64) -> Result<(), i64> {
         ev.has_reply = 1;
     }
     let net: u64 = read(ct + off!(ct_net))?;
-    ev.netns = net_inum(net);
+    ev.netns = net_inum::<Probe>(net);
     Ok(())
 }
 
 /// Inode of a `struct net *`, 0 when unreadable.
 #[inline(always)]
-pub(crate) fn net_inum(net: u64) -> u32 {
+pub(crate) fn net_inum<M: Mem>(net: u64) -> u32 {
     if net == 0 {
         return 0;
     }
-    read(net + off!(net_inum)).unwrap_or(0)
+    M::get(net + off!(net_inum)).unwrap_or(0)
 }
 
 /// Addresses, protocol and ports of a `struct nf_conntrack_tuple`.

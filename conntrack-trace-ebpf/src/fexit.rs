@@ -19,8 +19,8 @@ use aya_ebpf::{
 use conntrack_trace_common::{kind, scope};
 
 use crate::common::{
-    ct_is_confirmed, ct_live, emit, fill_from_ct, fill_from_tuple, fill_packet, net_inum, read,
-    scratch, skb_ct,
+    Probe, ct_is_confirmed, ct_live, emit, fill_from_ct, fill_from_tuple, fill_packet, net_inum,
+    read, scratch, skb_ct,
 };
 
 /// Per-CPU scope of the hooks that pair an entry with an exit (indexed by
@@ -84,14 +84,14 @@ fn try_ct_alloc_exit(ctx: &FExitContext) -> Result<(), i64> {
     let orig: u64 = ctx.arg(2);
     let ev = scratch(kind::TABLE_FULL)?;
     fill_from_tuple(ev, orig)?;
-    ev.netns = net_inum(net);
+    ev.netns = net_inum::<Probe>(net);
     // The packet is two frames up (nf_conntrack_in() → resolve_normal_ct()
     // → init_conntrack()); its entry hook left the skb in the scope.
     let skb = slot(scope::CT_IN_SKB)?;
     // SAFETY: per-CPU slot; see FEXIT_SCOPE.
     let skb = unsafe { *skb };
     if skb != 0 {
-        fill_packet(ev, skb);
+        fill_packet::<Probe>(ev, skb);
     }
     emit(ev)
 }
@@ -188,7 +188,7 @@ pub fn ct_confirm_enter(ctx: FEntryContext) -> i32 {
 
 fn try_ct_confirm_enter(ctx: &FEntryContext) -> Result<(), i64> {
     let skb: u64 = ctx.arg(0);
-    let confirmed = match skb_ct(skb) {
+    let confirmed = match skb_ct::<Probe>(skb) {
         Some(ct) => ct_is_confirmed(ct)?,
         None => false,
     };
@@ -226,11 +226,11 @@ fn try_ct_confirm_exit(ctx: &FExitContext) -> Result<(), i64> {
     }
     // nf_conntrack_confirm() only calls in with an entry attached; after a
     // lost clash it is still the loser (nf_ct_set() only runs on NF_ACCEPT).
-    let Some(ct) = skb_ct(skb) else {
+    let Some(ct) = skb_ct::<Probe>(skb) else {
         return Ok(());
     };
     let ev = scratch(kind::INSERT_FAILED)?;
     fill_from_ct(ev, ct)?;
-    fill_packet(ev, skb);
+    fill_packet::<Probe>(ev, skb);
     emit(ev)
 }

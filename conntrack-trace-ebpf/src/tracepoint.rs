@@ -12,8 +12,8 @@ use aya_ebpf::{
 use conntrack_trace_common::{MAX_STACK_DEPTH, counter, flags, kind};
 
 use crate::common::{
-    IP_CT_UNTRACKED, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit, fill_from_ct,
-    fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
+    Direct, IP_CT_UNTRACKED, Mem as _, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit,
+    fill_from_ct, fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
 };
 
 /// The `struct kmem_cache *` of the nf_conntrack slab, learned on first
@@ -34,10 +34,23 @@ static STACK: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entrie
 #[map]
 static CT_DROP_SEEN: PerCpuHashMap<u32, u32> = PerCpuHashMap::with_max_entries(16_384, 0);
 
-/// One slot whose own address tells this CPU's per-CPU offset (see
-/// [`this_cpu_offset`]).
+/// Slot 0: a slot whose own address tells this CPU's per-CPU offset (see
+/// [`this_cpu_offset`]); slot 1: that offset once known (it never changes
+/// while the CPU exists), so later drops spend no probe read on it.
 #[map]
-static PCPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static PCPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// This CPU's most recent (netns inode, `drop` counter) pair, in front of
+/// [`CT_DROP_SEEN`]: a flood hits one namespace, and an array slot costs
+/// no hash lookup (issue 21). `inum` 0: empty.
+#[repr(C)]
+struct DropFront {
+    inum: u32,
+    drop: u32,
+}
+
+#[map]
+static DROP_FRONT: PerCpuArray<DropFront> = PerCpuArray::with_max_entries(1, 0);
 
 /// `kfree_skb(skb, location, reason[, rx_sk])`, since 5.17: a netfilter
 /// drop is `SKB_DROP_REASON_NETFILTER_DROP`.
@@ -83,18 +96,20 @@ fn in_nf_hook_slow(ip: u64) -> bool {
 }
 
 /// A packet netfilter dropped (`from_hook`: freed by nf_hook_slow(), i.e.
-/// a verdict returned to it, not freed by the rule itself).
+/// a verdict returned to it, not freed by the rule itself). `skb` is the
+/// tracepoint's own argument, typed by BTF: its fields, and the device,
+/// socket and namespace they lead to, are [`Direct`] loads.
 #[inline(always)]
 fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
-    let nfct: u64 = read(skb + off!(skb_nfct))?;
+    let nfct: u64 = Direct::get(skb + off!(skb_nfct))?;
     let ct = nfct & !NFCT_INFOMASK;
     if ct == 0 && nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
         return Ok(());
     }
-    let net = skb_net(skb);
+    let net = skb_net::<Direct>(skb);
     // Read once: the drop baseline is kept per namespace and the event
     // names it.
-    let inum = net_inum(net);
+    let inum = net_inum::<Direct>(net);
     // Did conntrack count this drop? Read on every netfilter drop, so that
     // the baseline also absorbs what earlier drops here moved.
     // (An i64 with -1 for "unreadable" rather than an Option: LLVM may
@@ -134,12 +149,12 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
                 return Ok(());
             }
             let ev = scratch(kind::RULE_DROP)?;
-            fill_from_skb(ev, skb);
+            fill_from_skb::<Direct>(ev, skb);
             ev.netns = inum;
             return emit(ev);
         }
         let ev = scratch(kind::TABLE_FULL)?;
-        fill_from_skb(ev, skb);
+        fill_from_skb::<Direct>(ev, skb);
         ev.netns = inum;
         return emit(ev);
     }
@@ -154,7 +169,7 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
         }
         let ev = scratch(kind::RULE_DROP)?;
         fill_from_ct(ev, ct)?;
-        fill_packet(ev, skb);
+        fill_packet::<Direct>(ev, skb);
         return emit(ev);
     }
     // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
@@ -165,7 +180,7 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
     }
     let ev = scratch(kind::INSERT_FAILED)?;
     fill_from_ct(ev, ct)?;
-    fill_packet(ev, skb);
+    fill_packet::<Direct>(ev, skb);
     emit(ev)
 }
 
@@ -176,6 +191,21 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
 /// array's own per-CPU pointer is the offset.
 #[inline(always)]
 fn this_cpu_offset() -> Option<u64> {
+    let known = PCPU_PROBE.get_ptr_mut(1)?;
+    // SAFETY: this CPU's slot; programs do not nest on a CPU.
+    let off = unsafe { *known };
+    if off != 0 {
+        return Some(off);
+    }
+    let off = compute_cpu_offset()?;
+    // SAFETY: as above. (An offset of 0, a uniprocessor kernel's, is
+    // recomputed every time: still right.)
+    unsafe { *known = off };
+    Some(off)
+}
+
+#[inline(always)]
+fn compute_cpu_offset() -> Option<u64> {
     let slot = PCPU_PROBE.get_ptr_mut(0)?;
     // The slot's address as a number: stored and loaded back through the
     // slot (the verifier allows a privileged program to keep an address in
@@ -216,6 +246,21 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
         return None;
     }
     let drop: u32 = read(stat.wrapping_add(this_cpu_offset()?) + off!(stat_drop)).ok()?;
+    let front = DROP_FRONT.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; programs do not nest on a CPU.
+    let front = unsafe { &mut *front };
+    if front.inum == inum && inum != 0 {
+        let last = front.drop;
+        front.drop = drop;
+        return Some(drop.wrapping_sub(last) as i64);
+    }
+    // Another namespace: the front's baseline goes back to the hash
+    // (which user space seeded at start), this one's comes out of it.
+    if front.inum != 0 {
+        CT_DROP_SEEN.insert(&front.inum, &front.drop, 0).ok()?;
+    }
+    front.inum = inum;
+    front.drop = drop;
     match CT_DROP_SEEN.get_ptr_mut(&inum) {
         Some(p) => {
             // SAFETY: this CPU's value of an existing entry; programs do not

@@ -69,6 +69,45 @@ struct Config {
     /// `--format human` instead of ndjson: lost events from its summary
     /// table.
     human: bool,
+    /// `agent` instead of `trace`: events, lost and shed from its
+    /// `/metrics` just before it stops.
+    agent: bool,
+}
+
+/// Where the bench's agent serves (the bench holds the kernel lock, so no
+/// test's agent is running).
+const AGENT_LISTEN: &str = "127.0.0.1:19578";
+
+/// The sum of every series of `name` in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> Option<u64> {
+    let mut found = false;
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        sum += value;
+        found = true;
+    }
+    found.then_some(sum as u64)
+}
+
+/// `GET /metrics` of the bench's agent.
+fn scrape_agent() -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(AGENT_LISTEN).context("connecting to the agent")?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {AGENT_LISTEN}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).context("reading /metrics")?;
+    Ok(body)
 }
 
 /// Generator `g` of `n`: its own 8192 destination ports, so no two
@@ -95,6 +134,11 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
         .map(|a| a.replace("{capture}", &capture.display().to_string()))
         .collect();
     let tracer = match &cfg.bin {
+        Some(bin) if cfg.agent => {
+            let mut cmd = std::process::Command::new(bin);
+            cmd.args(["agent", "--listen", AGENT_LISTEN]).args(&extra);
+            Some(Traced::until_ready(cmd).context("starting the agent")?)
+        }
         Some(bin) => {
             let format = if cfg.human { "human" } else { "ndjson" };
             let mut a = vec!["--format", format, "--netns", &topo.server.name];
@@ -137,7 +181,12 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
         sample.cpu_pct = Some((t1 - t0) as f64 / hz / secs * 100.0);
     }
     if let Some(t) = tracer {
-        if cfg.human {
+        if cfg.agent {
+            let text = scrape_agent()?;
+            sample.lost = metric_sum(&text, "conntrack_trace_lost_events_total");
+            sample.shed = metric_sum(&text, "conntrack_trace_shed_events_total");
+            t.stop_tail()?;
+        } else if cfg.human {
             let (text, _) = t.stop_tail()?;
             let Some(lost) = human_lost(&text) else {
                 let end = text.len().saturating_sub(2000);
@@ -179,6 +228,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
         stats: false,
         extra: Vec::new(),
         human: false,
+        agent: false,
     }];
     let mut bins = vec![("tracer".to_owned(), bin.to_path_buf())];
     if let Some(c) = &args.compare {
@@ -200,6 +250,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             stats: false,
             extra: extra.clone(),
             human: false,
+            agent: false,
         });
     }
     let compare_extra: Vec<String> = args
@@ -218,6 +269,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             stats: false,
             extra: compare_extra.clone(),
             human: false,
+            agent: false,
         });
     }
     // Where loss starts, and what the other sinks cost: the human view
@@ -250,6 +302,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
                 stats: false,
                 extra,
                 human,
+                agent: false,
             });
         }
     }
@@ -266,6 +319,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             stats: true,
             extra,
             human: false,
+            agent: false,
         });
     }
     if let Some((label, b)) = bins.get(1) {
@@ -275,6 +329,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             stats: true,
             extra: compare_extra,
             human: false,
+            agent: false,
         });
     }
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];

@@ -37,6 +37,7 @@ mod flood;
 mod memory;
 mod newflow;
 mod pipeline;
+mod sampling;
 mod soak;
 mod userspace;
 
@@ -84,6 +85,10 @@ enum What {
     Userspace(userspace::Args),
     /// The tracer's peak RSS under a flood from 1 M distinct sources.
     Memory(memory::Args),
+    /// Answers under sampling: 16 known sources among a million spoofed
+    /// one-off sources, and the amplification factor of a retried DNS
+    /// flood with and without the budget.
+    Sampling(sampling::Args),
     /// Minutes at a steady drop rate: RSS every 10 s, totals checked
     /// against the kernel's counter (not part of the default run).
     Soak(soak::Args),
@@ -122,6 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(What::Pipeline(a)) => return one(pipeline::run(&a)),
         Some(What::Userspace(a)) => return one(userspace::run(&crate::build_release()?, &a)),
         Some(What::Memory(a)) => return one(memory::run(&crate::build_release()?, &a)),
+        Some(What::Sampling(a)) => return one(sampling::run(&crate::build_release()?, &a)),
         Some(What::Soak(a)) => return one(soak::run(&crate::build_release()?, &a)),
         None => {}
     }
@@ -166,6 +172,10 @@ pub fn run(args: Args) -> Result<()> {
         rounds: rounds.min(3),
     };
     section("Memory", memory::run(&bin, &memory_args)?);
+    let sampling_args = sampling::Args {
+        rounds: rounds.min(3),
+    };
+    section("Under sampling", sampling::run(&bin, &sampling_args)?);
     let doc = format!(
         "# Benchmarks\n\nWritten by `cargo xtask bench` from one run; do not edit by hand.\n\n\
          - date: {}\n- kernel: {}\n- machine: {} CPUs, {}\n- backend: {backend}\n- tracer: {}\n\n{}",
