@@ -232,6 +232,29 @@ pub struct ForecastLine {
     pub expire_per_s: Option<f64>,
 }
 
+/// One source of a `counts` line.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceCount {
+    pub netns: u64,
+    pub kind: String,
+    pub src: Option<String>,
+    pub proto: String,
+    pub port: u16,
+    pub count: u64,
+}
+
+/// `{"type":"counts",...}`: an interval's exact per-source counts, while
+/// the event budget is on.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CountsLine {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub ts_ns: u64,
+    pub sources: Vec<SourceCount>,
+}
+
 #[derive(Debug)]
 pub struct Output {
     pub events: Vec<Event>,
@@ -239,6 +262,8 @@ pub struct Output {
     pub findings: Vec<Finding>,
     /// Forecast lines, in order.
     pub forecasts: Vec<ForecastLine>,
+    /// Counts lines, in order.
+    pub counts: Vec<CountsLine>,
     pub summary: Summary,
     /// The stream as printed (for byte-for-byte comparisons).
     pub text: String,
@@ -250,6 +275,7 @@ impl Output {
         let mut events = Vec::new();
         let mut findings = Vec::new();
         let mut forecasts = Vec::new();
+        let mut counts = Vec::new();
         let mut summary = None;
         for (i, line) in text.lines().enumerate() {
             if summary.is_some() {
@@ -264,6 +290,8 @@ impl Output {
                     .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
                 Some("forecast") => forecasts
                     .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
+                Some("counts") => counts
+                    .push(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?),
                 Some("summary") => {
                     summary =
                         Some(serde_json::from_value(v).with_context(|| format!("line {}", i + 1))?)
@@ -275,6 +303,7 @@ impl Output {
             events,
             findings,
             forecasts,
+            counts,
             summary: summary.context("no summary line")?,
             text: text.to_owned(),
         })

@@ -3,7 +3,10 @@
 //! drop is still counted — in the per-kind counters and in the exact
 //! per-source counts the top sources come from.
 
-use conntrack_trace_tests::{Sysctl, Topology, assert_events_from, kernel_test};
+use anyhow::{Context as _, ensure};
+use conntrack_trace_tests::{
+    Scratch, Sysctl, Topology, assert_events_from, ctt, json, kernel_test, path_str,
+};
 
 /// 2 000 datagrams against a full table under a budget of 50 events/s per
 /// CPU. The budget cannot hold them whatever the machine's speed: the
@@ -17,8 +20,14 @@ fn flood_beyond_the_budget_is_counted_not_emitted() -> anyhow::Result<()> {
     let topo = Topology::new("bu", 36)?;
     const MAX: u64 = 16;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", MAX)?;
+    let dir = Scratch::new("budget", "bu")?;
+    let file = dir.path("sampled.ctt");
     let sports = 26_000..28_000;
-    let (sent, out, delta) = topo.udp_flood(false, sports.clone(), &["--event-budget", "50"])?;
+    let (sent, out, delta) = topo.udp_flood(
+        false,
+        sports.clone(),
+        &["--event-budget", "50", "--write", path_str(&file)],
+    )?;
     let s = &out.summary;
     let full = out.of_kind("table_full");
     eprintln!(
@@ -61,6 +70,36 @@ fn flood_beyond_the_budget_is_counted_not_emitted() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("client not in top: {:?}", s.top))?;
     assert_eq!(top.counts.table_full, delta.drop, "exact per-source count");
     assert_eq!(top.service, "udp/53");
+    // The stream carries the exact counts interval by interval: they add
+    // up to the kernel's count.
+    let streamed: u64 = out
+        .counts
+        .iter()
+        .flat_map(|c| &c.sources)
+        .filter(|c| c.src.as_deref() == Some(client.as_str()) && c.kind == "table_full")
+        .map(|c| c.count)
+        .sum();
+    assert_eq!(
+        streamed, delta.drop,
+        "counts lines sum to the kernel's drops"
+    );
+    // So does the capture: `report` of it gives the live run's top source
+    // and totals, from its COUNTS records.
+    let (code, text, err) = ctt(&["report", path_str(&file), "--format", "json"])?;
+    ensure!(code == 0, "report exited {code}: {err}");
+    let rep = json::report_value(&text)?;
+    let rs = &rep["summary"];
+    assert_eq!(rs["sampled"], true, "{rs}");
+    let rtop = rs["top"]
+        .as_array()
+        .and_then(|t| {
+            t.iter()
+                .find(|t| t["src"].as_str() == Some(client.as_str()))
+        })
+        .context("client not in the report's top")?;
+    assert_eq!(rtop["counts"]["table_full"], delta.drop, "{rtop}");
+    assert_eq!(rs["observed"]["table_full"], delta.drop);
+    assert_eq!(rs["shed"]["table_full"], s.shed.table_full);
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::{net::IpAddr, time::Duration};
 use crate::{
     analysis::sources::{Entry, SourceKey, SourceTable},
     model::event::{Event, Kind, Nat},
-    model::{KindCounts, TopSource},
+    model::{KindCounts, SourceCount, TopSource},
 };
 
 /// Default cap on distinct sources held in memory (~180 B each, see
@@ -150,9 +150,9 @@ impl ExactCounts {
     /// The top `n` sources: counts from the map, first/last time, rate
     /// and DNAT from the events that did arrive (`agg`). Also returns how
     /// many sources the counts hold.
-    pub fn top(self, agg: &Aggregator, n: usize) -> (Vec<TopSource>, u64) {
+    pub fn top(&self, agg: &Aggregator, n: usize) -> (Vec<TopSource>, u64) {
         let sources = self.by.len() as u64;
-        let mut v: Vec<_> = self.by.into_iter().collect();
+        let mut v: Vec<_> = self.by.iter().map(|(k, c)| (*k, *c)).collect();
         v.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(&b.0)));
         let top = v
             .into_iter()
@@ -177,6 +177,65 @@ impl ExactCounts {
             })
             .collect();
         (top, sources)
+    }
+}
+
+impl ExactCounts {
+    /// Adds one interval's count of a source (a COUNTS record of a capture).
+    pub fn add_count(&mut self, c: &SourceCount) {
+        let key = SourceKey {
+            src: c.src,
+            proto: c.proto,
+            port: c.port,
+        };
+        let k = self.by.entry(key).or_default();
+        *k.get_mut(c.kind) = k.get(c.kind).saturating_add(c.count);
+    }
+
+    /// Whether any count was added.
+    pub fn is_empty(&self) -> bool {
+        self.by.is_empty()
+    }
+}
+
+/// Turns the programs' cumulative per-source counts, read once per
+/// interval, into what each source added in the interval
+/// ([`IntervalCounts`]). The map is an LRU: an entry evicted and made again
+/// starts over from its first drop, so a count below the last one read is
+/// all new; an entry gone from the map is forgotten.
+#[derive(Default)]
+pub struct ExactDeltas {
+    prev: std::collections::HashMap<(u32, Kind, SourceKey), u64>,
+    next: std::collections::HashMap<(u32, Kind, SourceKey), u64>,
+}
+
+impl ExactDeltas {
+    /// One entry of this interval's read (the event carries its key).
+    pub fn see(&mut self, e: &Event, cumulative: u64, out: &mut Vec<SourceCount>) {
+        let key = (e.netns, e.kind, SourceKey::of(e));
+        let before = self.prev.remove(&key).unwrap_or(0);
+        let added = if cumulative >= before {
+            cumulative - before
+        } else {
+            cumulative
+        };
+        if added > 0 {
+            out.push(SourceCount {
+                netns: e.netns,
+                kind: e.kind,
+                src: key.2.src,
+                proto: key.2.proto,
+                port: key.2.port,
+                count: added,
+            });
+        }
+        self.next.insert(key, cumulative);
+    }
+
+    /// Ends the interval's read.
+    pub fn finish(&mut self) {
+        self.prev = std::mem::take(&mut self.next);
+        self.next.reserve(self.prev.len());
     }
 }
 
@@ -225,6 +284,39 @@ mod tests {
             packet: Default::default(),
             sample: 1,
         }
+    }
+
+    #[test]
+    fn exact_deltas_are_what_each_interval_added() {
+        let a = ev(Kind::TableFull, "10.0.0.7", Proto::UDP, 53, 0);
+        let b = ev(Kind::TableFull, "10.0.0.8", Proto::UDP, 53, 0);
+        let mut d = ExactDeltas::default();
+        let mut out = Vec::new();
+        d.see(&a, 5, &mut out);
+        d.see(&b, 2, &mut out);
+        d.finish();
+        assert_eq!(out.iter().map(|c| c.count).collect::<Vec<_>>(), [5, 2]);
+        out.clear();
+        // a grew by 3; b did not move (not written); then b leaves the map.
+        d.see(&a, 8, &mut out);
+        d.see(&b, 2, &mut out);
+        d.finish();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].src, out[0].count), (a.src, 3));
+        out.clear();
+        // a was evicted and made again: its 4 are all new; b is forgotten,
+        // so its return counts from 0.
+        d.see(&a, 4, &mut out);
+        d.finish();
+        d.see(&b, 1, &mut out);
+        d.finish();
+        assert_eq!(out.iter().map(|c| c.count).collect::<Vec<_>>(), [4, 1]);
+        // Summed by ExactCounts, the intervals give each source's drops.
+        let mut sum = ExactCounts::default();
+        for c in &out {
+            sum.add_count(c);
+        }
+        assert!(!sum.is_empty());
     }
 
     #[test]

@@ -437,6 +437,23 @@ pub fn end<T: Tap>(
     })
 }
 
+/// The programs' exact per-source counts added since the last call (the
+/// first call: since the start), read from `SOURCE_COUNTS`. Written while
+/// the event budget is on, so that readers of the sampled stream (a
+/// capture, ndjson) get the top sources the live run got.
+pub fn interval_counts(
+    tp: &Backend,
+    deltas: &mut crate::analysis::aggregate::ExactDeltas,
+) -> Result<crate::model::IntervalCounts, TraceError> {
+    let mut sources = Vec::new();
+    tp.for_each_source_count(|e, n| deltas.see(e, n, &mut sources))?;
+    deltas.finish();
+    Ok(crate::model::IntervalCounts {
+        ts_ns: crate::model::clock::monotonic_ns(),
+        sources,
+    })
+}
+
 /// A live summary's counts: the pipeline's, the programs' and the
 /// kernel's over the attach window (`sampled`, `exact`: see
 /// [`Totals::sampled`]).

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use crate::{
     analysis::{
-        aggregate::{DEFAULT_MAX_SOURCES, top_sources},
+        aggregate::{DEFAULT_MAX_SOURCES, ExactCounts, top_sources},
         amplify::AmpConfig,
         filter::{Filter, TimeSpec},
         pipeline::{Pipeline, Select},
@@ -253,6 +253,10 @@ pub struct Read {
     pub info: CaptureInfo,
     /// What the command line's filters added, described.
     pub filters: Vec<String>,
+    /// The COUNTS records' exact per-source counts that pass the filters
+    /// (format 4, written while the event budget was on); None without
+    /// such records.
+    pub exact: Option<ExactCounts>,
 }
 
 /// Reads a set opened (and so checked) with [`capture::open_set`] through
@@ -267,21 +271,35 @@ pub fn read(
     let filter = OfflineFilter::new(args, &header).map_err(ReportError::Usage)?;
     let filters = filter.describe(args);
     let mut a = Analysis::new(filter, &header, args.amp.clone());
-    let info = set.read(|e, names| {
-        let m = a.feed(e, names);
-        each(e, names, m);
-    })?;
+    // The same selection for the counts (the pipeline owns the first).
+    let select = OfflineFilter::new(args, &header).map_err(ReportError::Usage)?;
+    let mut exact: Option<ExactCounts> = None;
+    let info = set.read_with_counts(
+        |e, names| {
+            let m = a.feed(e, names);
+            each(e, names, m);
+        },
+        |c, names| {
+            let exact = exact.get_or_insert_default();
+            for s in &c.sources {
+                if select.matches(&s.as_event(c.ts_ns), names) {
+                    exact.add_count(s);
+                }
+            }
+        },
+    )?;
     Ok(Read {
         analysis: a,
         info,
         filters,
+        exact,
     })
 }
 
 impl Read {
     /// The summary the live session printed (or would have): totals from
     /// the events and the trailer, the top `top` sources.
-    pub fn summary(&self, top: usize) -> Summary {
+    pub fn summary(&self, top_n: usize) -> Summary {
         let (a, info) = (&self.analysis, &self.info);
         let h = &info.header;
         let t = info.trailer.as_ref();
@@ -289,7 +307,7 @@ impl Read {
             || a.last_ts_ns.saturating_sub(h.start_mono_ns) as f64 / 1e9,
             |t| t.duration_s,
         );
-        let mut top = top_sources(&a.pipe.agg, top);
+        let mut top = top_sources(&a.pipe.agg, top_n);
         for s in &mut top {
             let span = (s.last_ts_ns.saturating_sub(s.first_ts_ns) as f64 / 1e9).max(1.0);
             // Over the events since the source was tracked (its `counts`; the
@@ -312,11 +330,26 @@ impl Read {
             sampled: t.is_some_and(|t| t.exact_top.is_some()),
             exact_sources: t.map_or(0, |t| t.exact_sources),
         };
-        // The live top of a trace that lost events came from exact counts the
-        // capture cannot hold (it has the events that arrived): the trailer's.
-        let top = match t.and_then(|t| t.exact_top.clone()) {
-            Some(exact) if a.pipe.select.is_unfiltered() => exact,
-            _ => top,
+        // Under the event budget the live top came from the programs'
+        // exact counts: the COUNTS records hold them interval by interval
+        // (so filters and time windows apply, and a capture cut short has
+        // them up to its last interval). Before format 4, a trace that lost
+        // events left only its final exact top, in the trailer.
+        // Whether the live run's events were a sample: its trailer says;
+        // a capture cut short that has counts is taken as one.
+        let sampled = t.map_or(self.exact.is_some(), |t| t.exact_top.is_some());
+        let (top, totals) = match (&self.exact, t.and_then(|t| t.exact_top.clone())) {
+            (Some(exact), _) if sampled => {
+                let (top, sources) = exact.top(&a.pipe.agg, top_n);
+                let totals = Totals {
+                    sampled,
+                    exact_sources: sources,
+                    ..totals
+                };
+                (top, totals)
+            }
+            (None, Some(exact)) if a.pipe.select.is_unfiltered() => (exact, totals),
+            _ => (top, totals),
         };
         let facts = h.facts(t);
         let analyses = a.pipe.analyses(&facts.clock);

@@ -11,7 +11,7 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    analysis::aggregate::{ExactCounts, top_sources},
+    analysis::aggregate::{ExactCounts, ExactDeltas, top_sources},
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
     analysis::forecast::{self, Sample, Watcher},
@@ -120,6 +120,9 @@ struct Session<'s> {
     /// interval since then saw.
     last_counters: BpfCounters,
     sampling: Option<Sampling>,
+    /// While the event budget is on: the exact per-source counts already
+    /// written (see [`Session::write_counts`]).
+    deltas: Option<ExactDeltas>,
 }
 
 pub async fn run(opts: TraceOptions, sink: &mut dyn Sink) -> Result<Summary, TraceError> {
@@ -179,6 +182,11 @@ impl<'s> Session<'s> {
             write_warned: false,
         };
         let pipe = Pipeline::new(opts.filter.clone(), opts.max_sources, opts.amp.clone());
+        // Counts per interval only where events can be a sample: a budget
+        // and programs that keep per-source counts.
+        let deltas = (opts.backend.event_budget > 0
+            && started.tp.name() != crate::model::Name::Counters)
+            .then(ExactDeltas::default);
         let now = Instant::now();
         Ok(Session {
             opts,
@@ -191,6 +199,7 @@ impl<'s> Session<'s> {
             last_totals: KindCounts::default(),
             last_counters: BpfCounters::default(),
             sampling: None,
+            deltas,
         })
     }
 
@@ -238,6 +247,7 @@ impl<'s> Session<'s> {
     fn tick(&mut self) -> Result<(), TraceError> {
         let c = &mut self.consumer;
         let counters = c.interval(&mut self.live.ring, &self.live.tp)?;
+        self.write_counts()?;
         let budget = self.opts.backend.event_budget;
         self.sampling = counters.sampling_since(&self.last_counters, budget);
         self.last_counters = counters.clone();
@@ -346,6 +356,28 @@ impl<'s> Session<'s> {
         c.tap.out.send(|s| s.tick(&view))
     }
 
+    /// The interval's exact per-source counts, while the event budget is
+    /// on: all of them to the capture (which records before filters), the
+    /// selected ones to the output.
+    fn write_counts(&mut self) -> Result<(), TraceError> {
+        let Some(d) = &mut self.deltas else {
+            return Ok(());
+        };
+        let mut counts = live::interval_counts(&self.live.tp, d)?;
+        if counts.sources.is_empty() {
+            return Ok(());
+        }
+        let c = &mut self.consumer;
+        if let Some(w) = &mut c.tap.writer {
+            w.counts(&counts);
+        }
+        let ts = counts.ts_ns;
+        counts
+            .sources
+            .retain(|s| c.pipe.select.matches(&s.as_event(ts)));
+        c.tap.out.send(|s| s.counts(&counts))
+    }
+
     /// Stops the producers and takes everything they left behind (see
     /// [`live::end`]), then writes the summary and the capture's trailer.
     fn finish(mut self) -> Result<Summary, TraceError> {
@@ -362,6 +394,7 @@ impl<'s> Session<'s> {
             c,
         )?;
         report_findings(&mut self.consumer, &self.live.facts.clock)?;
+        self.write_counts()?;
         // The ring overflowed or the budget shed drops: the counts of the
         // top sources come from the programs' exact per-source counts, not
         // from the events.

@@ -442,6 +442,58 @@ impl Sampling {
     }
 }
 
+/// The programs' exact count of one source's drops of one kind over an
+/// interval — events, shed and lost drops alike (`SOURCE_COUNTS`): what
+/// the top sources come from once the events are a sample.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourceCount {
+    pub netns: u32,
+    pub kind: Kind,
+    pub src: Option<std::net::IpAddr>,
+    pub proto: event::Proto,
+    /// Destination port, ICMP type, or 0 (as in the top sources).
+    pub port: u16,
+    pub count: u64,
+}
+
+impl SourceCount {
+    /// An event with this count's key (its packet empty), for the filters
+    /// that select events (`--netns/--proto/--port/--src`, time windows).
+    pub fn as_event(&self, ts_ns: u64) -> event::Event {
+        event::Event {
+            kind: self.kind,
+            ts_ns,
+            cpu: 0,
+            netns: self.netns,
+            proto: self.proto,
+            src: self.src,
+            dst: None,
+            sport: 0,
+            // SourceKey::of()'s port back in the event's field: ICMP keeps
+            // its type in the high byte.
+            dport: if self.proto.is_icmp() {
+                self.port << 8
+            } else {
+                self.port
+            },
+            reply: None,
+            packet: Default::default(),
+            sample: 1,
+        }
+    }
+}
+
+/// One interval's exact per-source counts, written while the event budget
+/// is on (ndjson `{"type":"counts",...}`, the capture's COUNTS record), so
+/// that a reader of a sampled stream gets the live run's top sources.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IntervalCounts {
+    /// CLOCK_MONOTONIC ns when the counts were read: the interval ends.
+    pub ts_ns: u64,
+    /// Only sources whose count grew in the interval.
+    pub sources: Vec<SourceCount>,
+}
+
 /// Values nested in a document are tagged by `type` as their own ndjson
 /// lines are (`crate::formats::output::wire::Line`; the ndjson tests pin
 /// both to the same bytes).

@@ -43,15 +43,16 @@ use crate::{
     analysis::filter::{Cidr, Filter},
     kernel::kstats::{CtStats, Fill},
     kernel::workload::NetnsNames,
-    model::event::{DecodeError, Event, Proto},
-    model::{KindCounts, Name, Scope},
+    model::event::{DecodeError, Event, Kind, Proto},
+    model::{IntervalCounts, KindCounts, Name, Scope, SourceCount},
 };
 
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
 /// Current format version (in [`Header::format_version`]). 3: an event may
 /// carry its sampling weight ([`EVENT_SAMPLED`]) and the trailer the drops
-/// the event budget shed; versions 1 and 2 read as unsampled.
-pub const FORMAT_VERSION: u32 = 3;
+/// the event budget shed; versions 1 and 2 read as unsampled. 4: COUNTS
+/// records (the interval's exact per-source counts, under a budget).
+pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format version this reader reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// EVENT `flags`: the reply tuple follows the addresses.
@@ -77,6 +78,9 @@ pub mod rtype {
     /// when there is one, so captures of hosts without containers stay
     /// readable by readers older than this record.
     pub const WORKLOADS: u8 = 6;
+    /// Binary [`crate::model::IntervalCounts`] (see [`super::encode_counts`]):
+    /// written once per interval while the event budget is on (format 4).
+    pub const COUNTS: u8 = 7;
 }
 
 /// Conntrack fill of one traced namespace at start.
@@ -290,6 +294,7 @@ pub enum Record {
     Trailer(Box<Trailer>),
     Next(Next),
     Workloads(BTreeMap<u32, crate::kernel::workload::Workload>),
+    Counts(IntervalCounts),
 }
 
 /// Appends one framed record with body `rtype || payload` to `out`.
@@ -366,6 +371,66 @@ pub fn encode_event(out: &mut Vec<u8>, e: &Event) {
     if e.sample > 1 {
         out.extend_from_slice(&e.sample.to_le_bytes());
     }
+}
+
+/// Appends the COUNTS payload of `c`, little endian:
+///
+/// ```text
+/// ts_ns u64 | entry*
+/// entry := kind u8 | l3 u8 | proto u8 | 0 u8 | netns u32 | port u16
+///          | src [4 or 16, none if l3 = 0] | count u64
+/// ```
+pub fn encode_counts(out: &mut Vec<u8>, c: &[SourceCount], ts_ns: u64) {
+    out.extend_from_slice(&ts_ns.to_le_bytes());
+    for s in c {
+        let fam = match s.src {
+            Some(IpAddr::V4(_)) => l3::IPV4,
+            Some(IpAddr::V6(_)) => l3::IPV6,
+            None => 0,
+        };
+        out.extend_from_slice(&[s.kind.raw(), fam, s.proto.0, 0]);
+        out.extend_from_slice(&s.netns.to_le_bytes());
+        out.extend_from_slice(&s.port.to_le_bytes());
+        match s.src {
+            Some(IpAddr::V4(a)) => out.extend_from_slice(&a.octets()),
+            Some(IpAddr::V6(a)) => out.extend_from_slice(&a.octets()),
+            None => {}
+        }
+        out.extend_from_slice(&s.count.to_le_bytes());
+    }
+}
+
+/// Counts entries per COUNTS record: the largest record (IPv6, 34 bytes an
+/// entry) stays far below [`MAX_RECORD`].
+pub const COUNTS_PER_RECORD: usize = 65_536;
+
+/// Decodes a COUNTS payload.
+pub fn decode_counts(payload: &[u8]) -> Result<IntervalCounts, EventError> {
+    let mut c = Cur(payload);
+    let ts_ns = c.u64()?;
+    let mut sources = Vec::new();
+    while !c.0.is_empty() {
+        let [kind, fam, proto, _] = c.arr::<4>()?;
+        let kind = Kind::from_raw(kind).ok_or(EventError::Decode(DecodeError::Kind(kind)))?;
+        let netns = c.u32()?;
+        let port = c.u16()?;
+        let src = match fam {
+            l3::IPV4 => Some(IpAddr::from(c.arr::<4>()?)),
+            l3::IPV6 => Some(IpAddr::from(c.arr::<16>()?)),
+            0 => None,
+            f => return Err(EventError::Family(f)),
+        };
+        let count = c.u64()?;
+        sources.push(SourceCount {
+            netns,
+            kind,
+            src,
+            proto: Proto(proto),
+            port,
+            count,
+        });
+    }
+    Ok(IntervalCounts { ts_ns, sources })
 }
 
 /// Why an EVENT payload could not be decoded.
@@ -480,6 +545,7 @@ pub fn decode_body(body: &[u8]) -> Result<Record, String> {
         rtype::WORKLOADS => Record::Workloads(
             serde_json::from_slice(payload).map_err(|e| json_err("workloads", e))?,
         ),
+        rtype::COUNTS => Record::Counts(decode_counts(payload).map_err(|e| e.to_string())?),
         t => return Err(format!("unknown record type {t}")),
     })
 }
@@ -584,6 +650,45 @@ pub(crate) mod tests {
             assert_eq!(buf[8 + 1 + 19] & EVENT_SAMPLED != 0, sample > 1);
             assert_eq!(decode_body(&buf[8..]), Ok(Record::Event(e)));
         }
+    }
+
+    /// Issue 21: an interval's exact per-source counts survive a capture
+    /// (both families, no address, every kind), and a torn payload is an
+    /// error, never a wrong count.
+    #[test]
+    fn counts_round_trip() {
+        let sources: Vec<SourceCount> = Kind::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| SourceCount {
+                netns: 4026532000 + i as u32,
+                kind,
+                src: match i % 3 {
+                    0 => Some("10.0.0.7".parse().unwrap()),
+                    1 => Some("fd77:1::2".parse().unwrap()),
+                    _ => None,
+                },
+                proto: Proto(if i % 2 == 0 { 17 } else { 1 }),
+                port: 53 + i as u16,
+                count: u64::MAX - i as u64,
+            })
+            .collect();
+        let mut buf = Vec::new();
+        frame(&mut buf, rtype::COUNTS, |o| encode_counts(o, &sources, 123));
+        let want = IntervalCounts {
+            ts_ns: 123,
+            sources: sources.clone(),
+        };
+        assert_eq!(decode_body(&buf[8..]), Ok(Record::Counts(want)));
+        let mut payload = Vec::new();
+        encode_counts(&mut payload, &sources, 123);
+        // Every cut inside the header or the first entry (22 bytes: IPv4).
+        for cut in (0..8 + 22).filter(|&c| c != 8) {
+            assert!(decode_counts(&payload[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = payload.clone();
+        bad[8 + 1] = 9;
+        assert_eq!(decode_counts(&bad), Err(EventError::Family(9)));
     }
 
     #[test]

@@ -428,7 +428,17 @@ impl OpenSet {
 
     /// Reads the set as one stream: `f` gets every event with the
     /// namespace names the live output had at that point.
-    pub fn read(self, mut f: impl FnMut(&Event, &NetnsNames)) -> Result<CaptureInfo, ReadError> {
+    pub fn read(self, f: impl FnMut(&Event, &NetnsNames)) -> Result<CaptureInfo, ReadError> {
+        self.read_with_counts(f, |_, _| {})
+    }
+
+    /// [`OpenSet::read`], and `counts` gets every COUNTS record (format 4:
+    /// the exact per-source counts of an interval under the event budget).
+    pub fn read_with_counts(
+        self,
+        mut f: impl FnMut(&Event, &NetnsNames),
+        mut counts: impl FnMut(&crate::model::IntervalCounts, &NetnsNames),
+    ) -> Result<CaptureInfo, ReadError> {
         let files = self.files;
         let mut warnings = Vec::new();
         let first_seq = files[0].header.seq;
@@ -493,6 +503,7 @@ impl OpenSet {
                     }
                     Record::Names(n) => names = n,
                     Record::Workloads(w) => names.set_workloads(w),
+                    Record::Counts(c) => counts(&c, &names),
                     Record::Trailer(t) => {
                         trailer = Some(*t);
                         ended = Some("trailer");

@@ -437,6 +437,22 @@ impl Writer {
         lock(&self.inner).event(e);
     }
 
+    /// Records an interval's exact per-source counts (COUNTS records of at
+    /// most [`format::COUNTS_PER_RECORD`] entries; nothing when empty).
+    pub fn counts(&mut self, c: &crate::model::IntervalCounts) {
+        let mut w = lock(&self.inner);
+        for chunk in c.sources.chunks(format::COUNTS_PER_RECORD) {
+            w.push(|b| {
+                format::frame(b, rtype::COUNTS, |o| {
+                    format::encode_counts(o, chunk, c.ts_ns)
+                })
+            });
+        }
+        if w.buf.len() >= CHUNK {
+            w.send_chunk();
+        }
+    }
+
     /// Makes everything so far durable (called once per live interval).
     pub fn flush(&mut self) {
         lock(&self.inner).flush();

@@ -102,5 +102,10 @@ pub trait Sink {
     fn forecast(&mut self, _ns: &NsView) -> std::io::Result<()> {
         Ok(())
     }
+    /// An interval's exact per-source counts, while the event budget is
+    /// on (ndjson streams them; the human view shows the top anyway).
+    fn counts(&mut self, _c: &crate::model::IntervalCounts) -> std::io::Result<()> {
+        Ok(())
+    }
     fn finish(&mut self, summary: &Summary) -> std::io::Result<()>;
 }

@@ -62,6 +62,10 @@ impl<W: Write> Sink for Ndjson<W> {
         self.line(&Line::Forecast(line))
     }
 
+    fn counts(&mut self, c: &crate::model::IntervalCounts) -> std::io::Result<()> {
+        self.line(&Line::Counts(c))
+    }
+
     fn tick(&mut self, _view: &LiveView<'_>) -> std::io::Result<()> {
         // Events are the stream; make them visible to `tail -f` / jq once
         // per interval rather than per line.

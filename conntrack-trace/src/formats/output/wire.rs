@@ -22,6 +22,8 @@ pub enum Line<'a> {
     Event(EventLine<'a>),
     Finding(&'a Finding),
     Forecast(ForecastLine<'a>),
+    /// The interval's exact per-source counts (under `--event-budget`).
+    Counts(&'a crate::model::IntervalCounts),
     Summary(&'a Summary),
 }
 
