@@ -241,8 +241,9 @@ pub struct Raise {
     pub to: u64,
     pub buckets_from: u64,
     pub buckets_to: u64,
-    /// Entries needed (doctor's estimate) and how it was estimated.
-    pub demand: u64,
+    /// Entries needed (doctor's estimate: what [`decide`] sized for) and
+    /// how it was estimated.
+    pub demand: f64,
     pub demand_why: String,
     /// The forecast's seconds to full when it was filling (0: full).
     pub forecast_eta_s: Option<f64>,
@@ -452,7 +453,7 @@ impl Autopilot {
             to: sizing.max,
             buckets_from: current_buckets,
             buckets_to: sizing.buckets.max(current_buckets),
-            demand: demand.ceil() as u64,
+            demand,
             demand_why,
             forecast_eta_s,
             memory_bytes: sizing.bytes,
