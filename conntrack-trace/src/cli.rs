@@ -130,6 +130,11 @@ pub struct AutopilotArgs {
     /// At most one change per this long.
     #[arg(long, default_value = "1m", value_parser = parse_duration, value_name = "DURATION")]
     pub autopilot_cooldown: Duration,
+    /// Where nf_conntrack_max and nf_conntrack_buckets are: another mount
+    /// of the initial namespace's /proc/sys/net/netfilter (a container's
+    /// /proc/sys is read-only).
+    #[arg(long, default_value = autopilot::SYSCTL_DIR, value_name = "DIR")]
+    pub autopilot_sysctl_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -150,6 +155,7 @@ impl AutopilotArgs {
             horizon: self.autopilot_horizon,
             memory: self.autopilot_memory,
             cooldown: self.autopilot_cooldown,
+            sysctl_dir: self.autopilot_sysctl_dir.clone(),
         }
     }
 }

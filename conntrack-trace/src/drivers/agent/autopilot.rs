@@ -25,7 +25,7 @@ use std::{
     collections::{HashMap, VecDeque},
     fs,
     io::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -40,9 +40,13 @@ use crate::{
     model::KindCounts,
 };
 
-/// The global limit and hash size (writable in the init namespace only).
-pub const MAX_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
-pub const BUCKETS_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_buckets";
+/// Where the global limit and hash size are (writable in the init
+/// namespace only); `--autopilot-sysctl-dir` names another mount of it (a
+/// container's /proc/sys is read-only: see
+/// deploy/kubernetes/daemonset-autopilot.yaml).
+pub const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
+const MAX_FILE: &str = "nf_conntrack_max";
+const BUCKETS_FILE: &str = "nf_conntrack_buckets";
 
 /// `--autopilot`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -93,6 +97,18 @@ pub struct Options {
     pub memory: MemoryLimit,
     /// At most one change per this long.
     pub cooldown: Duration,
+    /// The directory holding nf_conntrack_max and nf_conntrack_buckets.
+    pub sysctl_dir: PathBuf,
+}
+
+impl Options {
+    pub fn max_path(&self) -> PathBuf {
+        self.sysctl_dir.join(MAX_FILE)
+    }
+
+    fn buckets_path(&self) -> PathBuf {
+        self.sysctl_dir.join(BUCKETS_FILE)
+    }
 }
 
 impl Default for Options {
@@ -102,6 +118,7 @@ impl Default for Options {
             horizon: Duration::from_secs(600),
             memory: MemoryLimit::Share(0.02),
             cooldown: Duration::from_secs(60),
+            sysctl_dir: PathBuf::from(SYSCTL_DIR),
         }
     }
 }
@@ -297,28 +314,30 @@ pub struct Autopilot {
 }
 
 /// Opens the max for writing (and writes nothing): can `on` work here?
-pub fn check_writable() -> Result<(), String> {
+pub fn check_writable(opts: &Options) -> Result<(), String> {
+    let p = opts.max_path();
     fs::OpenOptions::new()
         .write(true)
-        .open(MAX_PATH)
+        .open(&p)
         .map(drop)
         .map_err(|e| {
             format!(
-                "--autopilot on: {MAX_PATH} is not writable ({e}): it needs the initial network namespace, CAP_NET_ADMIN there and /proc/sys mounted read-write (or use --autopilot dry-run)"
+                "--autopilot on: {} is not writable ({e}): it needs the initial network namespace, CAP_NET_ADMIN there and /proc/sys mounted read-write (or --autopilot-sysctl-dir naming a writable mount of it; or --autopilot dry-run)",
+                p.display()
             )
         })
 }
 
-fn read_u64(p: &str) -> Option<u64> {
+pub fn read_u64(p: &Path) -> Option<u64> {
     fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
-fn write_u64(p: &str, v: u64) -> Result<(), String> {
+fn write_u64(p: &Path, v: u64) -> Result<(), String> {
     fs::OpenOptions::new()
         .write(true)
         .open(p)
         .and_then(|mut f| f.write_all(v.to_string().as_bytes()))
-        .map_err(|e| format!("writing {v} to {p}: {e}"))
+        .map_err(|e| format!("writing {v} to {}: {e}", p.display()))
 }
 
 impl Autopilot {
@@ -347,8 +366,8 @@ impl Autopilot {
     /// Looks at this tick's namespaces; at most one outcome to report.
     pub fn tick(&mut self, now: Instant, looks: &[Look<'_>]) -> Option<Outcome> {
         let horizon_s = self.opts.horizon.as_secs_f64();
-        let current_max = read_u64(MAX_PATH)?;
-        let current_buckets = read_u64(BUCKETS_PATH).unwrap_or(0);
+        let current_max = read_u64(&self.opts.max_path())?;
+        let current_buckets = read_u64(&self.opts.buckets_path()).unwrap_or(0);
         let mut facts: Vec<(NsFacts<'_>, Reason)> = Vec::new();
         for l in looks {
             let s = self.seen.entry(l.inode).or_default();
@@ -435,11 +454,11 @@ impl Autopilot {
             // Buckets first, so the larger table never runs on longer
             // chains (doctor's order).
             let written = if sizing.buckets > current_buckets {
-                write_u64(BUCKETS_PATH, sizing.buckets)
+                write_u64(&self.opts.buckets_path(), sizing.buckets)
             } else {
                 Ok(())
             }
-            .and_then(|()| write_u64(MAX_PATH, sizing.max));
+            .and_then(|()| write_u64(&self.opts.max_path(), sizing.max));
             if let Err(why) = written {
                 return self.skipped(netns, Skip::Write(why));
             }

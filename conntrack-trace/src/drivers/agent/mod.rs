@@ -190,6 +190,9 @@ fn follow_namespaces(
     }
 }
 
+/// A table's (inode, entries, forecast) this tick, for the autopilot.
+type TableForecast = (u32, u64, Forecast);
+
 /// What the loop remembers between ticks to report changes.
 #[derive(Default)]
 struct Watch {
@@ -249,7 +252,7 @@ struct Prepared {
 
 async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
     if opts.autopilot.mode == autopilot::Mode::On {
-        autopilot::check_writable().map_err(TraceError::Privileges)?;
+        autopilot::check_writable(&opts.autopilot).map_err(TraceError::Privileges)?;
     }
     let listener = http::bind(opts.metrics_addr)
         .await
@@ -331,10 +334,7 @@ fn arm_autopilot(opts: &AgentOptions) -> Option<Autopilot> {
         cooldown_s: o.cooldown.as_secs_f64(),
         memory_budget_bytes: b.bytes,
         memory_budget: b.what.clone(),
-        max: std::fs::read_to_string(autopilot::MAX_PATH)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0),
+        max: autopilot::read_u64(&o.max_path()).unwrap_or(0),
     });
     Some(pilot)
 }
@@ -510,7 +510,7 @@ impl Agent {
 
     /// Each table's fill and forecast; a table crossing 90 % (or back
     /// under 85 %) is logged.
-    fn table_states(&mut self) -> (BTreeMap<String, NsState>, Vec<(u32, u64, Forecast)>) {
+    fn table_states(&mut self) -> (BTreeMap<String, NsState>, Vec<TableForecast>) {
         let t_s = self.started.elapsed().as_secs_f64();
         let mut nss = BTreeMap::new();
         let mut forecasts = Vec::new();
@@ -557,7 +557,7 @@ impl Agent {
 
     /// `--autopilot`: looks at every table, reports a decision (state
     /// line, counter, and a file in the open incident if any).
-    fn autopilot(&mut self, now: Instant, forecasts: &[(u32, u64, Forecast)]) {
+    fn autopilot(&mut self, now: Instant, forecasts: &[TableForecast]) {
         let Some(pilot) = &mut self.pilot else {
             return;
         };
