@@ -111,7 +111,10 @@ fn flood(topo: &Topology, stop: &AtomicBool) -> Result<u64> {
 
 /// The agent's state lines (its autopilot lines echoed for the log).
 fn lines(stderr: &str) -> Result<Vec<State>> {
-    for l in stderr.lines().filter(|l| l.contains("\"event\":\"autopilot_")) {
+    for l in stderr
+        .lines()
+        .filter(|l| l.contains("\"event\":\"autopilot_"))
+    {
         eprintln!("{l}");
     }
     Ok(json::state_lines(stderr, true)?
