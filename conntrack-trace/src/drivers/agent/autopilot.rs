@@ -668,6 +668,69 @@ mod tests {
         assert!(matches!(decide(&f), Decision::Raise { from: 4096, .. }));
     }
 
+    /// The driver over a stand-in sysctl directory: dry-run decides what
+    /// `on` decides and writes nothing; `on` writes it, then leaves a
+    /// lowered max alone and says so once.
+    #[test]
+    fn dry_run_logs_what_on_writes() {
+        let dir = std::env::temp_dir().join(format!("ctt-autopilot-unit-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let max = dir.join(MAX_FILE);
+        let fc = crate::analysis::forecast::Estimator::default().forecast();
+        let t0 = Instant::now();
+        let look = |table_full| Look {
+            inode: 7,
+            name: "srv".into(),
+            entries: 128,
+            forecast: &fc,
+            table_full,
+            early_drop: 0,
+        };
+        let run = |mode| {
+            fs::write(&max, "128").unwrap();
+            fs::write(dir.join(BUCKETS_FILE), "262144").unwrap();
+            let opts = Options {
+                mode,
+                sysctl_dir: dir.clone(),
+                ..Options::default()
+            };
+            let mut p = Autopilot::new(opts, cost(), 8 * GIB);
+            assert!(p.tick(t0, &[look(0)]).is_none(), "no drop yet");
+            let Some(Outcome::Raised(r)) = p.tick(t0 + Duration::from_secs(1), &[look(40)]) else {
+                panic!("no raise")
+            };
+            (p, r)
+        };
+        let (_, dry) = run(Mode::DryRun);
+        assert_eq!(fs::read_to_string(&max).unwrap(), "128", "dry-run wrote");
+        let (mut p, on) = run(Mode::On);
+        assert_eq!(fs::read_to_string(&max).unwrap(), on.to.to_string());
+        assert!(dry.dry_run && !on.dry_run);
+        assert_eq!(
+            Raise {
+                dry_run: false,
+                ..dry
+            },
+            on
+        );
+        assert_eq!((on.from, on.reason), (128, Reason::TableFull));
+        // kube-proxy puts 128 back: skipped once, not fought.
+        fs::write(&max, "128").unwrap();
+        let later = t0 + Duration::from_secs(3600);
+        match p.tick(later, &[look(80)]) {
+            Some(Outcome::Skipped { why, .. }) => {
+                assert!(why.starts_with("lowered by someone else"), "{why}")
+            }
+            _ => panic!("not skipped"),
+        }
+        assert!(
+            p.tick(later + Duration::from_secs(1), &[look(90)])
+                .is_none()
+        );
+        assert_eq!(fs::read_to_string(&max).unwrap(), "128");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn memory_limits() {
         let b = MemoryLimit::Share(0.02).budget(1000 << 20);
