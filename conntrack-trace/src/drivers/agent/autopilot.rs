@@ -731,6 +731,89 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    fn sysctl_dir(tag: &str, max: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ctt-autopilot-{tag}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(MAX_FILE), max).unwrap();
+        dir
+    }
+
+    /// A filling table the forecast says is full within the horizon is
+    /// raised before it drops, sized for its growth over the horizon.
+    #[test]
+    fn a_forecast_within_the_horizon_raises_before_any_drop() {
+        let dir = sysctl_dir("fc", "128");
+        fs::write(dir.join(BUCKETS_FILE), "262144").unwrap();
+        let mut fc = crate::analysis::forecast::Estimator::default().forecast();
+        (fc.trend, fc.eta_s, fc.slope_per_s) = (Trend::Filling, Some(14.0), 2.0);
+        let opts = Options {
+            mode: Mode::On,
+            sysctl_dir: dir.clone(),
+            ..Options::default()
+        };
+        let mut p = Autopilot::new(opts, cost(), 8 * GIB);
+        let look = Look {
+            inode: 7,
+            name: "srv".into(),
+            entries: 100,
+            forecast: &fc,
+            table_full: 0,
+            early_drop: 0,
+        };
+        let Some(Outcome::Raised(r)) = p.tick(Instant::now(), &[look]) else {
+            panic!("no raise")
+        };
+        // 100 entries + 2/s × 600 s = 1300; × 1.5 → 2048.
+        assert_eq!((r.reason, r.from, r.to), (Reason::Forecast, 128, 2048));
+        assert_eq!(r.forecast_eta_s, Some(14.0));
+        assert!(
+            r.demand_why.contains("growth over 600 s"),
+            "{}",
+            r.demand_why
+        );
+        assert_eq!(fs::read_to_string(dir.join(MAX_FILE)).unwrap(), "2048");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A write the kernel refuses is one skipped line with its error; the
+    /// agent goes on.
+    #[test]
+    fn a_failed_write_is_skipped_with_the_error() {
+        let dir = sysctl_dir("ro", "128");
+        // Buckets unreadable and unwritable (a directory): the sizing
+        // wants more buckets and its write fails (EISDIR here; EPERM or
+        // EROFS on a real /proc/sys).
+        fs::create_dir_all(dir.join(BUCKETS_FILE)).unwrap();
+        let opts = Options {
+            mode: Mode::On,
+            sysctl_dir: dir.clone(),
+            ..Options::default()
+        };
+        let mut p = Autopilot::new(opts, cost(), 8 * GIB);
+        let fc = crate::analysis::forecast::Estimator::default().forecast();
+        let look = |table_full| Look {
+            inode: 7,
+            name: "srv".into(),
+            entries: 128,
+            forecast: &fc,
+            table_full,
+            early_drop: 0,
+        };
+        let t0 = Instant::now();
+        assert!(p.tick(t0, &[look(0)]).is_none());
+        match p.tick(t0 + Duration::from_secs(1), &[look(10)]) {
+            Some(Outcome::Skipped { why, .. }) => {
+                assert!(
+                    why.starts_with("writing ") && why.contains(BUCKETS_FILE),
+                    "{why}"
+                )
+            }
+            _ => panic!("not skipped"),
+        }
+        assert_eq!(fs::read_to_string(dir.join(MAX_FILE)).unwrap(), "128");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn memory_limits() {
         let b = MemoryLimit::Share(0.02).budget(1000 << 20);
