@@ -401,8 +401,8 @@ impl Autopilot {
                     peak,
                     duration_s: now.saturating_duration_since(first.0).as_secs_f64(),
                     drops: KindCounts {
-                        table_full: l.table_full - first.1,
-                        early_drop: l.early_drop - first.2,
+                        table_full: l.table_full.saturating_sub(first.1),
+                        early_drop: l.early_drop.saturating_sub(first.2),
                         ..KindCounts::default()
                     },
                     victims: &[],
