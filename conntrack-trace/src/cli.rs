@@ -10,6 +10,7 @@ use crate::{
         amplify::AmpConfig,
         filter::{Cidr, Filter},
     },
+    drivers::agent::autopilot::{self, MemoryLimit},
     drivers::trace::TraceOptions,
     formats::capture::WriteOptions,
     kernel::{backend, btf::VMLINUX_BTF},
@@ -107,6 +108,77 @@ pub struct AgentArgs {
     pub metrics_label_pod: bool,
     #[command(flatten)]
     pub amp: AmpArgs,
+    #[command(flatten)]
+    pub autopilot: AutopilotArgs,
+}
+
+/// `agent --autopilot`: raise nf_conntrack_max as `doctor` would advise.
+#[derive(Debug, clap::Args)]
+pub struct AutopilotArgs {
+    /// Raise nf_conntrack_max (and the hash buckets) when a table drops
+    /// packets because it is full, or will be within the horizon: off,
+    /// dry-run (log what on would do, write nothing) or on.
+    #[arg(long, value_enum, default_value = "off", value_name = "MODE")]
+    pub autopilot: AutopilotMode,
+    /// A table the forecast says is full within this long is raised now.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub autopilot_horizon: Duration,
+    /// Memory a full table may take at most: a share of RAM (2%) or a
+    /// size (512MiB, 1G).
+    #[arg(long, default_value = "2%", value_parser = parse_memory_limit, value_name = "SHARE|SIZE")]
+    pub autopilot_memory: MemoryLimit,
+    /// At most one change per this long.
+    #[arg(long, default_value = "1m", value_parser = parse_duration, value_name = "DURATION")]
+    pub autopilot_cooldown: Duration,
+    /// Where nf_conntrack_max and nf_conntrack_buckets are: another mount
+    /// of the initial namespace's /proc/sys/net/netfilter (a container's
+    /// /proc/sys is read-only).
+    #[arg(long, default_value = autopilot::SYSCTL_DIR, value_name = "DIR")]
+    pub autopilot_sysctl_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AutopilotMode {
+    Off,
+    DryRun,
+    On,
+}
+
+impl AutopilotArgs {
+    pub fn options(&self) -> autopilot::Options {
+        autopilot::Options {
+            mode: match self.autopilot {
+                AutopilotMode::Off => autopilot::Mode::Off,
+                AutopilotMode::DryRun => autopilot::Mode::DryRun,
+                AutopilotMode::On => autopilot::Mode::On,
+            },
+            horizon: self.autopilot_horizon,
+            memory: self.autopilot_memory,
+            cooldown: self.autopilot_cooldown,
+            sysctl_dir: self.autopilot_sysctl_dir.clone(),
+        }
+    }
+}
+
+/// `--autopilot-memory`: `2%` (0 < share ≤ 100 %) or a size (`512MiB`,
+/// `512M`, `1G`).
+pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(MemoryLimit::Share(v / 100.0)),
+            _ => Err(format!(
+                "invalid share `{s}` (a percentage above 0 and at most 100, e.g. 2%)"
+            )),
+        };
+    }
+    let size = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    parse_size(size).map(MemoryLimit::Bytes).map_err(|_| {
+        format!("invalid memory `{s}` (a share of RAM like 2%, or a size like 512MiB or 1G)")
+    })
 }
 
 impl AgentArgs {
@@ -142,6 +214,7 @@ impl AgentArgs {
             ready_file: self.ready_file.clone(),
             quiet: self.quiet,
             label_pod: self.metrics_label_pod,
+            autopilot: self.autopilot.options(),
         })
     }
 }
@@ -723,6 +796,19 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn autopilot_memory_limits() {
+        use super::{MemoryLimit, parse_memory_limit as p};
+        assert_eq!(p("2%"), Ok(MemoryLimit::Share(0.02)));
+        assert_eq!(p("512MiB"), Ok(MemoryLimit::Bytes(512 << 20)));
+        assert_eq!(p("512M"), Ok(MemoryLimit::Bytes(512 << 20)));
+        assert_eq!(p("1G"), Ok(MemoryLimit::Bytes(1 << 30)));
+        assert_eq!(p("65536"), Ok(MemoryLimit::Bytes(65536)));
+        for bad in ["0%", "101%", "x%", "", "12 parsecs", "0"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -775,12 +775,60 @@ pub enum State {
         dir: String,
         files: usize,
     },
+    AutopilotArmed {
+        mode: AutopilotMode,
+        horizon_s: f64,
+        cooldown_s: f64,
+        memory_budget_bytes: u64,
+        memory_budget: String,
+        max: u64,
+    },
+    AutopilotRaised(AutopilotRaise),
+    AutopilotCapped(AutopilotRaise),
+    AutopilotSkipped {
+        netns: String,
+        why: String,
+        dry_run: bool,
+    },
     Warning {
         message: String,
     },
     Stopping {
         signal: String,
     },
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutopilotMode {
+    DryRun,
+    On,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AutopilotReason {
+    TableFull,
+    Forecast,
+}
+
+/// `autopilot_raised` / `autopilot_capped` (docs/agent.md "Autopilot").
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AutopilotRaise {
+    pub netns: String,
+    pub reason: AutopilotReason,
+    pub from: u64,
+    pub to: u64,
+    pub buckets_from: u64,
+    pub buckets_to: u64,
+    pub demand: f64,
+    pub demand_why: String,
+    pub forecast_eta_s: Option<f64>,
+    pub memory_bytes: u64,
+    pub memory: String,
+    pub budget_bytes: u64,
+    pub dry_run: bool,
 }
 
 impl StateLine {

@@ -1,5 +1,5 @@
-//! What deploy/kubernetes/daemonset.yaml asks of a node, read from the
-//! file itself so the tests that mirror it (the setpriv capability test in
+//! What deploy/kubernetes/daemonset.yaml (and daemonset-autopilot.yaml)
+//! asks of a node, read from the file itself so the tests that mirror it (the setpriv capability test in
 //! deploy.rs, the runc test in oci.rs) follow it when it changes. A reader
 //! of the few block and scalar forms the file uses, not a YAML parser: a
 //! form it does not know is an error naming the key, never a guess.
@@ -7,6 +7,10 @@
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
+
+pub const DAEMONSET: &str = "daemonset.yaml";
+/// daemonset.yaml plus what `--autopilot=on` needs.
+pub const AUTOPILOT: &str = "daemonset-autopilot.yaml";
 
 pub struct DaemonSet {
     text: String,
@@ -27,8 +31,14 @@ fn indent(l: &str) -> usize {
 
 impl DaemonSet {
     pub fn load() -> Result<DaemonSet> {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml");
+        DaemonSet::load_file(DAEMONSET)
+    }
+
+    /// Another manifest of deploy/kubernetes ([`AUTOPILOT`]).
+    pub fn load_file(name: &str) -> Result<DaemonSet> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes")
+            .join(name);
         Ok(DaemonSet {
             text: fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?,
@@ -189,5 +199,42 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// The autopilot's manifest is the DaemonSet plus exactly its three
+    /// additions.
+    #[test]
+    fn autopilot_is_the_daemonset_plus_three_additions() {
+        let (ds, ap) = (
+            DaemonSet::load().unwrap(),
+            DaemonSet::load_file(AUTOPILOT).unwrap(),
+        );
+        let mut caps = ds.caps().unwrap();
+        caps.push("NET_ADMIN".into());
+        assert_eq!(ap.caps().unwrap(), caps);
+        let mut args = ds.args().unwrap();
+        args.extend([
+            "--autopilot=on".into(),
+            "--autopilot-sysctl-dir=/host/proc/sys/net/netfilter".into(),
+        ]);
+        assert_eq!(ap.args().unwrap(), args);
+        let mut mounts = ds.mounts().unwrap();
+        mounts.push(Mount {
+            name: "netfilter-sysctls".into(),
+            container_path: "/host/proc/sys/net/netfilter".into(),
+            host_path: "/proc/sys/net/netfilter".into(),
+            read_only: false,
+        });
+        assert_eq!(ap.mounts().unwrap(), mounts);
+        for k in [
+            "hostNetwork",
+            "hostPID",
+            "readOnlyRootFilesystem",
+            "privileged",
+        ] {
+            assert_eq!(ap.flag(k).unwrap(), ds.flag(k).unwrap(), "{k}");
+        }
+        assert_eq!(ap.memory_limit().unwrap(), ds.memory_limit().unwrap());
+        assert_eq!(ap.scalar("image").unwrap(), ds.scalar("image").unwrap());
     }
 }

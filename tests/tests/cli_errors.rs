@@ -33,11 +33,39 @@ fn bad_flags_exit_2() {
         &["trace", "--src", "10.0.0.0/99"],
         &["trace", "--ring-size", "12345"],
         &["frobnicate"],
+        &["agent", "--autopilot", "maybe"],
+        &["agent", "--autopilot-memory", "0%"],
+        &["agent", "--autopilot-memory", "12 parsecs"],
+        &["agent", "--autopilot-cooldown", "soon"],
     ] {
         let (code, err) = run(args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// `--autopilot on` where nf_conntrack_max cannot be written: refused
+/// before anything is loaded, one line, exit 3.
+#[test]
+fn autopilot_on_without_a_writable_max_exits_3() {
+    if !root_or_skip("autopilot_on_without_a_writable_max_exits_3") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ctt-ap-ro-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    // A directory without nf_conntrack_max: the open fails (ENOENT), as it
+    // fails with EROFS or EACCES where /proc/sys is read-only.
+    let (code, err) = run(&[
+        "agent",
+        "--autopilot",
+        "on",
+        "--autopilot-sysctl-dir",
+        dir.to_str().unwrap_or_default(),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 3, "{err}");
+    assert_one_line(&err);
+    assert!(err.contains("nf_conntrack_max is not writable"), "{err}");
 }
 
 #[test]

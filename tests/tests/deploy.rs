@@ -1,6 +1,7 @@
 //! The deployment files as their users run them: Prometheus's own tool
-//! checks and unit-tests the alerting rules, the Kubernetes manifest passes
-//! the Kubernetes schemas offline (kubernetes-validate --strict), and the
+//! checks and unit-tests the alerting rules, the Kubernetes manifests
+//! (daemonset.yaml, daemonset-autopilot.yaml) pass the Kubernetes schemas
+//! offline (kubernetes-validate --strict), and the
 //! agent runs with exactly the manifest's capabilities — and with one of
 //! them less fails naming it.
 
@@ -13,7 +14,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use conntrack_trace_tests::{
-    backend_args, binary, http_metrics, json, kernel_test, manifest::DaemonSet,
+    backend_args, binary, http_metrics, json, kernel_test,
+    manifest::{self, DaemonSet},
 };
 
 fn deploy() -> PathBuf {
@@ -89,38 +91,40 @@ fn daemonset_passes_the_kubernetes_schemas() -> Result<()> {
         return Ok(());
     }
     let dir = deploy().join("kubernetes");
-    let (ok, out) = run("kubernetes-validate", &["--strict", "daemonset.yaml"], &dir)?;
-    ensure!(ok, "kubernetes-validate: {out}");
-    assert!(
-        out.contains("passed for resource daemonset/conntrack-trace"),
-        "{out}"
-    );
-    // The check is not vacuous: a misspelt field fails it.
-    let text = fs::read_to_string(dir.join("daemonset.yaml"))?;
-    let bad = std::env::temp_dir().join(format!("ctt-bad-ds-{}.yaml", std::process::id()));
-    fs::write(
-        &bad,
-        text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
-    )?;
-    let (ok, out) = run(
-        "kubernetes-validate",
-        &["--strict", &bad.to_string_lossy()],
-        &dir,
-    )?;
-    let _ = fs::remove_file(&bad);
-    assert!(!ok, "a misspelt field must fail: {out}");
-    // Least privilege, as the manifest says.
-    for must in [
-        "drop: [\"ALL\"]",
-        "allowPrivilegeEscalation: false",
-        "privileged: false",
-        "readOnlyRootFilesystem: true",
-        "hostPID: false",
-        "prometheus.io/scrape: \"true\"",
-        "path: /healthz",
-        "path: /readyz",
-    ] {
-        assert!(text.contains(must), "manifest lacks `{must}`");
+    for file in [manifest::DAEMONSET, manifest::AUTOPILOT] {
+        let (ok, out) = run("kubernetes-validate", &["--strict", file], &dir)?;
+        ensure!(ok, "kubernetes-validate {file}: {out}");
+        assert!(
+            out.contains("passed for resource daemonset/conntrack-trace"),
+            "{file}: {out}"
+        );
+        // The check is not vacuous: a misspelt field fails it.
+        let text = fs::read_to_string(dir.join(file))?;
+        let bad = std::env::temp_dir().join(format!("ctt-bad-ds-{}.yaml", std::process::id()));
+        fs::write(
+            &bad,
+            text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+        )?;
+        let (ok, out) = run(
+            "kubernetes-validate",
+            &["--strict", &bad.to_string_lossy()],
+            &dir,
+        )?;
+        let _ = fs::remove_file(&bad);
+        assert!(!ok, "{file}: a misspelt field must fail: {out}");
+        // Least privilege, as the manifest says.
+        for must in [
+            "drop: [\"ALL\"]",
+            "allowPrivilegeEscalation: false",
+            "privileged: false",
+            "readOnlyRootFilesystem: true",
+            "hostPID: false",
+            "prometheus.io/scrape: \"true\"",
+            "path: /healthz",
+            "path: /readyz",
+        ] {
+            assert!(text.contains(must), "{file} lacks `{must}`");
+        }
     }
     Ok(())
 }

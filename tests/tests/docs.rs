@@ -203,6 +203,7 @@ fn full_snapshot(per_packet: bool) -> Snapshot {
             retransmission_share: 0.75,
         }],
         findings_opened: 1,
+        autopilot: [("raised", 1), ("capped", 1), ("skipped", 1), ("dry_run", 1)].into(),
         cpu_seconds: 1.0,
         rss_bytes: 1,
         start_unix_s: 1.0,

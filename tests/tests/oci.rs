@@ -7,6 +7,11 @@
 //! limit. It must become ready and serve metrics — and fail naming the
 //! capability when one it needs is taken away.
 //!
+//! daemonset-autopilot.yaml runs the same way: with its CAP_NET_ADMIN and
+//! the node's /proc/sys/net/netfilter mounted read-write, the agent arms
+//! its autopilot; under daemonset.yaml's read-only /proc/sys,
+//! `--autopilot=on` refuses to start, naming the file.
+//!
 //! Not mirrored: the RuntimeDefault seccomp profile (runc applies none
 //! unless given one; the profile is the runtime's, not the manifest's).
 
@@ -20,8 +25,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use conntrack_trace_tests::{
-    Scratch, backend_args, http_metrics, kernel_test,
-    manifest::{DaemonSet, Mount},
+    Scratch, Sysctl, backend_args, http_metrics, kernel_test,
+    manifest::{AUTOPILOT, DaemonSet, Mount},
     path_str, run,
 };
 use serde_json::{Value, json};
@@ -294,9 +299,9 @@ struct Outcome {
 
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
-/// Runs the image under runc with `caps` until ready (then SIGTERM) or its
-/// exit, within 60 s.
-fn run_with(layout: &Path, ds: &DaemonSet, caps: &[String]) -> Result<Outcome> {
+/// Runs the image under runc with `caps` (and `extra` args after the
+/// manifest's) until ready (then SIGTERM) or its exit, within 60 s.
+fn run_with(layout: &Path, ds: &DaemonSet, caps: &[String], extra: &[&str]) -> Result<Outcome> {
     let n = RUNS.fetch_add(1, Ordering::Relaxed);
     let id = format!("ctt-oci-{}-{n}", std::process::id());
     let dir = Scratch::new("oci", &n.to_string())?;
@@ -315,11 +320,13 @@ fn run_with(layout: &Path, ds: &DaemonSet, caps: &[String]) -> Result<Outcome> {
         })
         .collect();
     args.extend(["--ready-file=/run/ctt/ready".to_owned()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend(backend_args());
-    // The record dir is the test's; the other hostPaths (BTF) the node's.
+    // The record dir is the test's; the other hostPaths (BTF, the
+    // autopilot's sysctls) the node's.
     let mut mounts = Vec::new();
     for m in ds.mounts()? {
-        let host = if m.read_only {
+        let host = if m.name != "record" {
             PathBuf::from(&m.host_path)
         } else {
             let d = dir.path(&m.name);
@@ -407,7 +414,7 @@ fn image_runs_under_runc_as_the_daemonset_runs_it() -> Result<()> {
     };
     let ds = DaemonSet::load()?;
     let caps = ds.caps()?;
-    let o = run_with(&layout, &ds, &caps)?;
+    let o = run_with(&layout, &ds, &caps, &[])?;
     eprintln!(
         "with {caps:?}: ready {}, exit {:?}, recorded {:?}; {}",
         o.ready,
@@ -450,7 +457,7 @@ fn image_runs_under_runc_as_the_daemonset_runs_it() -> Result<()> {
     );
     for missing in ["BPF", "PERFMON"] {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        let o = run_with(&layout, &ds, &fewer)?;
+        let o = run_with(&layout, &ds, &fewer, &[])?;
         eprintln!("without {missing}: exit {:?}; {}", o.exit, o.stderr.trim());
         assert!(!o.ready, "must fail without CAP_{missing}");
         assert!(matches!(o.exit, Some(c) if c != 0), "exit {:?}", o.exit);
@@ -469,7 +476,7 @@ fn image_runs_under_runc_as_the_daemonset_runs_it() -> Result<()> {
     // Without SYSLOG it still runs (the tracepoint backend loses its
     // kallsyms-located hooks and says so: see deploy.rs).
     let fewer: Vec<String> = caps.iter().filter(|c| *c != "SYSLOG").cloned().collect();
-    let o = run_with(&layout, &ds, &fewer)?;
+    let o = run_with(&layout, &ds, &fewer, &[])?;
     eprintln!(
         "without SYSLOG: ready {}, exit {:?}; {}",
         o.ready,
@@ -480,5 +487,54 @@ fn image_runs_under_runc_as_the_daemonset_runs_it() -> Result<()> {
     if tracepoint {
         assert!(!o.stderr.contains("tp_btf/kmem_cache_free"), "{}", o.stderr);
     }
+    autopilot_manifest(&layout, &ds)
+}
+
+/// daemonset-autopilot.yaml under runc: armed (and keeping CAP_NET_ADMIN);
+/// `--autopilot=on` under daemonset.yaml's read-only /proc/sys: refused at
+/// start, exit 3, naming the file. Nothing is written: the host's table is
+/// far from full (the sysctls are guarded all the same).
+fn autopilot_manifest(layout: &Path, ds: &DaemonSet) -> Result<()> {
+    let _max = Sysctl::keep("net.netfilter.nf_conntrack_max")?;
+    let _buckets = Sysctl::keep("net.netfilter.nf_conntrack_buckets")?;
+    let ap = DaemonSet::load_file(AUTOPILOT)?;
+    let o = run_with(layout, &ap, &ap.caps()?, &[])?;
+    eprintln!(
+        "{AUTOPILOT}: ready {}, exit {:?}; {}",
+        o.ready,
+        o.exit,
+        o.stderr
+            .lines()
+            .filter(|l| l.contains("autopilot_armed") || l.contains("capabilities_dropped"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    assert!(o.ready, "{AUTOPILOT}: {}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("\"event\":\"autopilot_armed\",\"mode\":\"on\""),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr
+            .lines()
+            .any(|l| l.contains("capabilities_dropped") && l.contains("CAP_NET_ADMIN")),
+        "keeps CAP_NET_ADMIN: {}",
+        o.stderr
+    );
+    assert_eq!(o.exit, Some(0), "{}", o.stderr);
+    let o = run_with(layout, ds, &ds.caps()?, &["--autopilot=on"])?;
+    eprintln!(
+        "--autopilot=on under daemonset.yaml: exit {:?}; {}",
+        o.exit,
+        o.stderr.trim()
+    );
+    assert!(!o.ready && o.exit == Some(3), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("nf_conntrack_max is not writable"),
+        "{}",
+        o.stderr
+    );
     Ok(())
 }

@@ -250,7 +250,7 @@ impl<'s> Session<'s> {
         self.write_counts()?;
         let budget = self.opts.backend.event_budget;
         self.sampling = counters.sampling_since(&self.last_counters, budget);
-        self.last_counters = counters.clone();
+        self.last_counters = counters;
         self.close_history();
         let c = &mut self.consumer;
         if c.wants_names() {

@@ -19,6 +19,7 @@
 //! ambient and bounding sets, and no_new_privs is set, so neither the agent
 //! nor anything it could be made to exec can get capabilities back.
 
+pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_BPF: u32 = 39;
@@ -32,7 +33,7 @@ pub fn name(cap: u32) -> String {
         CAP_SYS_ADMIN => "CAP_SYS_ADMIN".into(),
         CAP_BPF => "CAP_BPF".into(),
         38 => "CAP_PERFMON".into(),
-        12 => "CAP_NET_ADMIN".into(),
+        CAP_NET_ADMIN => "CAP_NET_ADMIN".into(),
         24 => "CAP_SYS_RESOURCE".into(),
         c => format!("cap {c}"),
     }

@@ -81,6 +81,28 @@ pub enum State {
         dir: String,
         files: usize,
     },
+    /// `--autopilot dry-run|on` is active (with its settings).
+    AutopilotArmed {
+        mode: super::autopilot::Mode,
+        horizon_s: f64,
+        cooldown_s: f64,
+        /// The most a full table may take (`--autopilot-memory`).
+        memory_budget_bytes: u64,
+        memory_budget: String,
+        /// nf_conntrack_max at start.
+        max: u64,
+    },
+    /// The autopilot raised nf_conntrack_max (`dry_run`: would have).
+    AutopilotRaised(super::autopilot::Raise),
+    /// ... but only to what `--autopilot-memory` allows: short of the
+    /// demand.
+    AutopilotCapped(super::autopilot::Raise),
+    /// The autopilot changed nothing, and why.
+    AutopilotSkipped {
+        netns: String,
+        why: String,
+        dry_run: bool,
+    },
     /// Something went wrong but the agent goes on.
     Warning {
         message: String,

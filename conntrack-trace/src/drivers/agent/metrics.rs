@@ -209,6 +209,9 @@ pub struct Snapshot {
     pub workloads: BTreeMap<String, WorkloadLabels>,
     pub amp: Vec<AmpGauge>,
     pub findings_opened: u64,
+    /// Autopilot decisions by action (`raised`, `capped`, `skipped`,
+    /// `dry_run`); empty when `--autopilot off`.
+    pub autopilot: BTreeMap<&'static str, u64>,
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
     pub start_unix_s: f64,
@@ -576,6 +579,16 @@ impl Collector for Metrics {
             None,
             Gauge,
             [(vec![], gauge_i(s.amp.len() as u64))],
+        )?;
+        family(
+            &mut enc,
+            "autopilot_actions",
+            "Autopilot decisions (--autopilot dry-run|on), by action: raised, capped, skipped, dry_run.",
+            None,
+            Counter,
+            s.autopilot
+                .iter()
+                .map(|(a, n)| (vec![("action", *a)], counter(*n))),
         )?;
         family(
             &mut enc,

@@ -5,12 +5,14 @@
 //! Prometheus metrics on `--metrics-addr` ([`metrics`], [`http`]), state
 //! changes as JSON lines on stderr ([`log`]), and a flight recorder
 //! ([`recorder`]). After attaching it drops the capabilities it no longer
-//! needs ([`caps`]).
+//! needs ([`caps`]). With `--autopilot dry-run|on` it raises
+//! `nf_conntrack_max` as `doctor` would advise ([`autopilot`]).
 //!
 //! What it shares with `trace` — the backend opened between the start
 //! counters and the attach, the ring drain, the capture header, the end of
 //! a session and its totals — is in [`crate::drivers::live`].
 
+pub mod autopilot;
 pub mod caps;
 pub mod http;
 pub mod log;
@@ -33,7 +35,7 @@ use crate::{
     analysis::aggregate::DEFAULT_MAX_SOURCES,
     analysis::amplify::AmpConfig,
     analysis::filter::Filter,
-    analysis::forecast::{self, Trend, Watcher},
+    analysis::forecast::{self, Forecast, Trend, Watcher},
     analysis::pipeline::Pipeline,
     analysis::sources::SourceKey,
     drivers::live::{self, Ring, Tap, selection_line},
@@ -50,6 +52,7 @@ use crate::{
 };
 
 use self::{
+    autopilot::{Autopilot, Look, Outcome},
     log::State,
     metrics::{AmpGauge, Metrics, NsState, SeriesKey, SeriesTable, WorkloadLabels},
     nsfiles::{Rescan, Tables},
@@ -71,6 +74,7 @@ pub struct AgentOptions {
     pub quiet: Duration,
     /// `--metrics-label-pod`: per-namespace series carry the workload.
     pub label_pod: bool,
+    pub autopilot: autopilot::Options,
 }
 
 /// Fill above which a namespace is reported high, and below which it is
@@ -150,6 +154,7 @@ fn follow_namespaces(
     consumer: &mut Consumer,
     forecasts: &mut Watcher,
     watch: &mut Watch,
+    pilot: Option<&mut Autopilot>,
 ) {
     let list = netns::list();
     let Rescan {
@@ -166,8 +171,12 @@ fn follow_namespaces(
             inode,
         });
     }
+    let mut pilot = pilot;
     for (inode, _) in removed {
         forecasts.forget(inode);
+        if let Some(p) = pilot.as_deref_mut() {
+            p.forget(inode);
+        }
         watch.high.remove(&inode);
         log::emit(&State::NetnsRemoved {
             netns: consumer.name(inode),
@@ -180,6 +189,9 @@ fn follow_namespaces(
         });
     }
 }
+
+/// A table's (inode, entries, forecast) this tick, for the autopilot.
+type TableForecast = (u32, u64, Forecast);
 
 /// What the loop remembers between ticks to report changes.
 #[derive(Default)]
@@ -220,6 +232,8 @@ struct Agent {
     started: Instant,
     forecasts: Watcher,
     watch: Watch,
+    /// `--autopilot dry-run|on`.
+    pilot: Option<Autopilot>,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
@@ -237,6 +251,9 @@ struct Prepared {
 }
 
 async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
+    if opts.autopilot.mode == autopilot::Mode::On {
+        autopilot::check_writable(&opts.autopilot).map_err(TraceError::Privileges)?;
+    }
     let listener = http::bind(opts.metrics_addr)
         .await
         .map_err(|e| TraceError::Usage(format!("--metrics-addr {}: {e}", opts.metrics_addr)))?;
@@ -268,8 +285,13 @@ async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
 /// second; the counters backend also re-enters every namespace each tick.
 /// What remains is all any later thread (the capture writer's, HTTP
 /// connections) can have. Returns whether namespaces can be followed.
-fn drop_capabilities() -> bool {
-    let keep = [caps::CAP_BPF, caps::CAP_SYS_ADMIN, caps::CAP_SYS_PTRACE];
+fn drop_capabilities(autopilot: autopilot::Mode) -> bool {
+    let mut keep = vec![caps::CAP_BPF, caps::CAP_SYS_ADMIN, caps::CAP_SYS_PTRACE];
+    // `--autopilot on` writes nf_conntrack_max: a root in a user namespace
+    // needs CAP_NET_ADMIN for that (net_ctl_permissions()).
+    if autopilot == autopilot::Mode::On {
+        keep.push(caps::CAP_NET_ADMIN);
+    }
     match caps::drop_all_but(&keep) {
         Ok(kept) => {
             let follow =
@@ -288,6 +310,33 @@ fn drop_capabilities() -> bool {
             false
         }
     }
+}
+
+/// `--autopilot dry-run|on`: the entry cost (as `doctor` measures it), the
+/// RAM, the budget; one `autopilot_armed` line. `None` when off.
+fn arm_autopilot(opts: &AgentOptions) -> Option<Autopilot> {
+    let o = &opts.autopilot;
+    if o.mode == autopilot::Mode::Off {
+        return None;
+    }
+    let mut cost = crate::drivers::doctor::memory::measure(None);
+    if cost.object_source.starts_with("assumed") {
+        // No /proc/slabinfo row: BTF's sizeof(struct nf_conn), as doctor.
+        let btf = crate::kernel::btf::KernelBtf::load(&opts.backend.btf_path).ok();
+        cost = crate::drivers::doctor::memory::measure(btf.as_ref());
+    }
+    let ram = crate::drivers::doctor::memory::ram_bytes().unwrap_or(0);
+    let pilot = Autopilot::new(o.clone(), cost, ram);
+    let b = pilot.budget();
+    log::emit(&State::AutopilotArmed {
+        mode: o.mode,
+        horizon_s: o.horizon.as_secs_f64(),
+        cooldown_s: o.cooldown.as_secs_f64(),
+        memory_budget_bytes: b.bytes,
+        memory_budget: b.what.clone(),
+        max: autopilot::read_u64(&o.max_path()).unwrap_or(0),
+    });
+    Some(pilot)
 }
 
 /// The recorder's first file, headed like a `trace --write` capture.
@@ -369,7 +418,9 @@ impl Agent {
         }
         // Every namespace's files, opened while we may still enter them.
         let (tables, uncovered) = Tables::open(&held);
-        let follow = drop_capabilities();
+        // The entry cost is read while /proc/slabinfo is still ours to read.
+        let pilot = arm_autopilot(&opts);
+        let follow = drop_capabilities(opts.autopilot.mode);
         let names = crate::kernel::workload::names_of(&all);
         let recorder = start_recorder(p.recorder, &facts, &tables, &start_stats, &names)?;
         let (metrics, shared, server) = serve(p.listener, &opts, &facts);
@@ -397,6 +448,7 @@ impl Agent {
             started: Instant::now(),
             forecasts: Watcher::new(forecast::Config::default()),
             watch: Watch::default(),
+            pilot,
         })
     }
 
@@ -433,13 +485,20 @@ impl Agent {
             c.tap.take_exact(&self.tp)?;
         }
         if self.follow {
-            follow_namespaces(&mut self.tables, c, &mut self.forecasts, &mut self.watch);
+            follow_namespaces(
+                &mut self.tables,
+                c,
+                &mut self.forecasts,
+                &mut self.watch,
+                self.pilot.as_mut(),
+            );
         } else if c.wants_names() {
             c.refresh_names(&netns::list());
         }
         let now = Instant::now();
-        let tables = self.table_states();
+        let (tables, forecasts) = self.table_states();
         self.drop_state(now);
+        self.autopilot(now, &forecasts);
         let amp = self.amplification();
         let c = &mut self.consumer;
         if let Some(r) = &mut c.tap.recorder {
@@ -451,9 +510,10 @@ impl Agent {
 
     /// Each table's fill and forecast; a table crossing 90 % (or back
     /// under 85 %) is logged.
-    fn table_states(&mut self) -> BTreeMap<String, NsState> {
+    fn table_states(&mut self) -> (BTreeMap<String, NsState>, Vec<TableForecast>) {
         let t_s = self.started.elapsed().as_secs_f64();
         let mut nss = BTreeMap::new();
+        let mut forecasts = Vec::new();
         for f in self.tables.iter() {
             let Some(fill) = f.fill() else { continue };
             let name = self.consumer.name(f.inode);
@@ -488,8 +548,66 @@ impl Agent {
             }
             let stats = f.stats();
             nss.insert(name, NsState { fill, stats, eta_s });
+            if self.pilot.is_some() {
+                forecasts.push((f.inode, entries, fc));
+            }
         }
-        nss
+        (nss, forecasts)
+    }
+
+    /// `--autopilot`: looks at every table, reports a decision (state
+    /// line, counter, and a file in the open incident if any).
+    fn autopilot(&mut self, now: Instant, forecasts: &[TableForecast]) {
+        let Some(pilot) = &mut self.pilot else {
+            return;
+        };
+        let c = &mut self.consumer;
+        let count = |k: Kind, inode: u32| c.tap.per_netns.get(&(k, inode)).copied().unwrap_or(0);
+        let looks: Vec<Look<'_>> = forecasts
+            .iter()
+            .map(|(inode, entries, fc)| Look {
+                inode: *inode,
+                name: c.name(*inode),
+                entries: *entries,
+                forecast: fc,
+                table_full: count(Kind::TableFull, *inode),
+                early_drop: count(Kind::EarlyDrop, *inode),
+            })
+            .collect();
+        let Some(outcome) = pilot.tick(now, &looks) else {
+            return;
+        };
+        let (action, state) = match outcome {
+            Outcome::Raised(r) => (
+                if r.dry_run { "dry_run" } else { "raised" },
+                State::AutopilotRaised(r),
+            ),
+            Outcome::Capped(r) => (
+                if r.dry_run { "dry_run" } else { "capped" },
+                State::AutopilotCapped(r),
+            ),
+            Outcome::Skipped { netns, why } => (
+                "skipped",
+                State::AutopilotSkipped {
+                    netns,
+                    why,
+                    dry_run: pilot.opts.mode != autopilot::Mode::On,
+                },
+            ),
+        };
+        log::emit(&state);
+        if let Some(dir) = c.tap.recorder.as_ref().and_then(|r| r.incident_dir())
+            && let Err(e) = autopilot::record(dir, &state)
+        {
+            log::emit(&State::Warning {
+                message: format!(
+                    "flight recorder: autopilot record in {}: {e}",
+                    dir.display()
+                ),
+            });
+        }
+        let mut s = self.metrics.0.lock().unwrap_or_else(|p| p.into_inner());
+        *s.autopilot.entry(action).or_default() += 1;
     }
 
     /// Drops started / stopped (packet drops: table_full and

@@ -273,6 +273,11 @@ impl Recorder {
         self.enforce();
     }
 
+    /// The open incident's directory, if one is open.
+    pub fn incident_dir(&self) -> Option<&Path> {
+        self.incident.as_ref().map(|i| i.dir.as_path())
+    }
+
     /// Keeps the minutes before and after now as an incident capture.
     /// While one is open, a new trigger extends it.
     pub fn incident(&mut self, reason: &str) {

@@ -380,9 +380,10 @@ fn does_not_fit(why: String) -> Advice {
     }
 }
 
-/// The namespace that needs the biggest table, and how big: only a full
+/// The namespace that needs the biggest table, and how big (doctor's
+/// raise-max advice and the agent's autopilot both size from it): only a full
 /// or filling table calls for a bigger one (an insert clash does not).
-fn neediest<'f, 'a>(
+pub fn neediest<'f, 'a>(
     facts: &'f [NsFacts<'a>],
     horizon_s: f64,
 ) -> Option<(&'f NsFacts<'a>, (f64, String))> {
@@ -461,7 +462,7 @@ fn udp_evidence(f: &NsFacts<'_>) -> Option<String> {
             f.name,
             h.summary
         )),
-        Some(_) => return None,
+        Some(_) => None,
         None => {
             // Without the table itself, the drops are the only evidence.
             let v = f.victims.first()?;

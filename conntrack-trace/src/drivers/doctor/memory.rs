@@ -124,12 +124,52 @@ pub fn propose(
     cost: &EntryCost,
     ram: u64,
 ) -> Result<Sizing, String> {
+    propose_within(
+        current_max,
+        current_buckets,
+        demand,
+        cost,
+        ram,
+        &Budget::doctor(ram),
+    )
+}
+
+/// A memory budget for a full table, and how to name it in a refusal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Budget {
+    pub bytes: u64,
+    /// `5 % of RAM (23.4 GiB)`, `--autopilot-memory 512MiB`.
+    pub what: String,
+}
+
+impl Budget {
+    /// `doctor`'s: [`RAM_BUDGET`] of `ram`.
+    pub fn doctor(ram: u64) -> Budget {
+        Budget {
+            bytes: (ram as f64 * RAM_BUDGET) as u64,
+            what: format!("{:.0} % of RAM ({})", RAM_BUDGET * 100.0, fmt_bytes(ram)),
+        }
+    }
+}
+
+/// [`propose`] within an explicit `budget` (`doctor` uses [`RAM_BUDGET`]
+/// of `ram`; the agent's autopilot its `--autopilot-memory`): the one
+/// sizing rule both share.
+pub fn propose_within(
+    current_max: u64,
+    current_buckets: u64,
+    demand: f64,
+    cost: &EntryCost,
+    ram: u64,
+    budget: &Budget,
+) -> Result<Sizing, String> {
     let want = (demand.max(0.0) * HEADROOM).ceil() as u64;
     let mut max = want
         .max(current_max.saturating_add(1))
         .max(1)
         .next_power_of_two();
-    let budget = (ram as f64 * RAM_BUDGET) as u64;
+    let budget_what = &budget.what;
+    let budget = budget.bytes;
     let mut capped = false;
     let sized = |m: u64| current_buckets.max(m);
     while cost.table_bytes(max, sized(max)) > budget && max > 1 {
@@ -138,9 +178,7 @@ pub fn propose(
     }
     if max <= current_max {
         return Err(format!(
-            "no larger table fits in {:.0} % of RAM ({}): {} entries already take {}",
-            RAM_BUDGET * 100.0,
-            fmt_bytes(ram),
+            "no larger table fits in {budget_what}: {} entries already take {}",
             current_max,
             fmt_bytes(cost.table_bytes(current_max, current_buckets))
         ));
