@@ -397,7 +397,9 @@ pub struct BackendArgs {
     /// Track evictions (early_drop).
     #[arg(long, value_enum, default_value = "on")]
     pub evictions: OnOff,
-    /// Ring buffer size in bytes (power of two, >= page size).
+    /// Ring buffer size in bytes (power of two, >= page size). Default:
+    /// a quarter second of the event budget from every CPU (1–8 MiB), 8 MiB
+    /// with `--event-budget 0`.
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
 }
@@ -411,7 +413,10 @@ impl BackendArgs {
             btf_path: self.btf.clone().unwrap_or_else(|| VMLINUX_BTF.into()),
             evictions: self.evictions == OnOff::On,
             rule_drops,
-            ring_bytes: self.ring_size.unwrap_or(backend::DEFAULT_RING_BYTES),
+            ring_bytes: self.ring_size.unwrap_or_else(|| {
+                let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+                backend::default_ring_bytes(event_budget, cpus)
+            }),
             event_budget,
         }
     }

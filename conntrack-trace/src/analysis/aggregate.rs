@@ -18,8 +18,12 @@ use crate::{
 };
 
 /// Default cap on distinct sources held in memory (~180 B each, see
-/// [`SourceTable::memory_ceiling`]).
-pub const DEFAULT_MAX_SOURCES: usize = 100_000;
+/// [`SourceTable::memory_ceiling`]): as many as the programs' exact
+/// per-source map holds (`SOURCE_COUNTS_MAX`), where the top sources come
+/// from once the events are a sample. Sized from `cargo xtask bench
+/// memory` (issue 21): at a million distinct sources, 100 000 entries
+/// took the tracer past 64 MiB.
+pub const DEFAULT_MAX_SOURCES: usize = conntrack_trace_common::SOURCE_COUNTS_MAX as usize;
 
 /// What the events said of one source since it entered the source table.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -205,20 +209,22 @@ impl ExactCounts {
 /// all new; an entry gone from the map is forgotten.
 #[derive(Default)]
 pub struct ExactDeltas {
-    prev: std::collections::HashMap<(u32, Kind, SourceKey), u64>,
-    next: std::collections::HashMap<(u32, Kind, SourceKey), u64>,
+    /// Per key: the count last read, and whether this interval's read has
+    /// seen it yet (one table: it holds up to `SOURCE_COUNTS_MAX` keys).
+    last: std::collections::HashMap<(u32, Kind, SourceKey), (u64, bool)>,
 }
 
 impl ExactDeltas {
     /// One entry of this interval's read (the event carries its key).
     pub fn see(&mut self, e: &Event, cumulative: u64, out: &mut Vec<SourceCount>) {
         let key = (e.netns, e.kind, SourceKey::of(e));
-        let before = self.prev.remove(&key).unwrap_or(0);
-        let added = if cumulative >= before {
-            cumulative - before
+        let last = self.last.entry(key).or_insert((0, false));
+        let added = if cumulative >= last.0 {
+            cumulative - last.0
         } else {
             cumulative
         };
+        *last = (cumulative, true);
         if added > 0 {
             out.push(SourceCount {
                 netns: e.netns,
@@ -229,13 +235,12 @@ impl ExactDeltas {
                 count: added,
             });
         }
-        self.next.insert(key, cumulative);
     }
 
-    /// Ends the interval's read.
+    /// Ends the interval's read: keys it did not see left the map.
     pub fn finish(&mut self) {
-        self.prev = std::mem::take(&mut self.next);
-        self.next.reserve(self.prev.len());
+        self.last
+            .retain(|_, (_, seen)| std::mem::replace(seen, false));
     }
 }
 

@@ -325,7 +325,7 @@ impl<'s> Session<'s> {
         kernel: kstats::CtStats,
     ) -> Result<(), TraceError> {
         let f = live::shown(views, self.opts.netns.is_none());
-        let exact_top = match counters.sampled() {
+        let exact_top = match counters.sampled() && self.consumer.tap.out.shows_top() {
             false => None,
             true => Some(self.exact_top()?.0),
         };

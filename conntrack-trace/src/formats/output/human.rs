@@ -229,6 +229,10 @@ impl<W: Write> Sink for Human<W> {
         Ok(())
     }
 
+    fn shows_top(&self) -> bool {
+        true
+    }
+
     fn finding(&mut self, _f: &Finding) -> std::io::Result<()> {
         // Shown in the header at each tick and in the summary.
         Ok(())

@@ -95,6 +95,12 @@ pub struct NsView {
 pub trait Sink {
     fn event(&mut self, e: &Event, names: &NetnsNames) -> std::io::Result<()>;
     fn tick(&mut self, view: &LiveView<'_>) -> std::io::Result<()>;
+    /// Whether [`Sink::tick`] shows the top sources: only then is the live
+    /// view's exact top (a read and a sort of the programs' per-source
+    /// map, tens of thousands of keys under a flood) worth making.
+    fn shows_top(&self) -> bool {
+        false
+    }
     /// A source newly flagged, or whose counts grew since its last report.
     fn finding(&mut self, f: &Finding) -> std::io::Result<()>;
     /// A namespace's forecast changed materially since it was last

@@ -95,6 +95,11 @@ impl<'s> Out<'s> {
 }
 
 impl Out<'_> {
+    /// See [`Sink::shows_top`].
+    pub fn shows_top(&self) -> bool {
+        self.sink.shows_top()
+    }
+
     pub fn send(
         &mut self,
         w: impl FnOnce(&mut dyn Sink) -> std::io::Result<()>,

@@ -461,8 +461,36 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-/// Default ring size: 8 MiB holds ~40k events (200 B + 8 B record header).
+/// Ring size without an event budget: 8 MiB holds ~40k events (200 B +
+/// 8 B record header), what a flood needs while every drop is an event.
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+/// The smallest default ring.
+const MIN_DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// The default `--ring-size` for `event_budget` on `cpus` CPUs. With a
+/// budget the programs emit at most `event_budget` events/s per CPU beyond
+/// a quarter second's burst (the token bucket, conntrack-trace-ebpf
+/// budget.rs), which a reader that drains every few ms takes as it comes:
+/// a ring that holds that burst from every CPU at once is enough. Rounded
+/// up to a power of two, between 1 MiB and [`DEFAULT_RING_BYTES`]; the
+/// ring's pages are mapped twice and count in the tracer's RSS, so on a
+/// small node this is most of its memory (issue 21: 16 of the 93 MiB
+/// peak at a million sources with the 8 MiB ring).
+pub fn default_ring_bytes(event_budget: u32, cpus: u32) -> u32 {
+    if event_budget == 0 {
+        return DEFAULT_RING_BYTES;
+    }
+    let record = (std::mem::size_of::<conntrack_trace_common::RawEvent>() as u64 + 8 + 7) & !7;
+    let burst =
+        (u64::from(cpus.max(1)).saturating_mul(u64::from(event_budget)) / 4).saturating_mul(record);
+    let bytes = burst
+        .clamp(
+            u64::from(MIN_DEFAULT_RING_BYTES),
+            u64::from(DEFAULT_RING_BYTES),
+        )
+        .next_power_of_two();
+    bytes as u32
+}
 
 /// Default `--event-budget` of `trace` (events/s per CPU): 20× the
 /// founding incident's whole rate (the tests' DNS scenario, ~1 000
@@ -491,6 +519,25 @@ pub fn valid_ring_bytes(n: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_ring_holds_a_quarter_second_of_budget() {
+        // No budget: the flood ring.
+        assert_eq!(default_ring_bytes(0, 2), DEFAULT_RING_BYTES);
+        // trace's 20 000/s on 2 CPUs: 2 x 5 000 x 208 B = 2 080 000 B ->
+        // 2 MiB; on 4 CPUs 4 MiB.
+        assert_eq!(default_ring_bytes(20_000, 2), 2 << 20);
+        assert_eq!(default_ring_bytes(20_000, 4), 4 << 20);
+        // the agent's 5 000/s on 2 CPUs: 0.5 MB -> the 1 MiB floor.
+        assert_eq!(default_ring_bytes(5_000, 2), 1 << 20);
+        // Big nodes: never more than without a budget.
+        assert_eq!(default_ring_bytes(20_000, 256), DEFAULT_RING_BYTES);
+        assert_eq!(default_ring_bytes(u32::MAX, u32::MAX), DEFAULT_RING_BYTES);
+        for cpus in [1, 3, 64, 128] {
+            let b = default_ring_bytes(5_000, cpus);
+            assert!(valid_ring_bytes(u64::from(b)), "{cpus}: {b}");
+        }
+    }
 
     #[test]
     fn sampling_since_is_the_intervals_drops_over_its_events() {
