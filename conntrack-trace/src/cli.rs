@@ -105,6 +105,10 @@ pub struct AgentArgs {
     /// where the namespace is not a pod's or a container's.
     #[arg(long)]
     pub metrics_label_pod: bool,
+    /// TLS and basic authentication for the HTTP server, in Prometheus'
+    /// exporter-toolkit format (tls_server_config, basic_auth_users).
+    #[arg(long, value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
     #[command(flatten)]
     pub amp: AmpArgs,
 }
@@ -142,6 +146,7 @@ impl AgentArgs {
             ready_file: self.ready_file.clone(),
             quiet: self.quiet,
             label_pod: self.metrics_label_pod,
+            web_config: self.web_config_file.clone(),
         })
     }
 }

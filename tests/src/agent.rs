@@ -59,6 +59,17 @@ impl Agent {
     /// Starts `bin agent` with `extra` arguments and `env` added to the
     /// environment; returns once it is ready (bounded: 60 s).
     pub fn start_with(bin: &Path, extra: &[&str], env: &[(&str, String)]) -> Result<Agent> {
+        Agent::launch(bin, extra, env, true)
+    }
+
+    /// Starts the agent serving TLS (`--web-config-file` in `extra`):
+    /// ready once its ready file exists (the caller checks /readyz over
+    /// TLS).
+    pub fn start_tls(extra: &[&str]) -> Result<Agent> {
+        Agent::launch(&binary(), extra, &[], false)
+    }
+
+    fn launch(bin: &Path, extra: &[&str], env: &[(&str, String)], plain: bool) -> Result<Agent> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let ready =
@@ -96,8 +107,10 @@ impl Agent {
             ensure!(Instant::now() < deadline, "agent not ready after 60 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (code, _) = http_get(addr, "/readyz")?;
-        ensure!(code == 200, "/readyz {code} after the ready file");
+        if plain {
+            let (code, _) = http_get(addr, "/readyz")?;
+            ensure!(code == 200, "/readyz {code} after the ready file");
+        }
         Ok(a)
     }
 

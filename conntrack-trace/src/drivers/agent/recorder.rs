@@ -274,12 +274,13 @@ impl Recorder {
     }
 
     /// Keeps the minutes before and after now as an incident capture.
-    /// While one is open, a new trigger extends it.
-    pub fn incident(&mut self, reason: &str) {
+    /// While one is open, a new trigger extends it. Returns the incident's
+    /// directory (`None`: it could not be created, a warning says why).
+    pub fn incident(&mut self, reason: &str) -> Option<PathBuf> {
         let now = SystemTime::now();
         if let Some(inc) = &mut self.incident {
             inc.until = now + self.opts.after;
-            return;
+            return Some(inc.dir.clone());
         }
         let mut dir = self
             .opts
@@ -297,7 +298,7 @@ impl Recorder {
             log::emit(&State::Warning {
                 message: format!("flight recorder: creating {}: {e}", dir.display()),
             });
-            return;
+            return None;
         }
         // Make what is buffered part of the files being linked.
         if let Some(w) = &mut self.writer {
@@ -319,7 +320,7 @@ impl Recorder {
             reason: reason.to_owned(),
         });
         self.incident = Some(Incident {
-            dir,
+            dir: dir.clone(),
             until: now + self.opts.after,
             from_seq,
         });
@@ -330,6 +331,7 @@ impl Recorder {
                 remove_incident(old);
             }
         }
+        Some(dir)
     }
 
     /// Deletes the oldest rolling files beyond the size and age bounds,
