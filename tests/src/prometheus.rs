@@ -53,7 +53,13 @@ pub fn urlencode(s: &str) -> String {
 
 /// Starts `cmd args`, logging to `dir/log`, and waits (60 s) until
 /// `ready` answers 200 on `addr`.
-fn spawn_ready(cmd: &str, args: &[String], dir: &std::path::Path, addr: SocketAddr, ready: &str) -> Result<Daemon> {
+fn spawn_ready(
+    cmd: &str,
+    args: &[String],
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    ready: &str,
+) -> Result<Daemon> {
     let log = fs::File::create(dir.join(format!("{cmd}.log")))?;
     let child = Command::new(cmd)
         .args(args)
@@ -104,9 +110,10 @@ impl Prometheus {
             format!("--web.listen-address={addr}"),
             "--storage.tsdb.retention.time=1h".into(),
         ];
-        let daemon = spawn_ready("prometheus", &args, &dir, addr, "/-/ready").inspect_err(|_| {
-            let _ = fs::remove_dir_all(&dir);
-        })?;
+        let daemon =
+            spawn_ready("prometheus", &args, &dir, addr, "/-/ready").inspect_err(|_| {
+                let _ = fs::remove_dir_all(&dir);
+            })?;
         Ok(Prometheus {
             _daemon: daemon,
             addr,
@@ -135,7 +142,11 @@ impl Prometheus {
 
     /// A range query over the last `range` (step 1 s), as Grafana's
     /// time-series panels ask; each series as (labels, values).
-    pub fn query_range(&self, q: &str, range: Duration) -> Result<Vec<(serde_json::Value, Vec<f64>)>> {
+    pub fn query_range(
+        &self,
+        q: &str,
+        range: Duration,
+    ) -> Result<Vec<(serde_json::Value, Vec<f64>)>> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         let start = now.saturating_sub(range);
         let v = self.api(

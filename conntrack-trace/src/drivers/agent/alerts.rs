@@ -66,7 +66,9 @@ pub struct Alert {
 
 impl Alert {
     pub fn name(&self) -> &str {
-        self.labels.get("alertname").map_or("unnamed", String::as_str)
+        self.labels
+            .get("alertname")
+            .map_or("unnamed", String::as_str)
     }
 }
 
@@ -180,7 +182,10 @@ mod tests {
         let p2 = write_note(&t.0, &f).unwrap().unwrap();
         assert!(p2.ends_with("alert-2.json"));
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
-        assert_eq!(v["alerts"][0]["labels"]["alertname"], "ConntrackTableFullDrops");
+        assert_eq!(
+            v["alerts"][0]["labels"]["alertname"],
+            "ConntrackTableFullDrops"
+        );
         assert_eq!(v["receiver"], "ctt");
     }
 

@@ -33,8 +33,7 @@ use tokio::{
 };
 
 use super::{
-    alerts,
-    metrics,
+    alerts, metrics,
     webconfig::{self, Auth},
 };
 
@@ -253,11 +252,7 @@ where
 /// a slow or broken client only costs its own task, for a bounded time. A
 /// client speaking plain HTTP to the TLS listener fails the handshake and
 /// is closed.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Shared,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
+pub async fn serve(listener: TcpListener, shared: Shared, tls: Option<Arc<rustls::ServerConfig>>) {
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -276,7 +271,9 @@ pub async fn serve(
             match tls {
                 None => connection(stream, shared).await,
                 Some(acceptor) => {
-                    if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
+                    if let Ok(Ok(s)) =
+                        tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await
+                    {
                         connection(s, shared).await;
                     }
                 }

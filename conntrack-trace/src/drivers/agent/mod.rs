@@ -265,9 +265,9 @@ async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
         .await
         .map_err(|e| TraceError::Usage(format!("--metrics-addr {}: {e}", opts.metrics_addr)))?;
     let web = match &opts.web_config {
-        Some(p) => Some(
-            webconfig::WebConfig::load(p).map_err(|e| TraceError::Usage(e.to_string()))?,
-        ),
+        Some(p) => {
+            Some(webconfig::WebConfig::load(p).map_err(|e| TraceError::Usage(e.to_string()))?)
+        }
         None => None,
     };
     let recorder = match &opts.record {

@@ -266,11 +266,27 @@ mod tests {
     fn bad_files_are_one_line_errors() {
         let t = crate::formats::capture::tests::TempDir::new("webcfg-bad");
         let cases = [
-            ("unknown.yml", "http_server_config:\n  http2: false\n", "unknown field `http_server_config`"),
-            ("tlskey.yml", "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_ca_file: c\n", "unknown field `client_ca_file`"),
-            ("hash.yml", "basic_auth_users:\n  prom: plain\n", "prom: not a bcrypt hash"),
+            (
+                "unknown.yml",
+                "http_server_config:\n  http2: false\n",
+                "unknown field `http_server_config`",
+            ),
+            (
+                "tlskey.yml",
+                "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_ca_file: c\n",
+                "unknown field `client_ca_file`",
+            ),
+            (
+                "hash.yml",
+                "basic_auth_users:\n  prom: plain\n",
+                "prom: not a bcrypt hash",
+            ),
             ("yaml.yml", "basic_auth_users: [\n", "--web-config-file"),
-            ("cert.yml", "tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n", "cert_file"),
+            (
+                "cert.yml",
+                "tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n",
+                "cert_file",
+            ),
         ];
         for (name, text, want) in cases {
             let p = write(&t.0, name, text);
@@ -278,7 +294,10 @@ mod tests {
             assert!(e.contains(want), "{name}: {e}");
             assert!(!e.contains('\n'), "{name}: one line: {e}");
         }
-        let e = WebConfig::load(&t.0.join("none.yml")).err().unwrap().to_string();
+        let e = WebConfig::load(&t.0.join("none.yml"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("none.yml"), "{e}");
         // An empty file is valid: neither TLS nor users.
         let p = write(&t.0, "empty.yml", "");
