@@ -39,6 +39,30 @@ pub fn http_get(addr: SocketAddr, path_and_query: &str) -> Result<(u16, String)>
     Ok((status, body.to_owned()))
 }
 
+/// A minimal HTTP/1.0 request with `method` and a body (the webhook's
+/// tests); returns (status, body).
+pub fn http_send(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    // The server may answer (413) before taking the whole body.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((status, body.to_owned()))
+}
+
 /// A running agent, killed on drop.
 pub struct Agent {
     child: Option<Child>,

@@ -172,6 +172,19 @@ fn prometheus_scrapes_over_tls_with_basic_auth() -> Result<()> {
     assert_eq!(code, 401, "no credentials");
     let (code, _, _) = curl(&dir, addr, "/readyz", None)?;
     assert_eq!(code, 200, "probes need no credentials");
+    // No --record-dir: the webhook has nothing to pin.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(dir.join("cert.pem"))
+        .args(["-u", &auth, "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-X", "POST", "--data", "{}"])
+        .arg(format!("https://{addr}/alertmanager"))
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "409",
+        "webhook without a recorder"
+    );
     eprintln!("first /metrics (bcrypt) {first:.3} s, then {again:.3} s (remembered)");
 
     // Plain HTTP to the TLS listener: the connection is closed, no answer.
