@@ -11,6 +11,7 @@
 //! - [`test`]: Debian packages the tests use (iproute2, nftables,
 //!   util-linux, tshark, dnsmasq-base, bind9-dnsutils, iptables,
 //!   docker.io, containerd, busybox-static, strace, prometheus,
+//!   prometheus-alertmanager,
 //!   runc, python3-pip, and for the package checks lintian,
 //!   man-db and systemd) and PyPI's kubernetes-validate;
 //! - [`bench`]: bpftool, bpftrace, conntrack and the scenario tools;
@@ -121,6 +122,9 @@ const TEST: &Wanted = &[
     // and unit-tests deploy/prometheus/ (both in Debian's package).
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // tests/tests/alerting.rs: Prometheus sends the shipped rules' alerts
+    // to a real Alertmanager, whose webhook is the agent's.
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
     // The OCI runtime the container tests run the image under.
     ("runc", "runc"),
     // pip, for kubernetes-validate (below).

@@ -12,13 +12,15 @@
 //!   when older than `--record-max-age`; the file being written is never
 //!   deleted. So the rolling files never exceed the cap by more than the
 //!   file being written.
-//! * `incident-<time>/`: when drops start (or on SIGUSR1), hard links to
+//! * `incident-<time>/`: when drops start (or on SIGUSR1, or a firing
+//!   alert from Alertmanager: [`super::alerts`]), hard links to
 //!   the current run's files written in the last `--incident-before`, and
 //!   to each file the run starts within `--incident-after`. Rolling
 //!   deletion unlinks only names under `rolling/`, so an incident's data
 //!   stays; at most `--max-incidents` are kept, the oldest removed first.
-//!   An incident directory is one capture's consecutive files: `report
-//!   DIR/incident-*/*` reads it (saying which earlier files are missing).
+//!   An incident directory is one capture's consecutive files (and an
+//!   alert's `alert*.json`): `report DIR/incident-*/*.ctt*` reads it
+//!   (saying which earlier files are missing).
 //!
 //! What a killed agent loses: the capture writer hands its records to the
 //! kernel at least every 100 ms (`capture::writer::HANDOVER`) whatever
