@@ -108,16 +108,18 @@ fn alertmanager_pins_an_incident_and_the_dashboard_answers() -> Result<()> {
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", 64)?;
     let rec = temp_dir("alert-rec")?;
     // A short --incident-after: the incident drops starting open is closed
-    // before the alert arrives, so the webhook makes its own.
+    // (within 0.5 s) before the alert can arrive (increase() needs two
+    // scrapes 1 s apart, then an evaluation and group_wait: 2 s at the
+    // least), so the webhook makes its own.
     let agent = Agent::start(&[
         "--record-dir",
         path_str(&rec),
         "--record-max-size",
         "4M",
         "--interval",
-        "500ms",
+        "200ms",
         "--incident-after",
-        "1s",
+        "300ms",
     ])?;
 
     // Refused notifications change nothing.
