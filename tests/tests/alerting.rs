@@ -326,5 +326,9 @@ fn alertmanager_pins_an_incident_and_the_dashboard_answers() -> Result<()> {
         "{err}"
     );
     let _ = fs::remove_dir_all(&rec);
+    eprintln!(
+        "{test}: {:.1} s with the kernel lock held",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
