@@ -106,6 +106,10 @@ pub struct AgentArgs {
     /// where the namespace is not a pod's or a container's.
     #[arg(long)]
     pub metrics_label_pod: bool,
+    /// TLS and basic authentication for the HTTP server, in Prometheus'
+    /// exporter-toolkit format (tls_server_config, basic_auth_users).
+    #[arg(long, value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
     #[command(flatten)]
     pub amp: AmpArgs,
     #[command(flatten)]
@@ -215,6 +219,7 @@ impl AgentArgs {
             quiet: self.quiet,
             label_pod: self.metrics_label_pod,
             autopilot: self.autopilot.options(),
+            web_config: self.web_config_file.clone(),
         })
     }
 }

@@ -39,6 +39,30 @@ pub fn http_get(addr: SocketAddr, path_and_query: &str) -> Result<(u16, String)>
     Ok((status, body.to_owned()))
 }
 
+/// A minimal HTTP/1.0 request with `method` and a body (the webhook's
+/// tests); returns (status, body).
+pub fn http_send(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    // The server may answer (413) before taking the whole body.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((status, body.to_owned()))
+}
+
 /// A running agent, killed on drop.
 pub struct Agent {
     child: Option<Child>,
@@ -59,6 +83,17 @@ impl Agent {
     /// Starts `bin agent` with `extra` arguments and `env` added to the
     /// environment; returns once it is ready (bounded: 60 s).
     pub fn start_with(bin: &Path, extra: &[&str], env: &[(&str, String)]) -> Result<Agent> {
+        Agent::launch(bin, extra, env, true)
+    }
+
+    /// Starts the agent serving TLS (`--web-config-file` in `extra`):
+    /// ready once its ready file exists (the caller checks /readyz over
+    /// TLS).
+    pub fn start_tls(extra: &[&str]) -> Result<Agent> {
+        Agent::launch(&binary(), extra, &[], false)
+    }
+
+    fn launch(bin: &Path, extra: &[&str], env: &[(&str, String)], plain: bool) -> Result<Agent> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let ready =
@@ -96,8 +131,10 @@ impl Agent {
             ensure!(Instant::now() < deadline, "agent not ready after 60 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (code, _) = http_get(addr, "/readyz")?;
-        ensure!(code == 200, "/readyz {code} after the ready file");
+        if plain {
+            let (code, _) = http_get(addr, "/readyz")?;
+            ensure!(code == 200, "/readyz {code} after the ready file");
+        }
         Ok(a)
     }
 

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod dns;
 pub mod json;
 pub mod manifest;
+pub mod prometheus;
 pub mod traffic;
 
 use std::{

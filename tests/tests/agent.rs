@@ -9,136 +9,18 @@ use std::{
     fs,
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use conntrack_trace_tests::{
-    Daemon, Sysctl, Topology,
-    agent::{Agent, free_port, http_get, sample},
-    binary, in_netns, json, kernel_test, traffic,
+    Sysctl, Topology,
+    agent::{Agent, sample},
+    binary, in_netns, json, kernel_test,
+    prometheus::{Prometheus, needs, temp_dir},
+    traffic,
 };
-
-/// In the VM image there is no Prometheus (busybox userland).
-fn needs(tool: &str, test: &str) -> bool {
-    if std::env::var_os("CONNTRACK_TRACE_VM").is_some() {
-        eprintln!("SKIPPED {test}: {tool} is not in the VM image (it runs on the host)");
-        return false;
-    }
-    true
-}
-
-fn temp_dir(tag: &str) -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!(
-        "ctt-agent-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos()
-    ));
-    fs::create_dir_all(&d)?;
-    Ok(d)
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A Prometheus server scraping `target` every second, with its own config
-/// and storage in a temporary directory; killed (and the directory
-/// removed) on drop.
-struct Prometheus {
-    _daemon: Daemon,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Result<Prometheus> {
-        let dir = temp_dir("prom")?;
-        let cfg = dir.join("prometheus.yml");
-        fs::write(
-            &cfg,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: conntrack-trace\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let log = fs::File::create(dir.join("prometheus.log"))?;
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--storage.tsdb.retention.time=1h")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning prometheus (Debian package `prometheus`; `cargo xtask setup` installs it)")?;
-        let p = Prometheus {
-            _daemon: Daemon(child),
-            addr,
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((200, _)) = http_get(addr, "/-/ready") {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "prometheus not ready after 60 s: {}",
-                fs::read_to_string(p.dir.join("prometheus.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(p)
-    }
-
-    /// An instant query; each result as (labels, value).
-    fn query(&self, q: &str) -> Result<Vec<(serde_json::Value, f64)>> {
-        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={}", urlencode(q)))?;
-        ensure!(code == 200, "query `{q}`: HTTP {code}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body)?;
-        ensure!(v["status"] == "success", "query `{q}`: {body}");
-        let mut out = Vec::new();
-        for r in v["data"]["result"].as_array().context("no result array")? {
-            let val: f64 = r["value"][1].as_str().context("no value")?.parse()?;
-            out.push((r["metric"].clone(), val));
-        }
-        Ok(out)
-    }
-
-    /// Waits (bounded) until `q` returns exactly one sample equal to `want`;
-    /// returns the last value seen either way.
-    fn wait_for(&self, q: &str, want: f64, within: Duration) -> Result<Option<f64>> {
-        let deadline = Instant::now() + within;
-        let mut last = None;
-        while Instant::now() < deadline {
-            let r = self.query(q)?;
-            last = r.first().map(|x| x.1);
-            if r.len() == 1 && last == Some(want) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        Ok(last)
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A real Prometheus scrapes the agent during a table-full flood; PromQL
 /// for the flood's source returns exactly the kernel's drop delta.

@@ -11,6 +11,7 @@
 //! - [`test`]: Debian packages the tests use (iproute2, nftables,
 //!   util-linux, tshark, dnsmasq-base, bind9-dnsutils, iptables,
 //!   docker.io, containerd, busybox-static, strace, prometheus,
+//!   prometheus-alertmanager,
 //!   runc, python3-pip, and for the package checks lintian,
 //!   man-db and systemd) and PyPI's kubernetes-validate;
 //! - [`bench`]: bpftool, bpftrace, conntrack and the scenario tools;
@@ -18,7 +19,7 @@
 //! - for `vm-test` only ([`vm`]): qemu 10 from backports, busybox-static,
 //!   the decompressors, and the musl target for static guest binaries;
 //! - for `image` and `package` (and `test`, which builds both): the musl
-//!   target ([`musl_target`]).
+//!   target and musl-tools (musl-gcc, for ring's C) ([`musl_target`]).
 //!
 //! Everything an installer prints goes to stderr ([`quiet_cmd`]): stdout is
 //! the tool's (`cargo xtask run -- trace --format ndjson | jq` works on a
@@ -121,6 +122,9 @@ const TEST: &Wanted = &[
     // and unit-tests deploy/prometheus/ (both in Debian's package).
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // tests/tests/alerting.rs: Prometheus sends the shipped rules' alerts
+    // to a real Alertmanager, whose webhook is the agent's.
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
     // The OCI runtime the container tests run the image under.
     ("runc", "runc"),
     // pip, for kubernetes-validate (below).
@@ -329,8 +333,12 @@ pub fn musl_target() -> Result<()> {
         eprintln!("xtask setup: adding the {} target", crate::vm::MUSL);
         quiet_cmd("rustup", &["target", "add", crate::vm::MUSL])?;
     }
-    Ok(())
+    // ring (the agent's TLS, rustls's crypto provider) compiles C and
+    // assembly: for the musl target cc-rs needs musl-gcc.
+    debian_packages(MUSL_C)
 }
+
+const MUSL_C: &Wanted = &[("musl-gcc", "musl-tools")];
 
 /// qemu 7.2 (bookworm) crashed 6.12 guests in a spike; qemu 10 ran 100 of
 /// 100 boots clean.

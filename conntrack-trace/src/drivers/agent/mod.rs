@@ -12,6 +12,7 @@
 //! counters and the attach, the ring drain, the capture header, the end of
 //! a session and its totals — is in [`crate::drivers::live`].
 
+pub mod alerts;
 pub mod autopilot;
 pub mod caps;
 pub mod http;
@@ -20,12 +21,13 @@ pub mod metrics;
 pub mod nsfiles;
 pub mod recorder;
 pub mod selfstat;
+pub mod webconfig;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -75,6 +77,8 @@ pub struct AgentOptions {
     /// `--metrics-label-pod`: per-namespace series carry the workload.
     pub label_pod: bool,
     pub autopilot: autopilot::Options,
+    /// `--web-config-file`: TLS and basic auth for the HTTP server.
+    pub web_config: Option<PathBuf>,
 }
 
 /// Fill above which a namespace is reported high, and below which it is
@@ -135,11 +139,28 @@ impl AgentTap {
     /// SIGUSR1: keep the minutes around now as an incident capture.
     fn incident(&mut self, why: &str) {
         match &mut self.recorder {
-            Some(r) => r.incident(why),
+            Some(r) => {
+                r.incident(why);
+            }
             None => log::emit(&State::Warning {
                 message: format!("{why}: no --record-dir, nothing to keep"),
             }),
         }
+    }
+
+    /// Alertmanager's webhook: keep an incident (as SIGUSR1 does) and
+    /// write the firing alerts into it.
+    fn alert(&mut self, firing: &alerts::Firing) -> Result<PathBuf, String> {
+        let r = self
+            .recorder
+            .as_mut()
+            .ok_or("no flight recorder (--record-dir)")?;
+        let dir = r
+            .incident(&firing.reason())
+            .ok_or("the incident directory could not be created")?;
+        alerts::write_note(&dir, firing)
+            .map_err(|e| format!("writing the alert into {}: {e}", dir.display()))?;
+        Ok(dir)
     }
 }
 
@@ -228,6 +249,8 @@ struct Agent {
     metrics: Metrics,
     shared: http::Shared,
     server: tokio::task::JoinHandle<()>,
+    /// `POST /alertmanager` notifications (with a recorder).
+    alerts: Option<tokio::sync::mpsc::Receiver<alerts::Request>>,
     ready_file: Option<ReadyFile>,
     started: Instant,
     forecasts: Watcher,
@@ -246,6 +269,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), TraceError> {
 /// is loaded: the port, the record directory, the ready file.
 struct Prepared {
     listener: tokio::net::TcpListener,
+    web: Option<webconfig::WebConfig>,
     recorder: Option<(Recorder, capture::writer::Prepared)>,
     ready_file: Option<ReadyFile>,
 }
@@ -257,6 +281,12 @@ async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
     let listener = http::bind(opts.metrics_addr)
         .await
         .map_err(|e| TraceError::Usage(format!("--metrics-addr {}: {e}", opts.metrics_addr)))?;
+    let web = match &opts.web_config {
+        Some(p) => {
+            Some(webconfig::WebConfig::load(p).map_err(|e| TraceError::Usage(e.to_string()))?)
+        }
+        None => None,
+    };
     let recorder = match &opts.record {
         Some(r) => Some(Recorder::prepare(r.clone()).map_err(|e| match e {
             recorder::RecordError::Write(w) if !w.is_refusal() => TraceError::Other(w.to_string()),
@@ -273,6 +303,7 @@ async fn prepare(opts: &AgentOptions) -> Result<Prepared, TraceError> {
     };
     Ok(Prepared {
         listener,
+        web,
         recorder,
         ready_file,
     })
@@ -366,12 +397,15 @@ fn start_recorder(
     Ok(Some(rec))
 }
 
-/// The metrics' fixed part, and the server that exposes them.
+/// The metrics' fixed part, and the server that exposes them (with the
+/// webhook's channel when there is a recorder to pin incidents in).
 fn serve(
     listener: tokio::net::TcpListener,
+    web: Option<webconfig::WebConfig>,
+    recording: bool,
     opts: &AgentOptions,
     facts: &SessionFacts,
-) -> (Metrics, http::Shared, tokio::task::JoinHandle<()>) {
+) -> Served {
     let m = Metrics::default();
     {
         let mut s = m.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -383,12 +417,45 @@ fn serve(
         s.start_unix_s = facts.clock.start_unix_ns as f64 / 1e9;
         s.label_pod = opts.label_pod;
     }
-    let shared = http::Shared {
-        registry: Arc::new(metrics::registry(&m)),
-        ready: Arc::default(),
-    };
-    let server = tokio::spawn(http::serve(listener, shared.clone()));
-    (m, shared, server)
+    let mut shared = http::Shared::new(metrics::registry(&m));
+    let (tls, auth) = web.map_or((None, None), |w| (w.tls, w.auth));
+    shared.auth = auth;
+    let alerts = recording.then(|| {
+        let (tx, rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
+        shared.alerts = Some(tx);
+        rx
+    });
+    let server = tokio::spawn(http::serve(listener, shared.clone(), tls));
+    Served {
+        metrics: m,
+        shared,
+        server,
+        alerts,
+    }
+}
+
+/// Webhook notifications waiting for the loop (more: 503, Alertmanager
+/// retries).
+const ALERT_QUEUE: usize = 16;
+
+struct Served {
+    metrics: Metrics,
+    shared: http::Shared,
+    server: tokio::task::JoinHandle<()>,
+    alerts: Option<tokio::sync::mpsc::Receiver<alerts::Request>>,
+}
+
+/// The next webhook notification; never, without a recorder.
+async fn next_alert(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<alerts::Request>>,
+) -> alerts::Request {
+    match rx {
+        Some(rx) => match rx.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl Agent {
@@ -423,7 +490,13 @@ impl Agent {
         let follow = drop_capabilities(opts.autopilot.mode);
         let names = crate::kernel::workload::names_of(&all);
         let recorder = start_recorder(p.recorder, &facts, &tables, &start_stats, &names)?;
-        let (metrics, shared, server) = serve(p.listener, &opts, &facts);
+        let recording = recorder.is_some();
+        let Served {
+            metrics,
+            shared,
+            server,
+            alerts,
+        } = serve(p.listener, p.web, recording, &opts, &facts);
         let tap = AgentTap {
             series: SeriesTable::new(opts.max_series),
             per_netns: BTreeMap::new(),
@@ -444,6 +517,7 @@ impl Agent {
             metrics,
             shared,
             server,
+            alerts,
             ready_file: p.ready_file,
             started: Instant::now(),
             forecasts: Watcher::new(forecast::Config::default()),
@@ -452,8 +526,8 @@ impl Agent {
         })
     }
 
-    /// Until SIGINT or SIGTERM (returns its name); SIGUSR1 keeps an
-    /// incident capture.
+    /// Until SIGINT or SIGTERM (returns its name); SIGUSR1 and a firing
+    /// alert from Alertmanager keep an incident capture.
     async fn run(&mut self) -> Result<&'static str, TraceError> {
         let mut sigint =
             signal(SignalKind::interrupt()).map_err(TraceError::io("installing SIGINT handler"))?;
@@ -470,6 +544,10 @@ impl Agent {
                 _ = sigint.recv() => return Ok("SIGINT"),
                 _ = sigterm.recv() => return Ok("SIGTERM"),
                 _ = sigusr1.recv() => self.consumer.tap.incident("SIGUSR1"),
+                req = next_alert(&mut self.alerts) => {
+                    let r = self.consumer.tap.alert(&req.firing);
+                    let _ = req.reply.send(r);
+                }
                 _ = ticker.tick() => self.tick()?,
                 r = Ring::next_batch(&mut self.ring, c) => r?,
             }

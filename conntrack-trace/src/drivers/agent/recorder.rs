@@ -12,13 +12,15 @@
 //!   when older than `--record-max-age`; the file being written is never
 //!   deleted. So the rolling files never exceed the cap by more than the
 //!   file being written.
-//! * `incident-<time>/`: when drops start (or on SIGUSR1), hard links to
+//! * `incident-<time>/`: when drops start (or on SIGUSR1, or a firing
+//!   alert from Alertmanager: [`super::alerts`]), hard links to
 //!   the current run's files written in the last `--incident-before`, and
 //!   to each file the run starts within `--incident-after`. Rolling
 //!   deletion unlinks only names under `rolling/`, so an incident's data
 //!   stays; at most `--max-incidents` are kept, the oldest removed first.
-//!   An incident directory is one capture's consecutive files: `report
-//!   DIR/incident-*/*` reads it (saying which earlier files are missing).
+//!   An incident directory is one capture's consecutive files (and an
+//!   alert's `alert*.json`): `report DIR/incident-*/*.ctt*` reads it
+//!   (saying which earlier files are missing).
 //!
 //! What a killed agent loses: the capture writer hands its records to the
 //! kernel at least every 100 ms (`capture::writer::HANDOVER`) whatever
@@ -279,12 +281,13 @@ impl Recorder {
     }
 
     /// Keeps the minutes before and after now as an incident capture.
-    /// While one is open, a new trigger extends it.
-    pub fn incident(&mut self, reason: &str) {
+    /// While one is open, a new trigger extends it. Returns the incident's
+    /// directory (`None`: it could not be created, a warning says why).
+    pub fn incident(&mut self, reason: &str) -> Option<PathBuf> {
         let now = SystemTime::now();
         if let Some(inc) = &mut self.incident {
             inc.until = now + self.opts.after;
-            return;
+            return Some(inc.dir.clone());
         }
         let mut dir = self
             .opts
@@ -302,7 +305,7 @@ impl Recorder {
             log::emit(&State::Warning {
                 message: format!("flight recorder: creating {}: {e}", dir.display()),
             });
-            return;
+            return None;
         }
         // Make what is buffered part of the files being linked.
         if let Some(w) = &mut self.writer {
@@ -324,7 +327,7 @@ impl Recorder {
             reason: reason.to_owned(),
         });
         self.incident = Some(Incident {
-            dir,
+            dir: dir.clone(),
             until: now + self.opts.after,
             from_seq,
         });
@@ -335,6 +338,7 @@ impl Recorder {
                 remove_incident(old);
             }
         }
+        Some(dir)
     }
 
     /// Deletes the oldest rolling files beyond the size and age bounds,
