@@ -207,31 +207,42 @@ impl ExactCounts {
 /// ([`IntervalCounts`]). The map is an LRU: an entry evicted and made again
 /// starts over from its first drop, so a count below the last one read is
 /// all new; an entry gone from the map is forgotten.
+///
+/// It holds as many keys as the map (`SOURCE_COUNTS_MAX`), so each is a
+/// 64-bit fingerprint of (netns, kind, source) with its last count and a
+/// seen bit in one u64: 16 bytes a key instead of 48 (issue 21, memory at
+/// a million sources). Two keys share a fingerprint with probability
+/// ~n²/2⁶⁵ (10⁻¹⁰ for 65 536 keys); the interval's delta of both would
+/// then be wrong, never the programs' own counts.
 #[derive(Default)]
 pub struct ExactDeltas {
-    /// Per key: the count last read, and whether this interval's read has
-    /// seen it yet (one table: it holds up to `SOURCE_COUNTS_MAX` keys).
-    last: std::collections::HashMap<(u32, Kind, SourceKey), (u64, bool)>,
+    /// Fingerprint → last count << 1 | seen in this interval's read.
+    last: hashbrown::HashMap<u64, u64>,
+    hasher: foldhash::quality::RandomState,
 }
 
 impl ExactDeltas {
     /// One entry of this interval's read (the event carries its key).
     pub fn see(&mut self, e: &Event, cumulative: u64, out: &mut Vec<SourceCount>) {
-        let key = (e.netns, e.kind, SourceKey::of(e));
-        let last = self.last.entry(key).or_insert((0, false));
-        let added = if cumulative >= last.0 {
-            cumulative - last.0
+        use std::hash::BuildHasher as _;
+        let key = SourceKey::of(e);
+        let fp = self.hasher.hash_one((e.netns, e.kind, key));
+        let cumulative = cumulative.min(u64::MAX >> 1);
+        let last = self.last.entry(fp).or_insert(0);
+        let before = *last >> 1;
+        let added = if cumulative >= before {
+            cumulative - before
         } else {
             cumulative
         };
-        *last = (cumulative, true);
+        *last = cumulative << 1 | 1;
         if added > 0 {
             out.push(SourceCount {
                 netns: e.netns,
                 kind: e.kind,
-                src: key.2.src,
-                proto: key.2.proto,
-                port: key.2.port,
+                src: key.src,
+                proto: key.proto,
+                port: key.port,
                 count: added,
             });
         }
@@ -239,8 +250,11 @@ impl ExactDeltas {
 
     /// Ends the interval's read: keys it did not see left the map.
     pub fn finish(&mut self) {
-        self.last
-            .retain(|_, (_, seen)| std::mem::replace(seen, false));
+        self.last.retain(|_, v| {
+            let seen = *v & 1 == 1;
+            *v &= !1;
+            seen
+        });
     }
 }
 
