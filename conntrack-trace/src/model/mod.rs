@@ -86,6 +86,9 @@ pub struct KindCounts {
     pub early_drop: u64,
     pub insert_failed: u64,
     pub rule_drop: u64,
+    /// Absent from documents written before the kind existed.
+    #[serde(default)]
+    pub gc_evict: u64,
 }
 
 impl KindCounts {
@@ -95,6 +98,7 @@ impl KindCounts {
             Kind::EarlyDrop => self.early_drop,
             Kind::InsertFailed => self.insert_failed,
             Kind::RuleDrop => self.rule_drop,
+            Kind::GcEvict => self.gc_evict,
         }
     }
     pub fn get_mut(&mut self, k: Kind) -> &mut u64 {
@@ -103,6 +107,7 @@ impl KindCounts {
             Kind::EarlyDrop => &mut self.early_drop,
             Kind::InsertFailed => &mut self.insert_failed,
             Kind::RuleDrop => &mut self.rule_drop,
+            Kind::GcEvict => &mut self.gc_evict,
         }
     }
     pub fn total(&self) -> u64 {
