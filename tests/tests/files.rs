@@ -471,7 +471,7 @@ fn sigkill_right_after_ready_leaves_a_capture_with_a_header() -> Result<()> {
     let r: Value = json::report_value(&out)?;
     assert_eq!(r["check"]["trailer"], false);
     // Written by this version (3 since events carry their sampling weight).
-    assert_eq!(r["capture"]["format_version"], 3);
+    assert_eq!(r["capture"]["format_version"], 4);
     let ended = r["files"][0]["ended"].as_str().unwrap_or_default();
     assert!(
         ended.starts_with("cut short at offset ") && ended.contains("no trailer"),

@@ -42,7 +42,7 @@ pub struct SourceStats {
 pub struct Aggregator {
     pub totals: KindCounts,
     interval_start: KindCounts,
-    rates_f: [f64; 4],
+    rates_f: [f64; Kind::ALL.len()],
     sources: SourceTable<SourceStats>,
 }
 
@@ -51,7 +51,7 @@ impl Aggregator {
         Aggregator {
             totals: KindCounts::default(),
             interval_start: KindCounts::default(),
-            rates_f: [0.0; 4],
+            rates_f: [0.0; Kind::ALL.len()],
             sources: SourceTable::new(max_sources),
         }
     }

@@ -50,8 +50,13 @@ use crate::{
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
 /// Current format version (in [`Header::format_version`]). 3: an event may
 /// carry its sampling weight ([`EVENT_SAMPLED`]) and the trailer the drops
-/// the event budget shed; versions 1 and 2 read as unsampled.
-pub const FORMAT_VERSION: u32 = 3;
+/// the event budget shed; versions 1 and 2 read as unsampled. 4: an event's
+/// kind may be `gc_evict` (4) and the kind counts have a `gc_evict` field
+/// (absent in older files: 0). A reader of version 3 would take a kind-4
+/// event for damage and stop there, keeping what came before as if it were
+/// the whole capture; the version tells it to refuse the file instead, with
+/// one clear error.
+pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format version this reader reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// EVENT `flags`: the reply tuple follows the addresses.

@@ -101,6 +101,7 @@ fn colour_history(text: &str) -> String {
             Some(match kind {
                 "table_full" => "\x1b[31m",
                 "early_drop" => "\x1b[33m",
+                "gc_evict" => "\x1b[34m",
                 _ => "\x1b[35m",
             })
         });
