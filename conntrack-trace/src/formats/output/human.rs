@@ -346,6 +346,7 @@ mod tests {
             "table_full                 4        2.0        0".into(),
             "early_drop                 0        0.0        0".into(),
             "insert_failed              0        0.0        0".into(),
+            "gc_evict                   0        0.0        0".into(),
             "rule drops (not conntrack failures): 0".into(),
             "retransmissions: 1 of 4 drops (25%) within 10s".into(),
             "".into(),
