@@ -191,7 +191,19 @@ fn try_ct_delete_exit(ctx: &FExitContext) -> Result<(), i64> {
 /// accepts in a netns at or above 95 % of nf_conntrack_max: `nf_ct_kill()`
 /// (inline) → nf_ct_delete(ct, 0, 0), counted nowhere. Its other deletes
 /// are of expired entries (nf_ct_gc_expired() → nf_ct_kill()), told apart
-/// by the victim's timeout. Per-version notes: docs/kernels.md.
+/// by the victim's timeout.
+///
+/// Per kernel (net/netfilter/nf_conntrack_core.c, gc_worker(); the table
+/// in docs/kernels.md#gc_evict says more):
+/// * 5.10: each run scans 1/128 of the table and clears the flag at its
+///   end; the kill path is the same (nf_ct_kill() → nf_ct_delete()).
+/// * 6.1, 6.12, 6.18 (5.19's rework): whole-table passes; the flag is
+///   cleared at the end of a pass, or after GC_SCAN_EXPIRED_MAX expiries +
+///   kills in one run; `gc_worker_can_early_drop()` and `nf_ct_kill()`
+///   inline, gc_worker() itself never (a work function) — in BTF with
+///   `(struct work_struct *)`.
+/// * 7.3: not read; a proposed per-netns nf_conntrack_max changes only
+///   how the 95 % is computed, not the kill path.
 #[fentry(function = "gc_worker")]
 pub fn gc_worker_enter(_ctx: FEntryContext) -> i32 {
     let task = bpf_get_current_pid_tgid();

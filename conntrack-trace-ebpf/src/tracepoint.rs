@@ -345,8 +345,8 @@ fn is_conntrack_name(name_ptr: u64) -> bool {
 /// nf_ct_put() → nf_ct_destroy() → nf_conntrack_free() →
 /// kmem_cache_free()), [`kind::GC_EVICT`] when one lies inside
 /// `gc_worker()` (gc_worker() → nf_ct_put() after its nf_ct_kill(), both
-/// inlined: see conntrack-trace/src/kernel/backend/tracepoint.rs for the
-/// kernels), else [`NOT_EVICTED`]. The innermost match wins: early_drop()
+/// inlined on 5.10 through 6.18: see `gc_worker_enter` in fexit.rs for
+/// the kernels), else [`NOT_EVICTED`]. The innermost match wins: early_drop()
 /// never runs under gc_worker() (it is the allocation path's).
 #[inline(always)]
 fn freed_by(ctx: &BtfTracePointContext) -> u8 {

@@ -23,8 +23,8 @@ const MAX: u64 = 1000;
 /// itself after the average remaining timeout of the entries it saw,
 /// clamped to GC_SCAN_INTERVAL_MAX (60 s) — on an idle host (few entries,
 /// the 100-entry 60 s bias) the next pass is up to a minute away, and no
-/// allocation failure brings it forward. 5.10 ran every ≤ 2 s but scanned
-/// 1/128 of the table per run.
+/// allocation failure brings it forward. 5.10 ran more often but scanned
+/// 1/128 of the table per run (docs/kernels.md#gc_evict).
 const GC_WAIT: Duration = Duration::from_secs(65);
 
 #[test]

@@ -516,6 +516,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn gc_evict_is_kind_4_without_a_kernel_counter() {
+        let r = raw_v4(kind::GC_EVICT, [10, 0, 0, 7], 40001, [10, 0, 0, 53], 53, 17);
+        let e = Event::decode(&bytes(&r)).unwrap();
+        assert_eq!(e.kind, Kind::GcEvict);
+        assert_eq!((e.kind.as_str(), e.kind.raw()), ("gc_evict", 4));
+        assert!(!Kind::GcEvict.has_kernel_counter());
+        assert!(Kind::EarlyDrop.has_kernel_counter());
+        assert_eq!(Kind::ALL.len(), kind::COUNT as usize);
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_raw(k.raw()), Some(k));
+        }
+        assert_eq!(
+            serde_json::to_string(&Kind::GcEvict).unwrap(),
+            r#""gc_evict""#
+        );
+    }
+
+    #[test]
     fn no_l3_means_no_addresses() {
         let r = RawEvent::zeroed();
         let e = Event::decode(&bytes(&r)).unwrap();

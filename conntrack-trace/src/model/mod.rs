@@ -486,3 +486,20 @@ mod sampling_tests {
         assert_eq!(Sampling::of(300, 0, 300, 50).unwrap().denom, 300);
     }
 }
+
+#[cfg(test)]
+mod kind_counts_tests {
+    use super::{Kind, KindCounts};
+
+    #[test]
+    fn kind_counts_written_before_gc_evict_read_as_zero() {
+        let old: KindCounts = serde_json::from_str(
+            r#"{"table_full":3,"early_drop":1,"insert_failed":0,"rule_drop":0}"#,
+        )
+        .unwrap();
+        assert_eq!((old.table_full, old.gc_evict), (3, 0));
+        let mut k = KindCounts::default();
+        *k.get_mut(Kind::GcEvict) += 2;
+        assert_eq!((k.gc_evict, k.total()), (2, 2));
+    }
+}

@@ -442,6 +442,16 @@ mod tests {
         r.forecast = est.forecast();
         let (s, why) = status_of(&r, &CtStats::default(), 80.0, 600.0);
         assert_eq!((s, why.len()), (Status::Healthy, 0));
+        // The GC's evictions (from events: no kernel counter) put the
+        // namespace at risk and say why.
+        r.failures.gc_evict = 51;
+        let (s, why) = status_of(&r, &CtStats::default(), 80.0, 600.0);
+        assert_eq!(s, Status::AtRisk);
+        assert!(
+            why[0].starts_with("51 live entries evicted by the garbage collector (gc_evict)")
+                && why[0].contains("95 %"),
+            "{why:?}"
+        );
         assert_eq!(Status::Dropping.exit_code(), 7);
         assert_eq!(Status::AtRisk.exit_code(), 6);
     }

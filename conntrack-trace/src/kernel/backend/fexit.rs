@@ -152,7 +152,11 @@ fn resolve(
         Some((_, why)) => Evictions::Off(why.clone()),
         None => Evictions::On,
     };
-    Ok((hooks, served(Serves::Evictions), served(Serves::GcEvictions)))
+    Ok((
+        hooks,
+        served(Serves::Evictions),
+        served(Serves::GcEvictions),
+    ))
 }
 
 pub struct Fexit {
