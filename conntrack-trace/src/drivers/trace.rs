@@ -240,7 +240,7 @@ impl<'s> Session<'s> {
         let counters = c.interval(&mut self.live.ring, &self.live.tp)?;
         let budget = self.opts.backend.event_budget;
         self.sampling = counters.sampling_since(&self.last_counters, budget);
-        self.last_counters = counters.clone();
+        self.last_counters = counters;
         self.close_history();
         let c = &mut self.consumer;
         if c.wants_names() {

@@ -461,7 +461,7 @@ fn udp_evidence(f: &NsFacts<'_>) -> Option<String> {
             f.name,
             h.summary
         )),
-        Some(_) => return None,
+        Some(_) => None,
         None => {
             // Without the table itself, the drops are the only evidence.
             let v = f.victims.first()?;
