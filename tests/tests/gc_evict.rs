@@ -29,6 +29,19 @@ const GC_WAIT: Duration = Duration::from_secs(65);
 
 #[test]
 fn gc_purges_a_full_table() -> anyhow::Result<()> {
+    // In the VM matrix the wait for a pass (up to a minute, below) is
+    // spent once per kernel, with the fexit backend: the tracepoint
+    // backend's path is early_drop's stack test with one more range
+    // (tests/tests/early_drop.rs runs it in every cell), and this test runs
+    // it on the host.
+    if std::env::var_os("CONNTRACK_TRACE_VM").is_some()
+        && std::env::var("CONNTRACK_TRACE_BACKEND").as_deref() == Ok("tracepoint")
+    {
+        eprintln!(
+            "skipping gc_purges_a_full_table: tracepoint in the VM (its path is early_drop's stack test, run in every cell; this test runs it on the host) — the GC's wait of up to 60 s is spent once per kernel, with fexit"
+        );
+        return Ok(());
+    }
     let Some(_lock) = kernel_test("gc_purges_a_full_table")? else {
         return Ok(());
     };
@@ -48,10 +61,21 @@ fn gc_purges_a_full_table() -> anyhow::Result<()> {
     // Fill to the limit with one-way UDP (unreplied, so unassured).
     let fill = 30_000..30_000 + MAX as u16;
     traffic::udp_oneshots(&cli, topo.client_ip, topo.server_ip, 53, fill.clone())?;
-    // Beyond it: allocations fail (table_full) and set the GC's flag.
-    let beyond = fill.end..fill.end + 20;
-    traffic::udp_oneshots(&cli, topo.client_ip, topo.server_ip, 53, beyond.clone())?;
-    let stats1 = topo.server.ct_stats()?;
+    // Beyond it: allocations fail (table_full) and set the GC's flag —
+    // unless early_drop() finds a victim near the new tuple's bucket (more
+    // likely with fewer buckets, e.g. a small VM): send until one failed,
+    // bounded.
+    let mut end = fill.end;
+    let mut stats1 = topo.server.ct_stats()?;
+    for _ in 0..25 {
+        traffic::udp_oneshots(&cli, topo.client_ip, topo.server_ip, 53, end..end + 20)?;
+        end += 20;
+        stats1 = topo.server.ct_stats()?;
+        if stats1.since(&stats0)?.drop > 0 {
+            break;
+        }
+    }
+    let beyond = fill.end..end;
     let before = topo.server.ct_count()?;
     ensure!(
         before >= MAX / 100 * 95,
