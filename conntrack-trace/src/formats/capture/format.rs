@@ -591,6 +591,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// Format 4: a GC eviction (kind 4, an entry: reply tuple, no packet)
+    /// is written and read back like the other evictions.
+    #[test]
+    fn gc_evict_events_round_trip() {
+        let mut e = sample_event(2);
+        e.kind = Kind::GcEvict;
+        e.packet = Packet::EMPTY;
+        let mut buf = Vec::new();
+        frame(&mut buf, rtype::EVENT, |o| encode_event(o, &e));
+        assert_eq!(buf.len(), event_record_len(&e));
+        assert_eq!(buf[8 + 1 + 16], conntrack_trace_common::kind::GC_EVICT);
+        assert_eq!(decode_body(&buf[8..]), Ok(Record::Event(e)));
+        assert_eq!(
+            FORMAT_VERSION, 4,
+            "kind 4 needs format 4 (see FORMAT_VERSION)"
+        );
+    }
+
     #[test]
     fn event_without_addresses_round_trips() {
         let mut e = sample_event(0);
