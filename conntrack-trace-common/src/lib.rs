@@ -339,11 +339,9 @@ pub mod scope {
     /// `struct sk_buff *` of the `nf_conntrack_in()` running on this CPU, or
     /// 0: the packet whose allocation may fail (for its bytes).
     pub const CT_IN_SKB: u32 = 3;
-    /// 1 while `gc_worker()` runs on this CPU (it runs from a workqueue,
-    /// in process context: an nf_ct_delete() inside it is the GC's).
-    pub const GC_WORKER: u32 = 4;
-    /// Number of slots.
-    pub const LEN: u32 = 5;
+    /// Number of slots. (The GC's scope is not per CPU: see `GC_SCOPE` in
+    /// conntrack-trace-ebpf/src/fexit.rs.)
+    pub const LEN: u32 = 4;
 }
 
 /// Maximum kernel stack frames the eviction hook inspects.
