@@ -24,8 +24,15 @@ pub mod kind {
     /// move for it (a raw-table rule, `ct state invalid drop`, ...). Not a
     /// conntrack failure: counted, emitted only with `--rule-drops`.
     pub const RULE_DROP: u8 = 3;
+    /// conntrack's garbage collector (`gc_worker()`) killed a live entry
+    /// it may drop early (unassured, or an L4 tracker's `can_early_drop`)
+    /// while the entry's netns held at least 95 % of `nf_conntrack_max`
+    /// and an allocation had failed since its last pass
+    /// (`conntrack_gc_work.early_drop`). The kernel counts these nowhere.
+    /// The event describes the evicted entry (original direction).
+    pub const GC_EVICT: u8 = 4;
     /// Number of kinds (size of the per-kind counter groups).
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Indices into the `COUNTERS` per-CPU array.
@@ -295,12 +302,17 @@ pub struct Config {
     /// Seed of the flow hash that selects the sampled flows (random per
     /// load, so that no one can pick flows that are never sampled).
     pub flow_seed: u32,
+    /// Text range of `gc_worker()` from /proc/kallsyms (0, 0 when not
+    /// found: no `gc_evict`): a slab free of a still-live entry with a
+    /// return address in `[start, end)` is a GC eviction.
+    pub gc_worker_start: u64,
+    pub gc_worker_end: u64,
 }
 
 // Tracepoint argument positions are not here: ctx accesses need constant
 // offsets, so the programs hard-code them and user space checks them
 // against BTF before loading.
-const _: () = assert!(core::mem::size_of::<Config>() == 72);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
 
 /// The largest `--event-budget` (events/s per CPU): keeps the programs'
 /// rate arithmetic (budget × window in ns) far from overflow.
@@ -327,7 +339,8 @@ pub mod scope {
     /// `struct sk_buff *` of the `nf_conntrack_in()` running on this CPU, or
     /// 0: the packet whose allocation may fail (for its bytes).
     pub const CT_IN_SKB: u32 = 3;
-    /// Number of slots.
+    /// Number of slots. (The GC's scope is not per CPU: see `GC_SCOPE` in
+    /// conntrack-trace-ebpf/src/fexit.rs.)
     pub const LEN: u32 = 4;
 }
 

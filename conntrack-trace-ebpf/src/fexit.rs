@@ -12,8 +12,9 @@
 //! comparison is made on a pointer-typed register.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{fentry, fexit, map},
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::{FEntryContext, FExitContext},
 };
 use conntrack_trace_common::{kind, scope};
@@ -29,6 +30,14 @@ use crate::common::{
 /// bottom halves disabled around its work.
 #[map]
 static FEXIT_SCOPE: PerCpuArray<u64> = PerCpuArray::with_max_entries(scope::LEN, 0);
+
+/// The task running `gc_worker()` (`bpf_get_current_pid_tgid()`), or 0.
+/// One slot for the whole system, not per CPU: conntrack has a single GC
+/// work item (`conntrack_gc_work`), so at most one gc_worker() runs at a
+/// time, and it runs in a kworker that may sleep in cond_resched() and
+/// resume on another CPU — a per-CPU scope would lose it.
+#[map]
+static GC_SCOPE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// `ERR_PTR()` values are the last 4095 addresses (include/linux/err.h).
 const MAX_ERRNO: u64 = 4095;
@@ -135,7 +144,8 @@ pub fn early_drop_exit(_ctx: FExitContext) -> i32 {
 
 /// `nf_ct_delete(ct, portid, report)` returning true inside early_drop():
 /// one eviction, exactly what early_drop_list() counts (`drops++` only when
-/// nf_ct_delete() returns true).
+/// nf_ct_delete() returns true). Inside gc_worker() instead: a GC eviction
+/// ([`try_gc_delete_exit`]).
 #[fexit(function = "nf_ct_delete")]
 pub fn ct_delete_exit(ctx: FExitContext) -> i32 {
     let _ = try_ct_delete_exit(&ctx);
@@ -147,7 +157,7 @@ fn try_ct_delete_exit(ctx: &FExitContext) -> Result<(), i64> {
     // SAFETY: per-CPU slot; see FEXIT_SCOPE.
     let scope_net = unsafe { *p };
     if scope_net == 0 {
-        return Ok(());
+        return try_gc_delete_exit(ctx);
     }
     if ret(ctx)? as u8 == 0 {
         return Ok(());
@@ -169,6 +179,77 @@ fn try_ct_delete_exit(ctx: &FExitContext) -> Result<(), i64> {
         return Ok(());
     }
     let ev = scratch(kind::EARLY_DROP)?;
+    fill_from_ct(ev, ct)?;
+    emit(ev)
+}
+
+// ---- gc_evict -------------------------------------------------------------
+
+/// Opens the GC scope. gc_worker() (net/netfilter/nf_conntrack_core.c,
+/// `static`, the delayed work of `conntrack_gc_work`) kills, while
+/// `gc_work->early_drop` is set, every entry gc_worker_can_early_drop()
+/// accepts in a netns at or above 95 % of nf_conntrack_max: `nf_ct_kill()`
+/// (inline) → nf_ct_delete(ct, 0, 0), counted nowhere. Its other deletes
+/// are of expired entries (nf_ct_gc_expired() → nf_ct_kill()), told apart
+/// by the victim's timeout.
+///
+/// Per kernel (net/netfilter/nf_conntrack_core.c, gc_worker(); the table
+/// in docs/kernels.md#gc_evict says more):
+/// * 5.10: each run scans 1/128 of the table and clears the flag at its
+///   end; the kill path is the same (nf_ct_kill() → nf_ct_delete()).
+/// * 6.1, 6.12, 6.18 (5.19's rework): whole-table passes; the flag is
+///   cleared at the end of a pass, or after GC_SCAN_EXPIRED_MAX expiries +
+///   kills in one run; `gc_worker_can_early_drop()` and `nf_ct_kill()`
+///   inline, gc_worker() itself never (a work function) — in BTF with
+///   `(struct work_struct *)`.
+/// * 7.3: not read; a proposed per-netns nf_conntrack_max changes only
+///   how the 95 % is computed, not the kill path.
+#[fentry(function = "gc_worker")]
+pub fn gc_worker_enter(_ctx: FEntryContext) -> i32 {
+    let task = bpf_get_current_pid_tgid();
+    if let Some(p) = GC_SCOPE.get_ptr_mut(0) {
+        // SAFETY: one u64 of map memory; a single writer (the one GC task).
+        unsafe { *p = task };
+    }
+    0
+}
+
+#[fexit(function = "gc_worker")]
+pub fn gc_worker_exit(_ctx: FExitContext) -> i32 {
+    if let Some(p) = GC_SCOPE.get_ptr_mut(0) {
+        // SAFETY: as above.
+        unsafe { *p = 0 };
+    }
+    0
+}
+
+/// `nf_ct_delete()` returning true in the GC's task, outside the packet
+/// path, of an entry whose timeout had not run out: one GC eviction.
+#[inline(always)]
+fn try_gc_delete_exit(ctx: &FExitContext) -> Result<(), i64> {
+    let p = GC_SCOPE.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: one u64 of map memory.
+    let gc_task = unsafe { *p };
+    if gc_task == 0 || bpf_get_current_pid_tgid() != gc_task {
+        return Ok(());
+    }
+    // A softirq that interrupts the kworker runs as the same task: a
+    // delete from the packet path (nf_conntrack_in() open on this CPU,
+    // e.g. the TCP tracker killing an entry on RST) is not the GC's.
+    let ct_in = slot(scope::CT_IN_SKB)?;
+    // SAFETY: per-CPU slot; see FEXIT_SCOPE.
+    if unsafe { *ct_in } != 0 {
+        return Ok(());
+    }
+    if ret(ctx)? as u8 == 0 {
+        return Ok(());
+    }
+    let ct: u64 = ctx.arg(0);
+    // nf_ct_gc_expired(): expiry, not eviction (see try_ct_delete_exit).
+    if !ct_live(ct)? {
+        return Ok(());
+    }
+    let ev = scratch(kind::GC_EVICT)?;
     fill_from_ct(ev, ct)?;
     emit(ev)
 }

@@ -5,7 +5,8 @@
 //! * [`tracepoint`]: BTF tracepoints, for kernels that refuse fentry/fexit:
 //!   `kfree_skb` (a netfilter drop; its conntrack attachment and
 //!   conntrack's own counters say why) and `kmem_cache_free` on the
-//!   `nf_conntrack` slab under `early_drop()` (the evicted entry).
+//!   `nf_conntrack` slab under `early_drop()` or `gc_worker()` (the
+//!   evicted entry).
 //! * [`fexit`]: fentry/fexit on conntrack's own functions: exact hooks on
 //!   the allocation, eviction and confirmation failure points.
 //!
@@ -66,6 +67,8 @@ static CONFIG: Config = Config {
     ct_free_end: 0,
     event_budget: 0,
     flow_seed: 0,
+    gc_worker_start: 0,
+    gc_worker_end: 0,
 };
 
 /// One record per dropped packet / evicted entry. Size is set by user space.

@@ -335,8 +335,8 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
     conntrack_freed(ctx)
 }
 
-/// An nf_conntrack entry is being freed: an eviction when early_drop() is
-/// on the stack and the entry was still live.
+/// An nf_conntrack entry is being freed: an eviction when early_drop() or
+/// gc_worker() is on the stack and the entry was still live.
 #[inline(always)]
 fn conntrack_freed(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // `ptr` is `const void *`: before 6.18 btf_ctx_access() does not look
@@ -344,18 +344,25 @@ fn conntrack_freed(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // bpf_context access off=8", seen on 6.1 and 6.12), so the argument is
     // copied out of the context instead.
     let obj: u64 = read(ctx.as_ptr() as u64 + 8)?;
-    if !freed_by_early_drop(ctx) {
+    let k = freed_by(ctx);
+    if k == NOT_EVICTED {
         return Ok(());
     }
+    // gc_worker() also frees the entries it finds expired
+    // (nf_ct_gc_expired()): ordinary expiry, not an eviction. Only a victim
+    // still live was killed (nf_ct_kill() leaves ct->timeout alone).
     if !ct_live(obj)? {
         return Ok(());
     }
     // The entry is being freed but its memory still holds the tuple: the
     // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
-    let ev = scratch(kind::EARLY_DROP)?;
+    let ev = scratch(k)?;
     fill_from_ct(ev, obj)?;
     emit(ev)
 }
+
+/// [`freed_by`]: neither early_drop() nor gc_worker() is on the stack.
+const NOT_EVICTED: u8 = u8::MAX;
 
 /// Compares `kmem_cache.name` with "nf_conntrack" (the slab created in
 /// nf_conntrack_init_start(); SLAB_TYPESAFE_BY_RCU keeps it unmerged).
@@ -377,24 +384,33 @@ fn is_conntrack_name(name_ptr: u64) -> bool {
     }
 }
 
-/// True when a return address on the kernel stack lies inside `early_drop()`
+/// Which eviction frees the entry: [`kind::EARLY_DROP`] when a return
+/// address on the kernel stack lies inside `early_drop()`
 /// (net/netfilter/nf_conntrack_core.c: early_drop() → early_drop_list() →
-/// nf_ct_put() → nf_ct_destroy() → nf_conntrack_free() → kmem_cache_free()).
+/// nf_ct_put() → nf_ct_destroy() → nf_conntrack_free() →
+/// kmem_cache_free()), [`kind::GC_EVICT`] when one lies inside
+/// `gc_worker()` (gc_worker() → nf_ct_put() after its nf_ct_kill(), both
+/// inlined on 5.10 through 6.18: see `gc_worker_enter` in fexit.rs for
+/// the kernels), else [`NOT_EVICTED`]. The innermost match wins: early_drop()
+/// never runs under gc_worker() (it is the allocation path's).
 #[inline(always)]
-fn freed_by_early_drop(ctx: &BtfTracePointContext) -> bool {
+fn freed_by(ctx: &BtfTracePointContext) -> u8 {
     let Some(buf) = STACK.get_ptr_mut(0) else {
-        return false;
+        return NOT_EVICTED;
     };
     let size = (MAX_STACK_DEPTH * 8) as u32;
     // SAFETY: buf points at MAX_STACK_DEPTH u64s of per-CPU map memory.
     let n =
         unsafe { aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), size, 0) };
     if n <= 0 {
-        return false;
+        return NOT_EVICTED;
     }
     let frames = (n as usize) / 8;
     let start = conf!(early_drop_start);
     let end = conf!(early_drop_end);
+    // 0, 0 when gc_worker() was not found: the range test never matches.
+    let gc_start = conf!(gc_worker_start);
+    let gc_end = conf!(gc_worker_end);
     let depth = conf!(stack_depth) as usize;
     let mut i = 0;
     while i < MAX_STACK_DEPTH {
@@ -404,9 +420,12 @@ fn freed_by_early_drop(ctx: &BtfTracePointContext) -> bool {
         // SAFETY: i < MAX_STACK_DEPTH.
         let ip = unsafe { (*buf)[i] };
         if ip >= start && ip < end {
-            return true;
+            return kind::EARLY_DROP;
+        }
+        if ip >= gc_start && ip < gc_end {
+            return kind::GC_EVICT;
         }
         i += 1;
     }
-    false
+    NOT_EVICTED
 }

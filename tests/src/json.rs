@@ -75,6 +75,7 @@ pub struct Kinds {
     pub early_drop: u64,
     pub insert_failed: u64,
     pub rule_drop: u64,
+    pub gc_evict: u64,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

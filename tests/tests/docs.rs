@@ -147,6 +147,7 @@ fn full_snapshot(per_packet: bool) -> Snapshot {
         early_drop: 1,
         insert_failed: 1,
         rule_drop: 1,
+        gc_evict: 1,
     };
     let stats = CtStats {
         drop: 1,

@@ -48,6 +48,12 @@ fn few_buckets_evict() -> anyhow::Result<()> {
     assert_eq!(s.events.early_drop, delta.early_drop);
     assert_eq!(s.lost.early_drop, 0);
     assert!(s.complete);
-    assert_eq!(s.evictions, "on");
+    // `on`, or `on; gc_evict off (why)` where gc_worker() cannot be
+    // hooked: early_drop's hooks are on either way.
+    assert!(
+        s.evictions == "on" || s.evictions.starts_with("on; gc_evict off ("),
+        "evictions: {}",
+        s.evictions
+    );
     Ok(())
 }

@@ -46,7 +46,7 @@ pub struct SourceStats {
 pub struct Aggregator {
     pub totals: KindCounts,
     interval_start: KindCounts,
-    rates_f: [f64; 4],
+    rates_f: [f64; Kind::ALL.len()],
     sources: SourceTable<SourceStats>,
 }
 
@@ -55,7 +55,7 @@ impl Aggregator {
         Aggregator {
             totals: KindCounts::default(),
             interval_start: KindCounts::default(),
-            rates_f: [0.0; 4],
+            rates_f: [0.0; Kind::ALL.len()],
             sources: SourceTable::new(max_sources),
         }
     }

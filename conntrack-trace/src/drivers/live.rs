@@ -331,7 +331,7 @@ impl Opened {
             hooks: self.tp.describe(),
             refused: self.refused.clone(),
             per_packet: self.tp.per_packet(),
-            evictions: self.tp.evictions().describe(),
+            evictions: self.tp.describe_evictions(),
             clock: wall_clock_now(),
             scope: Scope {
                 uncovered: self.start.missing.clone(),

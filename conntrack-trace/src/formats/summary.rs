@@ -126,8 +126,11 @@ pub fn render_summary(sum: &Summary) -> String {
     if sum.matched != sum.events {
         let _ = writeln!(
             s,
-            "matching filters: table_full {}, early_drop {}, insert_failed {}",
-            sum.matched.table_full, sum.matched.early_drop, sum.matched.insert_failed
+            "matching filters: table_full {}, early_drop {}, insert_failed {}, gc_evict {}",
+            sum.matched.table_full,
+            sum.matched.early_drop,
+            sum.matched.insert_failed,
+            sum.matched.gc_evict
         );
     }
     if sum.backend == Name::Tracepoint {

@@ -18,16 +18,28 @@ pub enum Kind {
     /// A confirmed entry's packet was dropped by a rule (not a conntrack
     /// failure; only emitted with `--rule-drops`).
     RuleDrop,
+    /// conntrack's garbage collector evicted a live entry early (the table
+    /// was at or above 95 % after an allocation failed). No kernel stat
+    /// counts these: the kind has no matching counter.
+    GcEvict,
 }
 
 impl Kind {
-    /// The three conntrack failure kinds, in display order.
-    pub const FAILURES: [Kind; 3] = [Kind::TableFull, Kind::EarlyDrop, Kind::InsertFailed];
-    pub const ALL: [Kind; 4] = [
+    /// The conntrack failure kinds, in display order (the GC's evictions
+    /// last: they came after the table was full).
+    pub const FAILURES: [Kind; 4] = [
+        Kind::TableFull,
+        Kind::EarlyDrop,
+        Kind::InsertFailed,
+        Kind::GcEvict,
+    ];
+    /// Every kind, in the order of their raw values.
+    pub const ALL: [Kind; 5] = [
         Kind::TableFull,
         Kind::EarlyDrop,
         Kind::InsertFailed,
         Kind::RuleDrop,
+        Kind::GcEvict,
     ];
 
     pub fn from_raw(k: u8) -> Option<Kind> {
@@ -36,6 +48,7 @@ impl Kind {
             kind::EARLY_DROP => Some(Kind::EarlyDrop),
             kind::INSERT_FAILED => Some(Kind::InsertFailed),
             kind::RULE_DROP => Some(Kind::RuleDrop),
+            kind::GC_EVICT => Some(Kind::GcEvict),
             _ => None,
         }
     }
@@ -46,7 +59,15 @@ impl Kind {
             Kind::EarlyDrop => kind::EARLY_DROP,
             Kind::InsertFailed => kind::INSERT_FAILED,
             Kind::RuleDrop => kind::RULE_DROP,
+            Kind::GcEvict => kind::GC_EVICT,
         }
+    }
+
+    /// The kernel stat (`/proc/net/stat/nf_conntrack`) that counts this
+    /// kind, if any: `gc_evict` has none, so the checks that compare events
+    /// with the kernel's counters leave it out (docs/schema.md).
+    pub fn has_kernel_counter(self) -> bool {
+        !matches!(self, Kind::GcEvict | Kind::RuleDrop)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +76,7 @@ impl Kind {
             Kind::EarlyDrop => "early_drop",
             Kind::InsertFailed => "insert_failed",
             Kind::RuleDrop => "rule_drop",
+            Kind::GcEvict => "gc_evict",
         }
     }
 }
@@ -491,6 +513,24 @@ pub(crate) mod tests {
         let mut r = RawEvent::zeroed();
         r.kind = 99;
         assert_eq!(Event::decode(&bytes(&r)), Err(DecodeError::Kind(99)));
+    }
+
+    #[test]
+    fn gc_evict_is_kind_4_without_a_kernel_counter() {
+        let r = raw_v4(kind::GC_EVICT, [10, 0, 0, 7], 40001, [10, 0, 0, 53], 53, 17);
+        let e = Event::decode(&bytes(&r)).unwrap();
+        assert_eq!(e.kind, Kind::GcEvict);
+        assert_eq!((e.kind.as_str(), e.kind.raw()), ("gc_evict", 4));
+        assert!(!Kind::GcEvict.has_kernel_counter());
+        assert!(Kind::EarlyDrop.has_kernel_counter());
+        assert_eq!(Kind::ALL.len(), kind::COUNT as usize);
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_raw(k.raw()), Some(k));
+        }
+        assert_eq!(
+            serde_json::to_string(&Kind::GcEvict).unwrap(),
+            r#""gc_evict""#
+        );
     }
 
     #[test]

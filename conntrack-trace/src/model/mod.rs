@@ -86,6 +86,9 @@ pub struct KindCounts {
     pub early_drop: u64,
     pub insert_failed: u64,
     pub rule_drop: u64,
+    /// Absent from documents written before the kind existed.
+    #[serde(default)]
+    pub gc_evict: u64,
 }
 
 impl KindCounts {
@@ -95,6 +98,7 @@ impl KindCounts {
             Kind::EarlyDrop => self.early_drop,
             Kind::InsertFailed => self.insert_failed,
             Kind::RuleDrop => self.rule_drop,
+            Kind::GcEvict => self.gc_evict,
         }
     }
     pub fn get_mut(&mut self, k: Kind) -> &mut u64 {
@@ -103,6 +107,7 @@ impl KindCounts {
             Kind::EarlyDrop => &mut self.early_drop,
             Kind::InsertFailed => &mut self.insert_failed,
             Kind::RuleDrop => &mut self.rule_drop,
+            Kind::GcEvict => &mut self.gc_evict,
         }
     }
     pub fn total(&self) -> u64 {
@@ -531,5 +536,22 @@ mod sampling_tests {
         assert_eq!((p.denom, p.budget), (4, 20_000));
         // Everything shed (the bucket empty): no division by zero.
         assert_eq!(Sampling::of(300, 0, 300, 50).unwrap().denom, 300);
+    }
+}
+
+#[cfg(test)]
+mod kind_counts_tests {
+    use super::{Kind, KindCounts};
+
+    #[test]
+    fn kind_counts_written_before_gc_evict_read_as_zero() {
+        let old: KindCounts = serde_json::from_str(
+            r#"{"table_full":3,"early_drop":1,"insert_failed":0,"rule_drop":0}"#,
+        )
+        .unwrap();
+        assert_eq!((old.table_full, old.gc_evict), (3, 0));
+        let mut k = KindCounts::default();
+        *k.get_mut(Kind::GcEvict) += 2;
+        assert_eq!((k.gc_evict, k.total()), (2, 2));
     }
 }

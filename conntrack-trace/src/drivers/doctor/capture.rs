@@ -128,6 +128,8 @@ fn namespace(
         }
     });
     r.failures = kinds_from_stats(&k);
+    // No kernel counter: the GC's evictions are known from the events only.
+    r.failures.gc_evict = agg.map_or(0, |a| a.totals.gc_evict);
     let (st, why) = status_of(&r, &k, opts.at_risk_fill, opts.at_risk_within.as_secs_f64());
     r.status = st;
     r.reasons = why;

@@ -81,6 +81,16 @@ fn failures(s: &mut String, n: &NsReport, duration_s: f64) {
         fl.insert_failed,
         rate(fl.insert_failed)
     );
+    // Only when seen: an older capture or the counters backend cannot see
+    // them, and a 0 there would claim more than is known.
+    if fl.gc_evict > 0 {
+        let _ = writeln!(
+            s,
+            "  evicted by the garbage collector (gc_evict, no kernel counter): {}{}",
+            fl.gc_evict,
+            rate(fl.gc_evict)
+        );
+    }
 }
 
 /// The kernel's per-CPU counters, with what each means.

@@ -161,6 +161,15 @@ fn status_of(
     if kernel.early_drop > 0 {
         risk(format!("{} evictions (early_drop)", kernel.early_drop));
     }
+    if r.failures.gc_evict > 0 {
+        // gc_worker() evicts only while a namespace is at ≥ 95 % of
+        // nf_conntrack_max after an allocation failed: the table is full
+        // and the GC is purging unassured entries (no kernel counter says so).
+        risk(format!(
+            "{} live entries evicted by the garbage collector (gc_evict): the table reached 95 % of nf_conntrack_max after an allocation failed, and the GC is purging unassured entries",
+            r.failures.gc_evict
+        ));
+    }
     if kernel.insert_failed > 0 && kernel.drop == 0 {
         risk(format!("{} failed inserts", kernel.insert_failed));
     }
@@ -199,7 +208,11 @@ impl NsAcc {
             forecast: forecasts.forecast(self.info.inode),
             status: Status::Healthy,
             reasons: Vec::new(),
-            failures: kinds_from_stats(&kernel),
+            failures: crate::model::KindCounts {
+                // Events only: no kernel counter counts the GC's evictions.
+                gc_evict: agg.map_or(0, |a| a.totals.gc_evict),
+                ..kinds_from_stats(&kernel)
+            },
             counters,
             holders: None,
             holders_unavailable: None,
@@ -429,6 +442,16 @@ mod tests {
         r.forecast = est.forecast();
         let (s, why) = status_of(&r, &CtStats::default(), 80.0, 600.0);
         assert_eq!((s, why.len()), (Status::Healthy, 0));
+        // The GC's evictions (from events: no kernel counter) put the
+        // namespace at risk and say why.
+        r.failures.gc_evict = 51;
+        let (s, why) = status_of(&r, &CtStats::default(), 80.0, 600.0);
+        assert_eq!(s, Status::AtRisk);
+        assert!(
+            why[0].starts_with("51 live entries evicted by the garbage collector (gc_evict)")
+                && why[0].contains("95 %"),
+            "{why:?}"
+        );
         assert_eq!(Status::Dropping.exit_code(), 7);
         assert_eq!(Status::AtRisk.exit_code(), 6);
     }

@@ -102,9 +102,9 @@ pub fn render(r: &Report) -> String {
         }
         let _ = writeln!(
             s,
-            "| source | service | table_full | early_drop | insert_failed | total | first (UTC) | last (UTC) |"
+            "| source | service | table_full | early_drop | insert_failed | gc_evict | total | first (UTC) | last (UTC) |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---|---|");
         let clock = crate::model::clock::Clock {
             start_unix_ns: sum.start_unix_ns,
             start_mono_ns: sum.start_mono_ns,
@@ -117,12 +117,13 @@ pub fn render(r: &Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 t.src.as_deref().unwrap_or("?"),
                 t.service,
                 t.counts.table_full,
                 t.counts.early_drop,
                 t.counts.insert_failed,
+                t.counts.gc_evict,
                 total,
                 wall(t.first_ts_ns),
                 wall(t.last_ts_ns)

@@ -19,6 +19,7 @@ fn color(k: Kind) -> &'static str {
         Kind::EarlyDrop => "#ff7f0e",
         Kind::InsertFailed => "#1f77b4",
         Kind::RuleDrop => "#7f7f7f",
+        Kind::GcEvict => "#9467bd",
     }
 }
 

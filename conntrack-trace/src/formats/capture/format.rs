@@ -50,8 +50,13 @@ use crate::{
 pub const MAGIC: [u8; 8] = *b"\x89CTT\r\n\x1a\n";
 /// Current format version (in [`Header::format_version`]). 3: an event may
 /// carry its sampling weight ([`EVENT_SAMPLED`]) and the trailer the drops
-/// the event budget shed; versions 1 and 2 read as unsampled. 4: COUNTS
-/// records (the interval's exact per-source counts, under a budget).
+/// the event budget shed; versions 1 and 2 read as unsampled. 4: an event's
+/// kind may be `gc_evict` (4) and the kind counts have a `gc_evict` field
+/// (absent in older files: 0), and COUNTS records carry the interval's
+/// exact per-source counts under a budget. A reader of version 3 would take
+/// a kind-4 event or a COUNTS record for damage and stop there, keeping
+/// what came before as if it were the whole capture; the version tells it
+/// to refuse the file instead, with one clear error.
 pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format version this reader reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -689,6 +694,24 @@ pub(crate) mod tests {
         let mut bad = payload.clone();
         bad[8 + 1] = 9;
         assert_eq!(decode_counts(&bad), Err(EventError::Family(9)));
+    }
+
+    /// Format 4: a GC eviction (kind 4, an entry: reply tuple, no packet)
+    /// is written and read back like the other evictions.
+    #[test]
+    fn gc_evict_events_round_trip() {
+        let mut e = sample_event(2);
+        e.kind = Kind::GcEvict;
+        e.packet = Packet::EMPTY;
+        let mut buf = Vec::new();
+        frame(&mut buf, rtype::EVENT, |o| encode_event(o, &e));
+        assert_eq!(buf.len(), event_record_len(&e));
+        assert_eq!(buf[8 + 1 + 16], conntrack_trace_common::kind::GC_EVICT);
+        assert_eq!(decode_body(&buf[8..]), Ok(Record::Event(e)));
+        assert_eq!(
+            FORMAT_VERSION, 4,
+            "kind 4 needs format 4 (see FORMAT_VERSION)"
+        );
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn colour_history(text: &str) -> String {
             Some(match kind {
                 "table_full" => "\x1b[31m",
                 "early_drop" => "\x1b[33m",
+                "gc_evict" => "\x1b[34m",
                 _ => "\x1b[35m",
             })
         });
@@ -349,6 +350,7 @@ mod tests {
             "table_full                 4        2.0        0".into(),
             "early_drop                 0        0.0        0".into(),
             "insert_failed              0        0.0        0".into(),
+            "gc_evict                   0        0.0        0".into(),
             "rule drops (not conntrack failures): 0".into(),
             "retransmissions: 1 of 4 drops (25%) within 10s".into(),
             "".into(),

@@ -19,6 +19,8 @@ pub struct Counters {
     /// Totals frozen at stop().
     end: Option<KindCounts>,
     pub evictions: Evictions,
+    /// Always off: the kernel counts no GC eviction.
+    pub gc_evict: Evictions,
 }
 
 /// Per-kind totals from deltas of the kernel's counters
@@ -35,6 +37,9 @@ pub fn kinds_from_stats(d: &CtStats) -> KindCounts {
         early_drop: d.early_drop,
         insert_failed: d.insert_failed,
         rule_drop: 0,
+        // gc_worker()'s evictions move no stat (the `early_drop` stat is
+        // early_drop()'s alone).
+        gc_evict: 0,
     }
 }
 
@@ -56,6 +61,7 @@ impl Counters {
             } else {
                 Evictions::Off("--evictions off".into())
             },
+            gc_evict: Evictions::Off("the kernel counts no GC eviction".into()),
         })
     }
 

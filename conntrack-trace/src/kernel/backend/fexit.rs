@@ -7,6 +7,7 @@
 //! | `table_full` | fexit `__nf_conntrack_alloc` returning an error pointer (packet path only) |
 //! | `early_drop` | fexit `nf_ct_delete` returning true inside fentry/fexit `early_drop` |
 //! | `insert_failed` | fexit `__nf_conntrack_confirm` returning `NF_DROP` (fentry remembers whether the entry was already confirmed) |
+//! | `gc_evict` | fexit `nf_ct_delete` returning true, of a live entry, in the task of fentry/fexit `gc_worker` |
 //!
 //! Rule drops are not observed (no `kfree_skb` hook): `rule_drop` stays 0.
 //! The functions are found in BTF — vmlinux, or the `nf_conntrack` module's
@@ -42,6 +43,9 @@ enum Serves {
     PacketBytes,
     /// Evictions (`early_drop`): optional, and off with `--evictions off`.
     Evictions,
+    /// The GC's evictions (`gc_evict`): optional, needs `Evictions` too
+    /// (their nf_ct_delete() hook).
+    GcEvictions,
 }
 
 /// One program of conntrack-trace-ebpf/src/fexit.rs and the kernel
@@ -74,6 +78,10 @@ const CT_IN: &[(&str, usize)] = &[("sk_buff", 0), ("nf_hook_state", 0)];
 const EARLY_DROP: &[(&str, usize)] = &[("net", 0), ("", 4)];
 /// `nf_ct_delete(ct, u32 portid, int report) -> bool`
 const DELETE: &[(&str, usize)] = &[("nf_conn", 0), ("", 4), ("", 4)];
+/// `gc_worker(struct work_struct *work)` (static; a work function, so
+/// never inlined: 5.10 through 6.18 alike). The program reads no argument;
+/// the prototype still pins which `gc_worker` this is.
+const GC_WORKER: &[(&str, usize)] = &[("work_struct", 0)];
 
 /// Every hook, in attach order: within a scope (`early_drop`,
 /// `nf_conntrack_in`) the exit hook comes before the entry hook — a scope
@@ -83,6 +91,8 @@ const HOOKS: &[HookSpec] = &[
     HookSpec { prog: "ct_delete_exit", kind: Kind::FExit, func: "nf_ct_delete", params: DELETE, serves: Serves::Evictions },
     HookSpec { prog: "early_drop_exit", kind: Kind::FExit, func: "early_drop", params: EARLY_DROP, serves: Serves::Evictions },
     HookSpec { prog: "early_drop_enter", kind: Kind::FEntry, func: "early_drop", params: EARLY_DROP, serves: Serves::Evictions },
+    HookSpec { prog: "gc_worker_exit", kind: Kind::FExit, func: "gc_worker", params: GC_WORKER, serves: Serves::GcEvictions },
+    HookSpec { prog: "gc_worker_enter", kind: Kind::FEntry, func: "gc_worker", params: GC_WORKER, serves: Serves::GcEvictions },
     HookSpec { prog: "ct_confirm_enter", kind: Kind::FEntry, func: "__nf_conntrack_confirm", params: CONFIRM, serves: Serves::Kinds },
     HookSpec { prog: "ct_confirm_exit", kind: Kind::FExit, func: "__nf_conntrack_confirm", params: CONFIRM, serves: Serves::Kinds },
     HookSpec { prog: "ct_alloc_exit", kind: Kind::FExit, func: "__nf_conntrack_alloc", params: ALLOC, serves: Serves::Kinds },
@@ -100,13 +110,23 @@ struct Hook {
 /// The hooks this kernel has: every required one (or the first error),
 /// each optional feature whole or not at all; and whether evictions are
 /// on (or why not).
-fn resolve(kbtf: &KernelBtf, evictions: bool) -> Result<(Vec<Hook>, Evictions), TraceError> {
+fn resolve(
+    kbtf: &KernelBtf,
+    evictions: bool,
+) -> Result<(Vec<Hook>, Evictions, Evictions), TraceError> {
     let mut lost: Vec<(Serves, String)> = Vec::new();
     if !evictions {
         lost.push((Serves::Evictions, "--evictions off".into()));
     }
     let mut found = Vec::new();
     for h in HOOKS {
+        // The GC's evictions are seen through the nf_ct_delete() hook.
+        if h.serves == Serves::GcEvictions
+            && let Some((_, why)) = lost.iter().find(|(s, _)| *s == Serves::Evictions)
+        {
+            let why = why.clone();
+            lost.push((Serves::GcEvictions, why));
+        }
         if lost.iter().any(|(s, _)| *s == h.serves) {
             continue;
         }
@@ -128,11 +148,15 @@ fn resolve(kbtf: &KernelBtf, evictions: bool) -> Result<(Vec<Hook>, Evictions), 
         .filter(|(s, _)| !lost.iter().any(|(l, _)| l == s))
         .map(|(_, h)| h)
         .collect();
-    let evictions = match lost.into_iter().find(|(s, _)| *s == Serves::Evictions) {
-        Some((_, why)) => Evictions::Off(why),
+    let served = |serves: Serves| match lost.iter().find(|(s, _)| *s == serves) {
+        Some((_, why)) => Evictions::Off(why.clone()),
         None => Evictions::On,
     };
-    Ok((hooks, evictions))
+    Ok((
+        hooks,
+        served(Serves::Evictions),
+        served(Serves::GcEvictions),
+    ))
 }
 
 pub struct Fexit {
@@ -145,6 +169,7 @@ pub struct Fexit {
     /// are loaded, as libbpf does).
     _module_btf: Option<OwnedFd>,
     pub evictions: Evictions,
+    pub gc_evict: Evictions,
 }
 
 fn sig(p: &[(&str, usize)]) -> Vec<Param> {
@@ -198,7 +223,7 @@ impl Fexit {
             flow_seed: super::flow_seed(),
             ..Config::default()
         };
-        let (hooks, evictions) = resolve(kbtf, opts.evictions)?;
+        let (hooks, evictions, gc_evict) = resolve(kbtf, opts.evictions)?;
         let ebpf = super::load_object(&types.aya, &offsets, &config, opts.ring_bytes)?;
         let mut fds = HashMap::new();
         for (name, map) in ebpf.maps() {
@@ -244,6 +269,7 @@ impl Fexit {
             links: Vec::new(),
             _module_btf: module_btf,
             evictions,
+            gc_evict,
         })
     }
 

@@ -93,6 +93,14 @@ impl Evictions {
     }
 }
 
+/// See [`Backend::describe_evictions`].
+pub fn describe_evictions(early: &Evictions, gc: &Evictions) -> String {
+    match (early, gc) {
+        (Evictions::On, Evictions::Off(why)) => format!("on; gc_evict off ({why})"),
+        (e, _) => e.describe(),
+    }
+}
+
 /// `--backend`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
@@ -152,6 +160,23 @@ impl Backend {
             Backend::Tracepoint(b) => &b.evictions,
             Backend::Counters(b) => &b.evictions,
         }
+    }
+
+    /// Whether the GC's evictions (`gc_evict`) are being tracked, and if
+    /// not, why (gc_worker() not found, `--evictions off`, ...).
+    pub fn gc_evict(&self) -> &Evictions {
+        match self {
+            Backend::Fexit(b) => &b.gc_evict,
+            Backend::Tracepoint(b) => &b.gc_evict,
+            Backend::Counters(b) => &b.gc_evict,
+        }
+    }
+
+    /// The evictions for the header and the summary: `on`, `off (why)`,
+    /// and when only the GC's are missing, `on; gc_evict off (why)` —
+    /// an unavailable kind is said, never a silent 0.
+    pub fn describe_evictions(&self) -> String {
+        describe_evictions(self.evictions(), self.gc_evict())
     }
 
     /// Whether events name the packet/entry (false: totals only).
@@ -557,6 +582,20 @@ mod tests {
         let p = now.sampling_since(&before, 50).expect("shed: sampling");
         assert_eq!((p.denom, p.budget), (4, 50));
         assert_eq!(before.sampling_since(&before, 50), None);
+    }
+
+    #[test]
+    fn a_missing_gc_hook_is_said() {
+        let off = |w: &str| Evictions::Off(w.into());
+        assert_eq!(describe_evictions(&Evictions::On, &Evictions::On), "on");
+        assert_eq!(
+            describe_evictions(&Evictions::On, &off("symbol `gc_worker` not found")),
+            "on; gc_evict off (symbol `gc_worker` not found)"
+        );
+        assert_eq!(
+            describe_evictions(&off("--evictions off"), &off("--evictions off")),
+            "off (--evictions off)"
+        );
     }
 
     #[test]

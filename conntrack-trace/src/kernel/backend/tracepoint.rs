@@ -20,6 +20,8 @@ pub struct Tracepoints {
     hooks: Vec<Hook>,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
     pub evictions: Evictions,
+    /// `gc_evict`: the same slab hook, with gc_worker()'s range.
+    pub gc_evict: Evictions,
 }
 
 const KFREE_SKB: &str = "kfree_skb";
@@ -107,6 +109,7 @@ struct Symbols {
     hook_slow: Result<kallsyms::Range, kallsyms::KallsymsError>,
     early_drop: Result<kallsyms::Range, kallsyms::KallsymsError>,
     ct_free: Result<kallsyms::Range, kallsyms::KallsymsError>,
+    gc_worker: Result<kallsyms::Range, kallsyms::KallsymsError>,
 }
 
 impl Symbols {
@@ -115,6 +118,7 @@ impl Symbols {
             "nf_hook_slow",
             "early_drop",
             "nf_conntrack_free",
+            "gc_worker",
         ])
         .into_iter();
         let mut next = || {
@@ -125,6 +129,7 @@ impl Symbols {
             hook_slow: next(),
             early_drop: next(),
             ct_free: next(),
+            gc_worker: next(),
         }
     }
 }
@@ -185,6 +190,33 @@ fn eviction_hook(
     (kmem, evictions)
 }
 
+/// Whether the slab hook also tells the GC's evictions, with gc_worker()'s
+/// range written into `config`. gc_worker() (net/netfilter/nf_conntrack_core.c)
+/// is `static` and not inlined (it is a work function, called through a
+/// pointer): in kallsyms on 5.10, 6.1, 6.12 and 6.18 (and BTF from 5.10).
+/// Its nf_ct_kill() → nf_ct_delete() and the nf_ct_put() that frees the
+/// entry are inlined into it or called from it, so gc_worker() is on the
+/// stack of every free it causes; gc_worker_can_early_drop() is inlined
+/// (no symbol) and needs no hook. Which kernels evict from the GC at all,
+/// and how: docs/kernels.md.
+fn gc_hook(
+    evictions: &Evictions,
+    gc_worker: Result<kallsyms::Range, kallsyms::KallsymsError>,
+    config: &mut Config,
+) -> Evictions {
+    if let Evictions::Off(why) = evictions {
+        return Evictions::Off(why.clone());
+    }
+    match gc_worker {
+        Ok(r) => {
+            config.gc_worker_start = r.start;
+            config.gc_worker_end = r.end;
+            Evictions::On
+        }
+        Err(e) => Evictions::Off(e.to_string()),
+    }
+}
+
 impl Tracepoints {
     /// Resolves layouts from BTF and loads the programs (not yet attached).
     pub(crate) fn load(opts: &Options, types: &KernelTypes) -> Result<Tracepoints, TraceError> {
@@ -208,6 +240,8 @@ impl Tracepoints {
             ct_free_end: 0,
             event_budget: opts.event_budget,
             flow_seed: super::flow_seed(),
+            gc_worker_start: 0,
+            gc_worker_end: 0,
         };
         // Where netfilter's verdicts are freed (see the kfree_skb program).
         // With a drop reason it is optional (every drop is then judged by
@@ -226,7 +260,9 @@ impl Tracepoints {
             config.netfilter_drop_reason =
                 kbtf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?;
         }
+        let gc_worker = syms.gc_worker.clone();
         let (kmem, evictions) = eviction_hook(kbtf, opts.evictions, syms, &mut config);
+        let gc_evict = gc_hook(&evictions, gc_worker, &mut config);
         let aya_btf = &types.aya;
         let mut ebpf = super::load_object(aya_btf, &offsets, &config, opts.ring_bytes)?;
 
@@ -244,6 +280,7 @@ impl Tracepoints {
             hooks,
             links: Vec::new(),
             evictions,
+            gc_evict,
         })
     }
 
@@ -375,6 +412,26 @@ mod tests {
             kfree_skb_variant(&k, Err("hidden".into())).unwrap(),
             KFREE_SKB_REASON
         );
+    }
+
+    #[test]
+    fn gc_evict_needs_gc_worker_and_evictions() {
+        let mut c = Config::default();
+        let r = kallsyms::Range {
+            start: 0x1000,
+            end: 0x1400,
+        };
+        assert_eq!(gc_hook(&Evictions::On, Ok(r), &mut c), Evictions::On);
+        assert_eq!((c.gc_worker_start, c.gc_worker_end), (0x1000, 0x1400));
+        let mut c = Config::default();
+        let missing = Err(kallsyms::KallsymsError::NotFound("gc_worker".into()));
+        assert_eq!(
+            gc_hook(&Evictions::On, missing, &mut c),
+            Evictions::Off("symbol `gc_worker` not found in /proc/kallsyms".into())
+        );
+        assert_eq!(c.gc_worker_start, 0, "no range: the programs never match");
+        let off = Evictions::Off("--evictions off".into());
+        assert_eq!(gc_hook(&off, Ok(r), &mut Config::default()), off);
     }
 
     #[test]
