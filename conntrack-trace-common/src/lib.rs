@@ -307,12 +307,16 @@ pub struct Config {
     /// return address in `[start, end)` is a GC eviction.
     pub gc_worker_start: u64,
     pub gc_worker_end: u64,
+    /// With [`flags::RING_POLL`]: a record submitted while the ring holds
+    /// more than this many bytes wakes the reader (`BPF_RB_FORCE_WAKEUP`);
+    /// below it none does (`BPF_RB_NO_WAKEUP`) and the reader polls.
+    pub ring_wake_bytes: u64,
 }
 
 // Tracepoint argument positions are not here: ctx accesses need constant
 // offsets, so the programs hard-code them and user space checks them
 // against BTF before loading.
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
 
 /// The largest `--event-budget` (events/s per CPU): keeps the programs'
 /// rate arithmetic (budget × window in ns) far from overflow.
@@ -325,6 +329,9 @@ pub mod flags {
     /// The `kmem_cache_free` tracepoint passes the cache's name, not the
     /// cache (kernels before 6.2).
     pub const KMEM_FREE_BY_NAME: u32 = 2;
+    /// Submit events without waking the reader, which polls on a timer
+    /// (`--ring-wakeup poll`; see [`super::Config::ring_wake_bytes`]).
+    pub const RING_POLL: u32 = 4;
 }
 
 /// Per-CPU state of the fexit backend's scoped hooks (`FEXIT_SCOPE` map).

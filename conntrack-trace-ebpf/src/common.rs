@@ -5,7 +5,13 @@
 use aya_ebpf::helpers::{
     bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
 };
-use conntrack_trace_common::{PKT_BYTES, RawEvent, SourceKey, counter, l3};
+use conntrack_trace_common::{PKT_BYTES, RawEvent, SourceKey, counter, flags, l3};
+
+/// include/uapi/linux/bpf.h: `bpf_ringbuf_query()`'s BPF_RB_AVAIL_DATA,
+/// `bpf_ringbuf_output()`'s BPF_RB_NO_WAKEUP and BPF_RB_FORCE_WAKEUP.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 use crate::{
     COUNTERS, EVENTS, SCRATCH, SOURCE_COUNTS,
@@ -130,10 +136,19 @@ pub(crate) fn emit(ev: &mut RawEvent) -> Result<(), i64> {
     // SAFETY: plain helper call.
     ev.cpu = unsafe { bpf_get_smp_processor_id() };
     // bpf_ringbuf_output copies from the scratch slot. Flags 0 = adaptive
-    // wakeup (kernel/bpf/ringbuf.c): user space is woken only when it had
-    // consumed everything before this record, so a flood costs no wakeup per
-    // event while it keeps up.
-    if EVENTS.output::<RawEvent>(&*ev, 0).is_err() {
+    // wakeup (kernel/bpf/ringbuf.c, bpf_ringbuf_commit()): user space is
+    // woken only when it had consumed everything before this record, so a
+    // flood costs no wakeup per event while it keeps up. `--ring-wakeup
+    // poll`: no wakeup at all (the reader polls on a timer) unless the ring
+    // is past its threshold (one bpf_ringbuf_query() more per event).
+    let wake = if conf!(flags) & flags::RING_POLL == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA) > conf!(ring_wake_bytes) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<RawEvent>(&*ev, wake).is_err() {
         bump(counter::lost(k));
     }
     Ok(())

@@ -69,6 +69,7 @@ static CONFIG: Config = Config {
     flow_seed: 0,
     gc_worker_start: 0,
     gc_worker_end: 0,
+    ring_wake_bytes: 0,
 };
 
 /// One record per dropped packet / evicted entry. Size is set by user space.

@@ -313,6 +313,12 @@ impl From<BackendArg> for crate::kernel::backend::Choice {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RingWakeupArg {
+    Adaptive,
+    Poll,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     On,
     Off,
@@ -402,6 +408,11 @@ pub struct BackendArgs {
     /// Track evictions (early_drop).
     #[arg(long, value_enum, default_value = "on")]
     pub evictions: OnOff,
+    /// How the programs wake the reader of the ring: `adaptive` (the
+    /// kernel's: only a reader that had caught up is woken) or `poll` (no
+    /// wakeups until the ring is half full; the reader polls every few ms).
+    #[arg(long, value_enum, default_value = "adaptive")]
+    pub ring_wakeup: RingWakeupArg,
     /// Ring buffer size in bytes (power of two, >= page size). Default:
     /// a quarter second of the event budget from every CPU (1–8 MiB), 8 MiB
     /// with `--event-budget 0`.
@@ -423,6 +434,10 @@ impl BackendArgs {
                 backend::default_ring_bytes(event_budget, cpus)
             }),
             event_budget,
+            ring_wakeup: match self.ring_wakeup {
+                RingWakeupArg::Adaptive => backend::RingWakeup::Adaptive,
+                RingWakeupArg::Poll => backend::RingWakeup::Poll,
+            },
         }
     }
 }

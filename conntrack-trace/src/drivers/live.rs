@@ -66,11 +66,22 @@ pub fn ring_pause(ring_bytes: u32) -> Duration {
 pub struct Ring {
     fd: AsyncFd<RingBuf<MapData>>,
     pause: Duration,
+    /// `--ring-wakeup poll`: drain every this often (the programs wake the
+    /// reader only past half a ring).
+    poll: Option<Duration>,
+    /// The last poll drained a full batch.
+    backlog: bool,
+}
+
+/// `--ring-wakeup poll`'s period: the ring's pause, at least 1 ms.
+fn poll_period(ring_bytes: u32) -> Duration {
+    ring_pause(ring_bytes).max(Duration::from_millis(1))
 }
 
 impl Ring {
     /// Takes the backend's ring (none for the counters backend).
-    pub fn take(tp: &mut Backend, ring_bytes: u32) -> Result<Option<Ring>, TraceError> {
+    pub fn take(tp: &mut Backend, opts: &backend::Options) -> Result<Option<Ring>, TraceError> {
+        let ring_bytes = opts.ring_bytes;
         let Some(r) = tp.take_ring()? else {
             return Ok(None);
         };
@@ -81,6 +92,8 @@ impl Ring {
         Ok(Some(Ring {
             fd,
             pause: ring_pause(ring_bytes),
+            poll: (opts.ring_wakeup == backend::RingWakeup::Poll).then(|| poll_period(ring_bytes)),
+            backlog: false,
         }))
     }
 
@@ -103,6 +116,26 @@ impl Ring {
         let Some(ring) = ring.as_mut() else {
             return std::future::pending().await;
         };
+        if let Some(period) = ring.poll {
+            // A full batch last time: more is waiting, take it now.
+            if ring.backlog {
+                ring.backlog = drain(ring.fd.get_mut(), DRAIN_BATCH, c)? == DRAIN_BATCH;
+                return Ok(());
+            }
+            // A forced wakeup (the ring past half full) or the period.
+            match tokio::time::timeout(period, ring.fd.readable_mut()).await {
+                Ok(guard) => {
+                    let mut guard = guard.map_err(TraceError::io("polling the ring buffer"))?;
+                    if drain(guard.get_inner_mut(), DRAIN_BATCH, c)? < DRAIN_BATCH {
+                        guard.clear_ready();
+                    }
+                }
+                Err(_) => {
+                    ring.backlog = drain(ring.fd.get_mut(), DRAIN_BATCH, c)? == DRAIN_BATCH;
+                }
+            }
+            return Ok(());
+        }
         let mut guard = ring
             .fd
             .readable_mut()
@@ -287,7 +320,7 @@ pub fn start(
     let opened = open(choice, opts, &held)?;
     let facts = opened.facts(scope);
     let Opened { mut tp, start, .. } = opened;
-    let ring = Ring::take(&mut tp, opts.ring_bytes)?;
+    let ring = Ring::take(&mut tp, opts)?;
     Ok(Started {
         facts,
         tp,

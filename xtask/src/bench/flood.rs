@@ -332,6 +332,32 @@ pub fn run(bin: &Path, args: &Args) -> Result<(String, String)> {
             agent: false,
         });
     }
+    // The ring's wakeups (issue 21): the kernel's adaptive wakeup with the
+    // reader's bounded wait (the default, measured above) against no
+    // wakeups and a polling reader, with and without bpf_stats.
+    for stats in [false, true] {
+        configs.push(Config {
+            label: format!(
+                "tracer, --ring-wakeup poll{}",
+                if stats { ", bpf_stats" } else { "" }
+            ),
+            bin: Some(bin.to_path_buf()),
+            stats,
+            extra: vec!["--ring-wakeup".into(), "poll".into()],
+            human: false,
+            agent: false,
+        });
+    }
+    // The always-on agent, node-wide, with its own default budget (its
+    // HTTP server, forecasts and per-source series included).
+    configs.push(Config {
+        label: "agent".into(),
+        bin: Some(bin.to_path_buf()),
+        stats: false,
+        extra: Vec::new(),
+        human: false,
+        agent: true,
+    });
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 0..args.timed.rounds {
         for (i, cfg) in configs.iter().enumerate() {

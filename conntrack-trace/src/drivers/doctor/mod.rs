@@ -552,6 +552,7 @@ mod tests {
                 rule_drops: false,
                 ring_bytes: 1 << 20,
                 event_budget: 0,
+                ring_wakeup: backend::RingWakeup::Adaptive,
             },
             at_risk_fill: 80.0,
             at_risk_within: Duration::from_secs(600),

@@ -217,12 +217,13 @@ impl Fexit {
     pub(crate) fn load(opts: &Options, types: &KernelTypes) -> Result<Fexit, TraceError> {
         let kbtf = &types.kbtf;
         let offsets: Offsets = kbtf.offsets()?;
-        let config = Config {
+        let mut config = Config {
             confirmed_bit: kbtf.enum_value("ip_conntrack_status", "IPS_CONFIRMED_BIT")?,
             event_budget: opts.event_budget,
             flow_seed: super::flow_seed(),
             ..Config::default()
         };
+        opts.ring_wakeup.configure(&mut config, opts.ring_bytes);
         let (hooks, evictions, gc_evict) = resolve(kbtf, opts.evictions)?;
         let ebpf = super::load_object(&types.aya, &offsets, &config, opts.ring_bytes)?;
         let mut fds = HashMap::new();

@@ -127,6 +127,33 @@ pub struct Options {
     /// `--event-budget`: events per second per CPU, 0 for unlimited (see
     /// conntrack-trace-ebpf/src/budget.rs).
     pub event_budget: u32,
+    /// `--ring-wakeup`.
+    pub ring_wakeup: RingWakeup,
+}
+
+/// How the programs wake the ring's reader (`--ring-wakeup`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RingWakeup {
+    /// The kernel's adaptive wakeup: a record wakes the reader only when
+    /// the reader had consumed everything before it; the reader waits a
+    /// little after each drain so that a flood batches up.
+    #[default]
+    Adaptive,
+    /// No wakeups (`BPF_RB_NO_WAKEUP`) until the ring is half full; the
+    /// reader polls on a timer instead. The dropping CPU then never sends
+    /// the reader an interrupt, and an idle reader wakes on its timer.
+    Poll,
+}
+
+impl RingWakeup {
+    /// The programs' side: [`Config::flags`] and the forced-wakeup
+    /// threshold (half the ring).
+    pub(crate) fn configure(self, config: &mut Config, ring_bytes: u32) {
+        if self == RingWakeup::Poll {
+            config.flags |= conntrack_trace_common::flags::RING_POLL;
+            config.ring_wake_bytes = u64::from(ring_bytes / 2);
+        }
+    }
 }
 
 /// The running backend.

@@ -242,7 +242,9 @@ impl Tracepoints {
             flow_seed: super::flow_seed(),
             gc_worker_start: 0,
             gc_worker_end: 0,
+            ring_wake_bytes: 0,
         };
+        opts.ring_wakeup.configure(&mut config, opts.ring_bytes);
         // Where netfilter's verdicts are freed (see the kfree_skb program).
         // With a drop reason it is optional (every drop is then judged by
         // conntrack's counters alone); without one it is the only filter.
