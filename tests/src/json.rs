@@ -896,7 +896,7 @@ mod tests {
     }
 
     fn kinds() -> Value {
-        json!({"table_full": 3, "early_drop": 0, "insert_failed": 0, "rule_drop": 0})
+        json!({"table_full": 3, "early_drop": 0, "insert_failed": 0, "rule_drop": 0, "gc_evict": 0})
     }
 
     fn kernel() -> Value {

@@ -30,17 +30,28 @@ const GC_WAIT: Duration = Duration::from_secs(65);
 #[test]
 fn gc_purges_a_full_table() -> anyhow::Result<()> {
     // In the VM matrix the wait for a pass (up to a minute, below) is
-    // spent once per kernel, with the fexit backend: the tracepoint
-    // backend's path is early_drop's stack test with one more range
-    // (tests/tests/early_drop.rs runs it in every cell), and this test runs
-    // it on the host.
-    if std::env::var_os("CONNTRACK_TRACE_VM").is_some()
-        && std::env::var("CONNTRACK_TRACE_BACKEND").as_deref() == Ok("tracepoint")
-    {
-        eprintln!(
-            "skipping gc_purges_a_full_table: tracepoint in the VM (its path is early_drop's stack test, run in every cell; this test runs it on the host) — the GC's wait of up to 60 s is spent once per kernel, with fexit"
-        );
-        return Ok(());
+    // spent once, on the newest kernel (7.x) with the fexit backend: the
+    // tracepoint backend's path is early_drop's stack test with one more
+    // range (tests/tests/early_drop.rs runs it in every cell, and this test
+    // runs it on the host), and 6.1 and 6.12 with fexit passed it when the
+    // kind was added (51 = 51 on both; issue 24's closing note). Three
+    // minutes more per CI run for each of them would not buy more.
+    if std::env::var_os("CONNTRACK_TRACE_VM").is_some() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let major: u32 = release
+            .split('.')
+            .next()
+            .and_then(|m| m.trim().parse().ok())
+            .unwrap_or(0);
+        let fexit = std::env::var("CONNTRACK_TRACE_BACKEND").as_deref() == Ok("fexit");
+        if !fexit || major < 7 {
+            eprintln!(
+                "skipping gc_purges_a_full_table in this VM cell ({}, {}): the GC's wait of up to 60 s is spent once in the matrix, on the newest kernel with fexit; the tracepoint path runs on the host",
+                release.trim(),
+                std::env::var("CONNTRACK_TRACE_BACKEND").unwrap_or_default()
+            );
+            return Ok(());
+        }
     }
     let Some(_lock) = kernel_test("gc_purges_a_full_table")? else {
         return Ok(());
