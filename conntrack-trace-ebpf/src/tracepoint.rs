@@ -70,13 +70,20 @@ static CT_DROP_SEEN: PerCpuHashMap<u32, u32> = PerCpuHashMap::with_max_entries(1
 #[map]
 static PCPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
-/// This CPU's most recent (netns inode, `drop` counter) pair, in front of
-/// [`CT_DROP_SEEN`]: a flood hits one namespace, and an array slot costs
-/// no hash lookup (issue 21). `inum` 0: empty.
+/// This CPU's most recent namespace, in front of [`CT_DROP_SEEN`]: a flood
+/// hits one namespace, and an array slot costs no hash lookup, nor the
+/// probe read of `net->ct.stat` (issue 21). `inum` 0: empty.
 #[repr(C)]
 struct DropFront {
     inum: u32,
+    /// Its `drop` counter on this CPU when last read.
     drop: u32,
+    /// Its `struct net *` (with the inode: a namespace made later may
+    /// reuse either, hardly both).
+    net: u64,
+    /// Where this CPU's `drop` counter of it is (`net->ct.stat` plus this
+    /// CPU's per-CPU offset): fixed for the namespace's life.
+    addr: u64,
 }
 
 #[map]
@@ -273,19 +280,21 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
     if net == 0 {
         return None;
     }
-    let stat: u64 = read(net + off!(net_ct_stat)).ok()?;
-    if stat == 0 {
-        return None;
-    }
-    let drop: u32 = read(stat.wrapping_add(this_cpu_offset()?) + off!(stat_drop)).ok()?;
     let front = DROP_FRONT.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; programs do not nest on a CPU.
     let front = unsafe { &mut *front };
-    if front.inum == inum && inum != 0 {
+    if front.inum == inum && inum != 0 && front.net == net && front.addr != 0 {
+        let drop: u32 = read(front.addr).ok()?;
         let last = front.drop;
         front.drop = drop;
         return Some(drop.wrapping_sub(last) as i64);
     }
+    let stat: u64 = read(net + off!(net_ct_stat)).ok()?;
+    if stat == 0 {
+        return None;
+    }
+    let addr = stat.wrapping_add(this_cpu_offset()?) + off!(stat_drop);
+    let drop: u32 = read(addr).ok()?;
     // Another namespace: the front's baseline goes back to the hash
     // (which user space seeded at start), this one's comes out of it.
     if front.inum != 0 {
@@ -293,6 +302,8 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
     }
     front.inum = inum;
     front.drop = drop;
+    front.net = net;
+    front.addr = addr;
     match CT_DROP_SEEN.get_ptr_mut(&inum) {
         Some(p) => {
             // SAFETY: this CPU's value of an existing entry; programs do not

@@ -136,7 +136,8 @@ fn measure(topo: &Topology, cfg: &Config, args: &Args) -> Result<Sample> {
     let tracer = match &cfg.bin {
         Some(bin) if cfg.agent => {
             let mut cmd = std::process::Command::new(bin);
-            cmd.args(["agent", "--metrics-addr", AGENT_LISTEN]).args(&extra);
+            cmd.args(["agent", "--metrics-addr", AGENT_LISTEN])
+                .args(&extra);
             Some(Traced::until_ready(cmd).context("starting the agent")?)
         }
         Some(bin) => {
