@@ -105,8 +105,9 @@ impl Ring {
             fd,
             pause: ring_pause(ring_bytes, max_event_rate(opts)),
             // `--ring-wakeup poll`: the same wait, at least 1 ms.
-            poll: (opts.ring_wakeup == backend::RingWakeup::Poll)
-                .then(|| ring_pause(ring_bytes, max_event_rate(opts)).max(Duration::from_millis(1))),
+            poll: (opts.ring_wakeup == backend::RingWakeup::Poll).then(|| {
+                ring_pause(ring_bytes, max_event_rate(opts)).max(Duration::from_millis(1))
+            }),
             backlog: false,
         }))
     }
