@@ -27,6 +27,11 @@ pub fn http_get(addr: SocketAddr, path_and_query: &str) -> Result<(u16, String)>
         s,
         "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
+    read_response(&mut s)
+}
+
+/// Reads an HTTP/1.0 response to its end: (status, body).
+fn read_response(s: &mut TcpStream) -> Result<(u16, String)> {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -51,16 +56,7 @@ pub fn http_send(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Res
     )?;
     // The server may answer (413) before taking the whole body.
     let _ = s.write_all(body);
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    Ok((status, body.to_owned()))
+    read_response(&mut s)
 }
 
 /// A running agent, killed on drop.

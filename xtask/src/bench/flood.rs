@@ -98,15 +98,11 @@ fn metric_sum(text: &str, name: &str) -> Option<u64> {
 
 /// `GET /metrics` of the bench's agent.
 fn scrape_agent() -> Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(AGENT_LISTEN).context("connecting to the agent")?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {AGENT_LISTEN}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).context("reading /metrics")?;
+    let addr = AGENT_LISTEN.parse().context("the bench's agent address")?;
+    let (status, body) = conntrack_trace_tests::agent::http_get(addr, "/metrics")?;
+    if status != 200 {
+        bail!("the agent's /metrics answered {status}");
+    }
     Ok(body)
 }
 

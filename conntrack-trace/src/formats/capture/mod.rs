@@ -140,6 +140,19 @@ pub(crate) mod tests {
     }
 
     /// Writes `n` synthetic events; returns them.
+    /// A new capture at `path` with [`header`], not rotated.
+    pub fn create(path: &Path) -> Writer {
+        Writer::create(
+            WriteOptions {
+                path: path.to_owned(),
+                force: false,
+                max_size: None,
+            },
+            header(),
+        )
+        .unwrap()
+    }
+
     pub fn write_capture(path: &Path, n: u64, max_size: Option<u64>) -> Vec<Event> {
         let mut w = Writer::create(
             WriteOptions {
@@ -178,15 +191,7 @@ pub(crate) mod tests {
     fn counts_records_are_read_back() {
         let d = TempDir::new("counts");
         let p = d.0.join("c.ctt");
-        let mut w = Writer::create(
-            WriteOptions {
-                path: p.clone(),
-                force: false,
-                max_size: None,
-            },
-            header(),
-        )
-        .unwrap();
+        let mut w = create(&p);
         let evs: Vec<Event> = (0..10).map(sample_event).collect();
         let counts = crate::model::IntervalCounts {
             ts_ns: 77,

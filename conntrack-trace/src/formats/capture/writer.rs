@@ -665,7 +665,7 @@ mod tests {
     use crate::formats::capture::{
         format::tests::sample_event,
         read_set,
-        tests::{TempDir, header},
+        tests::{TempDir, create},
     };
 
     /// Issue 24: events reach the file within [`HANDOVER`] with no `flush`
@@ -675,15 +675,7 @@ mod tests {
     fn events_reach_the_file_without_a_flush() {
         let d = TempDir::new("handover");
         let p = d.0.join("c.ctt");
-        let mut w = Writer::create(
-            WriteOptions {
-                path: p.clone(),
-                force: false,
-                max_size: None,
-            },
-            header(),
-        )
-        .unwrap();
+        let mut w = create(&p);
         let evs: Vec<Event> = (0..10).map(sample_event).collect();
         for e in &evs {
             w.event(e);
