@@ -32,6 +32,38 @@ pub fn udp_oneshots(
     })?
 }
 
+/// `queries` DNS queries (`q<n>.<zone>`, type A) from `src` to `dst:53`,
+/// each sent `tries` times in a row, every try from a fresh socket (a new
+/// source port, a new DNS id) as dig and resolvers retry — the flows the
+/// amplification detector keys on. Pinned to `cpu` so that every drop
+/// happens on one CPU (a veth delivers in the sender's softirq). Returns
+/// the datagrams sent.
+pub fn dns_retries(
+    ns: &Path,
+    src: IpAddr,
+    dst: IpAddr,
+    zone: &str,
+    queries: u32,
+    tries: u32,
+    cpu: usize,
+) -> Result<u64> {
+    in_netns(ns, || -> Result<u64> {
+        pin_to_cpu(cpu)?;
+        let mut sent = 0;
+        for q in 0..queries {
+            let name = format!("q{q}.{zone}");
+            for t in 0..tries {
+                let s = UdpSocket::bind(SocketAddr::new(src, 0))
+                    .with_context(|| format!("bind {src}:0"))?;
+                let id = (q.wrapping_mul(tries) + t) as u16;
+                s.send_to(&crate::dns::query(id, &name), SocketAddr::new(dst, 53))?;
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })?
+}
+
 /// [`udp_oneshots`] at `rate` datagrams per second (a flood that lasts),
 /// `payload(sport)` as each datagram's bytes; stops early once `stop` is
 /// set.
