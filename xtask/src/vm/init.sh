@@ -49,6 +49,10 @@ export CONNTRACK_TRACE_VM=1
 if [ -n "$backend" ] && [ "$backend" != default ]; then
     export CONNTRACK_TRACE_BACKEND="$backend"
 fi
+# `vm-test --every-cell`: the tests that wait on the kernel run here too.
+if [ "$(arg every_cell)" = 1 ]; then
+    export CONNTRACK_TRACE_EVERY_CELL=1
+fi
 
 if [ "$overall" = pass ]; then
     for t in /tests/*; do

@@ -70,6 +70,11 @@ pub struct Args {
     /// Resolve and download the suites' current kernels even if cached.
     #[arg(long)]
     pub refresh: bool,
+    /// Also run, in every cell, the tests the default matrix runs in one
+    /// cell only because they wait on the kernel (gc_evict: up to a minute
+    /// for the GC's next pass).
+    #[arg(long)]
+    pub every_cell: bool,
 }
 
 impl Default for Args {
@@ -81,6 +86,7 @@ impl Default for Args {
             keep_logs: None,
             timeout: 600,
             refresh: false,
+            every_cell: false,
         }
     }
 }
@@ -422,7 +428,10 @@ pub fn run(args: &Args) -> Result<()> {
             let outcome = qemu::Boot {
                 vmlinux: &k.vmlinux,
                 initrd: &initrd,
-                extra_cmdline: &format!("ctt.backend={guest_backend}"),
+                extra_cmdline: &format!(
+                    "ctt.backend={guest_backend} ctt.every_cell={}",
+                    u8::from(args.every_cell)
+                ),
                 timeout: Duration::from_secs(args.timeout),
                 log: log.clone(),
                 tag: format!("{}/{b}", k.label),
