@@ -10,6 +10,11 @@
 //! user space checks every function's prototype in BTF before loading.
 //! Return values are read with `bpf_get_func_ret()` (a scalar copy), so no
 //! comparison is made on a pointer-typed register.
+//!
+//! No `blog!` (`--bpf-log`) here: aya-log-ebpf's macro compiles to BPF
+//! subprograms (its closures), which the trampoline loader, loading
+//! without BTF func_info, cannot load (BPF_PROG_LOAD: EPERM, with or
+//! without logging on). `--bpf-log` needs the tracepoint backend.
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,

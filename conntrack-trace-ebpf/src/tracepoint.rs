@@ -15,6 +15,7 @@ use crate::common::{
     Direct, IP_CT_UNTRACKED, Mem as _, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit,
     fill_from_ct, fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
 };
+use crate::first_time;
 
 /// The `struct kmem_cache *` of the nf_conntrack slab, learned on first
 /// sight. A global (`.bss`), not an array map: every slab free in the
@@ -89,12 +90,73 @@ struct DropFront {
 #[map]
 static DROP_FRONT: PerCpuArray<DropFront> = PerCpuArray::with_max_entries(1, 0);
 
+/// `--bpf-log`: each program's first run logs what it was loaded with
+/// (one slot per program; `.bss`, zero until then).
+#[unsafe(no_mangle)]
+static mut LOGGED_START: [u32; 4] = [0; 4];
+
+/// Logs, once per program (`slot`), the variant it is and the settings
+/// and offsets user space wrote: what a user can send us when a kernel
+/// classifies oddly. Removed with the rest when `--bpf-log` is off.
+#[inline(always)]
+fn log_start(slot: usize, variant: &str) {
+    if conf!(flags) & flags::BPF_LOG == 0 {
+        return;
+    }
+    // SAFETY: `slot` < 4 at every call site; a global of ours.
+    if !first_time(unsafe { (&raw mut LOGGED_START).cast::<u32>().add(slot) }) {
+        return;
+    }
+    blog!(info, "tracepoint: {} attached", variant);
+    if slot >= 2 {
+        return;
+    }
+    blog!(
+        info,
+        "config: flags {:x}, event budget {}/s per CPU, NETFILTER_DROP reason {}, IPS_CONFIRMED_BIT {}",
+        conf!(flags),
+        conf!(event_budget),
+        conf!(netfilter_drop_reason),
+        conf!(confirmed_bit)
+    );
+    blog!(
+        info,
+        "config: nf_hook_slow() {:x}..{:x}, early_drop() {:x}..{:x}, gc_worker() {:x}..{:x}",
+        conf!(nf_hook_slow_start),
+        conf!(nf_hook_slow_end),
+        conf!(early_drop_start),
+        conf!(early_drop_end),
+        conf!(gc_worker_start),
+        conf!(gc_worker_end)
+    );
+    blog!(
+        info,
+        "offsets: sk_buff._nfct {} .dev {} .sk {}, net.ns.inum {} .ct.stat {}, ip_conntrack_stat.drop {}",
+        off!(skb_nfct),
+        off!(skb_dev),
+        off!(skb_sk),
+        off!(net_inum),
+        off!(net_ct_stat),
+        off!(stat_drop)
+    );
+    blog!(
+        info,
+        "offsets: nf_conn.status {} .ct_net {} .tuplehash {} .timeout {}, bpf_array.pptrs {}",
+        off!(ct_status),
+        off!(ct_net),
+        off!(ct_tuple),
+        off!(ct_timeout),
+        off!(array_pptrs)
+    );
+}
+
 /// `kfree_skb(skb, location, reason[, rx_sk])`, since 5.17: a netfilter
 /// drop is `SKB_DROP_REASON_NETFILTER_DROP`.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     // ctx accesses must use constant offsets, so argument positions are
     // fixed here and user space checks them against BTF before loading.
+    log_start(0, "kfree_skb (with drop reasons)");
     let reason: u64 = ctx.arg(2);
     if reason as u32 != conf!(netfilter_drop_reason) {
         return 0;
@@ -112,6 +174,7 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
 /// argument (user space requires the range then).
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
+    log_start(1, "kfree_skb (no drop reasons: frees from nf_hook_slow())");
     if !in_nf_hook_slow(location(&ctx)) {
         return 0;
     }
@@ -172,16 +235,40 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
         let by_conntrack = from_hook
             && if moved < 0 {
                 bump(counter::UNCLASSIFIED);
+                blog!(
+                    warn,
+                    "unclassified: netns {} drop without entry, conntrack's drop counter unreadable: counted as table_full",
+                    inum
+                );
                 true
             } else {
                 if moved > 1 {
                     add(counter::DROP_UNMATCHED, (moved - 1) as u64);
+                    blog!(
+                        info,
+                        "drop_unmatched: netns {} conntrack's drop counter moved {} on this CPU for one netfilter drop",
+                        inum,
+                        moved
+                    );
                 }
                 moved > 0
             };
         if !by_conntrack {
             if !from_hook && moved > 0 {
                 add(counter::DROP_UNMATCHED, moved as u64);
+            }
+            if from_hook {
+                blog!(
+                    debug,
+                    "rule_drop: netns {} no entry, conntrack's drop counter did not move on this CPU: not table_full",
+                    inum
+                );
+            } else {
+                blog!(
+                    debug,
+                    "rule_drop: netns {} no entry, freed outside nf_hook_slow() (a rule freed it): not table_full",
+                    inum
+                );
             }
             if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
                 bump(counter::seen(kind::RULE_DROP));
@@ -199,6 +286,11 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
     }
     if ct_is_confirmed(ct)? {
         // A confirmed entry: the ruleset dropped it, conntrack did not fail.
+        blog!(
+            debug,
+            "rule_drop: netns {} entry confirmed: the ruleset dropped it, not conntrack",
+            inum
+        );
         if moved > 0 {
             add(counter::DROP_UNMATCHED, moved as u64);
         }
@@ -217,6 +309,12 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
     if moved > 1 {
         add(counter::DROP_UNMATCHED, (moved - 1) as u64);
     }
+    blog!(
+        info,
+        "insert_failed: netns {} dropped with an unconfirmed entry (confirmation failed); drop counter moved {}",
+        inum,
+        moved
+    );
     let ev = scratch(kind::INSERT_FAILED)?;
     fill_from_ct(ev, ct)?;
     fill_packet::<Direct>(ev, skb);
@@ -322,6 +420,14 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
 
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
+    log_start(
+        2,
+        if conf!(flags) & flags::KMEM_FREE_BY_NAME != 0 {
+            "kmem_cache_free (the cache's name: before 6.2)"
+        } else {
+            "kmem_cache_free (the cache)"
+        },
+    );
     let _ = try_kmem_cache_free(&ctx);
     0
 }
@@ -334,6 +440,10 @@ pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
 /// slab; the rest of the system's frees stop at the range test.
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free_by_site(ctx: BtfTracePointContext) -> i32 {
+    log_start(
+        3,
+        "kmem_cache_free (call site in nf_conntrack_free(): before 5.12)",
+    );
     let site: u64 = read(ctx.as_ptr() as u64).unwrap_or(0);
     if site < conf!(ct_free_start) || site >= conf!(ct_free_end) {
         return 0;
@@ -387,6 +497,17 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(learned, cache) };
+        // (Not its address: the verifier refuses any arithmetic on the
+        // trusted pointer, and copying it out byte by byte is some.)
+        blog!(
+            info,
+            "kmem_cache_free: learned the nf_conntrack slab ({})",
+            if by_name {
+                "by its name"
+            } else {
+                "by kmem_cache.name"
+            }
+        );
     }
     bump(counter::CT_FREES);
     conntrack_freed(ctx)
@@ -415,6 +536,21 @@ fn conntrack_freed(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
     let ev = scratch(k)?;
     fill_from_ct(ev, obj)?;
+    blog!(
+        debug,
+        "{}: netns {} live entry freed with {}() on the kernel stack",
+        if k == kind::EARLY_DROP {
+            "early_drop"
+        } else {
+            "gc_evict"
+        },
+        ev.netns,
+        if k == kind::EARLY_DROP {
+            "early_drop"
+        } else {
+            "gc_worker"
+        }
+    );
     emit(ev)
 }
 
