@@ -156,11 +156,13 @@ fn log_start(slot: usize, variant: &str) {
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     // ctx accesses must use constant offsets, so argument positions are
     // fixed here and user space checks them against BTF before loading.
-    log_start(0, "kfree_skb (with drop reasons)");
     let reason: u64 = ctx.arg(2);
     if reason as u32 != conf!(netfilter_drop_reason) {
         return 0;
     }
+    // At the first netfilter drop, not the first free: the system's other
+    // frees pay nothing for it, not even the gate's load.
+    log_start(0, "kfree_skb (with drop reasons)");
     let from_hook = conf!(nf_hook_slow_start) == 0 || in_nf_hook_slow(location(&ctx));
     let _ = netfilter_drop(ctx.arg(0), from_hook);
     0
@@ -174,10 +176,10 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
 /// argument (user space requires the range then).
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
-    log_start(1, "kfree_skb (no drop reasons: frees from nf_hook_slow())");
     if !in_nf_hook_slow(location(&ctx)) {
         return 0;
     }
+    log_start(1, "kfree_skb (no drop reasons: frees from nf_hook_slow())");
     let _ = netfilter_drop(ctx.arg(0), true);
     0
 }
@@ -420,14 +422,6 @@ fn ct_drop_counter(net: u64, inum: u32) -> Option<i64> {
 
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
-    log_start(
-        2,
-        if conf!(flags) & flags::KMEM_FREE_BY_NAME != 0 {
-            "kmem_cache_free (the cache's name: before 6.2)"
-        } else {
-            "kmem_cache_free (the cache)"
-        },
-    );
     let _ = try_kmem_cache_free(&ctx);
     0
 }
@@ -440,14 +434,14 @@ pub fn kmem_cache_free(ctx: BtfTracePointContext) -> i32 {
 /// slab; the rest of the system's frees stop at the range test.
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free_by_site(ctx: BtfTracePointContext) -> i32 {
-    log_start(
-        3,
-        "kmem_cache_free (call site in nf_conntrack_free(): before 5.12)",
-    );
     let site: u64 = read(ctx.as_ptr() as u64).unwrap_or(0);
     if site < conf!(ct_free_start) || site >= conf!(ct_free_end) {
         return 0;
     }
+    log_start(
+        3,
+        "kmem_cache_free (call site in nf_conntrack_free(): before 5.12)",
+    );
     bump(counter::CT_FREES);
     let _ = conntrack_freed(&ctx);
     0
@@ -479,6 +473,16 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
         let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
+        // Here, where a cache is seen the first time: not on the path of
+        // the frees already sorted out.
+        log_start(
+            2,
+            if by_name {
+                "kmem_cache_free (the cache's name: before 6.2)"
+            } else {
+                "kmem_cache_free (the cache)"
+            },
+        );
         let is_ct = if by_name {
             is_conntrack_name(cache)
         } else {
