@@ -435,7 +435,7 @@ pub struct BackendArgs {
     /// `bpf: LEVEL ...` lines on stderr (agent: `bpf_log` JSON lines):
     /// why a drop was not conntrack's, which step named a rare kind, what
     /// the programs were loaded with. Off costs nothing (see
-    /// docs/troubleshooting.md).
+    /// docs/backends.md).
     #[arg(long, value_enum, default_value = "off")]
     pub bpf_log: BpfLogArg,
 }
