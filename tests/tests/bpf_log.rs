@@ -65,12 +65,15 @@ fn bpf_log_names_the_decisions() -> Result<()> {
 
     let log = scenario(&topo, &["--backend", "tracepoint", "--bpf-log", "debug"])?;
     let bpf: Vec<&str> = log.lines().filter(|l| l.starts_with("bpf: ")).collect();
-    eprintln!(
-        "bpf_log: {} bpf: lines; first: {:?}",
-        bpf.len(),
-        bpf.first()
-    );
     let has = |needle: &str| bpf.iter().any(|l| l.contains(needle));
+    let first = |needle: &str| bpf.iter().find(|l| l.contains(needle)).copied();
+    eprintln!(
+        "bpf_log: {} bpf: lines; {:?}; {:?}; {:?}",
+        bpf.len(),
+        first("kfree_skb ("),
+        first("rule_drop:"),
+        first("early_drop:")
+    );
     // Logged once, at the first netfilter drop: the variant and the
     // settings and offsets user space wrote.
     ensure!(
