@@ -15,6 +15,8 @@ use crate::common::{
     Direct, IP_CT_UNTRACKED, Mem as _, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit,
     fill_from_ct, fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
 };
+use aya_log_ebpf::info;
+
 use crate::first_time;
 
 /// The `struct kmem_cache *` of the nf_conntrack slab, learned on first
@@ -97,30 +99,53 @@ static mut LOGGED_START: [u32; 4] = [0; 4];
 
 /// Logs, once per program (`slot`), the variant it is and the settings
 /// and offsets user space wrote: what a user can send us when a kernel
-/// classifies oddly. Removed with the rest when `--bpf-log` is off.
+/// classifies oddly. Removed with the rest when `--bpf-log` is off (the
+/// gate here, the lines out of line in [`start_lines`]).
 #[inline(always)]
-fn log_start(slot: usize, variant: &str) {
-    if conf!(flags) & flags::BPF_LOG == 0 {
+fn log_start(slot: usize) {
+    if conf!(flags) & flags::BPF_LOG != 0 {
+        start_lines(slot);
+    }
+}
+
+#[inline(never)]
+fn start_lines(slot: usize) {
+    if slot >= 4 {
         return;
     }
-    // SAFETY: `slot` < 4 at every call site; a global of ours.
+    // SAFETY: `slot` < 4; a global of ours.
     if !first_time(unsafe { (&raw mut LOGGED_START).cast::<u32>().add(slot) }) {
         return;
     }
-    blog!(info, "tracepoint: {} attached", variant);
+    match slot {
+        0 => info!(&(), "tracepoint: kfree_skb (with drop reasons) attached"),
+        1 => info!(
+            &(),
+            "tracepoint: kfree_skb (no drop reasons: frees from nf_hook_slow()) attached"
+        ),
+        2 if conf!(flags) & flags::KMEM_FREE_BY_NAME != 0 => info!(
+            &(),
+            "tracepoint: kmem_cache_free (the cache's name: before 6.2) attached"
+        ),
+        2 => info!(&(), "tracepoint: kmem_cache_free (the cache) attached"),
+        _ => info!(
+            &(),
+            "tracepoint: kmem_cache_free (call site in nf_conntrack_free(): before 5.12) attached"
+        ),
+    }
     if slot >= 2 {
         return;
     }
-    blog!(
-        info,
+    info!(
+        &(),
         "config: flags {:x}, event budget {}/s per CPU, NETFILTER_DROP reason {}, IPS_CONFIRMED_BIT {}",
         conf!(flags),
         conf!(event_budget),
         conf!(netfilter_drop_reason),
         conf!(confirmed_bit)
     );
-    blog!(
-        info,
+    info!(
+        &(),
         "config: nf_hook_slow() {:x}..{:x}, early_drop() {:x}..{:x}, gc_worker() {:x}..{:x}",
         conf!(nf_hook_slow_start),
         conf!(nf_hook_slow_end),
@@ -129,8 +154,8 @@ fn log_start(slot: usize, variant: &str) {
         conf!(gc_worker_start),
         conf!(gc_worker_end)
     );
-    blog!(
-        info,
+    info!(
+        &(),
         "offsets: sk_buff._nfct {} .dev {} .sk {}, net.ns.inum {} .ct.stat {}, ip_conntrack_stat.drop {}",
         off!(skb_nfct),
         off!(skb_dev),
@@ -139,8 +164,8 @@ fn log_start(slot: usize, variant: &str) {
         off!(net_ct_stat),
         off!(stat_drop)
     );
-    blog!(
-        info,
+    info!(
+        &(),
         "offsets: nf_conn.status {} .ct_net {} .tuplehash {} .timeout {}, bpf_array.pptrs {}",
         off!(ct_status),
         off!(ct_net),
@@ -162,7 +187,7 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     }
     // At the first netfilter drop, not the first free: the system's other
     // frees pay nothing for it, not even the gate's load.
-    log_start(0, "kfree_skb (with drop reasons)");
+    log_start(0);
     let from_hook = conf!(nf_hook_slow_start) == 0 || in_nf_hook_slow(location(&ctx));
     let _ = netfilter_drop(ctx.arg(0), from_hook);
     0
@@ -179,7 +204,7 @@ pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
     if !in_nf_hook_slow(location(&ctx)) {
         return 0;
     }
-    log_start(1, "kfree_skb (no drop reasons: frees from nf_hook_slow())");
+    log_start(1);
     let _ = netfilter_drop(ctx.arg(0), true);
     0
 }
@@ -438,10 +463,7 @@ pub fn kmem_cache_free_by_site(ctx: BtfTracePointContext) -> i32 {
     if site < conf!(ct_free_start) || site >= conf!(ct_free_end) {
         return 0;
     }
-    log_start(
-        3,
-        "kmem_cache_free (call site in nf_conntrack_free(): before 5.12)",
-    );
+    log_start(3);
     bump(counter::CT_FREES);
     let _ = conntrack_freed(&ctx);
     0
@@ -475,14 +497,7 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
         // Here, where a cache is seen the first time: not on the path of
         // the frees already sorted out.
-        log_start(
-            2,
-            if by_name {
-                "kmem_cache_free (the cache's name: before 6.2)"
-            } else {
-                "kmem_cache_free (the cache)"
-            },
-        );
+        log_start(2);
         let is_ct = if by_name {
             is_conntrack_name(cache)
         } else {
@@ -503,15 +518,17 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         unsafe { core::ptr::write_volatile(learned, cache) };
         // (Not its address: the verifier refuses any arithmetic on the
         // trusted pointer, and copying it out byte by byte is some.)
-        blog!(
-            info,
-            "kmem_cache_free: learned the nf_conntrack slab ({})",
-            if by_name {
-                "by its name"
-            } else {
-                "by kmem_cache.name"
-            }
-        );
+        if by_name {
+            blog!(
+                info,
+                "kmem_cache_free: learned the nf_conntrack slab (by its name)"
+            );
+        } else {
+            blog!(
+                info,
+                "kmem_cache_free: learned the nf_conntrack slab (by kmem_cache.name)"
+            );
+        }
     }
     bump(counter::CT_FREES);
     conntrack_freed(ctx)
@@ -540,21 +557,19 @@ fn conntrack_freed(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
     let ev = scratch(k)?;
     fill_from_ct(ev, obj)?;
-    blog!(
-        debug,
-        "{}: netns {} live entry freed with {}() on the kernel stack",
-        if k == kind::EARLY_DROP {
-            "early_drop"
-        } else {
-            "gc_evict"
-        },
-        ev.netns,
-        if k == kind::EARLY_DROP {
-            "early_drop"
-        } else {
-            "gc_worker"
-        }
-    );
+    if k == kind::EARLY_DROP {
+        blog!(
+            debug,
+            "early_drop: netns {} live entry freed with early_drop() on the kernel stack",
+            ev.netns
+        );
+    } else {
+        blog!(
+            debug,
+            "gc_evict: netns {} live entry freed with gc_worker() on the kernel stack",
+            ev.netns
+        );
+    }
     emit(ev)
 }
 
