@@ -119,11 +119,11 @@ macro_rules! conf {
 /// 0.2 takes a context but does not use it: `&()`.
 ///
 /// The line is written by a function of its own (`#[inline(never)]`, a
-/// BPF subprogram; its arguments as `i64`): at the call site the compiler
-/// sees one opaque call behind the gate, so the code around it — the drop
-/// paths — is laid out as without it. (Inlined, aya-log's record building
-/// reshaped `kfree_skb`'s netfilter-drop path: +232 instructions with
-/// logging off.)
+/// BPF subprogram; its arguments as `i64`), so the call site holds only
+/// the gate and one call. Even so, gated calls inside a hot function's
+/// branches make LLVM lay it out anew: `kfree_skb`'s netfilter drop
+/// returns its decision and logs it after the work instead
+/// (`log_drop` in tracepoint.rs).
 macro_rules! blog {
     ($level:ident, $fmt:literal) => {
         if conf!(flags) & conntrack_trace_common::flags::BPF_LOG != 0 {

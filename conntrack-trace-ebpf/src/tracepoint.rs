@@ -15,7 +15,7 @@ use crate::common::{
     Direct, IP_CT_UNTRACKED, Mem as _, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit,
     fill_from_ct, fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
 };
-use aya_log_ebpf::info;
+use aya_log_ebpf::{debug, info, warn};
 
 use crate::first_time;
 
@@ -185,11 +185,12 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     if reason as u32 != conf!(netfilter_drop_reason) {
         return 0;
     }
-    // At the first netfilter drop, not the first free: the system's other
-    // frees pay nothing for it, not even the gate's load.
-    log_start(0);
     let from_hook = conf!(nf_hook_slow_start) == 0 || in_nf_hook_slow(location(&ctx));
-    let _ = netfilter_drop(ctx.arg(0), from_hook);
+    log_drop(netfilter_drop(ctx.arg(0), from_hook));
+    // After the first netfilter drop, not at the first free: the system's
+    // other frees pay nothing for it, not even the gate's load; and after
+    // the drop's own work, so the compiler lays that out as without it.
+    log_start(0);
     0
 }
 
@@ -204,8 +205,8 @@ pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
     if !in_nf_hook_slow(location(&ctx)) {
         return 0;
     }
+    log_drop(netfilter_drop(ctx.arg(0), true));
     log_start(1);
-    let _ = netfilter_drop(ctx.arg(0), true);
     0
 }
 
@@ -224,16 +225,85 @@ fn in_nf_hook_slow(ip: u64) -> bool {
     ip >= conf!(nf_hook_slow_start) && ip < conf!(nf_hook_slow_end)
 }
 
+/// What [`netfilter_drop`] decided, for `--bpf-log` ([`log_decision`]):
+/// the kind of the drop, and for a rule drop the check that said so.
+/// Returned rather than logged where it is decided: behind the gate at
+/// the call site, one test after the work, the drop paths compile as
+/// they did before `--bpf-log` (logged in place, the gated calls in the
+/// rule-drop branches made LLVM lay out the whole function anew, +220
+/// instructions with logging off).
+mod decided {
+    /// `table_full`, untracked, or nothing worth a line.
+    pub const QUIET: u8 = 0;
+    /// No entry, and the netns's `drop` counter unreadable: counted as
+    /// `table_full` (`unclassified`).
+    pub const UNCLASSIFIED: u8 = 1;
+    /// No entry, freed by nf_hook_slow(), `drop` did not move.
+    pub const RULE_NOT_COUNTED: u8 = 2;
+    /// No entry, freed outside nf_hook_slow() (the rule freed it).
+    pub const RULE_NOT_FROM_HOOK: u8 = 3;
+    /// A confirmed entry: the ruleset's verdict.
+    pub const RULE_CONFIRMED: u8 = 4;
+    /// An unconfirmed entry: `insert_failed`.
+    pub const INSERT_FAILED: u8 = 5;
+}
+
+/// The `--bpf-log` line for a netfilter drop's decision (out of line, only
+/// called behind the gate).
+#[inline(never)]
+fn log_decision(d: u8, inum: u32) {
+    match d {
+        decided::UNCLASSIFIED => warn!(
+            &(),
+            "unclassified: netns {} drop without entry, conntrack's drop counter unreadable: counted as table_full",
+            inum
+        ),
+        decided::RULE_NOT_COUNTED => debug!(
+            &(),
+            "rule_drop: netns {} no entry, conntrack's drop counter did not move on this CPU: not table_full",
+            inum
+        ),
+        decided::RULE_NOT_FROM_HOOK => debug!(
+            &(),
+            "rule_drop: netns {} no entry, freed outside nf_hook_slow() (a rule freed it): not table_full",
+            inum
+        ),
+        decided::RULE_CONFIRMED => debug!(
+            &(),
+            "rule_drop: netns {} entry confirmed: the ruleset dropped it, not conntrack", inum
+        ),
+        decided::INSERT_FAILED => info!(
+            &(),
+            "insert_failed: netns {} dropped with an unconfirmed entry (confirmation failed)", inum
+        ),
+        _ => {}
+    }
+}
+
+/// Hands a netfilter drop's decision to [`log_decision`] when `--bpf-log`
+/// is on (the gate: removed by the verifier when off).
+#[inline(always)]
+fn log_drop(r: Result<(u8, u32), i64>) {
+    if conf!(flags) & flags::BPF_LOG != 0 {
+        if let Ok((d, inum)) = r {
+            if d != decided::QUIET {
+                log_decision(d, inum);
+            }
+        }
+    }
+}
+
 /// A packet netfilter dropped (`from_hook`: freed by nf_hook_slow(), i.e.
 /// a verdict returned to it, not freed by the rule itself). `skb` is the
 /// tracepoint's own argument, typed by BTF: its fields, and the device,
-/// socket and namespace they lead to, are [`Direct`] loads.
+/// socket and namespace they lead to, are [`Direct`] loads. Returns what
+/// it decided ([`decided`]) and the netns, for `--bpf-log`.
 #[inline(always)]
-fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
+fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(u8, u32), i64> {
     let nfct: u64 = Direct::get(skb + off!(skb_nfct))?;
     let ct = nfct & !NFCT_INFOMASK;
     if ct == 0 && nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
-        return Ok(());
+        return Ok((decided::QUIET, 0));
     }
     let net = skb_net::<Direct>(skb);
     // Read once: the drop baseline is kept per namespace and the event
@@ -262,21 +332,10 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
         let by_conntrack = from_hook
             && if moved < 0 {
                 bump(counter::UNCLASSIFIED);
-                blog!(
-                    warn,
-                    "unclassified: netns {} drop without entry, conntrack's drop counter unreadable: counted as table_full",
-                    inum
-                );
                 true
             } else {
                 if moved > 1 {
                     add(counter::DROP_UNMATCHED, (moved - 1) as u64);
-                    blog!(
-                        info,
-                        "drop_unmatched: netns {} conntrack's drop counter moved {} on this CPU for one netfilter drop",
-                        inum,
-                        moved
-                    );
                 }
                 moved > 0
             };
@@ -284,51 +343,46 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
             if !from_hook && moved > 0 {
                 add(counter::DROP_UNMATCHED, moved as u64);
             }
-            if from_hook {
-                blog!(
-                    debug,
-                    "rule_drop: netns {} no entry, conntrack's drop counter did not move on this CPU: not table_full",
-                    inum
-                );
+            let why = if from_hook {
+                decided::RULE_NOT_COUNTED
             } else {
-                blog!(
-                    debug,
-                    "rule_drop: netns {} no entry, freed outside nf_hook_slow() (a rule freed it): not table_full",
-                    inum
-                );
-            }
+                decided::RULE_NOT_FROM_HOOK
+            };
             if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
                 bump(counter::seen(kind::RULE_DROP));
-                return Ok(());
+                return Ok((why, inum));
             }
             let ev = scratch(kind::RULE_DROP)?;
             fill_from_skb::<Direct>(ev, skb);
             ev.netns = inum;
-            return emit(ev);
+            return emit(ev).map(|()| (why, inum));
         }
         let ev = scratch(kind::TABLE_FULL)?;
         fill_from_skb::<Direct>(ev, skb);
         ev.netns = inum;
-        return emit(ev);
+        emit(ev)?;
+        return Ok((
+            if moved < 0 {
+                decided::UNCLASSIFIED
+            } else {
+                decided::QUIET
+            },
+            inum,
+        ));
     }
     if ct_is_confirmed(ct)? {
         // A confirmed entry: the ruleset dropped it, conntrack did not fail.
-        blog!(
-            debug,
-            "rule_drop: netns {} entry confirmed: the ruleset dropped it, not conntrack",
-            inum
-        );
         if moved > 0 {
             add(counter::DROP_UNMATCHED, moved as u64);
         }
         if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
             bump(counter::seen(kind::RULE_DROP));
-            return Ok(());
+            return Ok((decided::RULE_CONFIRMED, inum));
         }
         let ev = scratch(kind::RULE_DROP)?;
         fill_from_ct(ev, ct)?;
         fill_packet::<Direct>(ev, skb);
-        return emit(ev);
+        return emit(ev).map(|()| (decided::RULE_CONFIRMED, inum));
     }
     // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
     // while the new, never-inserted (unconfirmed) entry is still attached
@@ -336,16 +390,10 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
     if moved > 1 {
         add(counter::DROP_UNMATCHED, (moved - 1) as u64);
     }
-    blog!(
-        info,
-        "insert_failed: netns {} dropped with an unconfirmed entry (confirmation failed); drop counter moved {}",
-        inum,
-        moved
-    );
     let ev = scratch(kind::INSERT_FAILED)?;
     fill_from_ct(ev, ct)?;
     fill_packet::<Direct>(ev, skb);
-    emit(ev)
+    emit(ev).map(|()| (decided::INSERT_FAILED, inum))
 }
 
 /// This CPU's per-CPU offset (`__per_cpu_offset[cpu]`, which kallsyms does
