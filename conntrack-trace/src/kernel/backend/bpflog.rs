@@ -42,10 +42,10 @@ pub enum BpfLog {
 }
 
 /// Why `--bpf-log` refuses the fexit backend (`auto` then takes the
-/// tracepoints): aya-log-ebpf's macro compiles to BPF subprograms, which
-/// the trampoline loader (conntrack-trace/src/kernel/backend/trampoline.rs,
-/// no BTF func_info) does not load, so the fexit programs carry no log
-/// calls.
+/// tracepoints): aya-log-ebpf's macro compiles to BPF subprograms, and
+/// the trampoline loader (conntrack-trace/src/kernel/backend/trampoline.rs)
+/// gives the kernel no BTF func_info; untested there, so the fexit
+/// programs carry no log calls (see conntrack-trace-ebpf/src/fexit.rs).
 pub const FEXIT_DOES_NOT_LOG: &str = "--bpf-log needs the tracepoint backend: the fexit programs do not log (use --backend tracepoint or auto)";
 
 /// aya-log's ring (`AYA_LOGS`) when logging: aya-log-ebpf's own size. A
