@@ -332,6 +332,11 @@ pub mod flags {
     /// Submit events without waking the reader, which polls on a timer
     /// (`--ring-wakeup poll`; see [`super::Config::ring_wake_bytes`]).
     pub const RING_POLL: u32 = 4;
+    /// `--bpf-log` is on: the programs log their decisions on the rare
+    /// paths through aya-log (conntrack-trace-ebpf's `blog!`). Off, every
+    /// log call sits behind a test of this read-only bit that the verifier
+    /// resolves at load and removes with the call.
+    pub const BPF_LOG: u32 = 8;
 }
 
 /// Per-CPU state of the fexit backend's scoped hooks (`FEXIT_SCOPE` map).

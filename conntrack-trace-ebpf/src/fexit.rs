@@ -10,6 +10,13 @@
 //! user space checks every function's prototype in BTF before loading.
 //! Return values are read with `bpf_get_func_ret()` (a scalar copy), so no
 //! comparison is made on a pointer-typed register.
+//!
+//! No `blog!` (`--bpf-log`) here: aya-log-ebpf's macro compiles to BPF
+//! subprograms (its closures), present in the object whether logging is
+//! on or off, and the trampoline loader loads without BTF func_info; that
+//! these programs would still load on the VM matrix's kernels is untested
+//! (this host refuses fentry/fexit altogether), so they carry no log call
+//! and `--bpf-log` needs the tracepoint backend.
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,

@@ -108,6 +108,66 @@ macro_rules! conf {
     };
 }
 
+/// A diagnostic line for `--bpf-log` (aya-log's `error!` .. `debug!`),
+/// only on the rare paths: never on a table-full flood's per-drop path.
+/// Behind [`flags::BPF_LOG`](conntrack_trace_common::flags::BPF_LOG) in
+/// the read-only `CONFIG`: the verifier reads the frozen value, finds the
+/// branch dead when logging is off and removes it (with the ring reserve
+/// and the copies), so the programs cost what they cost without logging.
+/// (aya-log also tests its own `AYA_LOG_LEVEL`, set from `--bpf-log` by
+/// user space: levels below it are removed the same way.) aya-log-ebpf
+/// 0.2 takes a context but does not use it: `&()`.
+///
+/// The line is written by a function of its own (`#[inline(never)]`, a
+/// BPF subprogram; its arguments as `i64`), so the call site holds only
+/// the gate and one call. Even so, gated calls inside a hot function's
+/// branches make LLVM lay it out anew: `kfree_skb`'s netfilter drop
+/// returns its decision and logs it after the work instead
+/// (`log_drop` in tracepoint.rs).
+macro_rules! blog {
+    ($level:ident, $fmt:literal) => {
+        if conf!(flags) & conntrack_trace_common::flags::BPF_LOG != 0 {
+            #[inline(never)]
+            fn line() {
+                aya_log_ebpf::$level!(&(), $fmt);
+            }
+            line();
+        }
+    };
+    ($level:ident, $fmt:literal, $a:expr) => {
+        if conf!(flags) & conntrack_trace_common::flags::BPF_LOG != 0 {
+            #[inline(never)]
+            fn line(a: i64) {
+                aya_log_ebpf::$level!(&(), $fmt, a);
+            }
+            line($a as i64);
+        }
+    };
+    ($level:ident, $fmt:literal, $a:expr, $b:expr) => {
+        if conf!(flags) & conntrack_trace_common::flags::BPF_LOG != 0 {
+            #[inline(never)]
+            fn line(a: i64, b: i64) {
+                aya_log_ebpf::$level!(&(), $fmt, a, b);
+            }
+            line($a as i64, $b as i64);
+        }
+    };
+}
+
+/// Whether the `once` slot's line is still to be logged; marks it done.
+/// (Two CPUs racing may both log it: a duplicate line, never a lost one.)
+#[inline(always)]
+fn first_time(once: *mut u32) -> bool {
+    // SAFETY: a global of ours; aligned u32 accesses.
+    unsafe {
+        if core::ptr::read_volatile(once) != 0 {
+            return false;
+        }
+        core::ptr::write_volatile(once, 1);
+    }
+    true
+}
+
 // After the macros above: `macro_rules!` are visible to modules declared
 // later in the file.
 mod budget;

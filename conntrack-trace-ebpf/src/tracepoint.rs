@@ -15,6 +15,9 @@ use crate::common::{
     Direct, IP_CT_UNTRACKED, Mem as _, NFCT_INFOMASK, add, bump, ct_is_confirmed, ct_live, emit,
     fill_from_ct, fill_from_skb, fill_packet, net_inum, read, scratch, skb_net,
 };
+use aya_log_ebpf::{debug, info, warn};
+
+use crate::first_time;
 
 /// The `struct kmem_cache *` of the nf_conntrack slab, learned on first
 /// sight. A global (`.bss`), not an array map: every slab free in the
@@ -89,6 +92,89 @@ struct DropFront {
 #[map]
 static DROP_FRONT: PerCpuArray<DropFront> = PerCpuArray::with_max_entries(1, 0);
 
+/// `--bpf-log`: each program's first run logs what it was loaded with
+/// (one slot per program; `.bss`, zero until then).
+#[unsafe(no_mangle)]
+static mut LOGGED_START: [u32; 4] = [0; 4];
+
+/// Logs, once per program (`slot`), the variant it is and the settings
+/// and offsets user space wrote: what a user can send us when a kernel
+/// classifies oddly. Removed with the rest when `--bpf-log` is off (the
+/// gate here, the lines out of line in [`start_lines`]).
+#[inline(always)]
+fn log_start(slot: usize) {
+    if conf!(flags) & flags::BPF_LOG != 0 {
+        start_lines(slot);
+    }
+}
+
+#[inline(never)]
+fn start_lines(slot: usize) {
+    if slot >= 4 {
+        return;
+    }
+    // SAFETY: `slot` < 4; a global of ours.
+    if !first_time(unsafe { (&raw mut LOGGED_START).cast::<u32>().add(slot) }) {
+        return;
+    }
+    match slot {
+        0 => info!(&(), "tracepoint: kfree_skb (with drop reasons) attached"),
+        1 => info!(
+            &(),
+            "tracepoint: kfree_skb (no drop reasons: frees from nf_hook_slow()) attached"
+        ),
+        2 if conf!(flags) & flags::KMEM_FREE_BY_NAME != 0 => info!(
+            &(),
+            "tracepoint: kmem_cache_free (the cache's name: before 6.2) attached"
+        ),
+        2 => info!(&(), "tracepoint: kmem_cache_free (the cache) attached"),
+        _ => info!(
+            &(),
+            "tracepoint: kmem_cache_free (call site in nf_conntrack_free(): before 5.12) attached"
+        ),
+    }
+    if slot >= 2 {
+        return;
+    }
+    info!(
+        &(),
+        "config: flags {:x}, event budget {}/s per CPU, NETFILTER_DROP reason {}, IPS_CONFIRMED_BIT {}",
+        conf!(flags),
+        conf!(event_budget),
+        conf!(netfilter_drop_reason),
+        conf!(confirmed_bit)
+    );
+    info!(
+        &(),
+        "config: nf_hook_slow() {:x}..{:x}, early_drop() {:x}..{:x}, gc_worker() {:x}..{:x}",
+        conf!(nf_hook_slow_start),
+        conf!(nf_hook_slow_end),
+        conf!(early_drop_start),
+        conf!(early_drop_end),
+        conf!(gc_worker_start),
+        conf!(gc_worker_end)
+    );
+    info!(
+        &(),
+        "offsets: sk_buff._nfct {} .dev {} .sk {}, net.ns.inum {} .ct.stat {}, ip_conntrack_stat.drop {}",
+        off!(skb_nfct),
+        off!(skb_dev),
+        off!(skb_sk),
+        off!(net_inum),
+        off!(net_ct_stat),
+        off!(stat_drop)
+    );
+    info!(
+        &(),
+        "offsets: nf_conn.status {} .ct_net {} .tuplehash {} .timeout {}, bpf_array.pptrs {}",
+        off!(ct_status),
+        off!(ct_net),
+        off!(ct_tuple),
+        off!(ct_timeout),
+        off!(array_pptrs)
+    );
+}
+
 /// `kfree_skb(skb, location, reason[, rx_sk])`, since 5.17: a netfilter
 /// drop is `SKB_DROP_REASON_NETFILTER_DROP`.
 #[btf_tracepoint(function = "kfree_skb")]
@@ -100,7 +186,11 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let from_hook = conf!(nf_hook_slow_start) == 0 || in_nf_hook_slow(location(&ctx));
-    let _ = netfilter_drop(ctx.arg(0), from_hook);
+    log_drop(netfilter_drop(ctx.arg(0), from_hook));
+    // After the first netfilter drop, not at the first free: the system's
+    // other frees pay nothing for it, not even the gate's load; and after
+    // the drop's own work, so the compiler lays that out as without it.
+    log_start(0);
     0
 }
 
@@ -115,7 +205,8 @@ pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
     if !in_nf_hook_slow(location(&ctx)) {
         return 0;
     }
-    let _ = netfilter_drop(ctx.arg(0), true);
+    log_drop(netfilter_drop(ctx.arg(0), true));
+    log_start(1);
     0
 }
 
@@ -134,16 +225,85 @@ fn in_nf_hook_slow(ip: u64) -> bool {
     ip >= conf!(nf_hook_slow_start) && ip < conf!(nf_hook_slow_end)
 }
 
+/// What [`netfilter_drop`] decided, for `--bpf-log` ([`log_decision`]):
+/// the kind of the drop, and for a rule drop the check that said so.
+/// Returned rather than logged where it is decided: behind the gate at
+/// the call site, one test after the work, the drop paths compile as
+/// they did before `--bpf-log` (logged in place, the gated calls in the
+/// rule-drop branches made LLVM lay out the whole function anew, +220
+/// instructions with logging off).
+mod decided {
+    /// `table_full`, untracked, or nothing worth a line.
+    pub const QUIET: u8 = 0;
+    /// No entry, and the netns's `drop` counter unreadable: counted as
+    /// `table_full` (`unclassified`).
+    pub const UNCLASSIFIED: u8 = 1;
+    /// No entry, freed by nf_hook_slow(), `drop` did not move.
+    pub const RULE_NOT_COUNTED: u8 = 2;
+    /// No entry, freed outside nf_hook_slow() (the rule freed it).
+    pub const RULE_NOT_FROM_HOOK: u8 = 3;
+    /// A confirmed entry: the ruleset's verdict.
+    pub const RULE_CONFIRMED: u8 = 4;
+    /// An unconfirmed entry: `insert_failed`.
+    pub const INSERT_FAILED: u8 = 5;
+}
+
+/// The `--bpf-log` line for a netfilter drop's decision (out of line, only
+/// called behind the gate).
+#[inline(never)]
+fn log_decision(d: u8, inum: u32) {
+    match d {
+        decided::UNCLASSIFIED => warn!(
+            &(),
+            "unclassified: netns {} drop without entry, conntrack's drop counter unreadable: counted as table_full",
+            inum
+        ),
+        decided::RULE_NOT_COUNTED => debug!(
+            &(),
+            "rule_drop: netns {} no entry, conntrack's drop counter did not move on this CPU: not table_full",
+            inum
+        ),
+        decided::RULE_NOT_FROM_HOOK => debug!(
+            &(),
+            "rule_drop: netns {} no entry, freed outside nf_hook_slow() (a rule freed it): not table_full",
+            inum
+        ),
+        decided::RULE_CONFIRMED => debug!(
+            &(),
+            "rule_drop: netns {} entry confirmed: the ruleset dropped it, not conntrack", inum
+        ),
+        decided::INSERT_FAILED => info!(
+            &(),
+            "insert_failed: netns {} dropped with an unconfirmed entry (confirmation failed)", inum
+        ),
+        _ => {}
+    }
+}
+
+/// Hands a netfilter drop's decision to [`log_decision`] when `--bpf-log`
+/// is on (the gate: removed by the verifier when off).
+#[inline(always)]
+fn log_drop(r: Result<(u8, u32), i64>) {
+    if conf!(flags) & flags::BPF_LOG != 0 {
+        if let Ok((d, inum)) = r {
+            if d != decided::QUIET {
+                log_decision(d, inum);
+            }
+        }
+    }
+}
+
 /// A packet netfilter dropped (`from_hook`: freed by nf_hook_slow(), i.e.
 /// a verdict returned to it, not freed by the rule itself). `skb` is the
 /// tracepoint's own argument, typed by BTF: its fields, and the device,
-/// socket and namespace they lead to, are [`Direct`] loads.
+/// socket and namespace they lead to, are [`Direct`] loads. Returns what
+/// it decided ([`decided`]) and the netns, for `--bpf-log`.
 #[inline(always)]
-fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
+fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(u8, u32), i64> {
     let nfct: u64 = Direct::get(skb + off!(skb_nfct))?;
     let ct = nfct & !NFCT_INFOMASK;
     if ct == 0 && nfct & NFCT_INFOMASK == IP_CT_UNTRACKED {
-        return Ok(());
+        return Ok((decided::QUIET, 0));
     }
     let net = skb_net::<Direct>(skb);
     // Read once: the drop baseline is kept per namespace and the event
@@ -183,19 +343,32 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
             if !from_hook && moved > 0 {
                 add(counter::DROP_UNMATCHED, moved as u64);
             }
+            let why = if from_hook {
+                decided::RULE_NOT_COUNTED
+            } else {
+                decided::RULE_NOT_FROM_HOOK
+            };
             if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
                 bump(counter::seen(kind::RULE_DROP));
-                return Ok(());
+                return Ok((why, inum));
             }
             let ev = scratch(kind::RULE_DROP)?;
             fill_from_skb::<Direct>(ev, skb);
             ev.netns = inum;
-            return emit(ev);
+            return emit(ev).map(|()| (why, inum));
         }
         let ev = scratch(kind::TABLE_FULL)?;
         fill_from_skb::<Direct>(ev, skb);
         ev.netns = inum;
-        return emit(ev);
+        emit(ev)?;
+        return Ok((
+            if moved < 0 {
+                decided::UNCLASSIFIED
+            } else {
+                decided::QUIET
+            },
+            inum,
+        ));
     }
     if ct_is_confirmed(ct)? {
         // A confirmed entry: the ruleset dropped it, conntrack did not fail.
@@ -204,12 +377,12 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
         }
         if conf!(flags) & flags::EMIT_RULE_DROPS == 0 {
             bump(counter::seen(kind::RULE_DROP));
-            return Ok(());
+            return Ok((decided::RULE_CONFIRMED, inum));
         }
         let ev = scratch(kind::RULE_DROP)?;
         fill_from_ct(ev, ct)?;
         fill_packet::<Direct>(ev, skb);
-        return emit(ev);
+        return emit(ev).map(|()| (decided::RULE_CONFIRMED, inum));
     }
     // __nf_conntrack_confirm(): a clash it could not resolve returns NF_DROP
     // while the new, never-inserted (unconfirmed) entry is still attached
@@ -220,7 +393,7 @@ fn netfilter_drop(skb: u64, from_hook: bool) -> Result<(), i64> {
     let ev = scratch(kind::INSERT_FAILED)?;
     fill_from_ct(ev, ct)?;
     fill_packet::<Direct>(ev, skb);
-    emit(ev)
+    emit(ev).map(|()| (decided::INSERT_FAILED, inum))
 }
 
 /// This CPU's per-CPU offset (`__per_cpu_offset[cpu]`, which kallsyms does
@@ -338,6 +511,7 @@ pub fn kmem_cache_free_by_site(ctx: BtfTracePointContext) -> i32 {
     if site < conf!(ct_free_start) || site >= conf!(ct_free_end) {
         return 0;
     }
+    log_start(3);
     bump(counter::CT_FREES);
     let _ = conntrack_freed(&ctx);
     0
@@ -369,6 +543,9 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
         let by_name = conf!(flags) & flags::KMEM_FREE_BY_NAME != 0;
+        // Here, where a cache is seen the first time: not on the path of
+        // the frees already sorted out.
+        log_start(2);
         let is_ct = if by_name {
             is_conntrack_name(cache)
         } else {
@@ -387,6 +564,19 @@ fn try_kmem_cache_free(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(learned, cache) };
+        // (Not its address: the verifier refuses any arithmetic on the
+        // trusted pointer, and copying it out byte by byte is some.)
+        if by_name {
+            blog!(
+                info,
+                "kmem_cache_free: learned the nf_conntrack slab (by its name)"
+            );
+        } else {
+            blog!(
+                info,
+                "kmem_cache_free: learned the nf_conntrack slab (by kmem_cache.name)"
+            );
+        }
     }
     bump(counter::CT_FREES);
     conntrack_freed(ctx)
@@ -415,6 +605,19 @@ fn conntrack_freed(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // slab is SLAB_TYPESAFE_BY_RCU and nf_conntrack_free() does not clear it.
     let ev = scratch(k)?;
     fill_from_ct(ev, obj)?;
+    if k == kind::EARLY_DROP {
+        blog!(
+            debug,
+            "early_drop: netns {} live entry freed with early_drop() on the kernel stack",
+            ev.netns
+        );
+    } else {
+        blog!(
+            debug,
+            "gc_evict: netns {} live entry freed with gc_worker() on the kernel stack",
+            ev.netns
+        );
+    }
     emit(ev)
 }
 

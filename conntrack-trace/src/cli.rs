@@ -13,7 +13,10 @@ use crate::{
     drivers::agent::autopilot::{self, MemoryLimit},
     drivers::trace::TraceOptions,
     formats::capture::WriteOptions,
-    kernel::{backend, btf::VMLINUX_BTF},
+    kernel::{
+        backend::{self, bpflog::BpfLog},
+        btf::VMLINUX_BTF,
+    },
     model::event::Proto,
 };
 
@@ -312,6 +315,16 @@ impl From<BackendArg> for crate::kernel::backend::Choice {
     }
 }
 
+/// `--bpf-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BpfLogArg {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RingWakeupArg {
     Adaptive,
@@ -418,6 +431,13 @@ pub struct BackendArgs {
     /// with `--event-budget 0`.
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    /// The programs' own diagnostic log (aya-log), up to this level, as
+    /// `bpf: LEVEL ...` lines on stderr (agent: `bpf_log` JSON lines):
+    /// why a drop was not conntrack's, which step named a rare kind, what
+    /// the programs were loaded with. Off costs nothing (see
+    /// docs/backends.md).
+    #[arg(long, value_enum, default_value = "off")]
+    pub bpf_log: BpfLogArg,
 }
 
 impl BackendArgs {
@@ -437,6 +457,13 @@ impl BackendArgs {
             ring_wakeup: match self.ring_wakeup {
                 RingWakeupArg::Adaptive => backend::RingWakeup::Adaptive,
                 RingWakeupArg::Poll => backend::RingWakeup::Poll,
+            },
+            bpf_log: match self.bpf_log {
+                BpfLogArg::Off => BpfLog::Off,
+                BpfLogArg::Error => BpfLog::Error,
+                BpfLogArg::Warn => BpfLog::Warn,
+                BpfLogArg::Info => BpfLog::Info,
+                BpfLogArg::Debug => BpfLog::Debug,
             },
         }
     }

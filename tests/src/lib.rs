@@ -500,7 +500,12 @@ impl Tracer {
 
     /// Sends `signal` (SIGINT or SIGTERM: both end a trace cleanly) and
     /// collects the output (bounded wait).
-    pub fn stop_with(mut self, signal: i32) -> Result<json::Output> {
+    pub fn stop_with(self, signal: i32) -> Result<json::Output> {
+        self.stop_with_stderr(signal).map(|(out, _)| out)
+    }
+
+    /// [`Tracer::stop_with`], and what the tracer wrote on stderr.
+    pub fn stop_with_stderr(mut self, signal: i32) -> Result<(json::Output, String)> {
         let mut child = self.child.take().context("already stopped")?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
@@ -530,7 +535,7 @@ impl Tracer {
             "conntrack-trace failed ({status}): {}",
             stderr.trim()
         );
-        json::Output::parse(&stdout)
+        Ok((json::Output::parse(&stdout)?, stderr))
     }
 }
 

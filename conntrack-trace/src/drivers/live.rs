@@ -18,7 +18,7 @@ use crate::{
     formats::capture::{self, format::NsFill},
     formats::outfile::{FileId, Input, ReadyFile},
     formats::output::{NsView, pipe::diag},
-    kernel::backend::{self, Backend, BpfCounters, Choice},
+    kernel::backend::{self, Backend, BpfCounters, Choice, bpflog},
     kernel::error::TraceError,
     kernel::kstats::Uncovered,
     kernel::kstats::{self, CtStats},
@@ -322,27 +322,50 @@ pub struct Started {
     pub scope: Vec<netns::Held>,
     pub start: kstats::Snapshot,
     pub ring: Option<Ring>,
+    /// `--bpf-log`'s reader (None when off); dropped last, after a final
+    /// drain.
+    pub bpf_log: Option<bpflog::Reader>,
 }
 
-/// Holds `list`, opens the backend (see [`open`]) and takes its ring.
+/// Holds `list`, opens the backend (see [`open`]), takes its ring and,
+/// with `--bpf-log`, starts reading the programs' log into `log_sink`.
 pub fn start(
     choice: Choice,
     opts: &backend::Options,
     list: &[NetnsInfo],
     scope: Scope,
+    log_sink: bpflog::Sink,
 ) -> Result<Started, TraceError> {
     let held = netns::hold(list);
     let opened = open(choice, opts, &held)?;
     let facts = opened.facts(scope);
     let Opened { mut tp, start, .. } = opened;
     let ring = Ring::take(&mut tp, opts)?;
+    let bpf_log = tp.start_log(opts.bpf_log, log_sink)?;
+    if opts.bpf_log.is_on() && bpf_log.is_none() {
+        log_sink(
+            log::Level::Warn,
+            "--bpf-log: the counters backend runs no programs: nothing to log",
+        );
+    }
     Ok(Started {
         facts,
         tp,
         scope: held,
         start,
         ring,
+        bpf_log,
     })
+}
+
+/// `--bpf-log`'s sink for `trace` and `doctor`: one `bpf: LEVEL message`
+/// line on stderr per record.
+pub fn bpf_log_line(level: log::Level, message: &str) {
+    diag(format_args!(
+        "bpf: {} {}",
+        level.as_str().to_ascii_lowercase(),
+        crate::formats::text::field(message)
+    ));
 }
 
 /// A backend, opened with the kernel's counters read right before its

@@ -164,7 +164,13 @@ impl<'s> Session<'s> {
         let (prepared, ready) =
             live::prepare_outputs(&opts.backend, opts.write.take(), opts.ready_file.as_deref())?;
         let (list, scope_desc) = resolve_scope(&mut opts, &all)?;
-        let started = live::start(opts.choice, &opts.backend, &list, scope_desc)?;
+        let started = live::start(
+            opts.choice,
+            &opts.backend,
+            &list,
+            scope_desc,
+            live::bpf_log_line,
+        )?;
         let (facts, scope) = (&started.facts, &started.scope);
         live::announce(facts, &opts.filter);
         let names = crate::kernel::workload::names_of(&all);

@@ -117,6 +117,12 @@ pub enum State {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Line<'a> {
     State(Stamped<'a>),
+    /// A line of the programs' own log (`--bpf-log`).
+    BpfLog {
+        ts_unix_ms: u128,
+        level: &'a str,
+        message: &'a str,
+    },
 }
 
 /// A state change and when it was seen.
@@ -127,12 +133,30 @@ struct Stamped<'a> {
     state: &'a State,
 }
 
-pub fn emit(state: &State) {
-    let ts_unix_ms = std::time::SystemTime::now()
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+pub fn emit(state: &State) {
+    let ts_unix_ms = now_ms();
     if let Ok(s) = serde_json::to_string(&Line::State(Stamped { ts_unix_ms, state })) {
+        crate::formats::output::pipe::diag(s);
+    }
+}
+
+/// `--bpf-log`'s sink for the agent: `{"type":"bpf_log","level":...,
+/// "message":...}`, one line per record of the programs' log.
+pub fn emit_bpf(level: ::log::Level, message: &str) {
+    let level = level.as_str().to_ascii_lowercase();
+    let line = Line::BpfLog {
+        ts_unix_ms: now_ms(),
+        level: &level,
+        message,
+    };
+    if let Ok(s) = serde_json::to_string(&line) {
         crate::formats::output::pipe::diag(s);
     }
 }
@@ -140,6 +164,20 @@ pub fn emit(state: &State) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bpf_log_line() {
+        let s = serde_json::to_value(Line::BpfLog {
+            ts_unix_ms: 5,
+            level: "debug",
+            message: "rule_drop: netns 1 ...",
+        })
+        .unwrap();
+        assert_eq!(
+            s,
+            serde_json::json!({"type": "bpf_log", "ts_unix_ms": 5, "level": "debug", "message": "rule_drop: netns 1 ..."})
+        );
+    }
 
     #[test]
     fn one_tagged_line() {

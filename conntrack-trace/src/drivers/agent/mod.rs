@@ -234,6 +234,8 @@ struct Agent {
     opts: AgentOptions,
     facts: SessionFacts,
     tp: Backend,
+    /// `--bpf-log`'s reader (None when off): stops with the agent.
+    _bpf_log: Option<crate::kernel::backend::bpflog::Reader>,
     /// Every namespace at start, held open so that both snapshots read the
     /// same ones.
     held: Vec<netns::Held>,
@@ -475,7 +477,8 @@ impl Agent {
             scope: held,
             start: start_stats,
             ring,
-        } = live::start(opts.choice, &opts.backend, &list, scope)?;
+            bpf_log,
+        } = live::start(opts.choice, &opts.backend, &list, scope, log::emit_bpf)?;
         diag(selection_line(&facts.hooks, &facts.refused));
         if !facts.refused.is_empty() {
             log::emit(&State::BackendFellBack {
@@ -507,6 +510,7 @@ impl Agent {
             opts,
             facts,
             tp,
+            _bpf_log: bpf_log,
             held,
             start_stats,
             tables,

@@ -125,7 +125,7 @@ impl<'o> Live<'o> {
             namespaces: list.len(),
             uncovered: Vec::new(),
         };
-        let session = live::start(opts.choice, &opts.backend, &list, scope)?;
+        let session = live::start(opts.choice, &opts.backend, &list, scope, live::bpf_log_line)?;
         let filter = Filter {
             netns: session.facts.scope.netns_inode,
             ..Filter::default()

@@ -553,6 +553,7 @@ mod tests {
                 ring_bytes: 1 << 20,
                 event_budget: 0,
                 ring_wakeup: backend::RingWakeup::Adaptive,
+                bpf_log: backend::bpflog::BpfLog::Off,
             },
             at_risk_fill: 80.0,
             at_risk_within: Duration::from_secs(600),

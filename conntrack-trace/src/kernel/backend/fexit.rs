@@ -225,7 +225,7 @@ impl Fexit {
         };
         opts.ring_wakeup.configure(&mut config, opts.ring_bytes);
         let (hooks, evictions, gc_evict) = resolve(kbtf, opts.evictions)?;
-        let ebpf = super::load_object(&types.aya, &offsets, &config, opts.ring_bytes)?;
+        let ebpf = super::load_object(&types.aya, &offsets, &config, opts)?;
         let mut fds = HashMap::new();
         for (name, map) in ebpf.maps() {
             fds.insert(name.to_owned(), map_fd(name, map)?);

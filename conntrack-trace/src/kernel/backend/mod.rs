@@ -14,6 +14,7 @@
 //! kernel version: distributions backport.
 
 mod batch;
+pub mod bpflog;
 pub mod counters;
 pub mod fexit;
 pub mod tracepoint;
@@ -129,6 +130,8 @@ pub struct Options {
     pub event_budget: u32,
     /// `--ring-wakeup`.
     pub ring_wakeup: RingWakeup,
+    /// `--bpf-log`: the programs' diagnostic log ([`bpflog`]).
+    pub bpf_log: bpflog::BpfLog,
 }
 
 /// How the programs wake the ring's reader (`--ring-wakeup`).
@@ -218,6 +221,24 @@ impl Backend {
             Backend::Tracepoint(b) => take_ring(&mut b.ebpf).map(Some),
             Backend::Counters(_) => Ok(None),
         }
+    }
+
+    /// With `--bpf-log` on, starts reading the programs' log into `sink`
+    /// (None when off, and for `counters`, which runs no programs).
+    pub fn start_log(
+        &mut self,
+        level: bpflog::BpfLog,
+        sink: bpflog::Sink,
+    ) -> Result<Option<bpflog::Reader>, TraceError> {
+        let ebpf = match self {
+            _ if !level.is_on() => return Ok(None),
+            Backend::Fexit(b) => &mut b.ebpf,
+            Backend::Tracepoint(b) => &mut b.ebpf,
+            Backend::Counters(_) => return Ok(None),
+        };
+        bpflog::Reader::start(ebpf, sink)
+            .map(Some)
+            .map_err(TraceError::Other)
     }
 
     /// Totals since attach: the programs' per-CPU counters, or for
@@ -336,6 +357,9 @@ fn open_one(
         Ok(parsed.get_or_init(|| t))
     };
     let fexit = || -> Result<Backend, TraceError> {
+        if opts.bpf_log.is_on() {
+            return Err(TraceError::Unsupported(bpflog::FEXIT_DOES_NOT_LOG.into()));
+        }
         let mut b = fexit::Fexit::load(opts, types()?)?;
         before_attach();
         b.attach()?;
@@ -355,6 +379,9 @@ fn open_one(
         Ok(Backend::Counters(b))
     };
     match choice {
+        Choice::Fexit if opts.bpf_log.is_on() => {
+            Err(TraceError::Usage(bpflog::FEXIT_DOES_NOT_LOG.into()))
+        }
         Choice::Fexit => Ok((fexit()?, Vec::new())),
         Choice::Tracepoint => Ok((tracepoint()?, Vec::new())),
         Choice::Counters => Ok((counters()?, Vec::new())),
@@ -429,14 +456,20 @@ pub(crate) fn load_object(
     btf: &aya::Btf,
     offsets: &Offsets,
     config: &Config,
-    ring_bytes: u32,
+    opts: &Options,
 ) -> Result<Ebpf, TraceError> {
     raise_memlock();
+    let mut config = *config;
+    opts.bpf_log.configure(&mut config);
     EbpfLoader::new()
         .btf(Some(btf))
         .override_global("OFFSETS", offsets, true)
-        .override_global("CONFIG", config, true)
-        .map_max_entries("EVENTS", ring_bytes)
+        .override_global("CONFIG", &config, true)
+        // aya-log-ebpf's level (`--bpf-log`; 0 when off): with CONFIG's
+        // gate, what the verifier prunes.
+        .override_global(aya_log::LEVEL, &opts.bpf_log.aya_level(), true)
+        .map_max_entries("AYA_LOGS", opts.bpf_log.ring_bytes())
+        .map_max_entries("EVENTS", opts.ring_bytes)
         .load(EBPF_OBJECT)
         .map_err(|e| TraceError::Load {
             prog: "conntrack-trace (object)".into(),

@@ -266,7 +266,7 @@ impl Tracepoints {
         let (kmem, evictions) = eviction_hook(kbtf, opts.evictions, syms, &mut config);
         let gc_evict = gc_hook(&evictions, gc_worker, &mut config);
         let aya_btf = &types.aya;
-        let mut ebpf = super::load_object(aya_btf, &offsets, &config, opts.ring_bytes)?;
+        let mut ebpf = super::load_object(aya_btf, &offsets, &config, opts)?;
 
         let mut hooks = vec![kfree];
         if evictions.is_on() {
