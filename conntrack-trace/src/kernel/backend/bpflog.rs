@@ -132,8 +132,9 @@ impl Reader {
             .map_err(|e| format!("AYA_LOGS: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        quiet_reader_panics();
         let thread = std::thread::Builder::new()
-            .name("bpf-log".into())
+            .name(THREAD.into())
             .spawn(move || {
                 let fd = logger.as_fd().as_raw_fd();
                 while !stopping.load(Ordering::Relaxed) {
@@ -145,11 +146,11 @@ impl Reader {
                     // SAFETY: one valid pollfd; the ring (and its fd) lives
                     // as long as `logger`, owned by this thread.
                     let n = unsafe { libc::poll(&mut pfd, 1, STOP_CHECK_MS) };
-                    if n > 0 {
-                        drain(&mut logger);
+                    if n > 0 && !drain(&mut logger, sink) {
+                        return;
                     }
                 }
-                drain(&mut logger);
+                drain(&mut logger, sink);
             })
             .map_err(|e| format!("starting the bpf-log thread: {e}"))?;
         Ok(Reader {
@@ -159,12 +160,40 @@ impl Reader {
     }
 }
 
-/// Everything in the ring, through the sink. aya-log's `flush()` panics on
-/// a record it cannot decode (not one our programs write); a panic stays
-/// in this thread, whose end stops only the log.
-fn drain(logger: &mut EbpfLogger<Lines>) {
-    logger.flush();
+/// Everything in the ring, through the sink; false once a record could
+/// not be decoded. aya-log's `flush()` unwraps its decoder (aya-log 0.3,
+/// `EbpfLogger::flush`), so a record it cannot decode — none our programs
+/// write — panics: caught here, said in one line, and the log stops there
+/// (the trace goes on).
+fn drain(logger: &mut EbpfLogger<Lines>, sink: Sink) -> bool {
+    let ok =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_ok();
+    if !ok {
+        sink(
+            log::Level::Error,
+            "a record of the programs' log could not be decoded; --bpf-log stops here (the trace goes on)",
+        );
+    }
+    ok
 }
+
+/// Keeps the default panic message (a backtrace hint on stderr) out of a
+/// caught decoder panic in the reader's thread ([`drain`]); every other
+/// thread's panics are reported as before.
+fn quiet_reader_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some(THREAD) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// The reader thread's name (the panic hook tells it by this).
+const THREAD: &str = "bpf-log";
 
 impl Drop for Reader {
     fn drop(&mut self) {
