@@ -4,7 +4,8 @@
 //! each datagram is a distinct (source, proto, destination port) key of
 //! the top-sources table and a distinct flow of the amplification
 //! detector, sent once (the count bound is one cycle). The tracer's
-//! ru_maxrss comes from wait4(); its RSS once ready and its summary (events
+//! whole-life peak is its VmHWM at ready (start-up's) or over the flood,
+//! whichever is larger; its RSS once ready and its summary (events
 //! received and lost, sources it did not track) say what the peak covers.
 
 use std::{
@@ -58,6 +59,9 @@ struct Sample {
 fn measure(bin: &Path, topo: &Topology, gens: &[Traffic]) -> Result<Sample> {
     let tracer = Traced::tracer(bin, &["--format", "ndjson", "--netns", &topo.server.name])?;
     let ready_kib = tracer.rss_kib().unwrap_or(0);
+    let startup_peak_kib = tracer
+        .status_kib("VmHWM")
+        .context("reading the tracer's VmHWM")?;
     // Start-up (parsing the kernel's BTF) has its own peak, before ready;
     // from here on the high-water mark is the flood's.
     std::fs::write(format!("/proc/{}/clear_refs", tracer.pid()), "5")
@@ -88,7 +92,7 @@ fn measure(bin: &Path, topo: &Topology, gens: &[Traffic]) -> Result<Sample> {
         keys,
         drops,
         ready_kib,
-        peak_kib: usage.maxrss_kib,
+        peak_kib: startup_peak_kib.max(usage.peak_rss_kib),
         flood_peak_kib,
         anon_kib,
         mapped_kib,
@@ -140,11 +144,11 @@ pub fn run(bin: &Path, args: &Args) -> Result<String> {
          (source, udp, port) once: distinct keys for the top-sources table and distinct flows for \
          the amplification detector. Tracer: `trace --format ndjson` (output read and discarded); \
          peak RSS over the flood is its VmHWM, reset when it was ready (start-up's peak, \
-         parsing the kernel's BTF, is the whole-life ru_maxrss column); at the end of the \
+         parsing the kernel's BTF, read as VmHWM before that reset, is in the whole-life column); at the end of the \
          flood, its RSS split into private \
          (`RssAnon`: heap, tables) and mapped (the ring's pages, mapped twice; the binary). {} \
          rounds, a fresh tracer each; median [min–max].\n\n\
-         | distinct keys sent | kernel drops | RSS at ready MiB | peak RSS over the flood MiB | private at end MiB | mapped at end MiB | whole-life peak (ru_maxrss) MiB | events received | lost events | sources untracked |\n\
+         | distinct keys sent | kernel drops | RSS at ready MiB | peak RSS over the flood MiB | private at end MiB | mapped at end MiB | whole-life peak MiB | events received | lost events | sources untracked |\n\
          |---|---|---|---|---|---|---|---|---|---|\n\
          | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         args.rounds,

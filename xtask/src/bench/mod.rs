@@ -396,8 +396,26 @@ pub struct Usage {
     pub wall_s: f64,
     /// User + system CPU seconds.
     pub cpu_s: f64,
-    /// Peak resident set (ru_maxrss), KiB.
-    pub maxrss_kib: u64,
+    /// Peak resident set, KiB: the process's own high-water mark (VmHWM of
+    /// its mm after exec), polled while it runs. Not wait4()'s ru_maxrss:
+    /// at exec the kernel seeds that with the high-water mark of the memory
+    /// the exec replaces (fs/exec.c, exec_mmap() → setmax_mm_hiwater_rss()),
+    /// which after a fork is a copy of xtask's whole resident set — after
+    /// the user-space bench read a 200 MB capture, every later child's
+    /// ru_maxrss read 212.6 MiB whatever it used.
+    pub peak_rss_kib: u64,
+}
+
+/// VmHWM of `pid` (KiB), while it runs.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Reaps `pid`, waiting at most until `deadline` and killing it then;
@@ -407,7 +425,17 @@ fn reap(pid: u32, started: Instant, deadline: Instant) -> Result<(i32, Usage)> {
     // SAFETY: all-zero is a valid rusage.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     let mut killed = false;
+    let mut peak = 0;
+    let mut polls = 0u32;
     loop {
+        // Every 10 ms (a high-water mark: only the last few ms before the
+        // exit can be missed); a zombie has no mm left to read.
+        if polls.is_multiple_of(10)
+            && let Some(k) = vm_hwm_kib(pid)
+        {
+            peak = peak.max(k);
+        }
+        polls += 1;
         // SAFETY: pid is our child; status and ru are valid for writes.
         let r = unsafe { libc::wait4(pid as i32, &mut status, libc::WNOHANG, &mut ru) };
         if r == pid as i32 {
@@ -432,28 +460,16 @@ fn reap(pid: u32, started: Instant, deadline: Instant) -> Result<(i32, Usage)> {
         Usage {
             wall_s: started.elapsed().as_secs_f64(),
             cpu_s: secs(ru.ru_utime) + secs(ru.ru_stime),
-            maxrss_kib: ru.ru_maxrss as u64,
+            peak_rss_kib: peak,
         },
     ))
-}
-
-/// Makes `cmd` start by fork + exec rather than posix_spawn (vfork): the
-/// kernel seeds a child's ru_maxrss at exec with the high-water mark of the
-/// memory it replaces, which after vfork is xtask's own (tens of MiB after
-/// a flood), after fork only the pages the fork copied (xtask's current
-/// anonymous memory, a few MiB). Std uses fork whenever a pre_exec hook is
-/// set.
-fn fork_exec(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: the hook does nothing, so it is async-signal-safe.
-    unsafe { cmd.pre_exec(|| Ok(())) }
 }
 
 /// Runs a command to its end (at most `limit`), stdout to /dev/null;
 /// fails on a non-zero exit.
 pub fn run_timed(cmd: &mut Command, limit: Duration) -> Result<Usage> {
     let started = Instant::now();
-    let child = fork_exec(cmd)
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -526,7 +542,7 @@ fn last_line(s: &str) -> &str {
 impl Traced {
     fn spawn(mut cmd: Command) -> Result<Traced> {
         let started = Instant::now();
-        let mut child = fork_exec(&mut cmd)
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

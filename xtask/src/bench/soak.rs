@@ -89,7 +89,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<String> {
         first as f64 / 1024.0,
         last as f64 / 1024.0,
         max as f64 / 1024.0,
-        usage.maxrss_kib as f64 / 1024.0,
+        usage.peak_rss_kib as f64 / 1024.0,
         rss.len(),
     );
     if !exact {

@@ -8,7 +8,7 @@
 //! With the file in the page cache (read once first), rounds alternate
 //! between `report FILE`, `export --format ndjson FILE` and `export
 //! --format pcapng FILE` (output to /dev/null); each is timed as a whole
-//! command, with its CPU time (user + system) and peak RSS from wait4().
+//! command, with its CPU time (user + system) and peak RSS (its VmHWM, polled).
 //! Events per CPU-second is the per-core figure.
 
 use std::{
@@ -138,7 +138,7 @@ pub fn run(bin: &Path, args: &Args) -> Result<String> {
                 .with_context(|| format!("round {round}, {label}"))?;
             eprintln!(
                 "round {round}: {label:<24} {:.3} s wall {:.3} s CPU {} KiB peak RSS",
-                u.wall_s, u.cpu_s, u.maxrss_kib
+                u.wall_s, u.cpu_s, u.peak_rss_kib
             );
             results[i].push(u);
         }
@@ -160,7 +160,10 @@ pub fn run(bin: &Path, args: &Args) -> Result<String> {
             fmt_spread(r.iter().map(|u| n / u.wall_s).collect(), 0),
             fmt_spread(r.iter().map(|u| n / u.cpu_s.max(1e-6)).collect(), 0),
             fmt_spread(r.iter().map(|u| u.wall_s).collect(), 3),
-            fmt_spread(r.iter().map(|u| u.maxrss_kib as f64 / 1024.0).collect(), 1),
+            fmt_spread(
+                r.iter().map(|u| u.peak_rss_kib as f64 / 1024.0).collect(),
+                1
+            ),
         ));
     }
     Ok(md)
