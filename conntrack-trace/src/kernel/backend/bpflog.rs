@@ -166,8 +166,7 @@ impl Reader {
 /// write — panics: caught here, said in one line, and the log stops there
 /// (the trace goes on).
 fn drain(logger: &mut EbpfLogger<Lines>, sink: Sink) -> bool {
-    let ok =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_ok();
+    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_ok();
     if !ok {
         sink(
             log::Level::Error,
