@@ -29,17 +29,22 @@ const MAX: u64 = 1000;
 /// GC_SCAN_INTERVAL (120 s); the 1/128-of-the-table runs it replaced are
 /// older still (docs/kernels.md#gc_evict).
 fn gc_wait() -> Duration {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut v = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-    if (major, minor) < (5, 19) {
+    if kernel_version().1 < (5, 19) {
         Duration::from_secs(125)
     } else {
         Duration::from_secs(65)
     }
+}
+
+/// The running kernel's release string and its (major, minor).
+fn kernel_version() -> (String, (u32, u32)) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim().to_owned();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    (release, version)
 }
 
 #[test]
@@ -56,17 +61,12 @@ fn gc_purges_a_full_table() -> anyhow::Result<()> {
     if std::env::var_os("CONNTRACK_TRACE_VM").is_some()
         && std::env::var_os("CONNTRACK_TRACE_EVERY_CELL").is_none()
     {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let major: u32 = release
-            .split('.')
-            .next()
-            .and_then(|m| m.trim().parse().ok())
-            .unwrap_or(0);
+        let (release, (major, _)) = kernel_version();
         let fexit = std::env::var("CONNTRACK_TRACE_BACKEND").as_deref() == Ok("fexit");
         if !fexit || major < 7 {
             eprintln!(
                 "skipping gc_purges_a_full_table in this VM cell ({}, {}): the GC's wait of up to 60 s is spent once in the matrix, on the newest kernel with fexit; the tracepoint path runs on the host",
-                release.trim(),
+                release,
                 std::env::var("CONNTRACK_TRACE_BACKEND").unwrap_or_default()
             );
             return Ok(());

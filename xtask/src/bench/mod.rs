@@ -406,12 +406,13 @@ pub struct Usage {
     pub peak_rss_kib: u64,
 }
 
-/// VmHWM of `pid` (KiB), while it runs.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`, `RssAnon`, ...),
+/// while the process runs.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .split_whitespace()
         .next()?
         .parse()
@@ -431,7 +432,7 @@ fn reap(pid: u32, started: Instant, deadline: Instant) -> Result<(i32, Usage)> {
         // Every 10 ms (a high-water mark: only the last few ms before the
         // exit can be missed); a zombie has no mm left to read.
         if polls.is_multiple_of(10)
-            && let Some(k) = vm_hwm_kib(pid)
+            && let Some(k) = status_kib(pid, "VmHWM")
         {
             peak = peak.max(k);
         }
@@ -632,14 +633,7 @@ impl Traced {
 
     /// A `/proc/PID/status` figure in KiB (`VmRSS`, `RssAnon`, ...).
     pub fn status_kib(&self, field: &str) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        status_kib(self.pid(), field)
     }
 
     /// SIGINT, then waits (at most 60 s); returns the last line printed

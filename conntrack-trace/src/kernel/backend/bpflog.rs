@@ -83,16 +83,8 @@ impl BpfLog {
         if self.is_on() {
             RING_BYTES_ON
         } else {
-            page_size()
+            super::page_bytes()
         }
-    }
-}
-
-fn page_size() -> u32 {
-    // SAFETY: plain libc call.
-    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as u32,
-        _ => 4096,
     }
 }
 
@@ -221,7 +213,7 @@ mod tests {
         let mut c = Config::default();
         BpfLog::Off.configure(&mut c);
         assert_eq!(c.flags & flags::BPF_LOG, 0);
-        assert_eq!(BpfLog::Off.ring_bytes(), page_size());
+        assert_eq!(BpfLog::Off.ring_bytes(), super::super::page_bytes());
         BpfLog::Warn.configure(&mut c);
         assert_ne!(c.flags & flags::BPF_LOG, 0);
         assert_eq!(BpfLog::Warn.ring_bytes(), RING_BYTES_ON);

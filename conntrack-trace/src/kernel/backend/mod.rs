@@ -596,9 +596,13 @@ pub fn valid_event_budget(n: u64) -> bool {
 
 /// Checks a `--ring-size` value.
 pub fn valid_ring_bytes(n: u64) -> bool {
+    n.is_power_of_two() && n >= u64::from(page_bytes()) && n <= (1 << 30)
+}
+
+/// The page size (at least 4 KiB): the smallest ring buffer map.
+pub(crate) fn page_bytes() -> u32 {
     // SAFETY: sysconf is always safe to call.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    n.is_power_of_two() && n >= page && n <= (1 << 30)
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32
 }
 
 #[cfg(test)]
